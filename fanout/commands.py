@@ -1,0 +1,207 @@
+"""The command model: every operation on the bus as a typed, immutable value.
+
+Commands are built by ServerUtil (and the node's own connection objects), published by a backend,
+and applied by nodes. Turning them into bytes and back is :mod:`fanout.protocol`'s job; this module
+only says what each command means. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+Json: TypeAlias = Any  # an orjson-serialisable value
+
+
+class TargetKind(StrEnum):
+    ALL = "all"
+    CLIENTS = "c"
+    FLAGS = "f"
+    GROUPS = "g"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Whom a send or close is for: every connection, or those with these client ids/flags/groups."""
+
+    kind: TargetKind
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def all(cls) -> Target:
+        return cls(TargetKind.ALL)
+
+    @classmethod
+    def clients(cls, *ids: str) -> Target:
+        return cls(TargetKind.CLIENTS, ids)
+
+    @classmethod
+    def flags(cls, *names: str) -> Target:
+        return cls(TargetKind.FLAGS, names)
+
+    @classmethod
+    def groups(cls, *names: str) -> Target:
+        return cls(TargetKind.GROUPS, names)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Attached when the publisher waits for answers: nodes reply to ``reply_to`` quoting ``id``."""
+
+    id: str
+    reply_to: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Deliver ``payload`` as one text (or binary) frame to every targeted connection, once."""
+
+    target: Target
+    payload: bytes
+    binary: bool = False
+    exclude: tuple[str, ...] = ()
+    request: Request | None = None
+    #: set when one send is published on several addresses, so a node that gets it twice applies it once
+    dedupe_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close every targeted connection with ``code`` and ``reason``."""
+
+    target: Target
+    code: int = 1000
+    reason: str = ""
+    exclude: tuple[str, ...] = ()
+    request: Request | None = None
+    dedupe_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinGroup:
+    client_id: str
+    groups: tuple[str, ...]
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveGroup:
+    client_id: str
+    groups: tuple[str, ...]
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DissolveGroup:
+    """Every member of ``group``, on every node, leaves it."""
+
+    group: str
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """Bind ``client_id`` to ``flag``, replacing the flag it had."""
+
+    client_id: str
+    flag: str
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unbind:
+    client_id: str
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetSession:
+    """Replace (``merge=False``) or update (``merge=True``) the session dict of ``client_id``."""
+
+    client_id: str
+    data: dict[str, Json]
+    merge: bool = False
+    request: Request | None = None
+
+
+class QueryKind(StrEnum):
+    EXISTS = "exists"  #: arg: client id -> bool
+    SESSION = "session"  #: arg: client id -> dict | None
+    FLAG_OF = "flag_of"  #: arg: client id -> str | None
+    FLAG_EXISTS = "flag_exists"  #: arg: flag -> bool
+    FLAG_CLIENTS = "flag_clients"  #: arg: flag -> [client id]
+    CONNECTIONS = "connections"  #: -> int
+    GROUP_COUNT = "group_count"  #: arg: group -> int
+    GROUP_CLIENTS = "group_clients"  #: arg: group -> [client id]
+    GROUPS = "groups"  #: -> [group]
+    NODE = "node"  #: -> the node's record (as in its heartbeat)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    kind: QueryKind
+    request: Request
+    arg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A node's answer to a request: ``result`` is the node's part of the answer."""
+
+    request_id: str
+    node: str
+    result: Json = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node says about itself in every heartbeat and in ``get_nodes()``."""
+
+    instance: str  #: routing identity, ``<node_id>.<boot>``
+    node_id: str  #: the stable name (FANOUT_NODE_ID)
+    connections: int
+    ttl: float  #: seconds after which a silent node counts as dead
+    started_at: float = 0.0
+    host: str = ""
+    port: int = 0
+    extra: dict[str, Json] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Json]:
+        return {
+            "node_id": self.node_id,
+            "instance": self.instance,
+            "connections": self.connections,
+            "host": self.host,
+            "port": self.port,
+            "started_at": self.started_at,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    node: NodeInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """A node leaving cleanly: drop it from the live set now rather than after its ttl."""
+
+    instance: str
+
+
+Command: TypeAlias = (
+    Send
+    | Close
+    | JoinGroup
+    | LeaveGroup
+    | DissolveGroup
+    | Bind
+    | Unbind
+    | SetSession
+    | Query
+    | Reply
+    | Heartbeat
+    | Bye
+)

@@ -1,0 +1,232 @@
+"""Settings: one frozen value, built from keyword arguments or from the environment.
+
+Environment variables are read only here (``Settings.from_env`` / ``NodeSettings.from_env``), at the
+process edge; everything else takes a ``Settings``. Every bad value raises :class:`ConfigError` whose
+message names the variable and the accepted values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigError
+
+_T = TypeVar("_T")
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class Mode(StrEnum):
+    FANOUT = "fanout"  #: every node receives every command
+    ROUTING = "routing"  #: a node receives only the commands that concern its connections
+
+
+class BackendKind(StrEnum):
+    MEMORY = "memory"
+    REDIS = "redis"
+    AMQP = "amqp"
+
+
+_SCHEMES: dict[str, BackendKind] = {
+    "memory": BackendKind.MEMORY,
+    "redis": BackendKind.REDIS,
+    "rediss": BackendKind.REDIS,
+    "redis+cluster": BackendKind.REDIS,
+    "rediss+cluster": BackendKind.REDIS,
+    "amqp": BackendKind.AMQP,
+    "amqps": BackendKind.AMQP,
+}
+
+DEFAULT_URLS: dict[BackendKind, str] = {
+    BackendKind.MEMORY: "memory://",
+    BackendKind.REDIS: "redis://127.0.0.1:6379/0",
+    BackendKind.AMQP: "amqp://guest:guest@127.0.0.1:5672/",
+}
+
+
+def _choices(enum: type[StrEnum]) -> str:
+    return ", ".join(repr(m.value) for m in enum)
+
+
+def parse_mode(value: str | Mode, setting: str = "FANOUT_MODE") -> Mode:
+    try:
+        return Mode(str(value).strip().lower())
+    except ValueError:
+        raise ConfigError(setting, f"unknown mode {value!r}; accepted: {_choices(Mode)}") from None
+
+
+def parse_backend(value: str | BackendKind, setting: str = "FANOUT_BACKEND") -> BackendKind:
+    try:
+        return BackendKind(str(value).strip().lower())
+    except ValueError:
+        raise ConfigError(setting, f"unknown backend {value!r}; accepted: {_choices(BackendKind)}") from None
+
+
+def backend_for_url(url: str, setting: str = "FANOUT_URL") -> BackendKind:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    try:
+        return _SCHEMES[scheme]
+    except KeyError:
+        accepted = ", ".join(f"{s}://" for s in _SCHEMES)
+        raise ConfigError(setting, f"unsupported URL {url!r}; accepted schemes: {accepted}") from None
+
+
+def validate_url(kind: BackendKind, url: str, setting: str = "FANOUT_URL") -> str:
+    """Check that ``url`` suits ``kind``; return it unchanged."""
+    found = backend_for_url(url, setting)
+    if found is not kind:
+        raise ConfigError(setting, f"URL {url!r} is a {found} URL but the backend is {kind}")
+    if kind is BackendKind.MEMORY:
+        return url
+    scheme, rest = url.split("://", 1)
+    if scheme.endswith("+cluster"):
+        hosts = rest.split("/", 1)[0].split("@")[-1]
+        for hostport in hosts.split(","):
+            _check_hostport(hostport, url, setting)
+        return url
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(setting, f"malformed URL {url!r}: {exc}") from None
+    if not parts.hostname:
+        raise ConfigError(setting, f"malformed URL {url!r}: no host")
+    return url
+
+
+def _check_hostport(hostport: str, url: str, setting: str) -> None:
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(setting, f"malformed cluster URL {url!r}: expected host:port,host:port,...")
+
+
+def validate_name(value: str, setting: str) -> str:
+    if not SAFE_NAME.fullmatch(value):
+        raise ConfigError(setting, f"{value!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+    return value
+
+
+def default_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where the bus is and how to use it: what ServerUtil and the node share."""
+
+    # -- the bus
+    backend: BackendKind = BackendKind.MEMORY
+    url: str = DEFAULT_URLS[BackendKind.MEMORY]
+    mode: Mode = Mode.ROUTING
+    namespace: str = "fanout"
+    #: shared key: commands are signed (HMAC-SHA256) and unsigned/forged ones dropped
+    secret: bytes | None = field(default=None, repr=False)
+    # -- time limits (seconds)
+    #: how long a query, an ``ack=True`` send or a membership call waits for the nodes
+    query_timeout: float = 5.0
+    #: how long a publish may take before it raises BackendUnavailable (SPEC: at most 10 s by default)
+    publish_timeout: float = 10.0
+    #: how often nodes announce themselves; a node unheard for 3 intervals counts as dead
+    heartbeat_interval: float = 1.0
+    # -- limits
+    #: biggest encoded command accepted on the bus (bigger ones are refused / dropped)
+    max_message: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        validate_url(self.backend, self.url)
+        validate_name(self.namespace, "FANOUT_NAMESPACE")
+        for name in ("query_timeout", "publish_timeout", "heartbeat_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, "must be a positive number of seconds")
+
+    @classmethod
+    def create(
+        cls,
+        url: str | None = None,
+        *,
+        backend: str | BackendKind | None = None,
+        mode: str | Mode = Mode.ROUTING,
+        namespace: str = "fanout",
+        secret: str | bytes | None = None,
+        **options: Any,
+    ) -> Settings:
+        """Build settings the way a person writes them: the backend follows from the URL."""
+        kind = _pick_backend(backend, url, "backend", "url")
+        key = secret.encode() if isinstance(secret, str) else secret
+        return cls(
+            backend=kind,
+            url=url or DEFAULT_URLS[kind],
+            mode=parse_mode(mode, "mode"),
+            namespace=namespace,
+            secret=key or None,
+            **options,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        kind = _pick_backend(env.get("FANOUT_BACKEND") or None, env.get("FANOUT_URL") or None)
+        secret = env.get("FANOUT_SECRET")
+        return cls(
+            backend=kind,
+            url=env.get("FANOUT_URL") or DEFAULT_URLS[kind],
+            mode=parse_mode(env.get("FANOUT_MODE") or Mode.ROUTING),
+            namespace=validate_name(env.get("FANOUT_NAMESPACE") or "fanout", "FANOUT_NAMESPACE"),
+            secret=secret.encode() if secret else None,
+            query_timeout=env_number(env, "FANOUT_QUERY_TIMEOUT", 5.0, float),
+            publish_timeout=env_number(env, "FANOUT_PUBLISH_TIMEOUT", 10.0, float),
+            heartbeat_interval=env_number(env, "FANOUT_HEARTBEAT_INTERVAL", 1.0, float),
+            max_message=env_number(env, "FANOUT_MAX_MESSAGE", 8 * 1024 * 1024, int),
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _pick_backend(
+    backend: str | BackendKind | None,
+    url: str | None,
+    backend_setting: str = "FANOUT_BACKEND",
+    url_setting: str = "FANOUT_URL",
+) -> BackendKind:
+    if backend is not None:
+        kind = parse_backend(backend, backend_setting)
+        if url:
+            validate_url(kind, url, url_setting)
+        return kind
+    if url:
+        return backend_for_url(url, url_setting)
+    return BackendKind.MEMORY
+
+
+def env_number(env: Mapping[str, str], name: str, default: _T, kind: Callable[[str], _T]) -> _T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a {getattr(kind, '__name__', 'number')}") from None
+    if value < 0:  # type: ignore[operator]
+        raise ConfigError(name, f"{raw!r} must not be negative")
+    return value
+
+
+def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean; accepted: 1/0, true/false, yes/no, on/off")
