@@ -4,6 +4,7 @@
 
     FanoutError                      root: ``except fanout.FanoutError`` catches everything below
     ├── ConfigError (ValueError)     bad URL, mode, namespace, node id, ... (message names the setting)
+    ├── PayloadError (TypeError)     data that cannot be sent (not str/bytes/JSON-serialisable, too big)
     ├── ProtocolError (ValueError)   a command that cannot be decoded
     │   ├── UnsupportedVersion       the wire version is not one we speak
     │   ├── BadSignature             FANOUT_SECRET is set and the command is unsigned or forged
@@ -32,6 +33,10 @@ class ConfigError(FanoutError, ValueError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
+
+
+class PayloadError(FanoutError, TypeError):
+    """The data of a send cannot be encoded, or an argument has the wrong type."""
 
 
 class ProtocolError(FanoutError, ValueError):

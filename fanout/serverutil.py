@@ -1,0 +1,648 @@
+"""ServerUtil: the API any service calls to push to websocket connections anywhere in the cluster.
+
+Each call becomes a command (:mod:`fanout.commands`), published by the backend on the addresses that
+:mod:`fanout.routing` picks. Calls that need answers (queries, ``ack=True`` sends, membership calls that
+wait) attach a request; nodes reply to this ServerUtil's inbox and the answers are gathered here.
+
+Who must answer:
+
+* a call about one connection (join, bind, session, exists, ...) waits for its *owning* node, named by
+  the client id; if that node is gone the call returns "not found" (``False``/``None``/``{}``);
+* a cluster-wide call (counts, lists, ``ack=True``, ``close_by_flag``, ``dissolve_group``) is published to
+  every node and waits for every live node. How many must answer is known from the broker where it
+  tells (Redis PUBLISH returns the receiver count) and otherwise from node heartbeats: a ServerUtil that
+  has heard heartbeats for 1.5 intervals knows every live node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any, Self, TypeAlias
+
+import orjson
+
+from . import naming, protocol, routing
+from .backends import Backend, create_backend
+from .commands import (
+    Bind,
+    Bye,
+    Close,
+    Command,
+    DissolveGroup,
+    Heartbeat,
+    JoinGroup,
+    Json,
+    LeaveGroup,
+    Query,
+    QueryKind,
+    Reply,
+    Request,
+    Send,
+    SetSession,
+    Target,
+    TargetKind,
+    Unbind,
+)
+from .config import Mode, Settings
+from .directory import NodeDirectory
+from .exceptions import MessageTooLarge, NotConnected, PayloadError, ProtocolError, QueryTimeout
+from .ids import new_boot_token, owner_of
+from .naming import Address
+
+log = logging.getLogger("fanout.serverutil")
+
+Names: TypeAlias = str | Iterable[str]
+#: how often a waiting request re-checks whether the nodes it waits for are still alive
+_RECHECK = 0.1
+
+
+def names(value: Names, what: str) -> tuple[str, ...]:
+    """One name or an iterable of names, as a tuple of distinct strings in their order."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, bytes | bytearray):
+        raise PayloadError(f"{what} must be a string or a list of strings, not bytes")
+    items = tuple(dict.fromkeys(value))
+    for item in items:
+        if not isinstance(item, str):
+            raise PayloadError(f"{what} must be strings, got {type(item).__name__}")
+    return items
+
+
+def encode_payload(data: object) -> tuple[bytes, bool]:
+    """``(payload, binary)``: str -> text frame, bytes-like -> binary frame, else JSON text frame."""
+    if isinstance(data, str):
+        return data.encode("utf-8", "surrogatepass"), False
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data), True
+    try:
+        return orjson.dumps(data), False
+    except TypeError as exc:
+        raise PayloadError(f"data is not str, bytes or JSON-serialisable: {exc}") from None
+
+
+@dataclass(slots=True)
+class _Gather:
+    """Answers to one request, as they arrive."""
+
+    owners: frozenset[str] | None  #: the nodes that must answer, or None for "every live node"
+    replies: dict[str, Json] = field(default_factory=dict)
+    unreachable: set[str] = field(default_factory=set)  #: owners the broker says nobody received for
+    receivers: int | None = None  #: how many nodes received the request, when the broker tells
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ServerUtil:
+    """Publish commands to the websocket nodes and ask them questions. Use as ``async with``.
+
+    Every target argument takes one value or a list; every send takes ``exclude=`` (client ids) and
+    ``ack=True`` to return how many connections it reached. Calls that wait take ``timeout=`` (seconds,
+    default ``settings.query_timeout``) and queries take ``partial=True`` to accept the answers of the
+    nodes that replied in time instead of raising :class:`QueryTimeout`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        mode: str | Mode = Mode.ROUTING,
+        namespace: str = "fanout",
+        backend: str | None = None,
+        secret: str | bytes | None = None,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        self.settings = settings or Settings.create(
+            url, backend=backend, mode=mode, namespace=namespace, secret=secret, **options
+        )
+        self.endpoint_id = "u-" + new_boot_token()
+        self._backend: Backend | None = None
+        self._owns_backend = True
+        self._pending: dict[str, _Gather] = {}
+        self._directory = NodeDirectory()
+        self._listening_since: float | None = None
+        self._request_seq = 0
+        #: undecodable messages received on the inbox, by reason
+        self.dropped: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Self:
+        """A ServerUtil configured by the FANOUT_* environment variables (see the README)."""
+        return cls(settings=Settings.from_env(environ))
+
+    @classmethod
+    def attached(cls, settings: Settings, backend: Backend, endpoint_id: str) -> Self:
+        """A ServerUtil that shares an already connected backend (the node's own).
+
+        The owner of the backend feeds replies and heartbeats to :meth:`handle`.
+        """
+        util = cls(settings=settings)
+        util.endpoint_id = endpoint_id
+        util._backend = backend
+        util._owns_backend = False
+        return util
+
+    async def connect(self) -> None:
+        """Connect to the backend. Raises BackendUnavailable if it cannot be reached."""
+        if self._backend is not None:
+            return
+        backend = create_backend(self.settings, inbox=self.endpoint_id)
+        await backend.connect(self.handle_message)
+        self._backend = backend
+        await self._listen_to_heartbeats()
+
+    async def disconnect(self) -> None:
+        """Leave the backend; pending requests fail with NotConnected. Idempotent."""
+        backend, self._backend = self._backend, None
+        for gather in self._pending.values():
+            gather.arrived.set()
+        if backend is not None and self._owns_backend:
+            await backend.close()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.disconnect()
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise NotConnected("ServerUtil is not connected: use 'async with ServerUtil(...)'")
+        return self._backend
+
+    async def _listen_to_heartbeats(self) -> None:
+        if self._listening_since is None:
+            await self.backend.subscribe([naming.HEARTBEAT])
+            self._listening_since = asyncio.get_running_loop().time()
+
+    # ------------------------------------------------------------------ incoming
+
+    def handle_message(self, raw: bytes) -> None:
+        """Backend callback: decode one message from the inbox or the heartbeat address."""
+        try:
+            command = protocol.decode(raw, self.settings.secret, self.settings.max_message)
+        except ProtocolError as exc:
+            self.dropped[exc.reason] += 1
+            return
+        self.handle(command)
+
+    def handle(self, command: Command) -> None:
+        """Take a decoded reply, heartbeat or goodbye; other commands are not for a ServerUtil."""
+        now = asyncio.get_running_loop().time()
+        match command:
+            case Reply():
+                gather = self._pending.get(command.request_id)
+                if gather is not None:
+                    gather.replies[command.node] = command.result
+                    gather.arrived.set()
+            case Heartbeat():
+                self._directory.heard(command.node, now)
+            case Bye():
+                self._directory.gone(command.instance)
+                for gather in self._pending.values():
+                    gather.arrived.set()
+            case _:
+                self.dropped["not-for-serverutil"] += 1
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _publish(self, address: Address, command: Command) -> int | None:
+        message = protocol.encode(command, self.settings.secret)
+        if len(message) > self.settings.max_message:
+            raise MessageTooLarge(
+                f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
+            )
+        return await self.backend.publish(address, message)
+
+    def _new_request(self) -> Request:
+        self._request_seq += 1
+        return Request(f"{self._request_seq:x}.{os.urandom(4).hex()}", self.endpoint_id)
+
+    async def _ask(
+        self,
+        what: str,
+        publishes: Sequence[tuple[Address, Callable[[Request], Command], str | None]],
+        *,
+        everyone: bool,
+        timeout: float | None,
+        partial: bool = False,
+    ) -> dict[str, Json]:
+        """Publish request-carrying commands and gather the replies: node instance -> result.
+
+        ``publishes`` holds (address, build(request), owner) triples; ``everyone`` means every live
+        node must answer, else the owners named in the triples.
+        """
+        await self._listen_to_heartbeats()
+        request = self._new_request()
+        owners = None if everyone else frozenset(o for _, _, o in publishes if o is not None)
+        gather = self._pending[request.id] = _Gather(owners)
+        try:
+            counts = []
+            for address, build, owner in publishes:
+                count = await self._publish(address, build(request))
+                counts.append(count)
+                if count == 0 and owner is not None and address.kind is naming.Kind.NODE:
+                    gather.unreachable.add(owner)
+            if all(c is not None for c in counts):
+                gather.receivers = sum(c for c in counts if c is not None)
+            await self._wait(
+                what, gather, self.settings.query_timeout if timeout is None else timeout, partial
+            )
+            return gather.replies
+        finally:
+            del self._pending[request.id]
+
+    async def _wait(self, what: str, gather: _Gather, timeout: float, partial: bool) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._backend is None:
+                raise NotConnected(f"{what}: ServerUtil disconnected while waiting")
+            missing = self._missing(gather, loop.time())
+            if not missing:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if partial:
+                    return
+                raise QueryTimeout(what, sorted(m for m in missing if m), timeout)
+            gather.arrived.clear()
+            try:
+                async with asyncio.timeout(min(remaining, _RECHECK)):
+                    await gather.arrived.wait()
+            except TimeoutError:
+                pass  # re-check who is still alive, then wait again until the deadline
+
+    def _missing(self, gather: _Gather, now: float) -> set[str]:
+        """Nodes still owing an answer (an empty string stands for an unnamed one)."""
+        live = self._directory.live(now)
+        warm = self._listening_since is not None and (
+            now - self._listening_since >= 1.5 * self.settings.heartbeat_interval
+        )
+        if gather.owners is not None:
+            owing = set(gather.owners) - gather.replies.keys() - gather.unreachable
+            if warm:  # an owner that is not alive will never answer
+                owing = {o for o in owing if o in live}
+            return owing
+        if gather.receivers is not None:
+            if len(gather.replies) >= gather.receivers:
+                return set()
+            return (set(live) - gather.replies.keys()) or {""}
+        owing = set(live) - gather.replies.keys()
+        return owing if warm or owing else {""}
+
+    # ------------------------------------------------------------------ sends
+
+    async def send(
+        self,
+        client_ids: Names,
+        data: object,
+        *,
+        exclude: Names = (),
+        ack: bool = False,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int | None:
+        """Send ``data`` to these connections. Returns the number reached with ``ack=True``."""
+        return await self._send(
+            Target(TargetKind.CLIENTS, names(client_ids, "client_ids")), data, exclude, ack, timeout, partial
+        )
+
+    async def send_by_flag(
+        self,
+        flags: Names,
+        data: object,
+        *,
+        exclude: Names = (),
+        ack: bool = False,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int | None:
+        """Send ``data`` to every connection bound to these flags."""
+        return await self._send(
+            Target(TargetKind.FLAGS, names(flags, "flags")), data, exclude, ack, timeout, partial
+        )
+
+    async def send_to_group(
+        self,
+        groups: Names,
+        data: object,
+        *,
+        exclude: Names = (),
+        ack: bool = False,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int | None:
+        """Send ``data`` to every member of these groups (once each, even if in several)."""
+        return await self._send(
+            Target(TargetKind.GROUPS, names(groups, "groups")), data, exclude, ack, timeout, partial
+        )
+
+    async def send_to_all(
+        self,
+        data: object,
+        *,
+        exclude: Names = (),
+        ack: bool = False,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int | None:
+        """Send ``data`` to every connection of the cluster."""
+        return await self._send(Target.all(), data, exclude, ack, timeout, partial)
+
+    async def _send(
+        self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
+    ) -> int | None:
+        payload, binary = encode_payload(data)
+        command = Send(target, payload, binary, names(exclude, "exclude"))
+        if ack:
+            return await self._count("send", command, timeout, partial)
+        for address, routed in routing.route(command, self.settings.mode):
+            await self._publish(address, routed)
+        return None
+
+    async def _count(self, what: str, command: Send | Close, timeout: float | None, partial: bool) -> int:
+        """Publish ``command`` to every node and sum the connections each says it reached."""
+        if command.target.kind is not TargetKind.ALL and not command.target.names:
+            return 0
+        replies = await self._ask(
+            what,
+            [(naming.ALL, lambda request: _with_request(command, request), None)],
+            everyone=True,
+            timeout=timeout,
+            partial=partial,
+        )
+        return sum(r for r in replies.values() if isinstance(r, int))
+
+    # ------------------------------------------------------------------ closing connections
+
+    async def close(
+        self,
+        client_ids: Names,
+        code: int = 1000,
+        reason: str = "",
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> int | None:
+        """Close these connections, wherever they live. Returns how many were closed (``wait=True``)."""
+        _check_close(code, reason)
+        ids = names(client_ids, "client_ids")
+        owners = routing.split_by_owner(ids)
+        if not wait:
+            await self._fire_and_forget(Close(Target.clients(*ids), code, reason))
+            return None
+        replies = await self._ask(
+            "close",
+            [
+                (
+                    routing.owner_address(owner, self.settings.mode),
+                    _builder(Close(Target.clients(*mine), code, reason)),
+                    owner,
+                )
+                for owner, mine in owners.items()
+            ],
+            everyone=False,
+            timeout=timeout,
+        )
+        return sum(r for r in replies.values() if isinstance(r, int))
+
+    async def close_by_flag(
+        self,
+        flags: Names,
+        code: int = 1000,
+        reason: str = "",
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> int | None:
+        """Close every connection bound to these flags. Returns how many were closed (``wait=True``)."""
+        _check_close(code, reason)
+        command = Close(Target.flags(*names(flags, "flags")), code, reason)
+        if not wait:
+            await self._fire_and_forget(command)
+            return None
+        return await self._count("close_by_flag", command, timeout, False)
+
+    async def _fire_and_forget(self, command: Send | Close) -> None:
+        for address, routed in routing.route(command, self.settings.mode):
+            await self._publish(address, routed)
+
+    # ------------------------------------------------------------------ membership
+
+    async def _on_owner(
+        self,
+        what: str,
+        client_id: str,
+        build: Callable[[Request | None], Command],
+        wait: bool,
+        timeout: float | None,
+    ) -> Json:
+        """Publish a command for ``client_id``'s owning node; with ``wait``, return its answer."""
+        owner = owner_of(client_id)
+        if owner is None:
+            return None
+        address = routing.owner_address(owner, self.settings.mode)
+        if not wait:
+            await self._publish(address, build(None))
+            return None
+        replies = await self._ask(what, [(address, build, owner)], everyone=False, timeout=timeout)
+        return replies.get(owner)
+
+    async def join_group(
+        self, client_id: str, groups: Names, *, wait: bool = True, timeout: float | None = None
+    ) -> bool | None:
+        """Add the connection to these groups, on its node. True if it exists (``wait=True``)."""
+        gs = names(groups, "groups")
+        found = await self._on_owner(
+            "join_group", client_id, lambda r: JoinGroup(client_id, gs, r), wait, timeout
+        )
+        return bool(found) if wait else None
+
+    async def leave_group(
+        self, client_id: str, groups: Names, *, wait: bool = True, timeout: float | None = None
+    ) -> bool | None:
+        """Remove the connection from these groups. True if it exists (``wait=True``)."""
+        gs = names(groups, "groups")
+        found = await self._on_owner(
+            "leave_group", client_id, lambda r: LeaveGroup(client_id, gs, r), wait, timeout
+        )
+        return bool(found) if wait else None
+
+    async def dissolve_group(
+        self, group: str, *, wait: bool = True, timeout: float | None = None
+    ) -> int | None:
+        """Every member of ``group``, on every node, leaves it. Returns how many left (``wait=True``)."""
+        if not wait:
+            address = naming.ALL if self.settings.mode is Mode.FANOUT else naming.group(group)
+            await self._publish(address, DissolveGroup(group))
+            return None
+        replies = await self._ask(
+            "dissolve_group",
+            [(naming.ALL, lambda r: DissolveGroup(group, r), None)],
+            everyone=True,
+            timeout=timeout,
+        )
+        return sum(r for r in replies.values() if isinstance(r, int))
+
+    async def bind(
+        self, client_id: str, flag: str, *, wait: bool = True, timeout: float | None = None
+    ) -> bool | None:
+        """Bind the connection to ``flag`` (replacing its old flag). True if it exists (``wait=True``)."""
+        found = await self._on_owner("bind", client_id, lambda r: Bind(client_id, flag, r), wait, timeout)
+        return bool(found) if wait else None
+
+    async def unbind(self, client_id: str, *, wait: bool = True, timeout: float | None = None) -> bool | None:
+        """Remove the connection's flag. True if the connection exists (``wait=True``)."""
+        found = await self._on_owner("unbind", client_id, lambda r: Unbind(client_id, r), wait, timeout)
+        return bool(found) if wait else None
+
+    # ------------------------------------------------------------------ sessions
+
+    async def set_session(
+        self, client_id: str, data: dict[str, Json], *, wait: bool = True, timeout: float | None = None
+    ) -> bool | None:
+        """Replace the connection's session dict. True if the connection exists (``wait=True``)."""
+        return await self._session("set_session", client_id, data, False, wait, timeout)
+
+    async def update_session(
+        self, client_id: str, data: dict[str, Json], *, wait: bool = True, timeout: float | None = None
+    ) -> bool | None:
+        """Merge ``data`` into the connection's session. True if the connection exists (``wait=True``)."""
+        return await self._session("update_session", client_id, data, True, wait, timeout)
+
+    async def _session(
+        self,
+        what: str,
+        client_id: str,
+        data: dict[str, Json],
+        merge: bool,
+        wait: bool,
+        timeout: float | None,
+    ) -> bool | None:
+        if not isinstance(data, dict):
+            raise PayloadError(f"{what}: session data must be a dict, got {type(data).__name__}")
+        try:
+            orjson.dumps(data)
+        except TypeError as exc:
+            raise PayloadError(f"{what}: session data is not JSON-serialisable: {exc}") from None
+        found = await self._on_owner(
+            what, client_id, lambda r: SetSession(client_id, data, merge, r), wait, timeout
+        )
+        return bool(found) if wait else None
+
+    async def get_session(self, client_id: str, *, timeout: float | None = None) -> dict[str, Json]:
+        """The connection's session dict; ``{}`` if it has none or does not exist."""
+        found = await self._query_owner(QueryKind.SESSION, client_id, timeout)
+        return found if isinstance(found, dict) else {}
+
+    # ------------------------------------------------------------------ queries
+
+    async def _query_owner(self, kind: QueryKind, client_id: str, timeout: float | None) -> Json:
+        owner = owner_of(client_id)
+        if owner is None:
+            return None
+        address = routing.owner_address(owner, self.settings.mode)
+        replies = await self._ask(
+            kind.value,
+            [(address, lambda r: Query(kind, r, client_id), owner)],
+            everyone=False,
+            timeout=timeout,
+        )
+        return replies.get(owner)
+
+    async def _query_all(self, kind: QueryKind, arg: str, timeout: float | None, partial: bool) -> list[Json]:
+        replies = await self._ask(
+            kind.value,
+            [(naming.ALL, lambda r: Query(kind, r, arg), None)],
+            everyone=True,
+            timeout=timeout,
+            partial=partial,
+        )
+        return list(replies.values())
+
+    async def exists(self, client_id: str, *, timeout: float | None = None) -> bool:
+        """Whether the connection is open somewhere in the cluster (``False`` for an unknown id)."""
+        return bool(await self._query_owner(QueryKind.EXISTS, client_id, timeout))
+
+    async def get_flag(self, client_id: str, *, timeout: float | None = None) -> str | None:
+        """The flag the connection is bound to, or None."""
+        found = await self._query_owner(QueryKind.FLAG_OF, client_id, timeout)
+        return found if isinstance(found, str) else None
+
+    async def flag_exists(self, flag: str, *, timeout: float | None = None, partial: bool = False) -> bool:
+        """Whether any connection in the cluster is bound to ``flag``."""
+        return any(await self._query_all(QueryKind.FLAG_EXISTS, flag, timeout, partial))
+
+    async def get_client_ids_by_flag(
+        self, flag: str, *, timeout: float | None = None, partial: bool = False
+    ) -> list[str]:
+        """Client ids of every connection bound to ``flag``."""
+        return _concat(await self._query_all(QueryKind.FLAG_CLIENTS, flag, timeout, partial))
+
+    async def get_connection_count(self, *, timeout: float | None = None, partial: bool = False) -> int:
+        """Open connections in the whole cluster."""
+        return _sum(await self._query_all(QueryKind.CONNECTIONS, "", timeout, partial))
+
+    async def get_group_count(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> int:
+        """Members of ``group`` in the whole cluster."""
+        return _sum(await self._query_all(QueryKind.GROUP_COUNT, group, timeout, partial))
+
+    async def get_group_client_ids(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> list[str]:
+        """Client ids of every member of ``group``."""
+        return _concat(await self._query_all(QueryKind.GROUP_CLIENTS, group, timeout, partial))
+
+    async def get_groups(self, *, timeout: float | None = None, partial: bool = False) -> list[str]:
+        """Every group with at least one member, sorted."""
+        return sorted(set(_concat(await self._query_all(QueryKind.GROUPS, "", timeout, partial))))
+
+    async def get_nodes(
+        self, *, timeout: float | None = None, partial: bool = False
+    ) -> list[dict[str, Json]]:
+        """A record per live node (``node_id``, ``instance``, ``connections``, ...), sorted by node id."""
+        records = [
+            r for r in await self._query_all(QueryKind.NODE, "", timeout, partial) if isinstance(r, dict)
+        ]
+        return sorted(records, key=lambda r: (str(r.get("node_id")), str(r.get("instance"))))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_close(code: int, reason: str) -> None:
+    if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999 or 1001 <= code <= 1014):
+        raise PayloadError(f"close code {code!r} is not one a server may send (1000-1014, 3000-4999)")
+    if len(reason.encode()) > 123:
+        raise PayloadError("close reason is longer than 123 bytes (the websocket limit)")
+
+
+def _with_request(command: Send | Close, request: Request) -> Send | Close:
+    return replace(command, request=request)
+
+
+def _builder(command: Close) -> Callable[[Request], Command]:
+    return lambda request: _with_request(command, request)
+
+
+def _sum(values: list[Json]) -> int:
+    return sum(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
+def _concat(values: list[Json]) -> list[str]:
+    return [item for value in values if isinstance(value, list) for item in value if isinstance(item, str)]
