@@ -1,0 +1,50 @@
+"""fanout: websocket push distribution across nodes, over Redis pub/sub or AMQP.
+
+::
+
+    from fanout import ServerUtil
+
+    async with ServerUtil("redis://127.0.0.1:6379/0") as util:
+        await util.send_to_group("lobby", {"text": "hi"})
+"""
+
+from __future__ import annotations
+
+from .config import BackendKind, Mode, Settings
+from .exceptions import (
+    BackendError,
+    BackendUnavailable,
+    BadSignature,
+    ConfigError,
+    FanoutError,
+    MessageTooLarge,
+    NotConnected,
+    PayloadError,
+    ProtocolError,
+    QueryTimeout,
+    UnsupportedVersion,
+)
+from .serverutil import ServerUtil
+from .sync import SyncServerUtil
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BackendKind",
+    "BackendUnavailable",
+    "BadSignature",
+    "ConfigError",
+    "FanoutError",
+    "MessageTooLarge",
+    "Mode",
+    "NotConnected",
+    "PayloadError",
+    "ProtocolError",
+    "QueryTimeout",
+    "ServerUtil",
+    "Settings",
+    "SyncServerUtil",
+    "UnsupportedVersion",
+    "__version__",
+]

@@ -1,0 +1,195 @@
+"""The ``fanout`` command: ServerUtil from a shell, configured by the same FANOUT_* variables.
+
+Examples::
+
+    fanout send-to-group lobby '{"text":"hi"}'
+    fanout send-by-flag user-42 hello --ack
+    fanout join node-a.x1.3 lobby
+    fanout stats
+
+Data is sent verbatim as one text frame (``--binary``: as a binary frame; ``-`` reads stdin). Results
+are printed as JSON. Exit status: 0 done, 1 the cluster or backend failed (message on stderr),
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .config import Settings
+from .exceptions import ConfigError, FanoutError
+from .serverutil import ServerUtil
+
+Action = Callable[[ServerUtil, argparse.Namespace], Awaitable[Any]]
+
+
+def _data(args: argparse.Namespace) -> str | bytes:
+    raw: str = sys.stdin.read() if args.data == "-" else args.data
+    return raw.encode() if args.binary else raw
+
+
+def _send_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="the payload, sent verbatim as one text frame ('-' reads stdin)")
+    p.add_argument("--binary", action="store_true", help="send the payload as a binary frame")
+    p.add_argument("--exclude", action="append", default=[], metavar="CLIENT_ID", help="skip this client")
+    p.add_argument("--ack", action="store_true", help="wait and print how many connections got it")
+
+
+def _wait(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timeout": args.timeout}
+
+
+def _call(method: str, *fields: str) -> Action:
+    """An action calling ``ServerUtil.<method>`` with these parsed arguments and ``timeout=``."""
+
+    async def action(util: ServerUtil, args: argparse.Namespace) -> Any:
+        return await getattr(util, method)(*(getattr(args, f) for f in fields), timeout=args.timeout)
+
+    return action
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
+    parser = argparse.ArgumentParser(prog="fanout", description="Push to fanout websocket nodes.")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for the nodes")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    actions: dict[str, Action] = {}
+
+    def command(name: str, help_text: str, action: Action) -> argparse.ArgumentParser:
+        actions[name] = action
+        return sub.add_parser(name, help=help_text, description=help_text)
+
+    def send_kw(a: argparse.Namespace) -> dict[str, Any]:
+        return {"exclude": a.exclude, "ack": a.ack, "timeout": a.timeout}
+
+    p = command(
+        "send", "send to connections by client id", lambda u, a: u.send(a.targets, _data(a), **send_kw(a))
+    )
+    p.add_argument("targets", nargs="+", metavar="CLIENT_ID")
+    _send_options(p)
+    p = command(
+        "send-by-flag",
+        "send to every connection bound to these flags",
+        lambda u, a: u.send_by_flag(a.targets, _data(a), **send_kw(a)),
+    )
+    p.add_argument("targets", nargs="+", metavar="FLAG")
+    _send_options(p)
+    p = command(
+        "send-to-group",
+        "send to every member of these groups",
+        lambda u, a: u.send_to_group(a.targets, _data(a), **send_kw(a)),
+    )
+    p.add_argument("targets", nargs="+", metavar="GROUP")
+    _send_options(p)
+    p = command("send-to-all", "send to every connection", lambda u, a: u.send_to_all(_data(a), **send_kw(a)))
+    _send_options(p)
+
+    for name, method, metavar in (
+        ("close", "close", "CLIENT_ID"),
+        ("close-by-flag", "close_by_flag", "FLAG"),
+    ):
+        p = command(
+            name,
+            f"close connections by {metavar.lower().replace('_', ' ')}",
+            _call(method, "targets", "code", "reason"),
+        )
+        p.add_argument("targets", nargs="+", metavar=metavar)
+        p.add_argument("--code", type=int, default=1000)
+        p.add_argument("--reason", default="")
+
+    p = command(
+        "join", "add a connection to groups", lambda u, a: u.join_group(a.client_id, a.groups, **_wait(a))
+    )
+    p.add_argument("client_id")
+    p.add_argument("groups", nargs="+", metavar="GROUP")
+    p = command(
+        "leave",
+        "remove a connection from groups",
+        lambda u, a: u.leave_group(a.client_id, a.groups, **_wait(a)),
+    )
+    p.add_argument("client_id")
+    p.add_argument("groups", nargs="+", metavar="GROUP")
+    p = command("dissolve", "empty a group on every node", lambda u, a: u.dissolve_group(a.group, **_wait(a)))
+    p.add_argument("group")
+    p = command("bind", "bind a connection to a flag", lambda u, a: u.bind(a.client_id, a.flag, **_wait(a)))
+    p.add_argument("client_id")
+    p.add_argument("flag")
+    p = command("unbind", "remove a connection's flag", lambda u, a: u.unbind(a.client_id, **_wait(a)))
+    p.add_argument("client_id")
+
+    p = command(
+        "session", "print a connection's session", lambda u, a: u.get_session(a.client_id, **_wait(a))
+    )
+    p.add_argument("client_id")
+    for name, method in (("set-session", "set_session"), ("update-session", "update_session")):
+        p = command(
+            name,
+            f"{name.split('-')[0]} a connection's session from a JSON object",
+            _call(method, "client_id", "json"),
+        )
+        p.add_argument("client_id")
+        p.add_argument("json", type=_json_object, help="a JSON object")
+
+    for name, method, arg in (
+        ("exists", "exists", "client_id"),
+        ("get-flag", "get_flag", "client_id"),
+        ("flag-exists", "flag_exists", "flag"),
+        ("flag-clients", "get_client_ids_by_flag", "flag"),
+        ("group-count", "get_group_count", "group"),
+        ("group-clients", "get_group_client_ids", "group"),
+    ):
+        p = command(name, f"query: {method}", _call(method, arg))
+        p.add_argument(arg)
+    command("count", "number of connections in the cluster", lambda u, a: u.get_connection_count(**_wait(a)))
+    command("groups", "every group with a member", lambda u, a: u.get_groups(**_wait(a)))
+    command("nodes", "every live node", lambda u, a: u.get_nodes(**_wait(a)))
+    command("stats", "nodes, connections and groups of the cluster", _stats)
+    return parser, actions
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+async def _stats(util: ServerUtil, args: argparse.Namespace) -> dict[str, Any]:
+    nodes = await util.get_nodes(timeout=args.timeout)
+    groups = await util.get_groups(timeout=args.timeout)
+    return {
+        "nodes": len(nodes),
+        "connections": sum(int(n.get("connections", 0)) for n in nodes),
+        "groups": len(groups),
+        "per_node": {str(n["node_id"]): n.get("connections", 0) for n in nodes},
+    }
+
+
+async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> Any:
+    async with ServerUtil(settings=settings) as util:
+        return await action(util, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, actions = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"fanout: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        result = asyncio.run(_run(settings, actions[args.command], args))
+    except FanoutError as exc:
+        print(f"fanout: {exc}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
+    if result is not None:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
