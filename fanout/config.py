@@ -7,6 +7,7 @@ message names the variable and the accepted values.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -181,10 +182,10 @@ class Settings:
             mode=parse_mode(env.get("FANOUT_MODE") or Mode.ROUTING),
             namespace=validate_name(env.get("FANOUT_NAMESPACE") or "fanout", "FANOUT_NAMESPACE"),
             secret=secret.encode() if secret else None,
-            query_timeout=env_number(env, "FANOUT_QUERY_TIMEOUT", 5.0, float),
-            publish_timeout=env_number(env, "FANOUT_PUBLISH_TIMEOUT", 10.0, float),
-            heartbeat_interval=env_number(env, "FANOUT_HEARTBEAT_INTERVAL", 1.0, float),
-            max_message=env_number(env, "FANOUT_MAX_MESSAGE", 8 * 1024 * 1024, int),
+            query_timeout=env_number(env, "FANOUT_QUERY_TIMEOUT", 5.0, float, positive=True),
+            publish_timeout=env_number(env, "FANOUT_PUBLISH_TIMEOUT", 10.0, float, positive=True),
+            heartbeat_interval=env_number(env, "FANOUT_HEARTBEAT_INTERVAL", 1.0, float, positive=True),
+            max_message=env_number(env, "FANOUT_MAX_MESSAGE", 8 * 1024 * 1024, int, positive=True),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -207,7 +208,10 @@ def _pick_backend(
     return BackendKind.MEMORY
 
 
-def env_number(env: Mapping[str, str], name: str, default: _T, kind: Callable[[str], _T]) -> _T:
+def env_number(
+    env: Mapping[str, str], name: str, default: _T, kind: Callable[[str], _T], *, positive: bool = False
+) -> _T:
+    """The number in ``env[name]`` (``default`` when unset or blank): finite, >= 0 (> 0 if ``positive``)."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -215,8 +219,10 @@ def env_number(env: Mapping[str, str], name: str, default: _T, kind: Callable[[s
         value = kind(raw.strip())
     except ValueError:
         raise ConfigError(name, f"{raw!r} is not a {getattr(kind, '__name__', 'number')}") from None
-    if value < 0:  # type: ignore[operator]
-        raise ConfigError(name, f"{raw!r} must not be negative")
+    if not math.isfinite(value):  # type: ignore[arg-type]
+        raise ConfigError(name, f"{raw!r} must be a finite number")
+    if value < 0 or (positive and value == 0):  # type: ignore[operator]
+        raise ConfigError(name, f"{raw!r} must be {'greater than 0' if positive else 'at least 0'}")
     return value
 
 

@@ -51,7 +51,13 @@ class ClientIds:
 
 def owner_of(client_id: str) -> str | None:
     """The node instance that owns ``client_id``, or ``None`` if it is not a well-formed client id."""
-    instance, dot, seq = client_id.rpartition(".")
-    if not dot or not seq or "." not in instance or not seq.isalnum():
+    instance, _, seq = client_id.rpartition(".")
+    node_id, _, boot = instance.rpartition(".")
+    if not node_id or not _token(boot) or not _token(seq):
         return None
     return instance
+
+
+def _token(part: str) -> bool:
+    """Is ``part`` a non-empty run of ASCII letters and digits (a boot token or sequence number)?"""
+    return part.isascii() and part.isalnum()

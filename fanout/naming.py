@@ -6,9 +6,11 @@ An :class:`Address` is the logical place a command is published to. Backends ren
 * AMQP routing key: ``<kind>.<name>``               e.g. ``g.lobby``, ``all`` (exchange = namespace)
 
 Names made of letters, digits, ``_``, ``-`` and ``.`` (at most 64 characters) appear as-is. Any other
-name is percent-escaped (``room 1`` -> ``room%201``) when that stays within 96 characters, else it is
-replaced by ``~`` + 40 hex digits of its SHA-256. ``%`` and ``~`` never occur in a plain name, so a
-plain, an escaped and a hashed name can never be equal; escaping is injective; and the kind is its own
+name is percent-escaped (``room 1`` -> ``room%201``; every byte of its UTF-8 but letters, digits, ``_``,
+``-`` and ``.`` becomes ``%XX``, ``~`` included) when that stays within 96 characters, else it is
+replaced by ``~`` + 40 hex digits of its SHA-256. ``%`` and ``~`` never occur in a plain name, and ``~``
+never in an escaped one, so a plain, an escaped and a hashed name can never be equal (an escaped name is
+empty, longer than 64 characters or contains ``%``); escaping is injective; and the kind is its own
 segment, so a group and a flag of the same name never share a channel. Even a SHA-256 collision could
 not misdeliver: every command carries its targets' full names, and a node resolves those exactly.
 """
@@ -60,7 +62,8 @@ def safe_segment(name: str) -> str:
     """``name`` as it may appear in a channel or routing key (see the module docstring)."""
     if _PLAIN.fullmatch(name):
         return name
-    escaped = quote(name, safe="")
+    # quote() leaves "~" alone; escape it too, or the name "~<40 hex>" would equal a hashed name
+    escaped = quote(name, safe="", errors="surrogatepass").replace("~", "%7E")
     if len(escaped) <= _MAX_ESCAPED:
         return escaped
     return "~" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]

@@ -71,7 +71,7 @@ def _targeted(op: str, target: Target, exclude: tuple[str, ...], dedupe_id: str 
         header["n"] = list(target.names)
     if exclude:
         header["x"] = list(exclude)
-    if dedupe_id:
+    if dedupe_id is not None:
         header["mid"] = dedupe_id
     return header
 
@@ -221,6 +221,12 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a boolean")
+    return value
+
+
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError(f"{what} must be an object")
@@ -228,22 +234,23 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
 
 
 def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
-    binary = h.get("bin", False)
-    if not isinstance(binary, bool):
-        raise TypeError("bin must be a boolean")
     return Send(
         target=_target(h),
         payload=payload,
-        binary=binary,
+        binary=_bool(h.get("bin", False), "bin"),
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
     )
 
 
+#: RFC 6455 section 7.4.1 codes an endpoint may put in a close frame (1004-1006 and 1015 are reserved)
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+
+
 def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
     code = _int(h.get("code", 1000), "code")
-    if not (code == 1000 or 3000 <= code <= 4999 or 1001 <= code <= 1014):
+    if not (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999):
         raise ValueError(f"close code {code} is not one a server may send")
     return Close(
         target=_target(h),
@@ -278,7 +285,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
     "bind": lambda h, _: Bind(_str(h["c"], "c"), _str(h["f"], "f"), _req(h)),
     "unbind": lambda h, _: Unbind(_str(h["c"], "c"), _req(h)),
     "session": lambda h, _: SetSession(
-        _str(h["c"], "c"), _dict(h["data"], "data"), bool(h.get("merge", False)), _req(h)
+        _str(h["c"], "c"), _dict(h["data"], "data"), _bool(h.get("merge", False), "merge"), _req(h)
     ),
     "query": lambda h, _: Query(QueryKind(h["q"]), _need_req(h), _str(h.get("arg", ""), "arg")),
     "reply": lambda h, _: Reply(_str(h["rid"], "rid"), _str(h["node"], "node"), h.get("res")),

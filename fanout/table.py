@@ -141,7 +141,7 @@ class ConnectionTable(Generic[C]):
         """Every local member leaves ``group``; ``found`` says whether it had local members."""
         members = self._groups.pop(group, None)
         if members is None:
-            return self._change() if self.mode is Mode.FANOUT else Change(True)
+            return NOT_FOUND
         for client_id in members:
             mine = self._member_of[client_id]
             mine.discard(group)
