@@ -1,0 +1,165 @@
+"""Run fanout nodes for tests: in-process (memory backend) or as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALE = float(os.environ.get("FANOUT_TEST_TIMEOUT_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A test wait, scaled by FANOUT_TEST_TIMEOUT_SCALE for slow machines."""
+    return seconds * SCALE
+
+
+def unique_namespace(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def client(port: int, path: str = "/") -> tuple[ClientConnection, str]:
+    """A real websocket client of the node at ``port`` and its client id (from the welcome frame)."""
+    ws = await connect(f"ws://127.0.0.1:{port}{path}", max_size=None)
+    welcome = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome["client_id"]
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), scaled(timeout))
+
+
+async def nothing_more(ws: ClientConnection, wait: float = 0.3) -> bool:
+    """True if no frame arrives within ``wait`` seconds."""
+    try:
+        frame = await asyncio.wait_for(ws.recv(), wait)
+    except TimeoutError:
+        return True
+    raise AssertionError(f"unexpected frame {frame!r}")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=scaled(5)) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@dataclass
+class NodeProcess:
+    """A ``python -m node`` subprocess."""
+
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 15.0, healthy: bool = True) -> None:
+        deadline = time.monotonic() + scaled(timeout)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = http_get(self.port, "/healthz")
+                if (status == 200) == healthy:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"node not {'healthy' if healthy else 'unhealthy'} in time:\n{self.log()}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(scaled(timeout))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(scaled(10))
+
+
+def start_node(
+    tmp_path: Path,
+    env: Mapping[str, str],
+    *,
+    app: str | None = None,
+    port: int | None = None,
+    wait: bool = True,
+) -> NodeProcess:
+    """Start a node subprocess with FANOUT_* settings from ``env`` on a free port."""
+    port = port or free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    full_env.update({"FANOUT_PORT": str(port), "FANOUT_HEARTBEAT_INTERVAL": "0.5", **env})
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
+    args = [sys.executable, "-m", "node"] + (["--app", app] if app else [])
+    log_path = tmp_path / f"node-{port}.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    node = NodeProcess(port, full_env, proc, log_path, args)
+    if wait:
+        node.wait_healthy()
+    return node
+
+
+def run_module(
+    module: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module args`` with FANOUT_* taken only from ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(timeout),
+        input=input_text,
+    )
+
+
+def json_frame(frame: str | bytes) -> Any:
+    return orjson.loads(frame)
