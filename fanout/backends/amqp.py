@@ -1,0 +1,521 @@
+"""AMQP 0-9-1 backend (RabbitMQ, via aio-pika / aiormq).
+
+Topology (``ns`` = ``settings.namespace``)
+-------------------------------------------
+
+* ``ns`` - the *command exchange*: type ``fanout`` in fanout mode (every node gets every command),
+  ``direct`` in routing mode, where the routing key is :meth:`Address.key` (``all``, ``n.<instance>``,
+  ``g.<group>``, ``f.<flag>``), so a node receives only the keys it is bound to.
+* ``ns.ctl`` - the *control exchange*, always ``direct``: inboxes (``i.<endpoint>``, replies to one
+  endpoint) and heartbeats (``hb``). They must work in both modes and must not reach every node in
+  fanout mode, so they cannot go through the command exchange. We use a named exchange rather than
+  the default exchange (queue name as routing key) because then every subscription, the inbox
+  included, is an ordinary binding that ``rabbitmqctl list_bindings`` shows under the namespace,
+  and the inbox key does not depend on how the queue happens to be named.
+* One queue per endpoint, ``ns.q.<inbox>``: exclusive, auto-delete, non-durable. It is bound on
+  :meth:`~AmqpBackend.subscribe` and unbound on :meth:`~AmqpBackend.unsubscribe`, so the broker holds
+  exactly the keys the endpoint needs. Exclusive means the broker deletes it - with its bindings -
+  the moment the connection dies, so a crashed or killed endpoint leaves nothing behind. In fanout
+  mode every non-control address maps to the single (keyless) binding to the fanout exchange; it
+  is removed when the last such address is unsubscribed.
+
+Both exchanges are **non-durable** and never auto-deleted. Nothing we put on them outlives a broker
+restart anyway (queues are exclusive, messages transient), and every endpoint re-declares both
+exchanges on every (re)connection, so durability would buy nothing but a leftover definition after
+a restart. They are not auto-delete because a ServerUtil that only publishes would otherwise find
+the exchange gone when the last node unbinds, and publishing to a missing exchange is a channel
+error. Declaring an exchange that exists with another type (a fanout-mode and a routing-mode
+deployment sharing a namespace) is refused by the broker; that surfaces as a :class:`BackendError`
+naming the namespace and mode.
+
+Delivery
+--------
+
+Messages are published non-persistent and ``mandatory=False`` (pub/sub: a command no node wants is
+simply dropped). The queue has a single consumer with ``no_ack=True``: at-most-once and the fastest
+path - RabbitMQ pushes without waiting for acknowledgements. ``basic.qos`` (prefetch) is
+deliberately *not* sent: RabbitMQ applies prefetch only to unacknowledged deliveries, so it has no
+effect on a ``no_ack`` consumer and would only cost a round trip; flow control on this path is TCP
+back-pressure. Message bodies are handed to ``on_message`` in broker order (aiormq starts one task
+per delivery, in order, and our callback calls the handler before its first suspension point).
+
+Publishing and publisher confirms
+---------------------------------
+
+By default the channel has **no publisher confirms**: :meth:`~AmqpBackend.publish` returns as soon as
+the frames are written to the socket, with no round trip per message, and concurrent publishes are
+pipelined. The cost: a message written just before the connection dies can be lost without an
+error (the same at-most-once as the delivery side). ``?confirms=1`` on the URL (stripped before the
+URL reaches aio-pika) turns confirms on: every publish then waits for the broker's ``basic.ack``
+(one round trip, still pipelined across concurrent publishers) and raises if the broker nacks it or
+the link dies before the ack. Either way a publish never waits longer than
+``settings.publish_timeout`` and the order of concurrent publishes is kept (FIFO, see
+:meth:`AmqpBackend.publish`). ``publish`` returns ``None``: AMQP does not tell how many queues got a
+message.
+
+Reconnection: one retry layer, our own
+--------------------------------------
+
+We use plain :func:`aio_pika.connect` connections and our own supervisor task, *not*
+``connect_robust``. aio-pika 10's ``RobustConnection`` restores channels, queues, bindings and
+consumers from its *own* records, which does not fit this contract:
+
+* ``RobustQueue.unbind`` forgets a binding only after the broker confirmed the unbind; an unbind
+  attempted while the link is down raises before that, so the stale binding is re-created on
+  reconnect. A bind attempted while down is not recorded at all. We need "exactly the
+  subscriptions wanted *now*", so we would have to fight its memory on every reconnect.
+* It retries at a fixed ``reconnect_interval`` (default 5 s), not with capped exponential backoff.
+* Its records are weak references to channel/queue objects (a queue object that goes out of scope
+  is silently not restored), and restore failures are retried inside the connection's own task,
+  outside our control - several reported cases (aio-pika issues #231, #563) ended with a
+  reconnected connection whose consumer was never restored.
+* Two retry layers (its loop plus ours to fix the bindings) would race each other.
+
+So on any loss (connection closed, or our channel closed - which we also treat as a lost link,
+closing the connection so the exclusive queue and its bindings die with it) the supervisor marks
+the backend unhealthy, counts the outage, fires ``on_disconnect``, and then retries with
+:func:`backoff_delays` (0.1 s doubling to 5 s): connect, open the channel, declare both
+exchanges, re-declare the queue under the *same* name (the broker deleted it with the old
+connection), start the consumer, and bind exactly ``self.subscriptions`` - re-reading the set until
+it stops changing, so subscribe/unsubscribe calls made while down or during the restore are
+honoured. Only then ``healthy`` turns True, ``reconnects`` is counted and ``on_reconnect`` fires.
+If the broker has not yet noticed the old connection's death (e.g. a silent network partition), the
+re-declaration of the exclusive queue is refused (RESOURCE_LOCKED) and simply retried with backoff
+until the broker's heartbeat check drops the old connection.
+
+Link-loss detection relies on the socket closing, or on AMQP heartbeats for silent failures. The
+heartbeat defaults to 10 s here (the broker default is 60 s) unless the URL sets ``heartbeat=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from yarl import URL
+
+from ..config import Mode, Settings
+from ..exceptions import BackendError, BackendUnavailable, ConfigError, NotConnected
+from ..naming import Address, Kind, safe_segment
+from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
+
+log = logging.getLogger("fanout.backend.amqp")
+
+#: control addresses: never on the command exchange (they must not reach every node in fanout mode)
+_CONTROL_KINDS = frozenset({Kind.INBOX, Kind.HEARTBEAT})
+#: AMQP heartbeat (seconds) when the URL does not set one
+DEFAULT_HEARTBEAT = 10
+#: delivery_mode 1 = transient: the broker never writes our messages to disk
+_NOT_PERSISTENT = aio_pika.DeliveryMode.NOT_PERSISTENT.value
+#: how long close() waits for the broker to acknowledge the goodbye
+_CLOSE_TIMEOUT = 2.0
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+#: errors that mean "the link is (or just went) down", as opposed to a broker refusal
+_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,  # includes ConnectionClosed
+    aiormq.exceptions.ChannelInvalidStateError,  # operation on a channel closed under us
+    ConnectionError,
+    OSError,
+)
+
+Binding = tuple[str, str]  # (exchange, routing key)
+
+
+def parse_url(url: str) -> tuple[URL, bool]:
+    """Split our own options off an AMQP URL.
+
+    Returns the URL to hand to aio-pika (without ``confirms``, with a default ``heartbeat``) and
+    whether publisher confirms are wanted. Raises :class:`ConfigError` for a bad ``confirms`` value.
+    """
+    parsed = URL(url)
+    raw = parsed.query.get("confirms", "0").strip().lower()
+    if raw in _TRUE:
+        confirms = True
+    elif raw in _FALSE:
+        confirms = False
+    else:
+        raise ConfigError("FANOUT_URL", f"confirms={raw!r} is not a boolean; accepted: 1/0, true/false")
+    query = {key: value for key, value in parsed.query.items() if key != "confirms"}
+    query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT))
+    return parsed.with_query(query), confirms
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection's worth of state; replaced wholesale on reconnect."""
+
+    connection: aio_pika.abc.AbstractConnection
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    #: serialises binding changes on this link (subscribe/unsubscribe/restore)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    channel: AbstractChannel | None = None
+    raw: aiormq.abc.AbstractChannel | None = None  # the aiormq channel, for the fast paths
+    queue: AbstractQueue | None = None
+    consumer_tag: str | None = None
+    #: bindings the broker confirmed on this link's queue
+    bound: set[Binding] = field(default_factory=set)
+    #: set by us before closing, so our own close is not mistaken for a loss
+    closing: bool = False
+
+
+class AmqpBackend(Backend):
+    """One endpoint's link to RabbitMQ (see the module docstring for topology and guarantees)."""
+
+    def __init__(self, settings: Settings, *, inbox: str) -> None:
+        super().__init__(settings, inbox=inbox)
+        self._url, self.confirms = parse_url(settings.url)
+        ns = settings.namespace
+        self.exchange_name = ns
+        self.control_exchange_name = f"{ns}.ctl"
+        self.queue_name = f"{ns}.q.{safe_segment(inbox)}"
+        self._fanout = settings.mode is Mode.FANOUT
+        self._exchange_type = aio_pika.ExchangeType.FANOUT if self._fanout else aio_pika.ExchangeType.DIRECT
+        self._handler: MessageHandler | None = None
+        self._link: _Link | None = None
+        #: set while connected with every wanted binding in place
+        self._up = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        # publishes that had to wait for the link queue here, in call order (see publish())
+        self._gate = asyncio.Lock()
+        self._gated = 0
+
+    # -- addresses -> exchanges / keys -------------------------------------------------------
+
+    def binding_for(self, address: Address) -> Binding:
+        """The (exchange, routing key) a subscription to ``address`` needs."""
+        if address.kind in _CONTROL_KINDS:
+            return self.control_exchange_name, address.key()
+        if self._fanout:
+            return self.exchange_name, ""  # a fanout exchange ignores keys: one binding for all
+        return self.exchange_name, address.key()
+
+    def route_for(self, address: Address) -> Binding:
+        """The (exchange, routing key) a message to ``address`` is published with."""
+        if address.kind in _CONTROL_KINDS:
+            return self.control_exchange_name, address.key()
+        # in fanout mode the key is ignored by the exchange but kept for tracing / firehose
+        return self.exchange_name, address.key()
+
+    def wanted_bindings(self) -> set[Binding]:
+        return {self.binding_for(address) for address in self.subscriptions}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def connect(self, on_message: MessageHandler) -> None:
+        """Connect, declare, bind ``self.subscriptions`` and start consuming.
+
+        Raises :class:`BackendUnavailable` if the broker cannot be reached within
+        ``settings.publish_timeout``, :class:`BackendError` if it refuses (bad credentials, an
+        exchange of the namespace exists with another type, ...). On success the link is kept up
+        by a background supervisor until :meth:`close`.
+        """
+        if self._closed:
+            raise NotConnected("AMQP backend is closed")
+        if self._link is not None:
+            raise BackendError("AMQP backend is already connected")
+        self._handler = on_message
+        try:
+            await self._open(self.settings.publish_timeout)
+        except BaseException:
+            self._handler = None
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"fanout-amqp-{self.inbox}")
+        self._supervisor.add_done_callback(fire_and_forget_guard)
+
+    async def close(self) -> None:
+        """Cancel the consumer and close the channel and connection; idempotent.
+
+        The broker deletes the exclusive queue, and with it every binding, when the connection
+        closes. Errors while saying goodbye to a broker that is already gone are ignored.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._up.clear()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        link, self._link = self._link, None
+        if link is not None:
+            await self._discard(link, graceful=True)
+        self._handler = None
+        # wake publishers still waiting for a reconnect: they find no link and raise NotConnected
+        # at once instead of waiting out their timeout (healthy stays False: it checks _closed)
+        self._up.set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._up.is_set() and not self._closed
+
+    def describe(self) -> str:
+        confirms = ", confirms" if self.confirms else ""
+        return f"AmqpBackend({self._url.with_password(None)!s}, mode={self.settings.mode}{confirms})"
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def subscribe(self, addresses: Iterable[Address]) -> None:
+        """Add ``addresses`` to the wanted set; returns once the broker confirmed the bindings.
+
+        While the link is down it returns at once (the bindings are made on reconnect). Raises
+        :class:`BackendUnavailable` if the broker does not answer within ``publish_timeout``,
+        :class:`BackendError` if it refuses.
+        """
+        self.subscriptions |= set(addresses)
+        await self._apply()
+
+    async def unsubscribe(self, addresses: Iterable[Address]) -> None:
+        """Remove ``addresses`` (never the inbox); returns once the broker confirmed the unbinds.
+
+        Same timing and errors as :meth:`subscribe`.
+        """
+        self.subscriptions -= set(addresses) - {self.inbox_address}
+        await self._apply()
+
+    async def _apply(self) -> None:
+        link = self._link
+        if link is None or not self._up.is_set():
+            return  # down (or connecting): the restore binds exactly self.subscriptions
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                async with link.lock:
+                    await self._reconcile(link)
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"{self.describe()}: broker did not confirm the binding change within "
+                f"{self.settings.publish_timeout:g}s"
+            ) from exc
+        except _LINK_ERRORS as exc:
+            # the link died under us: we are down now, and the reconnect applies the wanted set
+            log.debug("binding change interrupted by link loss: %r", exc)
+            self._mark_lost(link)
+        except aiormq.exceptions.AMQPError as exc:
+            self._mark_lost(link)  # a refused bind closes the channel: rebuild the link
+            raise BackendError(f"{self.describe()}: broker refused a binding change: {exc!r}") from exc
+
+    async def _reconcile(self, link: _Link) -> None:
+        """Make the broker's bindings of ``link.queue`` equal to the wanted set (caller holds the lock).
+
+        Loops until the wanted set stops changing while we await the broker.
+        """
+        queue = link.queue
+        assert queue is not None
+        while True:
+            wanted = self.wanted_bindings()
+            extra = link.bound - wanted
+            missing = wanted - link.bound
+            if not extra and not missing:
+                return
+            for exchange, key in sorted(missing):
+                await queue.bind(exchange, key)  # returns on bind-ok
+                link.bound.add((exchange, key))
+            for exchange, key in sorted(extra):
+                await queue.unbind(exchange, key)  # returns on unbind-ok
+                link.bound.discard((exchange, key))
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    async def publish(self, address: Address, message: bytes) -> None:
+        """Hand ``message`` to the broker for ``address``; returns ``None`` (no receiver count).
+
+        Without confirms this returns once the frames are written to the socket; with
+        ``?confirms=1`` once the broker acked. While the link is down it waits for the reconnect,
+        up to ``settings.publish_timeout`` in total. Concurrent publishes keep their call order.
+
+        Raises :class:`NotConnected` before :meth:`connect` / after :meth:`close`,
+        :class:`BackendUnavailable` if the message could not be handed over in time or the link
+        died during the hand-over, :class:`BackendError` if the broker refused it (nack).
+        """
+        if self._closed or self._handler is None:
+            raise NotConnected("AMQP backend is not connected")
+        exchange, key = self.route_for(address)
+        timeout = self.settings.publish_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if not self._up.is_set() or self._gated:
+                        await self._wait_for_link()
+                    link = self._link
+                    raw = link.raw if link is not None else None
+                    if link is None or raw is None or raw.is_closed:
+                        if link is not None:
+                            self._mark_lost(link)
+                        if self._closed:
+                            raise NotConnected("AMQP backend was closed")
+                        continue
+                    # From the gate (or the fast path) to here nothing suspends, so calls reach
+                    # aiormq's FIFO channel lock in the order publish() was called.
+                    await raw.basic_publish(
+                        message,
+                        exchange=exchange,
+                        routing_key=key,
+                        # a fresh properties object each time: aiormq writes a message_id into it
+                        properties=Basic.Properties(delivery_mode=_NOT_PERSISTENT),
+                        mandatory=False,
+                    )
+                    return None
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"{self.describe()}: could not publish to {exchange!r}/{key!r} within {timeout:g}s "
+                "(broker unreachable or link down)"
+            ) from exc
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise BackendError(f"{self.describe()}: broker refused the message: {exc!r}") from exc
+        except _LINK_ERRORS as exc:
+            raise BackendUnavailable(f"{self.describe()}: link lost while publishing: {exc!r}") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            raise BackendError(f"{self.describe()}: publish failed: {exc!r}") from exc
+
+    async def _wait_for_link(self) -> None:
+        """Wait until the link is up, queueing behind earlier waiters (FIFO).
+
+        Publishers that find the link down line up on ``_gate``; while anyone is lined up, new
+        publishers line up too instead of overtaking, so the order of calls is kept across an
+        outage. Each leaves the gate with the link up and goes straight on to ``basic_publish``.
+        """
+        self._gated += 1
+        try:
+            async with self._gate:
+                await self._up.wait()
+        finally:
+            self._gated -= 1
+
+    # -- connection management ------------------------------------------------------------------
+
+    async def _open(self, timeout: float) -> None:
+        """Build a complete link within ``timeout`` seconds and make it current.
+
+        Raises :class:`BackendUnavailable` (unreachable / timed out / dropped meanwhile) or
+        :class:`BackendError` (refused); nothing is left open on failure.
+        """
+        connection = aio_pika.Connection(self._url)
+        link = _Link(connection)
+        try:
+            async with asyncio.timeout(timeout):
+                await connection.connect(timeout=timeout)
+                connection.close_callbacks.add(lambda *_: self._mark_lost(link))
+                channel = connection.channel(publisher_confirms=self.confirms)
+                await channel.initialize(timeout=timeout)
+                channel.close_callbacks.add(lambda *_: self._mark_lost(link))
+                link.channel = channel
+                link.raw = await channel.get_underlay_channel()
+                for name, kind in (
+                    (self.exchange_name, self._exchange_type),
+                    (self.control_exchange_name, aio_pika.ExchangeType.DIRECT),
+                ):
+                    await channel.declare_exchange(name, kind, durable=False, auto_delete=False)
+                link.queue = await channel.declare_queue(
+                    self.queue_name, exclusive=True, auto_delete=True, durable=False
+                )
+                link.consumer_tag = f"{self.queue_name}.consumer"
+                await link.raw.basic_consume(
+                    self.queue_name, self._on_delivery, no_ack=True, consumer_tag=link.consumer_tag
+                )
+                async with link.lock:
+                    await self._reconcile(link)
+                    if link.lost.is_set():
+                        raise BackendUnavailable(f"{self.describe()}: link lost while connecting")
+                    # no await between the last check of the wanted set and going live
+                    self._link = link
+                    self._up.set()
+        except BaseException as exc:
+            await self._discard(link, graceful=False)
+            if isinstance(exc, TimeoutError):
+                raise BackendUnavailable(
+                    f"{self.describe()}: broker not reachable within {timeout:g}s"
+                ) from exc
+            if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+                raise BackendError(
+                    f"{self.describe()}: the broker refused the declaration ({exc!r}); does an "
+                    f"exchange named {self.exchange_name!r} exist with a type other than "
+                    f"{self._exchange_type.value!r} (another mode on the same namespace)?"
+                ) from exc
+            if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+                raise BackendError(f"{self.describe()}: authentication refused: {exc!r}") from exc
+            if isinstance(exc, _LINK_ERRORS):
+                raise BackendUnavailable(f"{self.describe()}: broker not reachable: {exc!r}") from exc
+            if isinstance(exc, aiormq.exceptions.AMQPError):
+                raise BackendError(f"{self.describe()}: broker refused: {exc!r}") from exc
+            raise
+
+    def _mark_lost(self, link: _Link) -> None:
+        """Close callback / error path: ``link`` is gone (unless we are closing it ourselves)."""
+        if link.closing:
+            return
+        link.lost.set()
+        if self._link is link:
+            self._up.clear()
+
+    async def _discard(self, link: _Link, *, graceful: bool) -> None:
+        """Close ``link``'s connection, ignoring errors; on a graceful close cancel the consumer first."""
+        link.closing = True
+        connection = link.connection
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                if graceful and link.raw is not None and not link.raw.is_closed:
+                    if link.consumer_tag is not None:
+                        await link.raw.basic_cancel(link.consumer_tag)
+                    if link.channel is not None:
+                        await link.channel.close()
+                await connection.close()
+        except (TimeoutError, Exception) as exc:
+            log.debug("closing %s: %r", self.describe(), exc)
+            # the polite close failed or hung: make sure the socket is gone anyway
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), _CLOSE_TIMEOUT)
+
+    async def _supervise(self) -> None:
+        """Background task: wait for the current link to die, then reconnect; until close()."""
+        while not self._closed:
+            link = self._link
+            assert link is not None
+            await link.lost.wait()
+            self._up.clear()
+            self.outages += 1
+            log.warning("%s: link to the broker lost; reconnecting", self.describe())
+            await self._fire(self.on_disconnect, "on_disconnect")
+            await self._discard(link, graceful=False)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        for delay in backoff_delays():
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self._open(max(self.settings.publish_timeout, 1.0))
+            except Exception as exc:  # whatever went wrong, keep trying: that is this task's job
+                log.warning("reconnect attempt %d failed: %s", attempt, exc)
+                continue
+            self.reconnects += 1
+            log.warning("%s: reconnected after %d attempt(s)", self.describe(), attempt)
+            await self._fire(self.on_reconnect, "on_reconnect")
+            return
+
+    # -- delivery ----------------------------------------------------------------------------------
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        # aiormq runs this as one task per delivery, created in delivery order; calling the
+        # handler before any await keeps that order.
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler(message.body)
+        except Exception:  # a broken handler must not kill the consumer
+            log.exception("%s: on_message handler failed", self.describe())
+
+
+__all__ = ["DEFAULT_HEARTBEAT", "AmqpBackend", "parse_url"]

@@ -1,0 +1,515 @@
+"""AmqpBackend against the real RabbitMQ on 127.0.0.1:5672 (guest/guest); no mocks.
+
+Every test uses its own namespace, so exchanges, queues and bindings are checked on the broker with
+``rabbitmqctl`` without seeing anyone else's. Network failures go through :class:`TcpProxy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from fanout.backends.amqp import AmqpBackend, parse_url
+from fanout.config import Mode, Settings
+from fanout.exceptions import BackendError, BackendUnavailable, ConfigError, NotConnected
+from fanout.naming import ALL, HEARTBEAT, Address, flag, group, inbox, node
+
+try:
+    from tests.support.tcp_proxy import TcpProxy, scaled
+except ImportError:  # tests/ itself on sys.path (rootdir-relative import mode)
+    from support.tcp_proxy import TcpProxy, scaled  # type: ignore[no-redef]
+
+BROKER = "127.0.0.1:5672"
+URL = f"amqp://guest:guest@{BROKER}/"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _broker_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not _broker_up(), reason="RabbitMQ is not running on 127.0.0.1:5672"),
+    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl not available"),
+]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def rabbitmqctl(*args: str) -> list[list[str]]:
+    """Run ``rabbitmqctl -q <args>``; the output as rows of tab-separated fields (header dropped)."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()[1:]  # first line: column names
+    return [line.split("\t") for line in lines if line]
+
+
+async def broker_bindings(ns: str, queue: str | None = None) -> set[tuple[str, str, str]]:
+    """(exchange, queue, routing key) of the bindings from the exchanges of namespace ``ns``
+    (only those to ``queue`` if given)."""
+    rows = await rabbitmqctl("list_bindings", "source_name", "destination_name", "routing_key")
+    exchanges = (ns, f"{ns}.ctl")
+    return {
+        (row[0], row[1], row[2] if len(row) > 2 else "")
+        for row in rows
+        if row[0] in exchanges and queue in (None, row[1])
+    }
+
+
+async def broker_queues(ns: str) -> set[str]:
+    rows = await rabbitmqctl("list_queues", "name")
+    return {row[0] for row in rows if row[0].startswith(f"{ns}.")}
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+    """Poll ``check`` until true, at most ``timeout`` (scaled) seconds."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+class Inbox:
+    """An ``on_message`` handler that records what arrives."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, message: bytes) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    async def wait_for(self, message: bytes, timeout: float = 5.0) -> None:
+        await eventually(lambda: message in self.messages, timeout, f"delivery of {message!r}")
+
+    async def wait_count(self, count: int, timeout: float = 5.0) -> None:
+        await eventually(lambda: len(self.messages) >= count, timeout, f"{count} deliveries")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+Factory = Callable[..., Awaitable[tuple[AmqpBackend, Inbox]]]
+
+
+@pytest.fixture
+async def ns() -> AsyncIterator[str]:
+    """A fresh namespace; its (non-durable, leftover) exchanges are deleted afterwards."""
+    name = "t" + uuid.uuid4().hex[:10]
+    yield name
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        for exchange in (name, f"{name}.ctl"):
+            await channel.exchange_delete(exchange)
+
+
+@pytest.fixture
+async def make(ns: str) -> AsyncIterator[Factory]:
+    """``await make(mode=..., url=..., **settings)`` -> a connected (backend, Inbox); closed at the end."""
+    backends: list[AmqpBackend] = []
+
+    async def factory(
+        mode: Mode = Mode.ROUTING, url: str = URL, name: str | None = None, **options: float
+    ) -> tuple[AmqpBackend, Inbox]:
+        settings = Settings.create(url, namespace=ns, mode=mode, **options)
+        backend = AmqpBackend(settings, inbox=name or f"ep-{uuid.uuid4().hex[:8]}")
+        received = Inbox()
+        await backend.connect(received)
+        backends.append(backend)
+        return backend, received
+
+    yield factory
+    for backend in backends:
+        await backend.close()
+
+
+# -- publish / receive -----------------------------------------------------------------------------
+
+
+async def test_routing_mode_delivers_only_what_is_bound(make: Factory, ns: str) -> None:
+    a, a_in = await make()
+    b, b_in = await make()
+    pub, pub_in = await make()
+    await a.subscribe([ALL, group("lobby"), flag("u1"), node("a1")])
+    await b.subscribe([ALL, group("other")])
+
+    for address, body in [
+        (group("lobby"), b"to-lobby"),
+        (flag("u1"), b"to-u1"),
+        (node("a1"), b"to-a1"),
+        (group("other"), b"to-other"),
+        (ALL, b"to-all"),
+        (a.inbox_address, b"to-a-inbox"),
+        (pub.inbox_address, b"to-pub-inbox"),
+    ]:
+        assert await pub.publish(address, body) is None
+    await a_in.wait_for(b"to-a-inbox")
+    await b_in.wait_for(b"to-all")
+    await pub_in.wait_for(b"to-pub-inbox")
+    await asyncio.sleep(0.1)
+    assert a_in.messages == [b"to-lobby", b"to-u1", b"to-a1", b"to-all", b"to-a-inbox"]
+    assert b_in.messages == [b"to-other", b"to-all"]
+    assert pub_in.messages == [b"to-pub-inbox"]
+
+
+async def test_fanout_mode_commands_everywhere_control_only_where_bound(make: Factory, ns: str) -> None:
+    a, a_in = await make(Mode.FANOUT)
+    b, b_in = await make(Mode.FANOUT)
+    util, util_in = await make(Mode.FANOUT)  # a ServerUtil: hears heartbeats, not commands
+    await a.subscribe([ALL])
+    await b.subscribe([ALL])
+    await util.subscribe([HEARTBEAT])
+
+    await util.publish(group("lobby"), b"cmd-lobby")  # any command address goes to every node
+    await util.publish(node("somebody"), b"cmd-node")
+    await a.publish(HEARTBEAT, b"hb-a")
+    await a.publish(util.inbox_address, b"reply-a")
+    await util.publish(b.inbox_address, b"req-b")
+    await util_in.wait_for(b"reply-a")
+    await b_in.wait_for(b"req-b")
+    await a_in.wait_for(b"cmd-node")
+    await asyncio.sleep(0.1)
+    assert a_in.messages == [b"cmd-lobby", b"cmd-node"]  # no heartbeat, no inbox traffic of others
+    assert b_in.messages == [b"cmd-lobby", b"cmd-node", b"req-b"]
+    assert util_in.messages == [b"hb-a", b"reply-a"]  # no commands
+
+
+async def test_fanout_mode_binding_is_one_keyless_binding(make: Factory, ns: str) -> None:
+    a, _ = await make(Mode.FANOUT, name="fa")
+    queue = f"{ns}.q.fa"
+    assert await broker_bindings(ns) == {(f"{ns}.ctl", queue, "i.fa")}
+    await a.subscribe([ALL, group("x")])
+    assert (ns, queue, "") in await broker_bindings(ns)
+    await a.unsubscribe([group("x")])  # ALL still wants the fanout binding
+    assert (ns, queue, "") in await broker_bindings(ns)
+    await a.unsubscribe([ALL])
+    assert await broker_bindings(ns) == {(f"{ns}.ctl", queue, "i.fa")}
+
+
+# -- subscriptions on the broker ---------------------------------------------------------------------
+
+
+async def test_bindings_follow_subscriptions_exactly(make: Factory, ns: str) -> None:
+    a, _ = await make(name="node-a")
+    queue = f"{ns}.q.node-a"
+    assert await broker_queues(ns) == {queue}
+    inbox_binding = (f"{ns}.ctl", queue, "i.node-a")
+    assert await broker_bindings(ns) == {inbox_binding}
+
+    await a.subscribe([group("lobby"), flag("u 1"), HEARTBEAT])
+    assert await broker_bindings(ns) == {
+        inbox_binding,
+        (ns, queue, "g.lobby"),
+        (ns, queue, "f.u%201"),
+        (f"{ns}.ctl", queue, "hb"),
+    }
+    await a.unsubscribe([group("lobby"), HEARTBEAT, a.inbox_address])  # the inbox cannot be dropped
+    assert await broker_bindings(ns) == {inbox_binding, (ns, queue, "f.u%201")}
+    assert a.subscriptions == {a.inbox_address, flag("u 1")}
+
+
+async def test_subscribe_is_confirmed_before_it_returns(make: Factory) -> None:
+    a, a_in = await make()
+    pub, _ = await make()
+    for i in range(20):
+        await a.subscribe([group(f"g{i}")])
+        await pub.publish(group(f"g{i}"), f"m{i}".encode())  # published right after the return
+    await a_in.wait_count(20)
+    assert a_in.messages == [f"m{i}".encode() for i in range(20)]
+
+
+async def test_unsubscribe_stops_delivery(make: Factory) -> None:
+    a, a_in = await make()
+    pub, _ = await make()
+    await a.subscribe([group("g")])
+    await pub.publish(group("g"), b"before")
+    await a_in.wait_for(b"before")
+    await a.unsubscribe([group("g")])
+    await pub.publish(group("g"), b"after")
+    await pub.publish(a.inbox_address, b"marker")  # same publisher, so it arrives after "after" would
+    await a_in.wait_for(b"marker")
+    assert a_in.messages == [b"before", b"marker"]
+
+
+async def test_close_leaves_nothing_and_is_idempotent(make: Factory, ns: str) -> None:
+    a, _ = await make(name="closing")
+    await a.subscribe([group("g"), ALL])
+    assert await broker_queues(ns) == {f"{ns}.q.closing"}
+    await a.close()
+    await a.close()
+    assert not a.healthy
+    assert await broker_queues(ns) == set()
+    assert await broker_bindings(ns) == set()
+    with pytest.raises(NotConnected):
+        await a.publish(ALL, b"x")
+
+
+# -- ordering and confirms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("confirms", ["0", "1"])
+async def test_order_of_200_concurrent_publishes(make: Factory, confirms: str) -> None:
+    a, a_in = await make()
+    pub, _ = await make(url=f"{URL}?confirms={confirms}")
+    assert pub.confirms is (confirms == "1")
+    await a.subscribe([group("g")])
+    bodies = [f"{i:03d}".encode() for i in range(200)]
+    tasks = [asyncio.create_task(pub.publish(group("g"), body)) for body in bodies]
+    assert await asyncio.gather(*tasks) == [None] * 200
+    for body in bodies[:50]:  # and sequential ones after them
+        await pub.publish(group("g"), b"s" + body)
+    await a_in.wait_count(250)
+    assert a_in.messages == bodies + [b"s" + body for body in bodies[:50]]
+
+
+def test_url_options() -> None:
+    url, confirms = parse_url("amqp://u:p@h:5672/vh?confirms=yes&name=x")
+    assert confirms is True
+    assert "confirms" not in url.query
+    assert url.query["name"] == "x"
+    assert url.query["heartbeat"] == "10"
+    url, confirms = parse_url("amqp://h/?heartbeat=30")
+    assert confirms is False
+    assert url.query["heartbeat"] == "30"
+    with pytest.raises(ConfigError, match="FANOUT_URL"):
+        parse_url("amqp://h/?confirms=maybe")
+
+
+async def test_mode_mismatch_on_a_namespace_is_a_clear_error(make: Factory, ns: str) -> None:
+    await make(Mode.FANOUT)
+    settings = Settings.create(URL, namespace=ns, mode=Mode.ROUTING)
+    backend = AmqpBackend(settings, inbox="mismatch")
+    with pytest.raises(BackendError, match="another mode") as info:
+        await backend.connect(Inbox())
+    assert not isinstance(info.value, BackendUnavailable)
+    await backend.close()
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+
+async def test_connect_to_a_dead_port_fails_fast(ns: str) -> None:
+    settings = Settings.create(
+        f"amqp://guest:guest@127.0.0.1:{free_port()}/", namespace=ns, publish_timeout=3
+    )
+    backend = AmqpBackend(settings, inbox="nobody")
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await backend.connect(Inbox())
+    assert time.monotonic() - started < scaled(3.5)
+    assert not backend.healthy
+    await backend.close()
+
+
+async def test_connect_through_a_cut_proxy_fails_within_publish_timeout(ns: str) -> None:
+    async with TcpProxy(target_port=5672) as proxy:
+        proxy.cut()
+        settings = Settings.create(
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/", namespace=ns, publish_timeout=1.5
+        )
+        backend = AmqpBackend(settings, inbox="cut")
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await backend.connect(Inbox())
+        assert time.monotonic() - started < scaled(2.5)
+        await backend.close()
+
+
+async def test_outage_and_recovery_restore_exactly_the_wanted_bindings(make: Factory, ns: str) -> None:
+    events: list[str] = []
+    async with TcpProxy(target_port=5672) as proxy:
+        a, a_in = await make(
+            url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", name="flaky", publish_timeout=1.0
+        )
+        pub, _ = await make()
+        a.on_disconnect.append(lambda: events.append("down"))
+
+        async def on_reconnect() -> None:
+            events.append("up")
+
+        a.on_reconnect.append(on_reconnect)
+        await a.subscribe([group("old"), group("kept"), ALL])
+        queue = f"{ns}.q.flaky"
+        assert a.healthy
+
+        proxy.cut()
+        await eventually(lambda: not a.healthy, 3, "healthy turns False")
+        await eventually(lambda: events == ["down"], 3, "on_disconnect fired")
+        assert (a.outages, a.reconnects) == (1, 0)
+        # the broker dropped the exclusive queue with the connection
+        await eventually(lambda: _no_queue(ns, queue), 3, "queue gone while cut")
+
+        # publishing while cut: BackendUnavailable within the publish timeout
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await a.publish(group("kept"), b"lost")
+        assert 0.8 < time.monotonic() - started < scaled(2.0)
+
+        # changes while down return at once and are applied on reconnect
+        started = time.monotonic()
+        await a.unsubscribe([group("old")])
+        await a.subscribe([group("new")])
+        assert time.monotonic() - started < 0.1
+
+        proxy.restore()
+        await eventually(lambda: a.healthy, 8, "healthy again")
+        assert events == ["down", "up"]
+        assert (a.outages, a.reconnects) == (1, 1)
+        assert await broker_bindings(ns, queue) == {
+            (f"{ns}.ctl", queue, "i.flaky"),
+            (ns, queue, "g.kept"),
+            (ns, queue, "g.new"),
+            (ns, queue, "all"),
+        }
+        await pub.publish(group("old"), b"old")
+        await pub.publish(group("new"), b"new")
+        await pub.publish(group("kept"), b"kept")
+        await a_in.wait_for(b"kept")
+        assert a_in.messages == [b"new", b"kept"]
+        await a.publish(pub.inbox_address, b"a-publishes-again")
+
+
+async def _no_queue(ns: str, name: str | None = None) -> bool:
+    """No queue of namespace ``ns`` (or: not the queue ``name``) exists on the broker."""
+    queues = await broker_queues(ns)
+    return not queues if name is None else name not in queues
+
+
+async def test_publishes_during_an_outage_wait_and_keep_their_order(make: Factory) -> None:
+    receiver, received = await make()
+    await receiver.subscribe([group("g")])
+    async with TcpProxy(target_port=5672) as proxy:
+        pub, _ = await make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", publish_timeout=8.0)
+        proxy.cut()
+        await eventually(lambda: not pub.healthy, 3, "publisher sees the outage")
+        bodies = [f"{i:02d}".encode() for i in range(30)]
+        tasks = [asyncio.create_task(pub.publish(group("g"), body)) for body in bodies]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in tasks)
+        proxy.restore()
+        await asyncio.gather(*tasks)
+        await received.wait_count(30)
+        assert received.messages == bodies
+
+
+async def test_repeated_outages_keep_counting(make: Factory) -> None:
+    async with TcpProxy(target_port=5672) as proxy:
+        a, a_in = await make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        pub, _ = await make()
+        await a.subscribe([group("g")])
+        for round_ in range(1, 4):
+            proxy.cut()
+            await eventually(lambda: not a.healthy, 3, "down")
+            proxy.restore()
+            await eventually(lambda: a.healthy, 8, "up")
+            assert (a.outages, a.reconnects) == (round_, round_)
+        await pub.publish(group("g"), b"still-there")
+        await a_in.wait_for(b"still-there")
+
+
+_KILLED_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from fanout.backends.amqp import AmqpBackend
+    from fanout.config import Settings
+    from fanout.naming import group
+
+    async def main():
+        backend = AmqpBackend(Settings.create(sys.argv[1], namespace=sys.argv[2]), inbox="victim")
+        await backend.connect(lambda message: None)
+        await backend.subscribe([group("g1"), group("g2")])
+        print("ready", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_sigkilled_endpoint_leaves_no_queue_or_binding(ns: str) -> None:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_CHILD, URL, ns, cwd=ROOT, env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), scaled(10))
+        assert line.strip() == b"ready"
+        assert await broker_queues(ns) == {f"{ns}.q.victim"}
+        assert len(await broker_bindings(ns)) == 3
+    finally:
+        child.kill()
+        await child.wait()
+    await eventually(lambda: _no_queue(ns), 5, "no queue left after SIGKILL")
+    assert await broker_bindings(ns) == set()
+
+
+async def test_handler_errors_do_not_stop_delivery(make: Factory, ns: str) -> None:
+    got: list[bytes] = []
+
+    def handler(message: bytes) -> None:
+        got.append(message)
+        if message == b"boom":
+            raise RuntimeError("handler bug")
+
+    settings = Settings.create(URL, namespace=ns)
+    backend = AmqpBackend(settings, inbox="buggy")
+    await backend.connect(handler)
+    try:
+        pub, _ = await make()
+        await pub.publish(backend.inbox_address, b"boom")
+        await pub.publish(backend.inbox_address, b"fine")
+        await eventually(lambda: got == [b"boom", b"fine"], 5, "both delivered")
+    finally:
+        await backend.close()
+
+
+def test_addresses_map_to_readable_keys() -> None:
+    settings = Settings.create(URL, namespace="app")
+    backend = AmqpBackend(settings, inbox="srv 1")
+    assert backend.queue_name == "app.q.srv%201"
+    assert backend.binding_for(inbox("srv 1")) == ("app.ctl", "i.srv%201")
+    assert backend.binding_for(HEARTBEAT) == ("app.ctl", "hb")
+    assert backend.binding_for(group("lobby")) == ("app", "g.lobby")
+    assert backend.route_for(Address(ALL.kind)) == ("app", "all")
+    fanout = AmqpBackend(Settings.create(URL, namespace="app", mode=Mode.FANOUT), inbox="x")
+    assert fanout.binding_for(group("lobby")) == ("app", "")
+    assert fanout.route_for(group("lobby")) == ("app", "g.lobby")
+    assert fanout.binding_for(HEARTBEAT) == ("app.ctl", "hb")
