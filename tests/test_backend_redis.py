@@ -476,3 +476,120 @@ async def test_cluster_fanout_mode_uses_plain_pubsub(connect, cluster: RedisClus
         subscribed |= set(cluster.cli(port, "pubsub", "channels", f"{ns}:*").split())
         assert cluster.cli(port, "pubsub", "shardchannels", f"{ns}:*").strip() == ""
     assert subscribed == {f"{ns}:all", f"{ns}:i:rx", f"{ns}:i:tx"}
+
+
+def _node_ids(cluster: RedisCluster) -> dict[int, str]:
+    """port -> cluster node id."""
+    ids = {}
+    for line in cluster.cli(cluster.ports[0], "cluster", "nodes").splitlines():
+        parts = line.split()
+        ids[int(parts[1].split("@")[0].rsplit(":", 1)[1])] = parts[0]
+    return ids
+
+
+def _slot_owner(cluster: RedisCluster, slot: int) -> int:
+    for line in cluster.cli(cluster.ports[0], "cluster", "nodes").splitlines():
+        parts = line.split()
+        for spec in parts[8:]:
+            low, _, high = spec.partition("-")
+            if spec[0].isdigit() and int(low) <= slot <= int(high or low):
+                return int(parts[1].split("@")[0].rsplit(":", 1)[1])
+    raise AssertionError(f"slot {slot} has no owner")
+
+
+def _move_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
+    """Move a key-less slot by hand: what ``redis-cli --cluster reshard`` does for an empty slot."""
+    ids = _node_ids(cluster)
+    assert cluster.cli(target, "cluster", "setslot", str(slot), "importing", ids[source]).strip() == "OK"
+    assert cluster.cli(source, "cluster", "setslot", str(slot), "migrating", ids[target]).strip() == "OK"
+    for port in (target, source, *(p for p in cluster.ports if p not in (source, target))):
+        assert cluster.cli(port, "cluster", "setslot", str(slot), "node", ids[target]).strip() == "OK"
+
+
+async def test_cluster_shard_channel_follows_its_slot_when_it_moves(connect, cluster: RedisCluster) -> None:
+    settings = Settings.create(cluster.url, namespace=unique_ns(), mode="routing", publish_timeout=2.0)
+    ns = settings.namespace
+    receiver, got = await connect(settings, inbox="rx")
+    sender, _ = await connect(settings, inbox="tx")
+    await receiver.subscribe([group("mover")])
+    channel = group("mover").channel(ns)
+    slot = key_slot(channel.encode())
+    source = _slot_owner(cluster, slot)
+    target = next(port for port in cluster.ports if port != source)
+    _move_slot(cluster, slot, source, target)
+
+    def subscribed_on_target() -> bool:
+        return channel in cluster.cli(target, "pubsub", "shardchannels", f"{ns}:*").split()
+
+    await eventually(
+        lambda: subscribed_on_target() and receiver.healthy, 10, "re-subscription on the new owner"
+    )
+    assert channel not in cluster.cli(source, "pubsub", "shardchannels", f"{ns}:*").split()
+    assert receiver.outages == 0  # only the moved channel was re-routed; the session stayed up
+    await eventually(lambda: _slot_owner(cluster, slot) == target, 10, "the cluster to agree")
+    assert await sender.publish(group("mover"), b"after the move") == 1
+    assert await got.wait_for(1) == [b"after the move"]
+
+
+async def test_cluster_subscribe_with_a_stale_slot_map_follows_moved(connect, cluster: RedisCluster) -> None:
+    settings = Settings.create(cluster.url, namespace=unique_ns(), mode="routing", publish_timeout=2.0)
+    receiver, got = await connect(settings, inbox="rx")
+    sender, _ = await connect(settings, inbox="tx")
+    channel = group("late").channel(settings.namespace)
+    slot = key_slot(channel.encode())
+    source = _slot_owner(cluster, slot)
+    target = next(port for port in cluster.ports if port != source)
+    _move_slot(cluster, slot, source, target)  # the receiver's slot map does not know yet
+    await eventually(lambda: _slot_owner(cluster, slot) == target, 10, "the cluster to agree")
+    # SSUBSCRIBE goes to the old owner, gets MOVED, and is re-sent to the new owner before returning
+    await receiver.subscribe([group("late")])
+    assert receiver.healthy
+    assert channel in cluster.cli(target, "pubsub", "shardchannels", f"{settings.namespace}:*").split()
+    assert await sender.publish(group("late"), b"found") == 1
+    assert await got.wait_for(1) == [b"found"]
+    assert receiver.outages == 0
+
+
+async def test_cluster_routing_mode_survives_a_master_restart(
+    connect, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    own = start_cluster(tmp_path_factory.mktemp("own-cluster"))
+    try:
+        settings = Settings.create(own.url, namespace=unique_ns(), mode="routing", publish_timeout=1.0)
+        names = _names_on_distinct_shards(own, settings.namespace)
+        receiver, got = await connect(settings, inbox="rx")
+        sender, _ = await connect(settings, inbox="tx")
+        reconnected = asyncio.Event()
+        receiver.on_reconnect.append(reconnected.set)
+        await receiver.subscribe([group(name) for name in names[:2]])
+        victim_port = _slot_owner(own, key_slot(group(names[0]).channel(settings.namespace).encode()))
+        victim = next(server for server in own.servers if server.port == victim_port)
+
+        victim.kill()
+        await eventually(lambda: not receiver.healthy, 5, "health to go down")
+        await receiver.subscribe([group(names[2])])  # while down: applied on reconnect
+        with pytest.raises(BackendUnavailable):
+            await sender.publish(group(names[0]), b"shard down")
+        await asyncio.sleep(scaled(0.5))  # let a few reconnection attempts fail
+
+        victim.restart()
+        await eventually(
+            lambda: all("cluster_state:ok" in own.cli(p, "cluster", "info") for p in own.ports),
+            20,
+            "cluster ok",
+        )
+        async with asyncio.timeout(scaled(20)):
+            await reconnected.wait()
+        await eventually(lambda: receiver.healthy, 10, "health to come back")
+        assert receiver.outages >= 1 and receiver.reconnects >= 1
+        wanted = {group(name).channel(settings.namespace) for name in names} | {f"{settings.namespace}:i:rx"}
+        found: set[str] = set()
+        for port in own.ports:
+            found |= set(own.cli(port, "pubsub", "shardchannels", f"{settings.namespace}:*").split())
+        assert wanted <= found
+        for index, name in enumerate(names):
+            await eventually(lambda: sender.healthy, 10, "the sender to reconnect")
+            assert await sender.publish(group(name), str(index).encode()) == 1
+        assert sorted(await got.wait_for(3)) == [b"0", b"1", b"2"]
+    finally:
+        own.stop()

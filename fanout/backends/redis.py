@@ -30,7 +30,7 @@ import contextlib
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,7 +39,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -164,8 +172,11 @@ class _Link:
         sharded: bool,
         deliver: MessageHandler,
         keepalive: float,
+        on_moved: Callable[[list[bytes], asyncio.Future[None] | None], None] | None = None,
     ) -> None:
         self.name = name
+        #: called with channels this shard no longer serves (slot moved), and the waiter to resolve
+        self._on_moved = on_moved
         self.conn = conn
         self.sharded = sharded
         self._deliver = deliver
@@ -267,11 +278,14 @@ class _Link:
             log.warning("unexpected error reply on pub/sub link %s: %s", self.name, exc)
             return
         pending = self._pending.popleft()
-        message = str(exc)
-        if message.startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
-            # the slot map we routed by is stale: rebuild the session on a fresh map
-            pending.future.set_result(None)
-            raise _LinkLost(f"{self.name} redirected a shard subscription ({message}): resyncing")
+        redirected = isinstance(exc, MovedError | AskError | TryAgainError | ClusterDownError) or str(
+            exc
+        ).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
+        if redirected and self.sharded and self._on_moved is not None and pending.kind == b"ssubscribe":
+            # our slot map is stale: the backend refreshes it and subscribes on the right shard,
+            # and only then releases the caller waiting for this confirmation
+            self._on_moved(list(pending.remaining), pending.future)
+            return
         if not pending.future.done():
             pending.future.set_exception(BackendError(f"Redis refused {pending.kind.decode()}: {exc}"))
 
@@ -296,9 +310,10 @@ class _Link:
     def _confirm(self, kind: bytes, channel: bytes) -> None:
         head = self._pending[0] if self._pending else None
         if head is None or head.kind != kind or head.remaining[channel] <= 0:
-            if kind == b"sunsubscribe":
+            if kind == b"sunsubscribe" and self._on_moved is not None:
                 # unasked: the channel's slot moved to another shard (Redis 7 tells subscribers so)
-                raise _LinkLost(f"{self.name} dropped shard channel {channel!r} (slot moved): resyncing")
+                self._on_moved([channel], None)
+                return
             log.warning("unexpected %s %r on %s", kind.decode(), channel, self.name)
             return
         head.remaining[channel] -= 1
@@ -344,14 +359,20 @@ class RedisBackend(Backend):
         self._lost = asyncio.Event()
         self._sub_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
+        self._reroutes: set[asyncio.Task[None]] = set()
         # -- publisher side
         self._client: aioredis.Redis | None = None  #: single server, or the fanout-mode cluster node
         self._cluster: RedisCluster | None = None  #: cluster map (and SPUBLISH client in routing mode)
         self._outbox: deque[_Outgoing] = deque()
+        self._inflight: list[_Outgoing] = []  #: the batch whose pipeline is on the wire
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
     # -- small helpers ---------------------------------------------------------------------
+
+    def describe(self) -> str:
+        # several endpoints share a process (and a log): say which one speaks
+        return f"{super().describe()[:-1]}, inbox={self.inbox!r})"
 
     def _channel(self, address: Address) -> bytes:
         return address.channel(self.settings.namespace).encode()
@@ -443,10 +464,10 @@ class RedisBackend(Backend):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        while self._outbox:
-            item = self._outbox.popleft()
-            if not item.future.done():
-                item.future.set_exception(NotConnected("the redis backend was closed"))
+        # callers of publishes that were queued or on the wire learn it now, not at their timeout
+        self._fail([*self._inflight, *self._outbox], NotConnected("the redis backend was closed"))
+        self._inflight = []
+        self._outbox.clear()
         await self._teardown()
         await self._close_clients()
 
@@ -523,6 +544,7 @@ class RedisBackend(Backend):
             sharded=self._sharded,
             deliver=self._deliver,
             keepalive=self.keepalive_interval,
+            on_moved=lambda channels, waiter: self._start_reroute(session, channels, waiter),
         )
         try:
             await link.open()
@@ -554,6 +576,38 @@ class RedisBackend(Backend):
             link._release_waiters()
         self._lost.set()
 
+    def _start_reroute(
+        self, session: int, channels: list[bytes], waiter: asyncio.Future[None] | None
+    ) -> None:
+        task = asyncio.create_task(self._reroute(session, channels, waiter), name="fanout-redis-reroute")
+        self._reroutes.add(task)
+        task.add_done_callback(self._reroutes.discard)
+
+    async def _reroute(
+        self, session: int, channels: list[bytes], waiter: asyncio.Future[None] | None
+    ) -> None:
+        """Shard channels whose slot moved: reload the slot map, subscribe on the new owner.
+
+        Only those channels are unconfirmed meanwhile (``healthy`` is False); the rest of the
+        session is untouched. If that fails, fall back to rebuilding the whole session.
+        """
+        try:
+            log.info("%s: %d shard channel(s) moved; re-routing", self.describe(), len(channels))
+            assert self._cluster is not None
+            await self._cluster.nodes_manager.initialize()
+            async with self._sub_lock:
+                if session != self._session or not self._up:
+                    return  # the next session subscribes to everything anyway
+                wanted = self._wanted()
+                moved = [channel for channel in channels if channel in wanted]
+                waiters = await self._send(True, moved)
+            await self._wait(waiters, "subscribe")
+        except Exception as exc:
+            self._link_failed(session, exc)
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
     def _deliver(self, payload: bytes) -> None:
         handler = self._handler
         if handler is not None:
@@ -562,7 +616,7 @@ class RedisBackend(Backend):
     async def _teardown(self) -> None:
         """Close every link and stop its reader."""
         self._up = False
-        tasks = list(self._link_tasks.values())
+        tasks = [*self._link_tasks.values(), *self._reroutes]
         links = list(self._links.values())
         self._link_tasks.clear()
         self._links.clear()
@@ -731,7 +785,9 @@ class RedisBackend(Backend):
             while self._outbox:
                 batch = self._take_batch()
                 if batch:
+                    self._inflight = batch
                     await self._flush(batch)
+                    self._inflight = []
 
     def _take_batch(self) -> list[_Outgoing]:
         batch: list[_Outgoing] = []
@@ -795,7 +851,7 @@ class RedisBackend(Backend):
         return await pipe.execute(raise_on_error=False)
 
     @staticmethod
-    def _fail(batch: list[_Outgoing], error: BackendError) -> None:
+    def _fail(batch: list[_Outgoing], error: Exception) -> None:
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(error)
