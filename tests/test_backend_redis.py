@@ -593,3 +593,33 @@ async def test_cluster_routing_mode_survives_a_master_restart(
         assert sorted(await got.wait_for(3)) == [b"0", b"1", b"2"]
     finally:
         own.stop()
+
+
+async def test_a_silent_server_is_detected_by_keepalive(connect, own_redis: RedisServer) -> None:
+    settings = Settings.create(own_redis.url, namespace=unique_ns(), publish_timeout=1.0)
+    receiver = RedisBackend(settings, inbox="rx")
+    receiver.keepalive_interval = 0.2  # silence for 3 intervals = dead
+    got = Received()
+    await receiver.connect(got)
+    try:
+        sender, _ = await connect(settings, inbox="tx")
+        await receiver.subscribe([group("g")])
+        own_redis.pause()
+        try:
+            # the socket stays open: only the missing PING replies tell
+            await eventually(lambda: not receiver.healthy, 3, "the keepalive to notice")
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await sender.publish(group("g"), b"into the void")
+            assert time.monotonic() - started < scaled(1.5)
+            await asyncio.sleep(scaled(2.5))  # reconnection attempts meet a server that never answers
+            assert not receiver.healthy
+        finally:
+            own_redis.resume()
+        await eventually(lambda: receiver.healthy, 10, "reconnection after the server woke up")
+        assert receiver.outages == 1 and receiver.reconnects == 1
+        await eventually(lambda: sender.healthy, 20, "the sender to be healthy")
+        assert await sender.publish(group("g"), b"back") == 1
+        assert (await got.wait_for(1))[-1] == b"back"
+    finally:
+        await receiver.close()

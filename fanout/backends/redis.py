@@ -189,9 +189,15 @@ class _Link:
         self.alive = False
         self._last_frame = 0.0
 
-    async def open(self) -> None:
-        """Connect (no retries). Raises redis ``ConnectionError``/``TimeoutError`` on failure."""
-        await self.conn.connect()  # type: ignore[no-untyped-call]
+    async def open(self, timeout: float) -> None:
+        """Connect (no retries) within ``timeout`` seconds, handshake included.
+
+        Raises redis ``ConnectionError`` or ``TimeoutError`` on failure.
+        """
+        # socket_connect_timeout only bounds the TCP connect; the handshake (CLIENT SETNAME...)
+        # reads without a timeout on this connection, and a hung server accepts but never answers
+        async with asyncio.timeout(timeout):
+            await self.conn.connect()  # type: ignore[no-untyped-call]
         self.alive = True
         self._last_frame = asyncio.get_running_loop().time()
 
@@ -537,9 +543,13 @@ class RedisBackend(Backend):
                 return
         self._client = aioredis.Redis.from_url(url, **self._client_kwargs())
 
-    async def _add_link(self, session: int, name: str, host: str, port: int) -> _Link:
+    async def _add_link(self, session: int, key: str, host: str, port: int) -> _Link:
+        """Open a pub/sub link to ``host:port`` and start its reader; ``key``: "main" or the shard.
+
+        Raises redis connection errors (or TimeoutError) if it cannot connect.
+        """
         link = _Link(
-            name,
+            f"{host}:{port}",
             self._new_conn(host, port),
             sharded=self._sharded,
             deliver=self._deliver,
@@ -547,13 +557,13 @@ class RedisBackend(Backend):
             on_moved=lambda channels, waiter: self._start_reroute(session, channels, waiter),
         )
         try:
-            await link.open()
+            await link.open(self._connect_timeout)
         except BaseException:
             await link.close()
             raise
-        self._links[name] = link
-        task = asyncio.create_task(self._run_link(session, link), name=f"fanout-redis-reader-{name}")
-        self._link_tasks[name] = task
+        self._links[key] = link
+        task = asyncio.create_task(self._run_link(session, link), name=f"fanout-redis-reader-{link.name}")
+        self._link_tasks[key] = task
         return link
 
     async def _run_link(self, session: int, link: _Link) -> None:
@@ -641,12 +651,15 @@ class RedisBackend(Backend):
                 if self._closing:
                     return
                 try:
-                    if self._cluster is not None:
-                        # the topology may have changed (failover, resharding): reload the slot map
-                        await self._cluster.nodes_manager.initialize()
-                    await self._open_session()
+                    # bounded: a server that accepts connections but never answers must not
+                    # stall the loop
+                    async with asyncio.timeout(self.settings.publish_timeout + self._connect_timeout):
+                        if self._cluster is not None:
+                            # the topology may have changed (failover, resharding): reload the map
+                            await self._cluster.nodes_manager.initialize()
+                        await self._open_session()
                 except _CONNECT_ERRORS as exc:
-                    log.info("%s: reconnect attempt %d failed: %s", self.describe(), attempt, exc)
+                    log.info("%s: reconnect attempt %d failed: %r", self.describe(), attempt, exc)
                     await self._teardown()
                     continue
                 break

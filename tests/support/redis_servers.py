@@ -114,9 +114,20 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server stays connected but answers nothing (a hung host, a cut network)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM and wait (SIGKILL if it does not go); idempotent."""
         if self.process is not None and self.process.poll() is None:
+            self.resume()  # a paused server would not act on SIGTERM
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
