@@ -27,9 +27,9 @@ from fanout.exceptions import BackendError, BackendUnavailable, ConfigError, Not
 from fanout.naming import ALL, HEARTBEAT, Address, flag, group, inbox, node
 
 try:
-    from tests.support.tcp_proxy import TcpProxy, scaled
+    from tests.support.tcp_proxy import ProxyProcess, TcpProxy, scaled
 except ImportError:  # tests/ itself on sys.path (rootdir-relative import mode)
-    from support.tcp_proxy import TcpProxy, scaled  # type: ignore[no-redef]
+    from support.tcp_proxy import ProxyProcess, TcpProxy, scaled  # type: ignore[no-redef]
 
 BROKER = "127.0.0.1:5672"
 URL = f"amqp://guest:guest@{BROKER}/"
@@ -297,6 +297,18 @@ async def test_order_of_200_concurrent_publishes(make: Factory, confirms: str) -
     assert a_in.messages == bodies + [b"s" + body for body in bodies[:50]]
 
 
+async def test_publishes_right_before_close_are_not_lost(make: Factory, ns: str) -> None:
+    a, a_in = await make()
+    await a.subscribe([group("g")])
+    pub = AmqpBackend(Settings.create(URL, namespace=ns), inbox="one-shot")
+    await pub.connect(Inbox())
+    for i in range(50):
+        await pub.publish(group("g"), b"%d" % i)
+    await pub.close()  # like a CLI call: publish, then leave at once
+    await a_in.wait_count(50)
+    assert a_in.messages == [b"%d" % i for i in range(50)]
+
+
 def test_url_options() -> None:
     url, confirms = parse_url("amqp://u:p@h:5672/vh?confirms=yes&name=x")
     assert confirms is True
@@ -513,3 +525,31 @@ def test_addresses_map_to_readable_keys() -> None:
     assert fanout.binding_for(group("lobby")) == ("app", "")
     assert fanout.route_for(group("lobby")) == ("app", "g.lobby")
     assert fanout.binding_for(HEARTBEAT) == ("app.ctl", "hb")
+
+
+async def test_connection_closed_by_the_broker_is_recovered(make: Factory, ns: str) -> None:
+    a, a_in = await make(name="closed-by-broker")
+    pub, _ = await make()
+    await a.subscribe([group("g")])
+    wanted = f"fanout {ns} closed-by-broker"
+    rows = await rabbitmqctl("list_connections", "pid", "client_properties")
+    pids = [row[0] for row in rows if wanted in row[1]]
+    assert len(pids) == 1, pids
+    await rabbitmqctl("close_connection", pids[0], "test: broker closes the connection")
+    await eventually(lambda: a.outages == 1, 5, "outage noticed")
+    await eventually(lambda: a.healthy, 8, "healthy again")
+    assert a.reconnects == 1
+    await pub.publish(group("g"), b"after-close")
+    await a_in.wait_for(b"after-close")
+
+
+async def test_proxy_as_a_separate_process(make: Factory) -> None:
+    with ProxyProcess("127.0.0.1:5672") as proxy:
+        a, a_in = await make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        pub, _ = await make()
+        proxy.cut()
+        await eventually(lambda: not a.healthy, 3, "down after SIGUSR1")
+        proxy.restore()
+        await eventually(lambda: a.healthy, 8, "up after SIGUSR2")
+        await pub.publish(a.inbox_address, b"via-process-proxy")
+        await a_in.wait_for(b"via-process-proxy")

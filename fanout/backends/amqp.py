@@ -42,21 +42,22 @@ per delivery, in order, and our callback calls the handler before its first susp
 Publishing and publisher confirms
 ---------------------------------
 
-By default the channel has **no publisher confirms**: :meth:`~AmqpBackend.publish` returns as soon as
-the frames are written to the socket, with no round trip per message, and concurrent publishes are
-pipelined. The cost: a message written just before the connection dies can be lost without an
-error (the same at-most-once as the delivery side). ``?confirms=1`` on the URL (stripped before the
-URL reaches aio-pika) turns confirms on: every publish then waits for the broker's ``basic.ack``
-(one round trip, still pipelined across concurrent publishers) and raises if the broker nacks it or
-the link dies before the ack. Either way a publish never waits longer than
-``settings.publish_timeout`` and the order of concurrent publishes is kept (FIFO, see
-:meth:`AmqpBackend.publish`). ``publish`` returns ``None``: AMQP does not tell how many queues got a
-message.
+By default the channel has **no publisher confirms**: :meth:`~AmqpBackend.publish` returns as soon
+as the frames are queued on the connection's (bounded) write queue - no round trip and no wait for
+the socket per message, so publishes are pipelined (a full queue makes the next publish wait, which
+is the back-pressure, bounded by the publish timeout). The cost: a message written just before the
+connection dies can be lost without an error (the same at-most-once as the delivery side).
+``?confirms=1`` on the URL (stripped before the URL reaches aio-pika) turns confirms on: every
+publish then waits for the broker's ``basic.ack`` (one round trip, still pipelined across concurrent
+publishers) and raises if the broker nacks it or the link dies before the ack. Either way a publish
+never waits longer than ``settings.publish_timeout`` and the order of concurrent publishes is kept
+(FIFO, see :meth:`AmqpBackend.publish`). ``publish`` returns ``None``: AMQP does not tell how many
+queues got a message.
 
 Reconnection: one retry layer, our own
 --------------------------------------
 
-We use plain :func:`aio_pika.connect` connections and our own supervisor task, *not*
+We use plain (non-robust) ``aio_pika.Connection`` objects and our own supervisor task, *not*
 ``connect_robust``. aio-pika 10's ``RobustConnection`` restores channels, queues, bindings and
 consumers from its *own* records, which does not fit this contract:
 
@@ -132,11 +133,13 @@ _LINK_ERRORS: tuple[type[BaseException], ...] = (
 Binding = tuple[str, str]  # (exchange, routing key)
 
 
-def parse_url(url: str) -> tuple[URL, bool]:
+def parse_url(url: str, connection_name: str | None = None) -> tuple[URL, bool]:
     """Split our own options off an AMQP URL.
 
-    Returns the URL to hand to aio-pika (without ``confirms``, with a default ``heartbeat``) and
-    whether publisher confirms are wanted. Raises :class:`ConfigError` for a bad ``confirms`` value.
+    Returns the URL to hand to aio-pika (without ``confirms``; with a default ``heartbeat`` and,
+    if given, a default ``name`` - the connection name operators see in ``rabbitmqctl`` and the
+    management UI) and whether publisher confirms are wanted. Raises :class:`ConfigError` for a
+    bad ``confirms`` value.
     """
     parsed = URL(url)
     raw = parsed.query.get("confirms", "0").strip().lower()
@@ -148,6 +151,8 @@ def parse_url(url: str) -> tuple[URL, bool]:
         raise ConfigError("FANOUT_URL", f"confirms={raw!r} is not a boolean; accepted: 1/0, true/false")
     query = {key: value for key, value in parsed.query.items() if key != "confirms"}
     query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT))
+    if connection_name:
+        query.setdefault("name", connection_name)
     return parsed.with_query(query), confirms
 
 
@@ -160,7 +165,7 @@ class _Link:
     #: serialises binding changes on this link (subscribe/unsubscribe/restore)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     channel: AbstractChannel | None = None
-    raw: aiormq.abc.AbstractChannel | None = None  # the aiormq channel, for the fast paths
+    raw: aiormq.Channel | None = None  # the aiormq channel, for the fast paths
     queue: AbstractQueue | None = None
     consumer_tag: str | None = None
     #: bindings the broker confirmed on this link's queue
@@ -174,8 +179,8 @@ class AmqpBackend(Backend):
 
     def __init__(self, settings: Settings, *, inbox: str) -> None:
         super().__init__(settings, inbox=inbox)
-        self._url, self.confirms = parse_url(settings.url)
         ns = settings.namespace
+        self._url, self.confirms = parse_url(settings.url, f"fanout {ns} {inbox}")
         self.exchange_name = ns
         self.control_exchange_name = f"{ns}.ctl"
         self.queue_name = f"{ns}.q.{safe_segment(inbox)}"
@@ -262,7 +267,8 @@ class AmqpBackend(Backend):
 
     def describe(self) -> str:
         confirms = ", confirms" if self.confirms else ""
-        return f"AmqpBackend({self._url.with_password(None)!s}, mode={self.settings.mode}{confirms})"
+        where = self._url.with_password(None).with_query(None)  # never log the password
+        return f"AmqpBackend({where!s}, mode={self.settings.mode}, inbox={self.inbox!r}{confirms})"
 
     # -- subscriptions ----------------------------------------------------------------------------
 
@@ -293,6 +299,8 @@ class AmqpBackend(Backend):
                 async with link.lock:
                     await self._reconcile(link)
         except TimeoutError as exc:
+            # a bind cut short leaves the channel's state unknown: rebuild the link from scratch
+            self._mark_lost(link)
             raise BackendUnavailable(
                 f"{self.describe()}: broker did not confirm the binding change within "
                 f"{self.settings.publish_timeout:g}s"
@@ -330,7 +338,7 @@ class AmqpBackend(Backend):
     async def publish(self, address: Address, message: bytes) -> None:
         """Hand ``message`` to the broker for ``address``; returns ``None`` (no receiver count).
 
-        Without confirms this returns once the frames are written to the socket; with
+        Without confirms this returns once the frames are queued for the socket; with
         ``?confirms=1`` once the broker acked. While the link is down it waits for the reconnect,
         up to ``settings.publish_timeout`` in total. Concurrent publishes keep their call order.
 
@@ -364,6 +372,9 @@ class AmqpBackend(Backend):
                         # a fresh properties object each time: aiormq writes a message_id into it
                         properties=Basic.Properties(delivery_mode=_NOT_PERSISTENT),
                         mandatory=False,
+                        # don't wait for the socket write of *this* frame: aiormq's bounded write
+                        # queue still applies back-pressure, and the order is fixed at the put
+                        wait=False,
                     )
                     return None
         except TimeoutError as exc:
@@ -410,7 +421,11 @@ class AmqpBackend(Backend):
                 await channel.initialize(timeout=timeout)
                 channel.close_callbacks.add(lambda *_: self._mark_lost(link))
                 link.channel = channel
-                link.raw = await channel.get_underlay_channel()
+                raw = await channel.get_underlay_channel()
+                # publish(wait=False) exists on the concrete aiormq channel, not on its ABC
+                if not isinstance(raw, aiormq.Channel):
+                    raise BackendError(f"unexpected aiormq channel type {type(raw).__name__}")
+                link.raw = raw
                 for name, kind in (
                     (self.exchange_name, self._exchange_type),
                     (self.control_exchange_name, aio_pika.ExchangeType.DIRECT),
@@ -420,7 +435,7 @@ class AmqpBackend(Backend):
                     self.queue_name, exclusive=True, auto_delete=True, durable=False
                 )
                 link.consumer_tag = f"{self.queue_name}.consumer"
-                await link.raw.basic_consume(
+                await raw.basic_consume(
                     self.queue_name, self._on_delivery, no_ack=True, consumer_tag=link.consumer_tag
                 )
                 async with link.lock:
