@@ -623,3 +623,27 @@ async def test_a_silent_server_is_detected_by_keepalive(connect, own_redis: Redi
         assert (await got.wait_for(1))[-1] == b"back"
     finally:
         await receiver.close()
+
+
+async def test_credentials_in_the_url_and_a_refusal(connect, tmp_path: Path) -> None:
+    from fanout.exceptions import BackendError
+
+    server = start_redis(tmp_path / "auth", "--requirepass", "s3cret")
+    try:
+        ns = unique_ns()
+        wrong = RedisBackend(Settings.create(server.url, namespace=ns, publish_timeout=2.0), inbox="x")
+        with pytest.raises(BackendError) as refused:
+            await wrong.connect(Received())
+        assert not isinstance(refused.value, BackendUnavailable)  # it is there; it said no
+        await wrong.close()
+
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        receiver, got = await connect(Settings.create(url, namespace=ns), inbox="rx")
+        sender, _ = await connect(Settings.create(url, namespace=ns), inbox="tx")
+        await receiver.subscribe([group("g")])
+        assert await sender.publish(group("g"), b"authenticated") == 1
+        assert await got.wait_for(1) == [b"authenticated"]
+        await receiver.close()
+        await sender.close()
+    finally:
+        server.stop()

@@ -41,6 +41,8 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
+    AuthorizationError,
     ClusterDownError,
     MovedError,
     RedisClusterException,
@@ -71,6 +73,9 @@ _LINK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+#: refusals that redis-py files under ConnectionError: Redis is there, it just says no
+_REFUSALS: tuple[type[BaseException], ...] = (AuthenticationError, AuthorizationError)
 
 #: what a failed (re)connection attempt may raise
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
@@ -432,6 +437,8 @@ class RedisBackend(Backend):
             self._handler = None
             if isinstance(exc, BackendError):
                 raise
+            if isinstance(exc, _REFUSALS):
+                raise BackendError(f"Redis at {self.settings.url} refused the connection: {exc}") from exc
             if isinstance(exc, _SEND_ERRORS):
                 raise BackendUnavailable(f"Redis at {self.settings.url} is not reachable: {exc}") from exc
             if isinstance(exc, RedisError):
@@ -816,8 +823,13 @@ class RedisBackend(Backend):
     async def _flush(self, batch: list[_Outgoing]) -> None:
         try:
             results = await self._pipeline(batch)
+        except _REFUSALS as exc:
+            error: BackendError = BackendError(f"Redis refused the publish: {exc}")
+            error.__cause__ = exc
+            self._fail(batch, error)
+            return
         except _UNAVAILABLE as exc:
-            error: BackendError = BackendUnavailable(f"Redis did not take the publish: {exc}")
+            error = BackendUnavailable(f"Redis did not take the publish: {exc}")
             error.__cause__ = exc
             self._fail(batch, error)
             return
@@ -838,7 +850,7 @@ class RedisBackend(Backend):
             if isinstance(result, BaseException):
                 failure: BackendError = (
                     BackendUnavailable(f"Redis did not take the publish: {result}")
-                    if isinstance(result, _UNAVAILABLE)
+                    if isinstance(result, _UNAVAILABLE) and not isinstance(result, _REFUSALS)
                     else BackendError(f"Redis refused the publish: {result}")
                 )
                 failure.__cause__ = result

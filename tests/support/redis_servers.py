@@ -102,7 +102,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.process.returncode}")
-            if _port_open(self.port) and _cli(self.port, "ping").strip() == "PONG":
+            # NOAUTH: up, but started with --requirepass
+            if _port_open(self.port) and ("PONG" in (out := _cli(self.port, "ping")) or "NOAUTH" in out):
                 return self
             time.sleep(0.02)
         self.stop()
