@@ -358,10 +358,13 @@ class AmqpBackend(Backend):
                     link = self._link
                     raw = link.raw if link is not None else None
                     if link is None or raw is None or raw.is_closed:
-                        if link is not None:
-                            self._mark_lost(link)
                         if self._closed:
                             raise NotConnected("AMQP backend was closed")
+                        # the link died and its close callback has not run yet: mark it down
+                        # ourselves (so the loop waits for the reconnect instead of spinning)
+                        if link is not None:
+                            self._mark_lost(link)
+                        self._up.clear()
                         continue
                     # From the gate (or the fast path) to here nothing suspends, so calls reach
                     # aiormq's FIFO channel lock in the order publish() was called.
