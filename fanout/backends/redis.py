@@ -21,6 +21,13 @@ pub/sub connection is built with zero retries, one reader task per connection re
 matches subscribe/unsubscribe confirmations to the waiting callers (FIFO, as Redis replies in
 order), and hands message payloads to ``on_message`` in arrival order. When a connection drops, the
 whole session is torn down and rebuilt by :meth:`RedisBackend._supervise` - the only retry layer.
+A shard channel whose slot moved (Redis 7 sends an unasked ``sunsubscribe``, or answers MOVED) is
+re-routed alone: the slot map is reloaded and the channel subscribed on its new owner.
+
+Publishing: callers queue (channel, message, future); one flusher task sends everything queued since
+its last round trip as one pipeline (``transaction=False``) and resolves each future with its reply,
+so concurrent publishes cost one round trip per batch and keep their order. Delivery is
+at-most-once: a publish that timed out may still have reached Redis if it was already on the wire.
 """
 
 from __future__ import annotations
