@@ -248,9 +248,14 @@ def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
 _SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
 
 
+def is_sendable_close_code(code: int) -> bool:
+    """Whether a server may put ``code`` in a close frame."""
+    return code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999
+
+
 def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
     code = _int(h.get("code", 1000), "code")
-    if not (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999):
+    if not is_sendable_close_code(code):
         raise ValueError(f"close code {code} is not one a server may send")
     return Close(
         target=_target(h),

@@ -626,8 +626,10 @@ class ServerUtil:
 
 
 def _check_close(code: int, reason: str) -> None:
-    if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999 or 1001 <= code <= 1014):
-        raise PayloadError(f"close code {code!r} is not one a server may send (1000-1014, 3000-4999)")
+    if not isinstance(code, int) or not protocol.is_sendable_close_code(code):
+        raise PayloadError(
+            f"close code {code!r} is not one a server may send (1000-1003, 1007-1014, 3000-4999)"
+        )
     if len(reason.encode()) > 123:
         raise PayloadError("close reason is longer than 123 bytes (the websocket limit)")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -47,6 +49,11 @@ class Connection:
         self.node.table.sessions[self.client_id] = value
 
     @property
+    def buffered(self) -> int:
+        """Bytes written to this client and not yet taken by the network."""
+        return self._transport.get_write_buffer_size()
+
+    @property
     def open(self) -> bool:
         return not self._closing and self.websocket.protocol.state is State.OPEN
 
@@ -73,7 +80,12 @@ class Connection:
         self.node.metrics.slow_disconnects += 1
         self._closing = True
         self.node.forget(self)
-        # the buffer is full, so a close frame could not get through: drop the TCP connection
+        # The buffer is full, so a close frame could not get through: drop the TCP connection. Linger 0
+        # makes the kernel discard its own send buffer and reset at once, instead of trickling the
+        # backlog to a client that does not read (zero-window probing can take minutes).
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._transport.abort()
 
     # -- the application's API ------------------------------------------------------------------

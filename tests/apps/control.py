@@ -10,6 +10,7 @@ Nothing here is for production: it lets any client drive the whole cluster.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from node.connection import Connection
 class ControlApp:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.pacers: list[Connection] = []  #: clients a flood waits for
 
     async def on_open(self, conn: Connection) -> None:
         self.events.append(("open", conn.client_id))
@@ -32,10 +34,18 @@ class ControlApp:
             await conn.send(b"echo:" + data)
             return
         message: dict[str, Any] = orjson.loads(data)
+        if "pace" in message:
+            self.pacers.append(conn)
+            await conn.send({"pacing": True})
+            return
         if "flood" in message:
+            # broadcast N frames, paced to what the pacing clients read: a well-behaved publisher
             payload = "x" * int(message["size"])
             for _ in range(int(message["flood"])):
                 await conn.node.util.send_to_all(payload)
+                await asyncio.sleep(0)
+                while any(c.open and c.buffered > 2 * len(payload) for c in self.pacers):
+                    await asyncio.sleep(0.001)
             await conn.send({"flooded": message["flood"]})
             return
         if "local" in message:
