@@ -27,6 +27,7 @@ import abc
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable
 
 from ..config import Settings
@@ -102,7 +103,13 @@ class Backend(abc.ABC):
                 log.exception("%s hook %r failed", what, hook)
 
     def describe(self) -> str:
-        return f"{type(self).__name__}({self.settings.url!r}, mode={self.settings.mode})"
+        """For logs: backend, URL without its password, mode and inbox."""
+        return f"{type(self).__name__}({redact(self.settings.url)!r}, mode={self.settings.mode}, inbox={self.inbox!r})"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (it goes into logs and error messages)."""
+    return re.sub(r"(://[^:/@,]*):[^@/]*@", r"\1:***@", url)
 
 
 def fire_and_forget_guard(task: asyncio.Task[object]) -> None:

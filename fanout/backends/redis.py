@@ -388,10 +388,6 @@ class RedisBackend(Backend):
 
     # -- small helpers ---------------------------------------------------------------------
 
-    def describe(self) -> str:
-        # several endpoints share a process (and a log): say which one speaks
-        return f"{super().describe()[:-1]}, inbox={self.inbox!r})"
-
     def _channel(self, address: Address) -> bytes:
         return address.channel(self.settings.namespace).encode()
 
