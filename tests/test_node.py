@@ -166,7 +166,7 @@ async def _publish_raw(settings: Settings, address: naming.Address, raw: bytes) 
 
 async def test_garbage_on_the_bus_is_dropped_and_counted(make_node: MakeNode) -> None:
     node = await make_node()
-    ws, cid = await client(node.port)
+    ws, _cid = await client(node.port)
     valid = protocol.encode(Send(Target.all(), b"still alive"))
     junk = [
         os.urandom(200),

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs one fanout node on the embedded memory backend with the demo chat at http://127.0.0.1:8765/
+# (installing fanout into .venv first if needed). FANOUT_* variables in the environment apply.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/fanout-node ]; then
+  "${PYTHON:-python3}" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e .
+fi
+exec .venv/bin/fanout-node "$@"

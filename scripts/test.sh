@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: creates .venv, installs fanout with its test tools,
+# starts Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) if they are not running, then runs
+# ruff, mypy --strict and pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k redis).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 120); do port_open "$1" && return 0; sleep 0.5; done
+  echo "scripts/test.sh: nothing listens on 127.0.0.1:$1 after 60 s" >&2
+  return 1
+}
+
+# The tests start throw-away redis-servers (kill/restart, cluster), so the binaries must exist.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  as_root apt-get update -qq && as_root apt-get install -y -qq redis-server redis-tools
+fi
+if ! port_open 6379; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+if ! command -v rabbitmq-server >/dev/null; then
+  as_root apt-get update -qq && as_root apt-get install -y -qq rabbitmq-server
+fi
+if ! port_open 5672; then
+  as_root rabbitmq-server -detached
+fi
+wait_port 6379
+wait_port 5672
+as_root rabbitmqctl await_startup >/dev/null
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/pytest "$@"

@@ -1,0 +1,80 @@
+"""The README's promises: its example runs, its commands exist, its table lists every variable."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import orjson
+
+from tests.support.nodes import ROOT, client, nothing_more, recv, run_module, start_node
+from tests.support.redis_servers import start_redis
+
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+async def test_the_readme_example_runs_against_a_real_node(tmp_path: Path) -> None:
+    (example,) = _blocks("python")
+    redis = start_redis(tmp_path)
+    try:
+        node = start_node(tmp_path, {"FANOUT_URL": redis.url})  # the demo chat: clients join "lobby"
+        ws, _client_id = await client(node.port)
+        await asyncio.sleep(0.2)
+        script = tmp_path / "example.py"
+        script.write_text(example.replace("redis://127.0.0.1:6379/0", redis.url))
+        run = partial(subprocess.run, [sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+        result = await asyncio.get_running_loop().run_in_executor(None, run)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "1 connections online"
+        assert orjson.loads(await recv(ws)) == {"text": "hello from a worker"}
+        assert await nothing_more(ws)  # user-42 is not online: no mail
+        await ws.close()
+        assert node.terminate() == 0
+    finally:
+        redis.stop()
+
+
+def test_the_readme_commands_are_what_ci_runs() -> None:
+    shell = [line.strip() for block in _blocks("sh") for line in block.splitlines() if line.strip()]
+    assert shell == ["scripts/run-node.sh", "scripts/test.sh"]
+    assert "scripts/test.sh" in (ROOT / ".ci/run").read_text()
+    for command in shell:
+        assert (ROOT / command).stat().st_mode & 0o111, f"{command} is not executable"
+
+
+def test_every_environment_variable_is_documented() -> None:
+    used: set[str] = set()
+    for path in [*ROOT.glob("fanout/**/*.py"), *ROOT.glob("node/**/*.py"), *ROOT.glob("tests/**/*.py")]:
+        used |= set(re.findall(r"\bFANOUT_[A-Z_]+\b", path.read_text()))
+    used = {name for name in used if not name.endswith("_")}
+    documented = set(re.findall(r"`(FANOUT_[A-Z_]+)`", README))
+    assert used - documented == set(), "undocumented variables"
+
+
+def test_cli_help_lists_every_command() -> None:
+    result = run_module("fanout", "--help")
+    assert result.returncode == 0
+    for command in (
+        "send",
+        "send-by-flag",
+        "send-to-group",
+        "send-to-all",
+        "close",
+        "close-by-flag",
+        "join",
+        "leave",
+        "dissolve",
+        "bind",
+        "unbind",
+        "stats",
+        "nodes",
+    ):
+        assert command in result.stdout
