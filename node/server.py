@@ -476,10 +476,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="listen address (default: FANOUT_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: FANOUT_PORT or 8765)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("FANOUT_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = os.environ.get("FANOUT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # websockets logs every connection and handshake at INFO: too much at scale
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env()
         options = NodeOptions.from_env()

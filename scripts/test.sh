@@ -24,6 +24,10 @@ wait_port() {
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   as_root apt-get update -qq && as_root apt-get install -y -qq redis-server redis-tools
 fi
+# The deployment test validates docker-compose.yml with `docker-compose config` (no engine needed).
+if ! command -v docker-compose >/dev/null; then
+  as_root apt-get update -qq && as_root apt-get install -y -qq docker-compose
+fi
 if ! port_open 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 fi

@@ -1,0 +1,99 @@
+"""docker-compose.yml: valid for every backend and mode, and its node services really form a cluster.
+
+There is no Docker engine here, so the node services run as local processes with the environment and
+command compose would give them (service host names pointed at the local brokers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from fanout import ServerUtil
+from tests.support.nodes import ROOT, NodeProcess, client, free_port, recv, scaled, unique_namespace
+
+LOCAL_HOSTS = {"redis://redis:": "redis://127.0.0.1:", "@rabbitmq:": "@127.0.0.1:"}
+
+
+def compose_config(env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run(
+        ["docker-compose", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+@pytest.mark.parametrize("backend", ["redis", "amqp"])
+@pytest.mark.parametrize("mode", ["routing", "fanout"])
+def test_compose_file_is_valid(backend: str, mode: str) -> None:
+    config = compose_config({"FANOUT_BACKEND": backend, "FANOUT_MODE": mode})
+    services = config["services"]
+    assert {"redis", "rabbitmq", "node1", "node2", "node3", "lb"} <= set(services)
+    assert [p["published"] for p in services["lb"]["ports"]] == [8080]
+    for name in ("node1", "node2", "node3"):
+        environment = services[name]["environment"]
+        assert (environment["FANOUT_BACKEND"], environment["FANOUT_MODE"]) == (backend, mode)
+        assert environment["FANOUT_NODE_ID"] == name
+
+
+def _start_service(service: dict[str, Any], tmp_path: Path, name: str) -> NodeProcess:
+    env = {k: str(v) for k, v in service["environment"].items()}
+    for key in ("COMPOSE_REDIS_URL", "COMPOSE_AMQP_URL"):
+        for remote, local in LOCAL_HOSTS.items():
+            env[key] = env[key].replace(remote, local)
+    port = free_port()
+    env.update(FANOUT_HOST="127.0.0.1", FANOUT_PORT=str(port), FANOUT_HEARTBEAT_INTERVAL="0.5")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    full_env.update(env)
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"  # fanout-node
+    script = service["command"][0].replace("$$", "$")  # compose un-escapes $$ when it runs the command
+    log_path = tmp_path / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*service["entrypoint"], script], env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    node = NodeProcess(port, full_env, proc, log_path)
+    node.wait_healthy()
+    return node
+
+
+@pytest.mark.parametrize("backend", ["redis", "amqp"])
+async def test_compose_node_services_form_a_cluster(backend: str, tmp_path: Path) -> None:
+    assert shutil.which("fanout-node", path=str(Path(sys.executable).parent))
+    namespace = unique_namespace()
+    config = compose_config({"FANOUT_BACKEND": backend, "FANOUT_NAMESPACE": namespace})
+    nodes = [_start_service(config["services"][n], tmp_path, n) for n in ("node1", "node2", "node3")]
+    try:
+        clients = [await client(node.port) for node in nodes]  # the demo chat puts them in "lobby"
+        url = nodes[0].env["COMPOSE_REDIS_URL" if backend == "redis" else "COMPOSE_AMQP_URL"]
+        async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5) as util:
+            await asyncio.sleep(scaled(1))
+            records = await util.get_nodes()
+            assert [r["node_id"] for r in records] == ["node1", "node2", "node3"]
+            assert await util.send_to_group("lobby", {"text": "hello"}, ack=True) == 3
+            for ws, _ in clients:
+                assert orjson.loads(await recv(ws)) == {"text": "hello"}
+            await clients[0][0].send('{"text": "from node1", "name": "ann"}')  # the demo chat, across nodes
+            for ws, _ in clients:
+                message = orjson.loads(await recv(ws))
+                assert (message["type"], message["text"], message["node"]) == ("chat", "from node1", "node1")
+        for ws, _ in clients:
+            await ws.close()
+    finally:
+        codes = [node.terminate() for node in nodes]
+    assert codes == [0, 0, 0]
