@@ -1,0 +1,150 @@
+"""fanout benchmarks. Results go to docs/benchmarks.md, with the command, the machine and the date.
+
+    python bench/bench.py publish  --url redis://127.0.0.1:6379/0 --count 20000
+    python bench/bench.py delivery --url redis://127.0.0.1:6379/0 --nodes 2 --clients 400 --messages 200
+
+``publish``: ServerUtil publish rate, awaited one by one and with many concurrent callers (what the
+backend's pipelining buys). Nothing needs to listen.
+
+``delivery``: real node processes, real websocket clients (in this process), ServerUtil broadcasting to a
+group that every client joined. Reports frames delivered per second across all clients, the latency from
+publish to receipt (the payload carries the send time; CLOCK_MONOTONIC is shared by processes), and node
+memory per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fanout import ServerUtil  # noqa: E402
+from tests.support.nodes import client, start_node, unique_namespace  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
+
+
+async def bench_publish(url: str, count: int, concurrency: int, size: int) -> None:
+    payload = "x" * size
+    namespace = unique_namespace("bench")
+    async with ServerUtil(url, namespace=namespace) as util:
+        start = time.perf_counter()
+        for _ in range(count):
+            await util.send_to_group("bench", payload)
+        sequential = count / (time.perf_counter() - start)
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await util.send_to_group("bench", payload)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
+        concurrent = (count // concurrency * concurrency) / (time.perf_counter() - start)
+    print(
+        f"publish {url.split('://')[0]}: {size}-byte sends, sequential {sequential:,.0f}/s, "
+        f"{concurrency} concurrent callers {concurrent:,.0f}/s"
+    )
+
+
+async def bench_delivery(
+    url: str, mode: str, nodes: int, clients: int, messages: int, size: int, rate: float
+) -> None:
+    namespace = unique_namespace("bench")
+    env = {
+        "FANOUT_URL": url,
+        "FANOUT_MODE": mode,
+        "FANOUT_NAMESPACE": namespace,
+        "FANOUT_APP": "tests.apps.control:app",
+        "FANOUT_LOG_LEVEL": "WARNING",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bench{i}"}) for i in range(nodes)]
+        try:
+            rss_empty = sum(p.rss_kib() for p in procs)
+            conns = [await client(procs[i % nodes].port) for i in range(clients)]
+            await asyncio.sleep(0.5)
+            rss_full = sum(p.rss_kib() for p in procs)
+            async with ServerUtil(url, mode=mode, namespace=namespace) as util:
+                for _, cid in conns:
+                    await util.join_group(cid, "room")
+                latencies: list[float] = []
+
+                async def reader(ws: object) -> None:
+                    for _ in range(messages):
+                        frame = await ws.recv()  # type: ignore[attr-defined]
+                        latencies.append(time.monotonic() - float(frame[:20]))
+
+                readers = [asyncio.create_task(reader(ws)) for ws, _ in conns]
+                pad = "x" * max(0, size - 21)
+                start = time.perf_counter()
+                for i in range(messages):
+                    await util.send_to_group("room", f"{time.monotonic():<20.6f} {pad}")
+                    if rate:
+                        await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+                await asyncio.wait_for(asyncio.gather(*readers), 120)
+                elapsed = time.perf_counter() - start
+            for ws, _ in conns:
+                await ws.close()
+        finally:
+            for p in procs:
+                p.terminate()
+    delivered = clients * messages
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+    print(
+        f"delivery {url.split('://')[0]} {mode}: {nodes} nodes, {clients} clients, {messages} x {size} B "
+        f"group sends{f' at {rate:g}/s' if rate else ''}: {delivered:,} frames in {elapsed:.2f}s = "
+        f"{delivered / elapsed:,.0f} frames/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
+        f"node memory {(rss_full - rss_empty) / clients:.1f} KiB per connection"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("publish")
+    p.add_argument("--url", default="memory://")
+    p.add_argument("--count", type=int, default=20000)
+    p.add_argument("--concurrency", type=int, default=100)
+    p.add_argument("--size", type=int, default=100)
+    d = sub.add_parser("delivery")
+    d.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    d.add_argument("--mode", default="routing")
+    d.add_argument("--nodes", type=int, default=2)
+    d.add_argument("--clients", type=int, default=400)
+    d.add_argument("--messages", type=int, default=200)
+    d.add_argument("--size", type=int, default=100)
+    d.add_argument("--rate", type=float, default=0, help="sends per second (0: as fast as possible)")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    print(f"# {time.strftime('%Y-%m-%d')} on {machine()}, commit {commit.stdout.strip()}")
+    if args.what == "publish":
+        asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
+    else:
+        asyncio.run(
+            bench_delivery(args.url, args.mode, args.nodes, args.clients, args.messages, args.size, args.rate)
+        )
+
+
+if __name__ == "__main__":
+    main()
