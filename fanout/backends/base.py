@@ -104,7 +104,8 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         """For logs: backend, URL without its password, mode and inbox."""
-        return f"{type(self).__name__}({redact(self.settings.url)!r}, mode={self.settings.mode}, inbox={self.inbox!r})"
+        url, mode = redact(self.settings.url), self.settings.mode
+        return f"{type(self).__name__}({url!r}, mode={mode}, inbox={self.inbox!r})"
 
 
 def redact(url: str) -> str:

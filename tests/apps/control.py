@@ -44,7 +44,8 @@ class ControlApp:
             for _ in range(int(message["flood"])):
                 await conn.node.util.send_to_all(payload)
                 await asyncio.sleep(0)
-                while any(c.open and c.buffered > 2 * len(payload) for c in self.pacers):
+                # no event fires when a transport's buffer drains, so poll it
+                while any(c.open and c.buffered > 2 * len(payload) for c in self.pacers):  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
             await conn.send({"flooded": message["flood"]})
             return
