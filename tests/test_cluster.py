@@ -396,23 +396,27 @@ async def test_data_kinds_arrive_exactly_as_sent(d: Deployment) -> None:
 
 
 async def test_send_by_flag_across_nodes(d: Deployment) -> None:
-    (x, x_id), (y, y_id), (z, z_id) = [await d.client(i) for i in range(3)]
+    (x, x_id), (y, y_id), (z, z_id), (w, w_id) = [await d.client(i) for i in (0, 1, 2, 0)]
     user, other = unique("user"), unique("user")
     u = d.util
     assert await u.bind(x_id, user) is True and await u.bind(y_id, user) is True
-    assert await u.bind(z_id, other) is True
+    assert await u.bind(z_id, other) is True and await u.bind(w_id, other) is True
     assert await u.send_by_flag(user, "for user", ack=True) == 2
     assert await recv(x) == "for user" and await recv(y) == "for user"
-    assert await nothing_more(z)
+    assert all([await nothing_more(ws) for ws in (z, w)])
     await u.send_by_flag(user, {"fire": "and forget"})
     assert orjson.loads(await recv(x)) == {"fire": "and forget"}
     assert orjson.loads(await recv(y)) == {"fire": "and forget"}
-    assert await u.send_by_flag([user, other, user], "both flags", ack=True) == 3
-    assert [await recv(ws) for ws in (x, y, z)] == ["both flags"] * 3
-    assert await u.send_by_flag([user, other], "not y", exclude=[y_id], ack=True) == 2
-    assert await recv(x) == "not y" and await recv(z) == "not y"
+    assert await u.send_by_flag([user, other, user], "both flags", ack=True) == 4
+    assert [await recv(ws) for ws in (x, y, z, w)] == ["both flags"] * 4
+    # without ack (routing mode: one publish per flag; n0 holds both flags and must apply it once)
+    await u.send_by_flag([user, other], "both again")
+    assert [await recv(ws) for ws in (x, y, z, w)] == ["both again"] * 4
+    assert all([await nothing_more(ws) for ws in (x, y, z, w)])
+    assert await u.send_by_flag([user, other], "not y", exclude=[y_id], ack=True) == 3
+    assert await recv(x) == "not y" and await recv(z) == "not y" and await recv(w) == "not y"
     assert await u.send_by_flag(unique("nobody"), "x", ack=True) == 0
-    assert all([await nothing_more(ws) for ws in (x, y, z)])
+    assert all([await nothing_more(ws) for ws in (x, y, z, w)])
 
 
 async def test_send_to_group_once_per_connection_and_exclude(d: Deployment) -> None:
