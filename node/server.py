@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
@@ -452,6 +452,33 @@ def _response(connection: ServerConnection, status: int, body: bytes, content_ty
 # ---------------------------------------------------------------------- process entry point
 
 
+def _configure_logging(level: str) -> None:
+    level = level.strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(
+            "FANOUT_LOG_LEVEL", f"{level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # websockets logs every connection and handshake at INFO: too much at scale
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """``asyncio.run`` or ``uvloop.run`` as FANOUT_EVENT_LOOP says (auto: uvloop when installed)."""
+    choice = choice.strip().lower() or "auto"
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("FANOUT_EVENT_LOOP", f"{choice!r} is not one of 'auto', 'uvloop', 'asyncio'")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("FANOUT_EVENT_LOOP", "uvloop is not installed") from None
+        else:
+            return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
+
+
 async def run(settings: Settings, options: NodeOptions, app: object | None = None) -> None:
     """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
     node = Node(settings, options, app)
@@ -476,11 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="listen address (default: FANOUT_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: FANOUT_PORT or 8765)")
     args = parser.parse_args(argv)
-    level = os.environ.get("FANOUT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # websockets logs every connection and handshake at INFO: too much at scale
-        logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
+        _configure_logging(os.environ.get("FANOUT_LOG_LEVEL", "INFO"))
         settings = Settings.from_env()
         options = NodeOptions.from_env()
         overrides = {
@@ -488,15 +512,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         options = replace(options, **overrides)
         app = load_app(options.app) if options.app else None  # fail at start, not at first use
+        runner = _event_loop_runner(os.environ.get("FANOUT_EVENT_LOOP", "auto"))
     except ConfigError as exc:
         print(f"fanout-node: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
     try:
         runner(run(settings, options, app))
     except FanoutError as exc:

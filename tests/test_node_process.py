@@ -46,6 +46,8 @@ async def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path: Path) -> N
         ({"FANOUT_NODE_ID": "a/b"}, "FANOUT_NODE_ID"),
         ({"FANOUT_APP": "no_such_module:app"}, "FANOUT_APP"),
         ({"FANOUT_WELCOME": "maybe"}, "FANOUT_WELCOME"),
+        ({"FANOUT_EVENT_LOOP": "trio"}, "FANOUT_EVENT_LOOP"),
+        ({"FANOUT_LOG_LEVEL": "LOUD"}, "FANOUT_LOG_LEVEL"),
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(env: dict[str, str], variable: str) -> None:
@@ -56,6 +58,8 @@ def test_bad_configuration_exits_2_with_one_line(env: dict[str, str], variable: 
             "FANOUT_NODE_ID",
             "FANOUT_APP",
             "FANOUT_WELCOME",
+            "FANOUT_EVENT_LOOP",
+            "FANOUT_LOG_LEVEL",
         ):
             continue  # node-only settings
         result = run_module(module, *args, env=env)
