@@ -64,6 +64,10 @@ class Send:
     request: Request | None = None
     #: set when one send is published on several addresses, so a node that gets it twice applies it once
     dedupe_id: str | None = None
+    #: the publisher and its running count: a node that receives a publisher's commands over several
+    #: connections (Redis Cluster shards) puts them back in order
+    origin: str | None = None
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,8 @@ class Close:
     exclude: tuple[str, ...] = ()
     request: Request | None = None
     dedupe_id: str | None = None
+    origin: str | None = None
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,14 +65,17 @@ def _request(header: dict[str, Any], request: Request | None) -> None:
         header["rto"] = request.reply_to
 
 
-def _targeted(op: str, target: Target, exclude: tuple[str, ...], dedupe_id: str | None) -> dict[str, Any]:
-    header: dict[str, Any] = {"op": op, "t": target.kind.value}
-    if target.kind is not TargetKind.ALL:
-        header["n"] = list(target.names)
-    if exclude:
-        header["x"] = list(exclude)
-    if dedupe_id is not None:
-        header["mid"] = dedupe_id
+def _targeted(op: str, cmd: Send | Close) -> dict[str, Any]:
+    header: dict[str, Any] = {"op": op, "t": cmd.target.kind.value}
+    if cmd.target.kind is not TargetKind.ALL:
+        header["n"] = list(cmd.target.names)
+    if cmd.exclude:
+        header["x"] = list(cmd.exclude)
+    if cmd.dedupe_id is not None:
+        header["mid"] = cmd.dedupe_id
+    if cmd.origin is not None:
+        header["o"] = cmd.origin
+        header["s"] = cmd.seq
     return header
 
 
@@ -81,12 +84,12 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
     header: dict[str, Any]
     match cmd:
         case Send():
-            header = _targeted("send", cmd.target, cmd.exclude, cmd.dedupe_id)
+            header = _targeted("send", cmd)
             if cmd.binary:
                 header["bin"] = True
             payload = cmd.payload
         case Close():
-            header = _targeted("close", cmd.target, cmd.exclude, cmd.dedupe_id)
+            header = _targeted("close", cmd)
             header["code"] = cmd.code
             if cmd.reason:
                 header["reason"] = cmd.reason
@@ -241,6 +244,8 @@ def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
+        origin=_opt_str(h.get("o"), "o"),
+        seq=_int(h.get("s", 0), "s"),
     )
 
 
@@ -264,6 +269,8 @@ def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
+        origin=_opt_str(h.get("o"), "o"),
+        seq=_int(h.get("s", 0), "s"),
     )
 
 

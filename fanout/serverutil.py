@@ -128,6 +128,7 @@ class ServerUtil:
         self._directory = NodeDirectory()
         self._listening_since: float | None = None
         self._request_seq = 0
+        self._send_seq = 0
         #: undecodable messages received on the inbox, by reason
         self.dropped: Counter[str] = Counter()
 
@@ -218,13 +219,22 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ publishing
 
-    async def _publish(self, address: Address, command: Command) -> int | None:
-        message = protocol.encode(command, self.settings.secret)
-        if len(message) > self.settings.max_message:
-            raise MessageTooLarge(
-                f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
-            )
-        return await self.backend.publish(address, message)
+    async def _publish(self, pairs: Sequence[tuple[Address, Command]]) -> list[int | None]:
+        """Encode and publish ``pairs`` in one go (no other publish of ours can come in between)."""
+        items = []
+        for address, command in pairs:
+            message = protocol.encode(command, self.settings.secret)
+            if len(message) > self.settings.max_message:
+                raise MessageTooLarge(
+                    f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
+                )
+            items.append((address, message))
+        return await self.backend.publish_many(items) if items else []
+
+    def _stamp(self) -> dict[str, Any]:
+        """Publisher id and running count for a send or close, so nodes can keep our order."""
+        self._send_seq += 1
+        return {"origin": self.endpoint_id, "seq": self._send_seq}
 
     def _new_request(self) -> Request:
         self._request_seq += 1
@@ -249,10 +259,8 @@ class ServerUtil:
         owners = None if everyone else frozenset(o for _, _, o in publishes if o is not None)
         gather = self._pending[request.id] = _Gather(owners)
         try:
-            counts = []
-            for address, build, owner in publishes:
-                count = await self._publish(address, build(request))
-                counts.append(count)
+            counts = await self._publish([(address, build(request)) for address, build, _ in publishes])
+            for (address, _, owner), count in zip(publishes, counts, strict=True):
                 if count == 0 and owner is not None and address.kind is naming.Kind.NODE:
                     gather.unreachable.add(owner)
             if all(c is not None for c in counts):
@@ -366,11 +374,10 @@ class ServerUtil:
         self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
         payload, binary = encode_payload(data)
-        command = Send(target, payload, binary, names(exclude, "exclude"))
+        command = Send(target, payload, binary, names(exclude, "exclude"), **self._stamp())
         if ack:
             return await self._count("send", command, timeout, partial)
-        for address, routed in routing.route(command, self.settings.mode):
-            await self._publish(address, routed)
+        await self._publish(routing.route(command, self.settings.mode))
         return None
 
     async def _count(self, what: str, command: Send | Close, timeout: float | None, partial: bool) -> int:
@@ -401,15 +408,16 @@ class ServerUtil:
         _check_close(code, reason)
         ids = names(client_ids, "client_ids")
         owners = routing.split_by_owner(ids)
+        stamp = self._stamp()
         if not wait:
-            await self._fire_and_forget(Close(Target.clients(*ids), code, reason))
+            await self._fire_and_forget(Close(Target.clients(*ids), code, reason, **stamp))
             return None
         replies = await self._ask(
             "close",
             [
                 (
                     routing.owner_address(owner, self.settings.mode),
-                    _builder(Close(Target.clients(*mine), code, reason)),
+                    _builder(Close(Target.clients(*mine), code, reason, **stamp)),
                     owner,
                 )
                 for owner, mine in owners.items()
@@ -430,15 +438,14 @@ class ServerUtil:
     ) -> int | None:
         """Close every connection bound to these flags. Returns how many were closed (``wait=True``)."""
         _check_close(code, reason)
-        command = Close(Target.flags(*names(flags, "flags")), code, reason)
+        command = Close(Target.flags(*names(flags, "flags")), code, reason, **self._stamp())
         if not wait:
             await self._fire_and_forget(command)
             return None
         return await self._count("close_by_flag", command, timeout, False)
 
     async def _fire_and_forget(self, command: Send | Close) -> None:
-        for address, routed in routing.route(command, self.settings.mode):
-            await self._publish(address, routed)
+        await self._publish(routing.route(command, self.settings.mode))
 
     # ------------------------------------------------------------------ membership
 
@@ -456,7 +463,7 @@ class ServerUtil:
             return None
         address = routing.owner_address(owner, self.settings.mode)
         if not wait:
-            await self._publish(address, build(None))
+            await self._publish([(address, build(None))])
             return None
         replies = await self._ask(what, [(address, build, owner)], everyone=False, timeout=timeout)
         return replies.get(owner)
@@ -487,7 +494,7 @@ class ServerUtil:
         """Every member of ``group``, on every node, leaves it. Returns how many left (``wait=True``)."""
         if not wait:
             address = naming.ALL if self.settings.mode is Mode.FANOUT else naming.group(group)
-            await self._publish(address, DissolveGroup(group))
+            await self._publish([(address, DissolveGroup(group))])
             return None
         replies = await self._ask(
             "dissolve_group",

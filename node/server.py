@@ -25,7 +25,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from fanout import naming, protocol
+from fanout import naming, protocol, routing
 from fanout.backends import create_backend
 from fanout.commands import (
     Bind,
@@ -130,6 +130,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscription_lock = asyncio.Lock()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._arrived: list[bytes] = []  #: bus messages received in this loop iteration
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._register_gauges()
 
@@ -280,20 +281,33 @@ class Node:
         return protocol.encode(command, self.settings.secret)
 
     def _on_bus_message(self, raw: bytes) -> None:
+        # Collect what arrives within one loop iteration and apply it together, each publisher's
+        # commands in their order: over several connections (Redis Cluster shards) two commands that
+        # arrive together can be read in either order.
+        self._arrived.append(raw)
+        if len(self._arrived) == 1:
+            asyncio.get_running_loop().call_soon(self._apply_arrived)
+
+    def _apply_arrived(self) -> None:
+        batch, self._arrived = self._arrived, []
+        commands = [c for c in map(self._decode, batch) if c is not None]
+        for command in routing.in_publisher_order(commands):
+            dedupe_id = getattr(command, "dedupe_id", None)
+            if dedupe_id is not None and self._already_seen(dedupe_id):
+                continue
+            try:
+                self._apply(command)
+            except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
+                self.metrics.dropped["error"] += 1
+                log.exception("applying %r failed", command)
+
+    def _decode(self, raw: bytes) -> Command | None:
         try:
-            command = protocol.decode(raw, self.settings.secret, self.settings.max_message)
+            return protocol.decode(raw, self.settings.secret, self.settings.max_message)
         except ProtocolError as exc:
             self.metrics.dropped[exc.reason] += 1
             log.debug("dropped bus message: %s", exc)
-            return
-        dedupe_id = getattr(command, "dedupe_id", None)
-        if dedupe_id is not None and self._already_seen(dedupe_id):
-            return
-        try:
-            self._apply(command)
-        except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
-            self.metrics.dropped["error"] += 1
-            log.exception("applying %r failed", command)
+            return None
 
     def _already_seen(self, dedupe_id: str) -> bool:
         if dedupe_id in self._seen:
@@ -459,8 +473,11 @@ def _configure_logging(level: str) -> None:
             "FANOUT_LOG_LEVEL", f"{level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
         )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # websockets logs every connection and handshake at INFO: too much at scale
+    if level != "DEBUG":
+        # websockets logs every connection and handshake at INFO: too much at scale; aiormq logs each
+        # lost link with a traceback at WARNING, while the backend already reports the outage in one line
         logging.getLogger("websockets").setLevel(logging.WARNING)
+        logging.getLogger("aiormq").setLevel(logging.ERROR)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -475,7 +492,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], Non
             if choice == "uvloop":
                 raise ConfigError("FANOUT_EVENT_LOOP", "uvloop is not installed") from None
         else:
-            return uvloop.run  # type: ignore[no-any-return]
+            return uvloop.run
     return asyncio.run
 
 

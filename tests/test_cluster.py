@@ -465,6 +465,36 @@ async def test_order_from_one_publisher(d: Deployment) -> None:
     assert [await recv(b) for _ in range(200)] == expected
 
 
+async def test_order_of_concurrent_sends_from_one_publisher(d: Deployment) -> None:
+    """Sends started together (one task each) arrive in the order they were called.
+
+    Multi-address sends (several owners, several groups) must not let a later call overtake an
+    earlier one. On Redis Cluster in routing mode a node reads each shard over its own connection,
+    and the order is guaranteed per shard channel only (docs/backends.md), so there the sends all go
+    through one group channel.
+    """
+    (a, a_id), (b, b_id) = await d.client(0), await d.client(2)
+    rooms = [unique("room") for _ in range(4)]
+    for room in rooms:
+        await d.util.join_group(a_id, room)
+        await d.util.join_group(b_id, room)
+    if d.config.id == "rediscluster-routing":
+        calls = [d.util.send_to_group(rooms[0], str(i)) for i in range(300)]
+    else:
+        calls = [
+            d.util.send([a_id, b_id], str(i))
+            if i % 5 == 0
+            else d.util.send_to_group(rooms, str(i))
+            if i % 5 == 1
+            else d.util.send_to_group(rooms[i % 4], str(i))
+            for i in range(300)
+        ]
+    await asyncio.gather(*calls)
+    expected = [str(i) for i in range(300)]
+    assert [await recv(a) for _ in range(300)] == expected
+    assert [await recv(b) for _ in range(300)] == expected
+
+
 # ---------------------------------------------------------------------------- membership
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from fanout import ServerUtil
-from tests.support.nodes import ROOT, NodeProcess, client, free_port, recv, scaled, unique_namespace
+from tests.support.nodes import ROOT, STARTED, NodeProcess, client, free_port, recv, scaled, unique_namespace
 
 LOCAL_HOSTS = {"redis://redis:": "redis://127.0.0.1:", "@rabbitmq:": "@127.0.0.1:"}
 
@@ -68,6 +68,7 @@ def _start_service(service: dict[str, Any], tmp_path: Path, name: str) -> NodePr
             [*service["entrypoint"], script], env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
     node = NodeProcess(port, full_env, proc, log_path)
+    STARTED.append(node)
     node.wait_healthy()
     return node
 

@@ -93,7 +93,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -193,8 +193,9 @@ class AmqpBackend(Backend):
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         # publishes that had to wait for the link queue here, in call order (see publish())
-        self._gate = asyncio.Lock()
-        self._gated = 0
+        #: held across one publish_many call: publishes never interleave and keep their call order,
+        #: also while they wait for a reconnect
+        self._publish_lock = asyncio.Lock()
 
     # -- addresses -> exchanges / keys -------------------------------------------------------
 
@@ -335,17 +336,36 @@ class AmqpBackend(Backend):
 
     # -- publishing --------------------------------------------------------------------------------
 
-    async def publish(self, address: Address, message: bytes) -> None:
-        """Hand ``message`` to the broker for ``address``; returns ``None`` (no receiver count).
+    async def publish_many(self, items: Sequence[tuple[Address, bytes]]) -> list[int | None]:
+        """Hand the messages to the broker in order; returns ``None`` for each (no receiver count).
 
         Without confirms this returns once the frames are queued for the socket; with
         ``?confirms=1`` once the broker acked. While the link is down it waits for the reconnect,
-        up to ``settings.publish_timeout`` in total. Concurrent publishes keep their call order.
+        up to ``settings.publish_timeout`` per message. Concurrent calls keep their call order and
+        never interleave: a FIFO lock is held across one call's messages (taking it when free does
+        not suspend, so an uncontended publish costs nothing more).
 
         Raises :class:`NotConnected` before :meth:`connect` / after :meth:`close`,
-        :class:`BackendUnavailable` if the message could not be handed over in time or the link
+        :class:`BackendUnavailable` if a message could not be handed over in time or the link
         died during the hand-over, :class:`BackendError` if the broker refused it (nack).
         """
+        if self._closed or self._handler is None:
+            raise NotConnected("AMQP backend is not connected")
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await self._publish_lock.acquire()
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"{self.describe()}: publish queued behind others for {self.settings.publish_timeout:g}s"
+            ) from exc
+        try:
+            for address, message in items:
+                await self._publish_one(address, message)
+        finally:
+            self._publish_lock.release()
+        return [None] * len(items)
+
+    async def _publish_one(self, address: Address, message: bytes) -> None:
         if self._closed or self._handler is None:
             raise NotConnected("AMQP backend is not connected")
         exchange, key = self.route_for(address)
@@ -353,8 +373,8 @@ class AmqpBackend(Backend):
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    if not self._up.is_set() or self._gated:
-                        await self._wait_for_link()
+                    if not self._up.is_set():
+                        await self._up.wait()
                     link = self._link
                     raw = link.raw if link is not None else None
                     if link is None or raw is None or raw.is_closed:
@@ -366,8 +386,7 @@ class AmqpBackend(Backend):
                             self._mark_lost(link)
                         self._up.clear()
                         continue
-                    # From the gate (or the fast path) to here nothing suspends, so calls reach
-                    # aiormq's FIFO channel lock in the order publish() was called.
+                    # the publish lock is held, so nothing else reaches the channel meanwhile
                     await raw.basic_publish(
                         message,
                         exchange=exchange,
@@ -391,20 +410,6 @@ class AmqpBackend(Backend):
             raise BackendUnavailable(f"{self.describe()}: link lost while publishing: {exc!r}") from exc
         except aiormq.exceptions.AMQPError as exc:
             raise BackendError(f"{self.describe()}: publish failed: {exc!r}") from exc
-
-    async def _wait_for_link(self) -> None:
-        """Wait until the link is up, queueing behind earlier waiters (FIFO).
-
-        Publishers that find the link down line up on ``_gate``; while anyone is lined up, new
-        publishers line up too instead of overtaking, so the order of calls is kept across an
-        outage. Each leaves the gate with the link up and goes straight on to ``basic_publish``.
-        """
-        self._gated += 1
-        try:
-            async with self._gate:
-                await self._up.wait()
-        finally:
-            self._gated -= 1
 
     # -- connection management ------------------------------------------------------------------
 

@@ -12,10 +12,13 @@ A backend is one endpoint's link to the bus. An endpoint is a node or a ServerUt
 * ``subscribe(addresses)`` / ``unsubscribe(addresses)``: change the wanted set. They return once the
   broker has confirmed the change (so a message published after that reaches us), or, while
   disconnected, at once: the change is applied on reconnect.
-* ``publish(address, message)``: hands one message to the broker. Returns how many subscribers
-  received it when the broker says so (Redis PUBLISH, memory), else ``None``. Raises
-  :class:`BackendUnavailable` if the broker cannot take it within ``settings.publish_timeout``, and
-  :class:`BackendError` if it refused. Concurrent publishes may be pipelined, but keep their order.
+* ``publish_many([(address, message), ...])``: hands messages to the broker, in that order and with
+  no other publish of this endpoint in between (a command published on several addresses must not
+  be overtaken by a later one). Returns, per message, how many subscribers received it when the
+  broker says so (Redis PUBLISH, memory), else ``None``. Raises :class:`BackendUnavailable` if the
+  broker cannot take them within ``settings.publish_timeout``, and :class:`BackendError` if it
+  refused. Concurrent calls may be pipelined, but keep their call order. ``publish(address,
+  message)`` is the one-message case.
 * ``close()``: leaves the broker cleanly; idempotent.
 
 Every backend takes the same constructor: ``Backend(settings, inbox=endpoint_id)``.
@@ -28,7 +31,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from ..config import Settings
 from ..naming import Address
@@ -84,7 +87,12 @@ class Backend(abc.ABC):
     async def unsubscribe(self, addresses: Iterable[Address]) -> None: ...
 
     @abc.abstractmethod
-    async def publish(self, address: Address, message: bytes) -> int | None: ...
+    async def publish_many(self, items: Sequence[tuple[Address, bytes]]) -> list[int | None]: ...
+
+    async def publish(self, address: Address, message: bytes) -> int | None:
+        """Publish one message; see :meth:`publish_many`."""
+        (count,) = await self.publish_many([(address, message)])
+        return count
 
     @property
     @abc.abstractmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..config import Settings
 from ..exceptions import NotConnected
@@ -97,10 +97,10 @@ class MemoryBackend(Backend):
         self.subscriptions -= gone
         self._hub.remove(self, gone)
 
-    async def publish(self, address: Address, message: bytes) -> int | None:
+    async def publish_many(self, items: Sequence[tuple[Address, bytes]]) -> list[int | None]:
         if self._handler is None:
             raise NotConnected("memory backend is not connected")
-        return self._hub.publish(address, message)
+        return [self._hub.publish(address, message) for address, message in items]
 
     @property
     def healthy(self) -> bool:

@@ -37,7 +37,7 @@ import contextlib
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -775,27 +775,34 @@ class RedisBackend(Backend):
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, address: Address, message: bytes) -> int | None:
-        """Publish ``message`` on ``address``'s channel.
+    async def publish_many(self, items: Sequence[tuple[Address, bytes]]) -> list[int | None]:
+        """Publish each message on its address's channel, in order.
 
-        Concurrent calls are batched into pipelines by one flusher task, in call order.
+        All of them are queued at once (nothing suspends in between), and one flusher task sends the
+        queue in pipelines, so concurrent calls keep their call order and cost a round trip per batch.
 
-        Returns the number of receivers (single server; sharded cluster: exact for the shard),
-        ``None`` in fanout mode on a cluster (a node only counts its own subscribers).
-        Raises :class:`BackendUnavailable` if Redis did not take it within
-        ``settings.publish_timeout``, :class:`BackendError` if Redis refused it,
+        Returns the number of receivers per message (single server; sharded cluster: exact for the
+        shard), ``None`` in fanout mode on a cluster (a node only counts its own subscribers).
+        Raises :class:`BackendUnavailable` if Redis did not take them within
+        ``settings.publish_timeout``, :class:`BackendError` if Redis refused one,
         :class:`NotConnected` before ``connect()`` / after ``close()``.
         """
         if self._handler is None or self._flusher is None:
             raise NotConnected("the redis backend is not connected")
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Outgoing(self._channel(address), message, future))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[int | None]] = []
+        for address, message in items:
+            future: asyncio.Future[int | None] = loop.create_future()
+            self._outbox.append(_Outgoing(self._channel(address), message, future))
+            futures.append(future)
         self._wake.set()
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                # if the timeout cancels the future before the flusher took it, it is never sent
-                return await future
+                # if the timeout cancels a future before the flusher took it, it is never sent
+                return list(await asyncio.gather(*futures))
         except TimeoutError as exc:
+            for future in futures:
+                future.cancel()
             raise BackendUnavailable(
                 f"Redis did not take the publish within {self.settings.publish_timeout:g}s"
             ) from exc
@@ -865,11 +872,7 @@ class RedisBackend(Backend):
 
     async def _pipeline(self, batch: list[_Outgoing]) -> list[Any]:
         if self._sharded:
-            assert self._cluster is not None
-            cluster_pipe = self._cluster.pipeline(transaction=False)
-            for item in batch:
-                cluster_pipe.execute_command("SPUBLISH", item.channel, item.message)
-            return await cluster_pipe.execute(raise_on_error=False)
+            return await self._sharded_pipeline(batch)
         client = self._client
         if client is None:
             raise RedisConnectionError("no publisher connection yet")
@@ -877,6 +880,31 @@ class RedisBackend(Backend):
         for item in batch:
             pipe.publish(item.channel, item.message)
         return await pipe.execute(raise_on_error=False)
+
+    async def _sharded_pipeline(self, batch: list[_Outgoing]) -> list[Any]:
+        """SPUBLISH ``batch`` keeping its order across shards.
+
+        A cluster pipeline sends to all shards at once, so a message for shard B could overtake an
+        earlier one for shard A. Consecutive messages for the same shard go in one pipeline; the next
+        run starts only when the previous one was answered.
+        """
+        assert self._cluster is not None
+        slots = self._cluster.nodes_manager
+        results: list[Any] = []
+        run: list[_Outgoing] = []
+        run_owner: str | None = None
+        for item in [*batch, None]:
+            owner = None if item is None else slots.get_node_from_slot(key_slot(item.channel)).name
+            if run and (item is None or owner != run_owner):
+                pipe = self._cluster.pipeline(transaction=False)
+                for queued in run:
+                    pipe.execute_command("SPUBLISH", queued.channel, queued.message)
+                results.extend(await pipe.execute(raise_on_error=False))
+                run = []
+            if item is not None:
+                run.append(item)
+                run_owner = owner
+        return results
 
     @staticmethod
     def _fail(batch: list[_Outgoing], error: Exception) -> None:

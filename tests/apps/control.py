@@ -47,7 +47,8 @@ class ControlApp:
                 # no event fires when a transport's buffer drains, so poll it
                 while any(c.open and c.buffered > 2 * len(payload) for c in self.pacers):  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
-            await conn.send({"flooded": message["flood"]})
+            # through the bus like the flood itself: one publisher, so it arrives after the last frame
+            await conn.node.util.send(conn.client_id, {"flooded": message["flood"]})
             return
         if "local" in message:
             await self._local(conn, message)

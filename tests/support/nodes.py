@@ -68,6 +68,10 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+#: every node process started by a test; tests/conftest.py kills the ones a test left running
+STARTED: list[NodeProcess] = []
+
+
 @dataclass
 class NodeProcess:
     """A ``python -m node`` subprocess."""
@@ -134,6 +138,7 @@ def start_node(
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     node = NodeProcess(port, full_env, proc, log_path, args)
+    STARTED.append(node)
     if wait:
         node.wait_healthy()
     return node
