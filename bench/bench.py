@@ -32,6 +32,12 @@ from fanout import ServerUtil  # noqa: E402
 from tests.support.nodes import client, start_node, unique_namespace  # noqa: E402
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> str:
     cpu = "unknown cpu"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -64,7 +70,7 @@ async def bench_publish(url: str, count: int, concurrency: int, size: int) -> No
 
 
 async def bench_delivery(
-    url: str, mode: str, nodes: int, clients: int, messages: int, size: int, rate: float
+    url: str, mode: str, nodes: int, clients: int, messages: int, size: int, rate: float, loop: str
 ) -> None:
     namespace = unique_namespace("bench")
     env = {
@@ -73,6 +79,7 @@ async def bench_delivery(
         "FANOUT_NAMESPACE": namespace,
         "FANOUT_APP": "tests.apps.control:app",
         "FANOUT_LOG_LEVEL": "WARNING",
+        "FANOUT_EVENT_LOOP": loop,
     }
     with tempfile.TemporaryDirectory() as tmp:
         procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bench{i}"}) for i in range(nodes)]
@@ -93,6 +100,7 @@ async def bench_delivery(
 
                 readers = [asyncio.create_task(reader(ws)) for ws, _ in conns]
                 pad = "x" * max(0, size - 21)
+                cpu_before = sum(cpu_seconds(p.pid) for p in procs)
                 start = time.perf_counter()
                 for i in range(messages):
                     await util.send_to_group("room", f"{time.monotonic():<20.6f} {pad}")
@@ -100,6 +108,7 @@ async def bench_delivery(
                         await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
                 await asyncio.wait_for(asyncio.gather(*readers), 120)
                 elapsed = time.perf_counter() - start
+                node_cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
             for ws, _ in conns:
                 await ws.close()
         finally:
@@ -110,9 +119,11 @@ async def bench_delivery(
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(
-        f"delivery {url.split('://')[0]} {mode}: {nodes} nodes, {clients} clients, {messages} x {size} B "
+        f"delivery {url.split('://')[0]} {mode} ({loop} loop): {nodes} nodes, {clients} clients, "
+        f"{messages} x {size} B "
         f"group sends{f' at {rate:g}/s' if rate else ''}: {delivered:,} frames in {elapsed:.2f}s = "
         f"{delivered / elapsed:,.0f} frames/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
+        f"node CPU {node_cpu / delivered * 1e6:.2f} us per frame; "
         f"node memory {(rss_full - rss_empty) / clients:.1f} KiB per connection"
     )
 
@@ -135,6 +146,9 @@ def main() -> None:
     d.add_argument("--messages", type=int, default=200)
     d.add_argument("--size", type=int, default=100)
     d.add_argument("--rate", type=float, default=0, help="sends per second (0: as fast as possible)")
+    d.add_argument(
+        "--loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="the nodes' event loop"
+    )
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"# {time.strftime('%Y-%m-%d')} on {machine()}, commit {commit.stdout.strip()}")
@@ -142,7 +156,9 @@ def main() -> None:
         asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
     else:
         asyncio.run(
-            bench_delivery(args.url, args.mode, args.nodes, args.clients, args.messages, args.size, args.rate)
+            bench_delivery(
+                args.url, args.mode, args.nodes, args.clients, args.messages, args.size, args.rate, args.loop
+            )
         )
 
 

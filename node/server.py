@@ -131,6 +131,8 @@ class Node:
         self._subscription_lock = asyncio.Lock()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._arrived: list[bytes] = []  #: bus messages received in this loop iteration
+        #: while a batch of commands is applied: frames held per connection (see Connection.push)
+        self.cork: dict[Connection, list[bytes]] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._register_gauges()
 
@@ -291,15 +293,22 @@ class Node:
     def _apply_arrived(self) -> None:
         batch, self._arrived = self._arrived, []
         commands = [c for c in map(self._decode, batch) if c is not None]
-        for command in routing.in_publisher_order(commands):
-            dedupe_id = getattr(command, "dedupe_id", None)
-            if dedupe_id is not None and self._already_seen(dedupe_id):
-                continue
-            try:
-                self._apply(command)
-            except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
-                self.metrics.dropped["error"] += 1
-                log.exception("applying %r failed", command)
+        # several commands: hold each connection's frames and write them in one go at the end
+        self.cork = {} if len(commands) > 1 else None
+        try:
+            for command in routing.in_publisher_order(commands):
+                dedupe_id = getattr(command, "dedupe_id", None)
+                if dedupe_id is not None and self._already_seen(dedupe_id):
+                    continue
+                try:
+                    self._apply(command)
+                except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
+                    self.metrics.dropped["error"] += 1
+                    log.exception("applying %r failed", command)
+        finally:
+            corked, self.cork = self.cork, None
+            for conn, frames in (corked or {}).items():
+                conn.write_now(frames)
 
     def _decode(self, raw: bytes) -> Command | None:
         try:
