@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from fanout import ServerUtil  # noqa: E402
 from tests.support.nodes import client, start_node, unique_namespace  # noqa: E402
+from tests.support.redis_servers import start_cluster  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -149,9 +151,24 @@ def main() -> None:
     d.add_argument(
         "--loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="the nodes' event loop"
     )
+    for sub_parser in (p, d):
+        sub_parser.add_argument(
+            "--local-cluster",
+            action="store_true",
+            help="start a local 3-master Redis Cluster and use it (ignores --url)",
+        )
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"# {time.strftime('%Y-%m-%d')} on {machine()}, commit {commit.stdout.strip()}")
+    with contextlib.ExitStack() as stack:
+        if args.local_cluster:
+            cluster = start_cluster(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            stack.callback(cluster.stop)
+            args.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in cluster.ports)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.what == "publish":
         asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
     else:
