@@ -341,9 +341,9 @@ class AmqpBackend(Backend):
 
         Without confirms this returns once the frames are queued for the socket; with
         ``?confirms=1`` once the broker acked. While the link is down it waits for the reconnect,
-        up to ``settings.publish_timeout`` per message. Concurrent calls keep their call order and
-        never interleave: a FIFO lock is held across one call's messages (taking it when free does
-        not suspend, so an uncontended publish costs nothing more).
+        up to ``settings.publish_timeout`` in all. Concurrent calls keep their call order and never
+        interleave: a FIFO lock is held while one call's messages are handed over (taking it when
+        free does not suspend, so an uncontended publish costs nothing more).
 
         Raises :class:`NotConnected` before :meth:`connect` / after :meth:`close`,
         :class:`BackendUnavailable` if a message could not be handed over in time or the link
@@ -351,58 +351,33 @@ class AmqpBackend(Backend):
         """
         if self._closed or self._handler is None:
             raise NotConnected("AMQP backend is not connected")
-        try:
-            async with asyncio.timeout(self.settings.publish_timeout):
-                await self._publish_lock.acquire()
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{self.describe()}: publish queued behind others for {self.settings.publish_timeout:g}s"
-            ) from exc
-        try:
-            for address, message in items:
-                await self._publish_one(address, message)
-        finally:
-            self._publish_lock.release()
-        return [None] * len(items)
-
-    async def _publish_one(self, address: Address, message: bytes) -> None:
-        if self._closed or self._handler is None:
-            raise NotConnected("AMQP backend is not connected")
-        exchange, key = self.route_for(address)
+        routes = [(*self.route_for(address), message) for address, message in items]
         timeout = self.settings.publish_timeout
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    if not self._up.is_set():
-                        await self._up.wait()
-                    link = self._link
-                    raw = link.raw if link is not None else None
-                    if link is None or raw is None or raw.is_closed:
-                        if self._closed:
-                            raise NotConnected("AMQP backend was closed")
-                        # the link died and its close callback has not run yet: mark it down
-                        # ourselves (so the loop waits for the reconnect instead of spinning)
-                        if link is not None:
-                            self._mark_lost(link)
-                        self._up.clear()
-                        continue
-                    # the publish lock is held, so nothing else reaches the channel meanwhile
-                    await raw.basic_publish(
-                        message,
-                        exchange=exchange,
-                        routing_key=key,
-                        # a fresh properties object each time: aiormq writes a message_id into it
-                        properties=Basic.Properties(delivery_mode=_NOT_PERSISTENT),
-                        mandatory=False,
-                        # don't wait for the socket write of *this* frame: aiormq's bounded write
-                        # queue still applies back-pressure, and the order is fixed at the put
-                        wait=False,
-                    )
-                    return None
+                async with self._publish_lock:
+                    raw = await self._usable_channel()
+                    if not self.confirms:
+                        for exchange, key, message in routes:
+                            await self._basic_publish(raw, exchange, key, message)
+                        return [None] * len(routes)
+                    # Confirms: start the publishes in order while holding the lock (tasks reach
+                    # aiormq's FIFO channel lock in the order they were made), then wait for the
+                    # broker's acks together, outside it, so concurrent callers still pipeline.
+                    acks = [
+                        asyncio.ensure_future(self._basic_publish(raw, exchange, key, message))
+                        for exchange, key, message in routes
+                    ]
+                try:
+                    await asyncio.gather(*acks)
+                except BaseException:
+                    for ack in acks:
+                        ack.cancel()
+                    raise
+                return [None] * len(routes)
         except TimeoutError as exc:
             raise BackendUnavailable(
-                f"{self.describe()}: could not publish to {exchange!r}/{key!r} within {timeout:g}s "
-                "(broker unreachable or link down)"
+                f"{self.describe()}: could not publish within {timeout:g}s (broker unreachable or link down)"
             ) from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise BackendError(f"{self.describe()}: broker refused the message: {exc!r}") from exc
@@ -410,6 +385,37 @@ class AmqpBackend(Backend):
             raise BackendUnavailable(f"{self.describe()}: link lost while publishing: {exc!r}") from exc
         except aiormq.exceptions.AMQPError as exc:
             raise BackendError(f"{self.describe()}: publish failed: {exc!r}") from exc
+
+    async def _usable_channel(self) -> aiormq.Channel:
+        """The current link's raw channel, waiting for a reconnect while the link is down."""
+        while True:
+            if not self._up.is_set():
+                await self._up.wait()
+            link = self._link
+            raw = link.raw if link is not None else None
+            if link is not None and raw is not None and not raw.is_closed:
+                return raw
+            if self._closed:
+                raise NotConnected("AMQP backend was closed")
+            # the link died and its close callback has not run yet: mark it down ourselves (so the
+            # loop waits for the reconnect instead of spinning)
+            if link is not None:
+                self._mark_lost(link)
+            self._up.clear()
+
+    @staticmethod
+    async def _basic_publish(raw: aiormq.Channel, exchange: str, key: str, message: bytes) -> None:
+        await raw.basic_publish(
+            message,
+            exchange=exchange,
+            routing_key=key,
+            # a fresh properties object each time: aiormq writes a message_id into it
+            properties=Basic.Properties(delivery_mode=_NOT_PERSISTENT),
+            mandatory=False,
+            # don't wait for the socket write of *this* frame: aiormq's bounded write queue still
+            # applies back-pressure, and the order is fixed at the put
+            wait=False,
+        )
 
     # -- connection management ------------------------------------------------------------------
 
