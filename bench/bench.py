@@ -158,6 +158,10 @@ def main() -> None:
             help="start a local 3-master Redis Cluster and use it (ignores --url)",
         )
     args = parser.parse_args()
+    if args.what == "delivery" and args.url.startswith("memory:") and not args.local_cluster:
+        parser.error(
+            "delivery needs a broker: the nodes run in other processes, which memory:// cannot reach"
+        )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"# {time.strftime('%Y-%m-%d')} on {machine()}, commit {commit.stdout.strip()}")
     with contextlib.ExitStack() as stack:
