@@ -103,11 +103,12 @@ class NodeProcess:
             time.sleep(0.05)
         raise AssertionError(f"node not {'healthy' if healthy else 'unhealthy'} in time:\n{self.log()}")
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory now (``VmRSS``) or at its peak so far (``VmHWM``), KiB."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
 
     def terminate(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
