@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -112,11 +111,6 @@ def validate_name(value: str, setting: str) -> str:
     if not SAFE_NAME.fullmatch(value):
         raise ConfigError(setting, f"{value!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
     return value
-
-
-def default_node_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "node"
-    return f"{host}-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)

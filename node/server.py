@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -48,7 +50,7 @@ from fanout.commands import (
 from fanout.commands import (
     Request as BusRequest,
 )
-from fanout.config import Settings, default_node_id, env_flag, env_number, validate_name
+from fanout.config import Settings, env_flag, env_number, validate_name
 from fanout.exceptions import ConfigError, FanoutError, ProtocolError
 from fanout.ids import ClientIds, instance_id, owner_of
 from fanout.serverutil import ServerUtil
@@ -64,6 +66,12 @@ log = logging.getLogger("fanout.node")
 _OWNER_QUERIES = frozenset({QueryKind.EXISTS, QueryKind.SESSION, QueryKind.FLAG_OF})
 #: how many recent dedupe ids a node remembers (commands published on several addresses)
 _DEDUPE_MEMORY = 4096
+
+
+def default_node_id() -> str:
+    """``<hostname>-<pid>``, made of the characters a node id may have."""
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
