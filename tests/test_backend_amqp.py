@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,29 +24,12 @@ from fanout.backends.amqp import AmqpBackend, parse_url
 from fanout.config import Mode, Settings
 from fanout.exceptions import BackendError, BackendUnavailable, ConfigError, NotConnected
 from fanout.naming import ALL, HEARTBEAT, Address, flag, group, inbox, node
-
-try:
-    from tests.support.tcp_proxy import ProxyProcess, TcpProxy, scaled
-except ImportError:  # tests/ itself on sys.path (rootdir-relative import mode)
-    from support.tcp_proxy import ProxyProcess, TcpProxy, scaled  # type: ignore[no-redef]
+from tests.support import scaled
+from tests.support.tcp_proxy import ProxyProcess, TcpProxy
 
 BROKER = "127.0.0.1:5672"
 URL = f"amqp://guest:guest@{BROKER}/"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not _broker_up(), reason="RabbitMQ is not running on 127.0.0.1:5672"),
-    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl not available"),
-]
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ destructive), throw-away servers this file starts and kills, and a local 3-maste
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,38 +17,16 @@ from fanout.backends.redis import RedisBackend
 from fanout.config import Settings
 from fanout.exceptions import BackendUnavailable
 from fanout.naming import ALL, HEARTBEAT, flag, group, node
-
-try:  # tests/ as a package (rootdir on sys.path) or as a plain directory (pytest's default)
-    from tests.support.redis_servers import (
-        RedisCluster,
-        RedisServer,
-        free_port,
-        scaled,
-        start_cluster,
-        start_redis,
-    )
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    from support.redis_servers import (  # type: ignore[no-redef]
-        RedisCluster,
-        RedisServer,
-        free_port,
-        scaled,
-        start_cluster,
-        start_redis,
-    )
+from tests.support.redis_servers import (
+    RedisCluster,
+    RedisServer,
+    free_port,
+    scaled,
+    start_cluster,
+    start_redis,
+)
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
-
-
-def _shared_redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-needs_shared = pytest.mark.skipif(not _shared_redis_up(), reason="no Redis on 127.0.0.1:6379")
 
 
 class Received:
@@ -131,7 +108,6 @@ async def _raw(url: str) -> aioredis.Redis:
 # -- single server: delivery, counts, confirmation ------------------------------------------------
 
 
-@needs_shared
 async def test_publish_and_receive_on_every_kind_of_address(connect, shared_settings: Settings) -> None:
     receiver, got = await connect(shared_settings, inbox="receiver")
     sender, _ = await connect(shared_settings, inbox="sender")
@@ -160,7 +136,6 @@ async def test_publish_and_receive_on_every_kind_of_address(connect, shared_sett
     assert await got.quiet() == got.items[: len(targets) + 2]
 
 
-@needs_shared
 async def test_receiver_count_counts_every_subscriber(connect, shared_settings: Settings) -> None:
     first, got1 = await connect(shared_settings)
     second, got2 = await connect(shared_settings)
@@ -172,7 +147,6 @@ async def test_receiver_count_counts_every_subscriber(connect, shared_settings: 
     assert await got2.wait_for(1) == [b"both"]
 
 
-@needs_shared
 async def test_subscribe_returns_only_once_confirmed(connect, shared_settings: Settings) -> None:
     receiver, got = await connect(shared_settings)
     sender, _ = await connect(shared_settings)
@@ -183,7 +157,6 @@ async def test_subscribe_returns_only_once_confirmed(connect, shared_settings: S
     assert await got.wait_for(50) == [str(i).encode() for i in range(50)]
 
 
-@needs_shared
 async def test_concurrent_subscribes_are_each_confirmed(connect, shared_settings: Settings) -> None:
     receiver, got = await connect(shared_settings)
     sender, _ = await connect(shared_settings)
@@ -193,7 +166,6 @@ async def test_concurrent_subscribes_are_each_confirmed(connect, shared_settings
     await got.wait_for(100)
 
 
-@needs_shared
 async def test_unsubscribe_stops_delivery_but_never_the_inbox(connect, shared_settings: Settings) -> None:
     receiver, got = await connect(shared_settings)
     sender, _ = await connect(shared_settings)
@@ -208,7 +180,6 @@ async def test_unsubscribe_stops_delivery_but_never_the_inbox(connect, shared_se
     assert await got.quiet() == [b"kept", b"inbox"]
 
 
-@needs_shared
 async def test_channel_names_are_visible_on_the_broker(connect, shared_settings: Settings) -> None:
     ns = shared_settings.namespace
     receiver, _ = await connect(shared_settings, inbox="ep1")
@@ -229,7 +200,6 @@ async def test_channel_names_are_visible_on_the_broker(connect, shared_settings:
         await raw.aclose()
 
 
-@needs_shared
 async def test_two_hundred_publishes_arrive_in_order(connect, shared_settings: Settings) -> None:
     receiver, got = await connect(shared_settings)
     sender, _ = await connect(shared_settings)
@@ -239,7 +209,6 @@ async def test_two_hundred_publishes_arrive_in_order(connect, shared_settings: S
     assert await got.wait_for(200) == [i.to_bytes(4, "big") for i in range(200)]
 
 
-@needs_shared
 async def test_concurrent_publishes_are_batched_and_keep_each_callers_order(
     connect, shared_settings: Settings
 ) -> None:
@@ -277,7 +246,6 @@ async def test_concurrent_publishes_are_batched_and_keep_each_callers_order(
     assert elapsed < scaled(5)
 
 
-@needs_shared
 async def test_publish_before_connect_and_close_is_idempotent(shared_settings: Settings) -> None:
     from fanout.exceptions import NotConnected
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,23 +19,13 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.support import free_port, scaled
+
 ROOT = Path(__file__).resolve().parents[2]
-SCALE = float(os.environ.get("FANOUT_TEST_TIMEOUT_SCALE", "1"))
-
-
-def scaled(seconds: float) -> float:
-    """A test wait, scaled by FANOUT_TEST_TIMEOUT_SCALE for slow machines."""
-    return seconds * SCALE
 
 
 def unique_namespace(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def client(port: int, path: str = "/") -> tuple[ClientConnection, str]:

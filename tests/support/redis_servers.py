@@ -6,7 +6,6 @@ its own pid (never by name), so tests never touch the shared Redis on 6379.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -16,20 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import free_port, scaled
+
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` multiplied by ``FANOUT_TEST_TIMEOUT_SCALE`` (default 1.0), for slow machines."""
-    return seconds * float(os.environ.get("FANOUT_TEST_TIMEOUT_SCALE", "1.0") or "1.0")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the usual bind-to-0 trick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def free_cluster_port() -> int:

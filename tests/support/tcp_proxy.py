@@ -36,17 +36,6 @@ from types import TracebackType
 _CHUNK = 256 * 1024
 
 
-def timeout_scale() -> float:
-    """``FANOUT_TEST_TIMEOUT_SCALE`` (default 1.0): multiply every test wait by it on slow machines."""
-    raw = os.environ.get("FANOUT_TEST_TIMEOUT_SCALE", "") or "1.0"
-    return max(float(raw), 0.01)
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` multiplied by :func:`timeout_scale`."""
-    return seconds * timeout_scale()
-
-
 class TcpProxy:
     """Forward ``listen_host:listen_port`` (0 = any free port) to ``target_host:target_port``."""
 
