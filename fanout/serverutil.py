@@ -163,6 +163,7 @@ class ServerUtil:
     async def disconnect(self) -> None:
         """Leave the backend; pending requests fail with NotConnected. Idempotent."""
         backend, self._backend = self._backend, None
+        self._listening_since = None  # a new link must subscribe to heartbeats again
         for gather in self._pending.values():
             gather.arrived.set()
         if backend is not None and self._owns_backend:

@@ -12,7 +12,16 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from fanout import PayloadError, QueryTimeout, ServerUtil, Settings, SyncServerUtil, naming, protocol
+from fanout import (
+    NotConnected,
+    PayloadError,
+    QueryTimeout,
+    ServerUtil,
+    Settings,
+    SyncServerUtil,
+    naming,
+    protocol,
+)
 from fanout.backends.memory import MemoryBackend
 from fanout.commands import Heartbeat, NodeInfo
 from fanout.config import Mode
@@ -189,6 +198,19 @@ async def test_join_then_send_without_waiting_needs_wait(cluster: Cluster) -> No
         await cluster.util.join_group(a_id, f"fresh-{i}")
         await cluster.util.send_to_group(f"fresh-{i}", f"m{i}")
         assert await recv(a) == f"m{i}"
+
+
+async def test_a_server_util_can_reconnect(cluster: Cluster) -> None:
+    (a, a_id), _ = await cluster.clients()
+    util = ServerUtil(settings=cluster.settings)
+    for _ in range(2):
+        async with util:
+            assert naming.HEARTBEAT in util.backend.subscriptions  # heard again on the new link
+            assert await util.get_connection_count() == 2
+            assert await util.send(a_id, "again", ack=True) == 1
+            assert await recv(a) == "again"
+    with pytest.raises(NotConnected):
+        await util.send_to_all("closed")
 
 
 async def test_bad_payloads_raise(cluster: Cluster) -> None:
