@@ -95,6 +95,7 @@ class _Gather:
     replies: dict[str, Json] = field(default_factory=dict)
     unreachable: set[str] = field(default_factory=set)  #: owners the broker says nobody received for
     receivers: int | None = None  #: how many nodes received the request, when the broker tells
+    asked_at: float = 0.0  #: loop time of the publish
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -258,7 +259,7 @@ class ServerUtil:
         await self._listen_to_heartbeats()
         request = self._new_request()
         owners = None if everyone else frozenset(o for _, _, o in publishes if o is not None)
-        gather = self._pending[request.id] = _Gather(owners)
+        gather = self._pending[request.id] = _Gather(owners, asked_at=asyncio.get_running_loop().time())
         try:
             counts = await self._publish([(address, build(request)) for address, build, _ in publishes])
             for (address, _, owner), count in zip(publishes, counts, strict=True):
@@ -308,7 +309,10 @@ class ServerUtil:
         if gather.receivers is not None:
             if len(gather.replies) >= gather.receivers:
                 return set()
-            return (set(live) - gather.replies.keys()) or {""}
+            owing = set(live) - gather.replies.keys()
+            if owing or not warm or now - gather.asked_at < self.settings.heartbeat_interval:
+                return owing or {""}
+            return set()  # a node got the request and died before answering: it is no longer live
         owing = set(live) - gather.replies.keys()
         return owing if warm or owing else {""}
 

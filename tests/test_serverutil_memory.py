@@ -237,6 +237,21 @@ async def test_query_names_silent_nodes_and_partial(cluster: Cluster) -> None:
     await silent.close()
 
 
+async def test_a_node_that_dies_before_answering_is_dropped_from_the_wait(cluster: Cluster) -> None:
+    """It received the query (the broker counted it) but its heartbeats stop: the others' answer stands."""
+    doomed = MemoryBackend(cluster.settings, inbox="doomed")
+    await doomed.connect(lambda _: None)
+    await doomed.subscribe([naming.ALL])
+    info = NodeInfo(instance="doomed.x1", node_id="doomed", connections=0, ttl=0.6)
+    await doomed.publish(HEARTBEAT, protocol.encode(Heartbeat(info)))  # heard once, then silence
+    await client(cluster.nodes[0].port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await cluster.util.get_connection_count(timeout=5) == 1
+    assert loop.time() - started < 3  # dropped once its ttl ran out, not at the 5 s timeout
+    await doomed.close()
+
+
 async def test_sync_server_util_from_a_plain_thread(cluster: Cluster) -> None:
     (a, a_id), (b, b_id) = await cluster.clients()
     results: dict[str, object] = {}
