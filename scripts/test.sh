@@ -24,19 +24,20 @@ wait_port() {
   return 1
 }
 
-# The tests start throw-away redis-servers (kill/restart, cluster), so the binaries must exist.
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  as_root apt-get update -qq && as_root apt-get install -y -qq redis-server redis-tools
-fi
-# The deployment test validates docker-compose.yml with `docker-compose config` (no engine needed).
-if ! command -v docker-compose >/dev/null; then
-  as_root apt-get update -qq && as_root apt-get install -y -qq docker-compose
+# System tools the tests use, installed from Debian's packages when missing: redis-server/redis-cli
+# (throw-away servers and a local cluster), RabbitMQ, docker-compose (validates docker-compose.yml, no
+# engine needed) and chromium (the demo page in a real browser).
+missing=()
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server redis-tools)
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if ! port_open 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
-fi
-if ! command -v rabbitmq-server >/dev/null; then
-  as_root apt-get update -qq && as_root apt-get install -y -qq rabbitmq-server
 fi
 if ! port_open 5672; then
   as_root rabbitmq-server -detached

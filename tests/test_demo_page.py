@@ -1,0 +1,128 @@
+"""The demo chat page in a real (headless) browser: a message said on one node shows on another's page.
+
+Chromium is driven over the DevTools protocol (a websocket), so the test reads the page's text in real
+time instead of guessing when to take a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.support import scaled
+from tests.support.nodes import client, start_node, unique_namespace
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # this machine has no network: keep Chromium from trying
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+]
+
+
+class Page:
+    """One browser tab, through the DevTools protocol."""
+
+    def __init__(self, devtools: ClientConnection) -> None:
+        self.devtools = devtools
+        self.ids = itertools.count(1)
+
+    async def evaluate(self, expression: str) -> Any:
+        call_id = next(self.ids)
+        await self.devtools.send(
+            json.dumps(
+                {
+                    "id": call_id,
+                    "method": "Runtime.evaluate",
+                    "params": {"expression": expression, "returnByValue": True},
+                }
+            )
+        )
+        while True:
+            answer = json.loads(await self.devtools.recv())
+            if answer.get("id") == call_id:
+                return answer["result"]["result"].get("value")
+
+
+def _targets(port: int) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=scaled(5)) as response:
+        targets: list[dict[str, Any]] = json.load(response)
+    return targets
+
+
+async def open_page(profile: Path, url: str) -> tuple[asyncio.subprocess.Process, Page]:
+    chromium = shutil.which("chromium")
+    assert chromium, "scripts/test.sh installs chromium"
+    browser = await asyncio.create_subprocess_exec(
+        chromium,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    port_file = profile / "DevToolsActivePort"
+    for _ in range(200):
+        if port_file.exists() and port_file.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    port = int(port_file.read_text().split()[0])
+    targets = await asyncio.get_running_loop().run_in_executor(None, _targets, port)
+    page = next(t for t in targets if t["type"] == "page")
+    return browser, Page(await connect(page["webSocketDebuggerUrl"], max_size=None))
+
+
+async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> None:
+    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": unique_namespace()}
+    node_a = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"})
+    node_b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"})
+    browser, page = await open_page(tmp_path / "profile", f"http://127.0.0.1:{node_b.port}/")
+    try:
+        status = ""
+        for _ in range(100):
+            status = await page.evaluate("document.getElementById('status').textContent") or ""
+            if status.startswith("connected as"):
+                break
+            await asyncio.sleep(0.05)
+        assert status.startswith("connected as node-b."), status  # the welcome frame, shown by the page
+
+        ws, _ = await client(node_a.port)  # the demo app puts every client in the lobby
+        await ws.send(orjson.dumps({"text": "hello from node-a", "name": "ann"}).decode())
+        log = ""
+        for _ in range(100):
+            log = await page.evaluate("document.getElementById('log').innerText") or ""
+            if "hello from node-a" in log:
+                break
+            await asyncio.sleep(0.05)
+        assert "ann @node-a: hello from node-a" in log, log
+
+        # and the other way: the page's own form sends to everyone, on every node
+        await page.evaluate(
+            "document.getElementById('name').value = 'bob';"
+            "document.getElementById('text').value = 'hi from the browser';"
+            "document.getElementById('form').requestSubmit()"
+        )
+        while True:
+            said = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
+            if said.get("text") == "hi from the browser":
+                break
+        assert (said["type"], said["name"], said["node"]) == ("chat", "bob", "node-b")
+        await ws.close()
+    finally:
+        await page.devtools.close()
+        browser.terminate()
+        await browser.wait()
+    assert node_a.terminate() == 0 and node_b.terminate() == 0
