@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self, TypeAlias
+from typing import Any, Self, TypeAlias, TypedDict
 
 import orjson
 
@@ -85,6 +85,13 @@ def encode_payload(data: object) -> tuple[bytes, bool]:
         return orjson.dumps(data), False
     except TypeError as exc:
         raise PayloadError(f"data is not str, bytes or JSON-serialisable: {exc}") from None
+
+
+class Stamp(TypedDict):
+    """The ordering fields of :class:`Send` / :class:`Close` (passed as ``**stamp``)."""
+
+    origin: str
+    seq: int
 
 
 @dataclass(slots=True)
@@ -233,10 +240,10 @@ class ServerUtil:
             items.append((address, message))
         return await self.backend.publish_many(items) if items else []
 
-    def _stamp(self) -> dict[str, Any]:
+    def _stamp(self) -> Stamp:
         """Publisher id and running count for a send or close, so nodes can keep our order."""
         self._send_seq += 1
-        return {"origin": self.endpoint_id, "seq": self._send_seq}
+        return Stamp(origin=self.endpoint_id, seq=self._send_seq)
 
     def _new_request(self) -> Request:
         self._request_seq += 1
