@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,8 @@ from fanout.backends.amqp import AmqpBackend, parse_url
 from fanout.config import Mode, Settings
 from fanout.exceptions import BackendError, BackendUnavailable, ConfigError, NotConnected
 from fanout.naming import ALL, HEARTBEAT, Address, flag, group, inbox, node
-from tests.support import scaled
+from tests.support import free_port, scaled
+from tests.support.recorder import Recorder, eventually
 from tests.support.tcp_proxy import ProxyProcess, TcpProxy
 
 BROKER = "127.0.0.1:5672"
@@ -67,45 +67,7 @@ async def broker_queues(ns: str) -> set[str]:
     return {row[0] for row in rows if row[0].startswith(f"{ns}.")}
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
-    """Poll ``check`` until true, at most ``timeout`` (scaled) seconds."""
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
-
-
-class Inbox:
-    """An ``on_message`` handler that records what arrives."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, message: bytes) -> None:
-        self.messages.append(message)
-        self._changed.set()
-
-    async def wait_for(self, message: bytes, timeout: float = 5.0) -> None:
-        await eventually(lambda: message in self.messages, timeout, f"delivery of {message!r}")
-
-    async def wait_count(self, count: int, timeout: float = 5.0) -> None:
-        await eventually(lambda: len(self.messages) >= count, timeout, f"{count} deliveries")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-Factory = Callable[..., Awaitable[tuple[AmqpBackend, Inbox]]]
+Factory = Callable[..., Awaitable[tuple[AmqpBackend, Recorder]]]
 
 
 @pytest.fixture
@@ -122,15 +84,15 @@ async def ns() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def make(ns: str) -> AsyncIterator[Factory]:
-    """``await make(mode=..., url=..., **settings)`` -> a connected (backend, Inbox); closed at the end."""
+    """``await make(mode=..., url=..., **settings)`` -> a connected (backend, Recorder); closed at the end."""
     backends: list[AmqpBackend] = []
 
     async def factory(
         mode: Mode = Mode.ROUTING, url: str = URL, name: str | None = None, **options: float
-    ) -> tuple[AmqpBackend, Inbox]:
+    ) -> tuple[AmqpBackend, Recorder]:
         settings = Settings.create(url, namespace=ns, mode=mode, **options)
         backend = AmqpBackend(settings, inbox=name or f"ep-{uuid.uuid4().hex[:8]}")
-        received = Inbox()
+        received = Recorder()
         await backend.connect(received)
         backends.append(backend)
         return backend, received
@@ -160,9 +122,9 @@ async def test_routing_mode_delivers_only_what_is_bound(make: Factory, ns: str) 
         (pub.inbox_address, b"to-pub-inbox"),
     ]:
         assert await pub.publish(address, body) is None
-    await a_in.wait_for(b"to-a-inbox")
-    await b_in.wait_for(b"to-all")
-    await pub_in.wait_for(b"to-pub-inbox")
+    await a_in.wait_for_message(b"to-a-inbox")
+    await b_in.wait_for_message(b"to-all")
+    await pub_in.wait_for_message(b"to-pub-inbox")
     await asyncio.sleep(0.1)
     assert a_in.messages == [b"to-lobby", b"to-u1", b"to-a1", b"to-all", b"to-a-inbox"]
     assert b_in.messages == [b"to-other", b"to-all"]
@@ -182,9 +144,9 @@ async def test_fanout_mode_commands_everywhere_control_only_where_bound(make: Fa
     await a.publish(HEARTBEAT, b"hb-a")
     await a.publish(util.inbox_address, b"reply-a")
     await util.publish(b.inbox_address, b"req-b")
-    await util_in.wait_for(b"reply-a")
-    await b_in.wait_for(b"req-b")
-    await a_in.wait_for(b"cmd-node")
+    await util_in.wait_for_message(b"reply-a")
+    await b_in.wait_for_message(b"req-b")
+    await a_in.wait_for_message(b"cmd-node")
     await asyncio.sleep(0.1)
     assert a_in.messages == [b"cmd-lobby", b"cmd-node"]  # no heartbeat, no inbox traffic of others
     assert b_in.messages == [b"cmd-lobby", b"cmd-node", b"req-b"]
@@ -231,7 +193,7 @@ async def test_subscribe_is_confirmed_before_it_returns(make: Factory) -> None:
     for i in range(20):
         await a.subscribe([group(f"g{i}")])
         await pub.publish(group(f"g{i}"), f"m{i}".encode())  # published right after the return
-    await a_in.wait_count(20)
+    await a_in.wait_for_count(20)
     assert a_in.messages == [f"m{i}".encode() for i in range(20)]
 
 
@@ -240,11 +202,11 @@ async def test_unsubscribe_stops_delivery(make: Factory) -> None:
     pub, _ = await make()
     await a.subscribe([group("g")])
     await pub.publish(group("g"), b"before")
-    await a_in.wait_for(b"before")
+    await a_in.wait_for_message(b"before")
     await a.unsubscribe([group("g")])
     await pub.publish(group("g"), b"after")
     await pub.publish(a.inbox_address, b"marker")  # same publisher, so it arrives after "after" would
-    await a_in.wait_for(b"marker")
+    await a_in.wait_for_message(b"marker")
     assert a_in.messages == [b"before", b"marker"]
 
 
@@ -275,7 +237,7 @@ async def test_order_of_200_concurrent_publishes(make: Factory, confirms: str) -
     assert await asyncio.gather(*tasks) == [None] * 200
     for body in bodies[:50]:  # and sequential ones after them
         await pub.publish(group("g"), b"s" + body)
-    await a_in.wait_count(250)
+    await a_in.wait_for_count(250)
     assert a_in.messages == bodies + [b"s" + body for body in bodies[:50]]
 
 
@@ -283,11 +245,11 @@ async def test_publishes_right_before_close_are_not_lost(make: Factory, ns: str)
     a, a_in = await make()
     await a.subscribe([group("g")])
     pub = AmqpBackend(Settings.create(URL, namespace=ns), inbox="one-shot")
-    await pub.connect(Inbox())
+    await pub.connect(Recorder())
     for i in range(50):
         await pub.publish(group("g"), b"%d" % i)
     await pub.close()  # like a CLI call: publish, then leave at once
-    await a_in.wait_count(50)
+    await a_in.wait_for_count(50)
     assert a_in.messages == [b"%d" % i for i in range(50)]
 
 
@@ -309,7 +271,7 @@ async def test_mode_mismatch_on_a_namespace_is_a_clear_error(make: Factory, ns: 
     settings = Settings.create(URL, namespace=ns, mode=Mode.ROUTING)
     backend = AmqpBackend(settings, inbox="mismatch")
     with pytest.raises(BackendError, match="another mode") as info:
-        await backend.connect(Inbox())
+        await backend.connect(Recorder())
     assert not isinstance(info.value, BackendUnavailable)
     await backend.close()
 
@@ -324,7 +286,7 @@ async def test_connect_to_a_dead_port_fails_fast(ns: str) -> None:
     backend = AmqpBackend(settings, inbox="nobody")
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
-        await backend.connect(Inbox())
+        await backend.connect(Recorder())
     assert time.monotonic() - started < scaled(3.5)
     assert not backend.healthy
     await backend.close()
@@ -339,7 +301,7 @@ async def test_connect_through_a_cut_proxy_fails_within_publish_timeout(ns: str)
         backend = AmqpBackend(settings, inbox="cut")
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):
-            await backend.connect(Inbox())
+            await backend.connect(Recorder())
         assert time.monotonic() - started < scaled(2.5)
         await backend.close()
 
@@ -393,7 +355,7 @@ async def test_outage_and_recovery_restore_exactly_the_wanted_bindings(make: Fac
         await pub.publish(group("old"), b"old")
         await pub.publish(group("new"), b"new")
         await pub.publish(group("kept"), b"kept")
-        await a_in.wait_for(b"kept")
+        await a_in.wait_for_message(b"kept")
         assert a_in.messages == [b"new", b"kept"]
         await a.publish(pub.inbox_address, b"a-publishes-again")
 
@@ -417,7 +379,7 @@ async def test_publishes_during_an_outage_wait_and_keep_their_order(make: Factor
         assert not any(task.done() for task in tasks)
         proxy.restore()
         await asyncio.gather(*tasks)
-        await received.wait_count(30)
+        await received.wait_for_count(30)
         assert received.messages == bodies
 
 
@@ -433,7 +395,7 @@ async def test_repeated_outages_keep_counting(make: Factory) -> None:
             await eventually(lambda: a.healthy, 8, "up")
             assert (a.outages, a.reconnects) == (round_, round_)
         await pub.publish(group("g"), b"still-there")
-        await a_in.wait_for(b"still-there")
+        await a_in.wait_for_message(b"still-there")
 
 
 _KILLED_CHILD = textwrap.dedent(
@@ -522,7 +484,7 @@ async def test_connection_closed_by_the_broker_is_recovered(make: Factory, ns: s
     await eventually(lambda: a.healthy, 8, "healthy again")
     assert a.reconnects == 1
     await pub.publish(group("g"), b"after-close")
-    await a_in.wait_for(b"after-close")
+    await a_in.wait_for_message(b"after-close")
 
 
 async def test_proxy_as_a_separate_process(make: Factory) -> None:
@@ -534,4 +496,4 @@ async def test_proxy_as_a_separate_process(make: Factory) -> None:
         proxy.restore()
         await eventually(lambda: a.healthy, 8, "up after SIGUSR2")
         await pub.publish(a.inbox_address, b"via-process-proxy")
-        await a_in.wait_for(b"via-process-proxy")
+        await a_in.wait_for_message(b"via-process-proxy")

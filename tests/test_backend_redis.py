@@ -17,6 +17,7 @@ from fanout.backends.redis import RedisBackend
 from fanout.config import Settings
 from fanout.exceptions import BackendUnavailable
 from fanout.naming import ALL, HEARTBEAT, flag, group, node
+from tests.support.recorder import Recorder, eventually
 from tests.support.redis_servers import (
     RedisCluster,
     RedisServer,
@@ -29,50 +30,18 @@ from tests.support.redis_servers import (
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
 
-class Received:
-    """An ``on_message`` handler that remembers every payload, in order."""
-
-    def __init__(self) -> None:
-        self.items: list[bytes] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, payload: bytes) -> None:
-        self.items.append(payload)
-        self._changed.set()
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[bytes]:
-        async with asyncio.timeout(scaled(timeout)):
-            while len(self.items) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.items
-
-    async def quiet(self, seconds: float = 0.2) -> list[bytes]:
-        """Wait a little for anything that should NOT arrive."""
-        await asyncio.sleep(scaled(seconds))
-        return self.items
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def unique_ns() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Callable[..., object]]:
-    """``await connect(settings, inbox=...)`` -> (connected backend, its Received); closed at teardown."""
+    """``await connect(settings, inbox=...)`` -> (connected backend, its Recorder); closed at teardown."""
     opened: list[RedisBackend] = []
 
-    async def _connect(settings: Settings, inbox: str | None = None) -> tuple[RedisBackend, Received]:
+    async def _connect(settings: Settings, inbox: str | None = None) -> tuple[RedisBackend, Recorder]:
         backend = RedisBackend(settings, inbox=inbox or f"ep-{uuid.uuid4().hex[:8]}")
-        received = Received()
+        received = Recorder()
         await backend.connect(received)
         opened.append(backend)
         return backend, received
@@ -125,15 +94,15 @@ async def test_publish_and_receive_on_every_kind_of_address(connect, shared_sett
 
     for index, address in enumerate([*targets, receiver.inbox_address]):
         assert await sender.publish(address, f"m{index}".encode()) == 1, address
-    assert await got.wait_for(len(targets) + 1) == [f"m{i}".encode() for i in range(len(targets) + 1)]
+    assert await got.wait_for_count(len(targets) + 1) == [f"m{i}".encode() for i in range(len(targets) + 1)]
 
     # nobody listens there: Redis says 0 receivers and nothing arrives
     assert await sender.publish(group("nobody"), b"lost") == 0
     # binary payloads travel untouched
     payload = bytes(range(256)) * 4
     assert await sender.publish(group("lobby"), payload) == 1
-    assert (await got.wait_for(len(targets) + 2))[-1] == payload
-    assert await got.quiet() == got.items[: len(targets) + 2]
+    assert (await got.wait_for_count(len(targets) + 2))[-1] == payload
+    assert await got.quiet() == got.messages[: len(targets) + 2]
 
 
 async def test_receiver_count_counts_every_subscriber(connect, shared_settings: Settings) -> None:
@@ -143,8 +112,8 @@ async def test_receiver_count_counts_every_subscriber(connect, shared_settings: 
     await first.subscribe([group("g")])
     await second.subscribe([group("g")])
     assert await sender.publish(group("g"), b"both") == 2
-    assert await got1.wait_for(1) == [b"both"]
-    assert await got2.wait_for(1) == [b"both"]
+    assert await got1.wait_for_count(1) == [b"both"]
+    assert await got2.wait_for_count(1) == [b"both"]
 
 
 async def test_subscribe_returns_only_once_confirmed(connect, shared_settings: Settings) -> None:
@@ -154,7 +123,7 @@ async def test_subscribe_returns_only_once_confirmed(connect, shared_settings: S
         await receiver.subscribe([group(f"g{index}")])
         # published right after subscribe() returned: must reach the new subscription
         assert await sender.publish(group(f"g{index}"), str(index).encode()) == 1
-    assert await got.wait_for(50) == [str(i).encode() for i in range(50)]
+    assert await got.wait_for_count(50) == [str(i).encode() for i in range(50)]
 
 
 async def test_concurrent_subscribes_are_each_confirmed(connect, shared_settings: Settings) -> None:
@@ -163,7 +132,7 @@ async def test_concurrent_subscribes_are_each_confirmed(connect, shared_settings
     await asyncio.gather(*(receiver.subscribe([group(f"c{i}")]) for i in range(100)))
     counts = await asyncio.gather(*(sender.publish(group(f"c{i}"), b"x") for i in range(100)))
     assert counts == [1] * 100
-    await got.wait_for(100)
+    await got.wait_for_count(100)
 
 
 async def test_unsubscribe_stops_delivery_but_never_the_inbox(connect, shared_settings: Settings) -> None:
@@ -176,7 +145,7 @@ async def test_unsubscribe_stops_delivery_but_never_the_inbox(connect, shared_se
     assert await sender.publish(group("a"), b"gone") == 0
     assert await sender.publish(group("b"), b"kept") == 1
     assert await sender.publish(receiver.inbox_address, b"inbox") == 1
-    assert await got.wait_for(2) == [b"kept", b"inbox"]
+    assert await got.wait_for_count(2) == [b"kept", b"inbox"]
     assert await got.quiet() == [b"kept", b"inbox"]
 
 
@@ -206,7 +175,7 @@ async def test_two_hundred_publishes_arrive_in_order(connect, shared_settings: S
     await receiver.subscribe([group("seq")])
     for index in range(200):
         assert await sender.publish(group("seq"), index.to_bytes(4, "big")) == 1
-    assert await got.wait_for(200) == [i.to_bytes(4, "big") for i in range(200)]
+    assert await got.wait_for_count(200) == [i.to_bytes(4, "big") for i in range(200)]
 
 
 async def test_concurrent_publishes_are_batched_and_keep_each_callers_order(
@@ -235,7 +204,7 @@ async def test_concurrent_publishes_are_batched_and_keep_each_callers_order(
     results = await asyncio.gather(*(caller(name, 100) for name in range(10)))
     elapsed = time.monotonic() - started
     assert all(result == [1] * 100 for result in results)
-    items = await got.wait_for(1000)
+    items = await got.wait_for_count(1000)
     assert len(items) == 1000
     per_caller: dict[str, list[int]] = {}
     for item in items:
@@ -252,7 +221,7 @@ async def test_publish_before_connect_and_close_is_idempotent(shared_settings: S
     backend = RedisBackend(shared_settings, inbox="lonely")
     with pytest.raises(NotConnected):
         await backend.publish(group("g"), b"x")
-    await backend.connect(Received())
+    await backend.connect(Recorder())
     await backend.close()
     await backend.close()
     assert not backend.healthy
@@ -270,7 +239,7 @@ async def test_connect_to_a_dead_port_fails_fast() -> None:
     backend = RedisBackend(settings, inbox="nobody")
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
-        await backend.connect(Received())
+        await backend.connect(Recorder())
     assert time.monotonic() - started < scaled(2.5)
     assert not backend.healthy
     await backend.close()
@@ -281,7 +250,7 @@ async def test_connect_to_a_dead_cluster_fails_fast() -> None:
     backend = RedisBackend(Settings.create(url, namespace=unique_ns(), publish_timeout=2.0), inbox="nobody")
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
-        await backend.connect(Received())
+        await backend.connect(Recorder())
     assert time.monotonic() - started < scaled(2.5)
     await backend.close()
 
@@ -302,7 +271,7 @@ async def test_kill_and_restart_restores_exactly_the_wanted_subscriptions(
     receiver.on_reconnect.append(on_reconnect)
     await receiver.subscribe([group("g1"), group("g2")])
     assert await sender.publish(group("g1"), b"before") == 1
-    await got.wait_for(1)
+    await got.wait_for_count(1)
 
     own_redis.kill()
     await eventually(lambda: not receiver.healthy, 5, "health to go down")
@@ -336,7 +305,7 @@ async def test_kill_and_restart_restores_exactly_the_wanted_subscriptions(
 
     assert await sender.publish(group("g1"), b"unsubscribed") == 0
     assert await sender.publish(group("g3"), b"after") == 1
-    assert await got.wait_for(2) == [b"before", b"after"]
+    assert await got.wait_for_count(2) == [b"before", b"after"]
 
 
 async def test_reconnects_after_repeated_outages(connect, own_redis: RedisServer) -> None:
@@ -351,7 +320,7 @@ async def test_reconnects_after_repeated_outages(connect, own_redis: RedisServer
         await eventually(lambda: receiver.healthy and sender.healthy, 15, "reconnection")
         assert (receiver.outages, receiver.reconnects) == (round_, round_)
         assert await sender.publish(flag("f"), str(round_).encode()) == 1
-    assert await got.wait_for(2) == [b"1", b"2"]
+    assert await got.wait_for_count(2) == [b"1", b"2"]
 
 
 # -- Redis Cluster ----------------------------------------------------------------------------
@@ -410,12 +379,12 @@ async def test_cluster_routing_mode_uses_sharded_pubsub_across_shards(connect, c
         assert await sender.publish(group(name), f"to {index}".encode()) == 1
     assert await sender.publish(group("nobody-here"), b"x") == 0
     assert await sender.publish(receiver.inbox_address, b"inbox") == 1
-    assert sorted(await got.wait_for(4)) == sorted([b"to 0", b"to 1", b"to 2", b"inbox"])
+    assert sorted(await got.wait_for_count(4)) == sorted([b"to 0", b"to 1", b"to 2", b"inbox"])
 
     # ordering on one shard channel, with concurrent publishes batched
     results = await asyncio.gather(*(sender.publish(group(names[0]), f"{i}".encode()) for i in range(300)))
     assert results == [1] * 300
-    items = await got.wait_for(304)
+    items = await got.wait_for_count(304)
     assert items[4:] == [f"{i}".encode() for i in range(300)]
 
     await receiver.unsubscribe([group(names[1])])
@@ -436,9 +405,9 @@ async def test_cluster_fanout_mode_uses_plain_pubsub(connect, cluster: RedisClus
     # PUBLISH on a cluster only counts the publishing node's subscribers: no exact count
     for index in range(100):
         assert await sender.publish(ALL, str(index).encode()) is None
-    assert await got.wait_for(100) == [str(i).encode() for i in range(100)]
+    assert await got.wait_for_count(100) == [str(i).encode() for i in range(100)]
     await sender.publish(receiver.inbox_address, b"inbox")
-    assert (await got.wait_for(101))[-1] == b"inbox"
+    assert (await got.wait_for_count(101))[-1] == b"inbox"
     subscribed = set()
     for port in cluster.ports:
         subscribed |= set(cluster.cli(port, "pubsub", "channels", f"{ns}:*").split())
@@ -496,7 +465,7 @@ async def test_cluster_shard_channel_follows_its_slot_when_it_moves(connect, clu
     assert receiver.outages == 0  # only the moved channel was re-routed; the session stayed up
     await eventually(lambda: _slot_owner(cluster, slot) == target, 10, "the cluster to agree")
     assert await sender.publish(group("mover"), b"after the move") == 1
-    assert await got.wait_for(1) == [b"after the move"]
+    assert await got.wait_for_count(1) == [b"after the move"]
 
 
 async def test_cluster_subscribe_with_a_stale_slot_map_follows_moved(connect, cluster: RedisCluster) -> None:
@@ -514,7 +483,7 @@ async def test_cluster_subscribe_with_a_stale_slot_map_follows_moved(connect, cl
     assert receiver.healthy
     assert channel in cluster.cli(target, "pubsub", "shardchannels", f"{settings.namespace}:*").split()
     assert await sender.publish(group("late"), b"found") == 1
-    assert await got.wait_for(1) == [b"found"]
+    assert await got.wait_for_count(1) == [b"found"]
     assert receiver.outages == 0
 
 
@@ -558,7 +527,7 @@ async def test_cluster_routing_mode_survives_a_master_restart(
         for index, name in enumerate(names):
             await eventually(lambda: sender.healthy, 10, "the sender to reconnect")
             assert await sender.publish(group(name), str(index).encode()) == 1
-        assert sorted(await got.wait_for(3)) == [b"0", b"1", b"2"]
+        assert sorted(await got.wait_for_count(3)) == [b"0", b"1", b"2"]
     finally:
         own.stop()
 
@@ -567,7 +536,7 @@ async def test_a_silent_server_is_detected_by_keepalive(connect, own_redis: Redi
     settings = Settings.create(own_redis.url, namespace=unique_ns(), publish_timeout=1.0)
     receiver = RedisBackend(settings, inbox="rx")
     receiver.keepalive_interval = 0.2  # silence for 3 intervals = dead
-    got = Received()
+    got = Recorder()
     await receiver.connect(got)
     try:
         sender, _ = await connect(settings, inbox="tx")
@@ -588,7 +557,7 @@ async def test_a_silent_server_is_detected_by_keepalive(connect, own_redis: Redi
         assert receiver.outages == 1 and receiver.reconnects == 1
         await eventually(lambda: sender.healthy, 20, "the sender to be healthy")
         assert await sender.publish(group("g"), b"back") == 1
-        assert (await got.wait_for(1))[-1] == b"back"
+        assert (await got.wait_for_count(1))[-1] == b"back"
     finally:
         await receiver.close()
 
@@ -601,7 +570,7 @@ async def test_credentials_in_the_url_and_a_refusal(connect, tmp_path: Path) -> 
         ns = unique_ns()
         wrong = RedisBackend(Settings.create(server.url, namespace=ns, publish_timeout=2.0), inbox="x")
         with pytest.raises(BackendError) as refused:
-            await wrong.connect(Received())
+            await wrong.connect(Recorder())
         assert not isinstance(refused.value, BackendUnavailable)  # it is there; it said no
         await wrong.close()
 
@@ -610,7 +579,7 @@ async def test_credentials_in_the_url_and_a_refusal(connect, tmp_path: Path) -> 
         sender, _ = await connect(Settings.create(url, namespace=ns), inbox="tx")
         await receiver.subscribe([group("g")])
         assert await sender.publish(group("g"), b"authenticated") == 1
-        assert await got.wait_for(1) == [b"authenticated"]
+        assert await got.wait_for_count(1) == [b"authenticated"]
         await receiver.close()
         await sender.close()
     finally:
