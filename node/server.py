@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -244,8 +245,7 @@ class Node:
         if path == "/metrics":
             return _response(connection, 200, self.metrics.render().encode(), "text/plain; version=0.0.4")
         if path in ("/", "/index.html"):
-            page = resources.files("node").joinpath("static/index.html").read_bytes()
-            return _response(connection, 200, page, "text/html; charset=utf-8")
+            return _response(connection, 200, _demo_page(), "text/html; charset=utf-8")
         return connection.respond(404, "not found\n")
 
     # ------------------------------------------------------------------ websocket side
@@ -466,6 +466,11 @@ class Node:
         )
         m.gauge("fanout_backend_reconnects_total", "Successful backend reconnections.", lambda: b.reconnects)
         m.gauge("fanout_backend_outages_total", "Backend link losses.", lambda: b.outages)
+
+
+@functools.cache
+def _demo_page() -> bytes:
+    return resources.files("node").joinpath("static/index.html").read_bytes()
 
 
 def _response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
