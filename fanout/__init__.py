@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+from . import tokens
+from .admission import Admit, ConnectRequest, Reject
 from .config import BackendKind, Mode, Settings
 from .exceptions import (
     BackendError,
     BackendUnavailable,
     BadSignature,
     ConfigError,
+    ConfigMismatch,
     FanoutError,
     MessageTooLarge,
+    NoLiveNodes,
     NotConnected,
     PayloadError,
     ProtocolError,
@@ -30,21 +34,27 @@ from .sync import SyncServerUtil
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admit",
     "BackendError",
     "BackendKind",
     "BackendUnavailable",
     "BadSignature",
     "ConfigError",
+    "ConfigMismatch",
+    "ConnectRequest",
     "FanoutError",
     "MessageTooLarge",
     "Mode",
+    "NoLiveNodes",
     "NotConnected",
     "PayloadError",
     "ProtocolError",
     "QueryTimeout",
+    "Reject",
     "ServerUtil",
     "Settings",
     "SyncServerUtil",
     "UnsupportedVersion",
     "__version__",
+    "tokens",
 ]

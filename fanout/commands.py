@@ -64,10 +64,6 @@ class Send:
     request: Request | None = None
     #: set when one send is published on several addresses, so a node that gets it twice applies it once
     dedupe_id: str | None = None
-    #: the publisher and its running count: a node that receives a publisher's commands over several
-    #: connections (Redis Cluster shards) puts them back in order
-    origin: str | None = None
-    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +76,6 @@ class Close:
     exclude: tuple[str, ...] = ()
     request: Request | None = None
     dedupe_id: str | None = None
-    origin: str | None = None
-    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +147,16 @@ class Query:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A node's answer to a request: ``result`` is the node's part of the answer."""
+    """A node's answer to a request: ``result`` is the node's part of the answer.
+
+    ``error`` is set instead when the node could not do what was asked or could not encode its
+    answer: ``(exception class name, message)``, raised again on the caller's side.
+    """
 
     request_id: str
     node: str
     result: Json = None
+    error: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +170,8 @@ class NodeInfo:
     started_at: float = 0.0
     host: str = ""
     port: int = 0
+    mode: str = ""  #: the node's FANOUT_MODE, so publishers can tell when theirs differs
+    signed: bool = False  #: whether the node signs (and so requires signed commands)
     extra: dict[str, Json] = field(default_factory=dict)
 
     def record(self) -> dict[str, Json]:
@@ -181,6 +182,8 @@ class NodeInfo:
             "host": self.host,
             "port": self.port,
             "started_at": self.started_at,
+            "mode": self.mode,
+            "signed": self.signed,
             **self.extra,
         }
 

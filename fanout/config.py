@@ -75,14 +75,16 @@ def backend_for_url(url: str, setting: str = "FANOUT_URL") -> BackendKind:
         return _SCHEMES[scheme]
     except KeyError:
         accepted = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise ConfigError(setting, f"unsupported URL {url!r}; accepted schemes: {accepted}") from None
+        raise ConfigError(
+            setting, f"unsupported URL {redact_url(url)!r}; accepted schemes: {accepted}"
+        ) from None
 
 
 def validate_url(kind: BackendKind, url: str, setting: str = "FANOUT_URL") -> str:
     """Check that ``url`` suits ``kind``; return it unchanged."""
     found = backend_for_url(url, setting)
     if found is not kind:
-        raise ConfigError(setting, f"URL {url!r} is a {found} URL but the backend is {kind}")
+        raise ConfigError(setting, f"URL {redact_url(url)!r} is a {found} URL but the backend is {kind}")
     if kind is BackendKind.MEMORY:
         return url
     scheme, rest = url.split("://", 1)
@@ -95,16 +97,18 @@ def validate_url(kind: BackendKind, url: str, setting: str = "FANOUT_URL") -> st
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(setting, f"malformed URL {url!r}: {exc}") from None
+        raise ConfigError(setting, f"malformed URL {redact_url(url)!r}: {exc}") from None
     if not parts.hostname:
-        raise ConfigError(setting, f"malformed URL {url!r}: no host")
+        raise ConfigError(setting, f"malformed URL {redact_url(url)!r}: no host")
     return url
 
 
 def _check_hostport(hostport: str, url: str, setting: str) -> None:
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(setting, f"malformed cluster URL {url!r}: expected host:port,host:port,...")
+        raise ConfigError(
+            setting, f"malformed cluster URL {redact_url(url)!r}: expected host:port,host:port,..."
+        )
 
 
 def validate_name(value: str, setting: str) -> str:
@@ -113,7 +117,16 @@ def validate_name(value: str, setting: str) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: the one place a URL is made fit for logs and errors."""
+    return re.sub(r"(://[^:/@,]*):[^@/]*@", r"\1:***@", url)
+
+
+#: longest heartbeat interval: a node's ttl (3 intervals) must stay within what the wire accepts
+MAX_HEARTBEAT_INTERVAL = 20.0
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     """Where the bus is and how to use it: what ServerUtil and the node share."""
 
@@ -131,6 +144,8 @@ class Settings:
     publish_timeout: float = 10.0
     #: how often nodes announce themselves; a node unheard for 3 intervals counts as dead
     heartbeat_interval: float = 1.0
+    #: with a secret: how old (or how far in the future) a signed command may be and still be applied
+    replay_window: float = 60.0
     # -- limits
     #: biggest encoded command accepted on the bus (bigger ones are refused / dropped)
     max_message: int = 8 * 1024 * 1024
@@ -138,9 +153,26 @@ class Settings:
     def __post_init__(self) -> None:
         validate_url(self.backend, self.url)
         validate_name(self.namespace, "FANOUT_NAMESPACE")
-        for name in ("query_timeout", "publish_timeout", "heartbeat_interval"):
+        for name in ("query_timeout", "publish_timeout", "heartbeat_interval", "replay_window"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be a positive number of seconds")
+        if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
+            raise ConfigError("heartbeat_interval", f"must be at most {MAX_HEARTBEAT_INTERVAL:g} seconds")
+
+    def __repr__(self) -> str:
+        secret = "set" if self.secret else "unset"
+        return (
+            f"Settings(backend={self.backend.value!r}, url={redact_url(self.url)!r}, "
+            f"mode={self.mode.value!r}, namespace={self.namespace!r}, secret={secret}, "
+            f"query_timeout={self.query_timeout:g}, publish_timeout={self.publish_timeout:g}, "
+            f"heartbeat_interval={self.heartbeat_interval:g}, replay_window={self.replay_window:g}, "
+            f"max_message={self.max_message})"
+        )
+
+    @property
+    def where(self) -> str:
+        """The broker URL without its password, for messages."""
+        return redact_url(self.url)
 
     @classmethod
     def create(
@@ -178,12 +210,22 @@ class Settings:
             secret=secret.encode() if secret else None,
             query_timeout=env_number(env, "FANOUT_QUERY_TIMEOUT", 5.0, float, positive=True),
             publish_timeout=env_number(env, "FANOUT_PUBLISH_TIMEOUT", 10.0, float, positive=True),
-            heartbeat_interval=env_number(env, "FANOUT_HEARTBEAT_INTERVAL", 1.0, float, positive=True),
+            heartbeat_interval=_heartbeat_interval(env),
+            replay_window=env_number(env, "FANOUT_REPLAY_WINDOW", 60.0, float, positive=True),
             max_message=env_number(env, "FANOUT_MAX_MESSAGE", 8 * 1024 * 1024, int, positive=True),
         )
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def _heartbeat_interval(env: Mapping[str, str]) -> float:
+    value = env_number(env, "FANOUT_HEARTBEAT_INTERVAL", 1.0, float, positive=True)
+    if value > MAX_HEARTBEAT_INTERVAL:
+        raise ConfigError(
+            "FANOUT_HEARTBEAT_INTERVAL", f"{value:g} is more than {MAX_HEARTBEAT_INTERVAL:g} seconds"
+        )
+    return value
 
 
 def _pick_backend(

@@ -12,6 +12,8 @@
     ├── BackendError                 the broker did not accept an operation
     │   └── BackendUnavailable       the broker cannot be reached (within the publish timeout)
     ├── QueryTimeout (TimeoutError)  some live nodes did not answer in time; ``.missing`` names them
+    ├── NoLiveNodes (LookupError)    no node at all answers in this namespace (wrong namespace? nodes down?)
+    ├── ConfigMismatch (ConfigError) this publisher's mode or secret differs from the live nodes'
     └── NotConnected                 a ServerUtil used outside ``async with`` / after close
 
 Errors of the client libraries (redis-py, aio-pika, websockets) never escape unwrapped from the
@@ -76,5 +78,32 @@ class QueryTimeout(FanoutError, TimeoutError):
         self.timeout = timeout
 
 
+class NoLiveNodes(FanoutError, LookupError):
+    """A call that needs the nodes found none alive in its namespace."""
+
+    def __init__(self, namespace: str, where: str) -> None:
+        super().__init__(
+            f"no live nodes in namespace {namespace!r} on {where} (are the nodes running, and with the "
+            f"same FANOUT_NAMESPACE and FANOUT_URL?)"
+        )
+        self.namespace = namespace
+
+
+class ConfigMismatch(ConfigError):
+    """The live nodes use another mode, or another secret, than this publisher: its commands would be lost."""
+
+
 class NotConnected(FanoutError):
     """The ServerUtil is not connected: use it as ``async with`` (or call ``connect()``)."""
+
+
+#: the errors a node may report in a reply, by class name; they are raised again on the caller's side
+REMOTE_ERRORS: dict[str, type[FanoutError]] = {
+    cls.__name__: cls for cls in (BackendError, BackendUnavailable, PayloadError, MessageTooLarge)
+}
+
+
+def remote_error(node: str, kind: str, message: str) -> FanoutError:
+    """The exception to raise for an error a node reported (unknown kinds become FanoutError)."""
+    cls = REMOTE_ERRORS.get(kind, FanoutError)
+    return cls(f"node {node}: {message}")

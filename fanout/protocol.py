@@ -1,14 +1,21 @@
-"""Wire format v1: commands <-> bytes. Pure; see docs/protocol.md for the spec and test vectors.
+"""Wire format v2: commands <-> bytes. Pure; see docs/protocol.md for the spec and test vectors.
 
 A message is::
 
-    b"v1;" + SIGNATURE + b";" + HEADER + b"\\n" + PAYLOAD
+    b"v2;" + SIGNATURE + b";" + HEADER + b"\\n" + PAYLOAD
 
-* ``HEADER`` is one line of JSON (an object whose ``"op"`` names the command);
+* ``HEADER`` is one line of JSON (an object whose ``"op"`` names the command) that also carries the
+  *envelope*: who sent the message and when (``o`` sender id, ``s`` the sender's running count, ``ts``
+  milliseconds since the epoch) and, when signed, the namespace it was signed for (``ns``);
 * ``PAYLOAD`` is the raw bytes of a send's data (empty for other commands) - binary payloads travel
   as they are, without base64;
 * ``SIGNATURE`` is empty, or, when a secret is configured, the lower-case hex HMAC-SHA256 of
-  ``HEADER + b"\\n" + PAYLOAD`` under that secret.
+  ``HEADER + b"\\n" + PAYLOAD`` under that secret. A signed header must carry ``ns``, ``ts``, ``o`` and
+  ``s``, so the signature also covers the namespace, the time and a per-sender count: a reader rejects a
+  command signed for another namespace, and :mod:`fanout.receive` rejects one replayed later or twice.
+
+Every value read from the bus is bounded (:data:`MAX_DEPTH`, :data:`MAX_NAMES`, :data:`MAX_TTL`), and the
+encoder refuses what the decoder would refuse, so whatever one endpoint publishes, the others can read.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -40,23 +48,89 @@ from .commands import (
     TargetKind,
     Unbind,
 )
-from .exceptions import BadSignature, MessageTooLarge, ProtocolError, UnsupportedVersion
+from .exceptions import BadSignature, MessageTooLarge, PayloadError, ProtocolError, UnsupportedVersion
 
-VERSION = 1
-_PREFIX = b"v1;"
+VERSION = 2
+_PREFIX = b"v2;"
 _SIG_LEN = 64
+
+#: deepest nesting of JSON values (sessions, reply results, heartbeat extras) either way
+MAX_DEPTH = 32
+#: most names in one target, exclusion or group list
+MAX_NAMES = 100_000
+#: longest a heartbeat may claim a node stays alive without another one, seconds
+MAX_TTL = 60.0
+
+
+class WrongNamespace(BadSignature):
+    """A signed command whose ``ns`` is not the reader's namespace (replayed from another deployment)."""
+
+    reason = "namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a message says about itself, besides the command: sender, count, time, namespace."""
+
+    origin: str | None = None  #: the sender's endpoint id (``o``)
+    seq: int = 0  #: the sender's running count, one more per message (``s``)
+    sent_at: float | None = None  #: Unix time of the publish, seconds (``ts`` is milliseconds)
+    namespace: str | None = None  #: the namespace a signed message was signed for (``ns``)
+
+
+NO_ENVELOPE = Envelope()
+
+
+class Encoder:
+    """One endpoint's encoder: stamps every message with its id, a running count and the time.
+
+    The count is what makes each signed message unique (see :mod:`fanout.receive`); the endpoint owns
+    exactly one encoder so that every message it sends - commands, replies, heartbeats - takes the next
+    number. The caller passes the clock.
+    """
+
+    __slots__ = ("_seq", "namespace", "origin", "secret")
+
+    def __init__(self, origin: str, namespace: str, secret: bytes | None = None) -> None:
+        self.origin = origin
+        self.namespace = namespace
+        self.secret = secret
+        self._seq = 0
+
+    def encode(self, command: Command, now: float) -> bytes:
+        self._seq += 1
+        envelope = Envelope(self.origin, self._seq, now, self.namespace if self.secret else None)
+        return encode(command, self.secret, envelope)
+
 
 # --------------------------------------------------------------------------- encoding
 
 
-def encode(command: Command, secret: bytes | None = None) -> bytes:
-    """Serialize ``command``; sign it when ``secret`` is given."""
+def encode(command: Command, secret: bytes | None = None, envelope: Envelope = NO_ENVELOPE) -> bytes:
+    """Serialize ``command`` with ``envelope``; sign it when ``secret`` is given.
+
+    Raises:
+        PayloadError: a value is nested deeper than :data:`MAX_DEPTH`, a list is longer than
+            :data:`MAX_NAMES`, a string has lone surrogates, or the envelope lacks what signing needs.
+    """
     header, payload = _to_header(command)
-    body = orjson.dumps(header) + b"\n" + payload
+    if envelope.origin is not None:
+        header["o"] = envelope.origin
+        header["s"] = envelope.seq
+    if envelope.sent_at is not None:
+        header["ts"] = round(envelope.sent_at * 1000)
+    if secret:
+        if envelope.namespace is None or envelope.sent_at is None or envelope.origin is None:
+            raise PayloadError("a signed message needs an envelope with origin, time and namespace")
+        header["ns"] = envelope.namespace
+    try:
+        body = orjson.dumps(header) + b"\n" + payload
+    except TypeError as exc:  # orjson: lone surrogates, non-string keys, unknown types
+        raise PayloadError(f"{header['op']!r} command cannot be encoded: {exc}") from None
     if secret:
         sig = hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
-        return b"v1;" + sig + b";" + body
-    return b"v1;;" + body
+        return b"v2;" + sig + b";" + body
+    return b"v2;;" + body
 
 
 def _request(header: dict[str, Any], request: Request | None) -> None:
@@ -65,17 +139,26 @@ def _request(header: dict[str, Any], request: Request | None) -> None:
         header["rto"] = request.reply_to
 
 
+def _names_out(names: tuple[str, ...], what: str) -> list[str]:
+    if len(names) > MAX_NAMES:
+        raise PayloadError(f"{what}: {len(names)} names, more than the limit of {MAX_NAMES}")
+    return list(names)
+
+
+def _json_out(value: Any, what: str) -> Any:
+    if too_deep(value):
+        raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
 def _targeted(op: str, cmd: Send | Close) -> dict[str, Any]:
     header: dict[str, Any] = {"op": op, "t": cmd.target.kind.value}
     if cmd.target.kind is not TargetKind.ALL:
-        header["n"] = list(cmd.target.names)
+        header["n"] = _names_out(cmd.target.names, "targets")
     if cmd.exclude:
-        header["x"] = list(cmd.exclude)
+        header["x"] = _names_out(cmd.exclude, "exclude")
     if cmd.dedupe_id is not None:
         header["mid"] = cmd.dedupe_id
-    if cmd.origin is not None:
-        header["o"] = cmd.origin
-        header["s"] = cmd.seq
     return header
 
 
@@ -94,9 +177,9 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             if cmd.reason:
                 header["reason"] = cmd.reason
         case JoinGroup():
-            header = {"op": "join", "c": cmd.client_id, "g": list(cmd.groups)}
+            header = {"op": "join", "c": cmd.client_id, "g": _names_out(cmd.groups, "groups")}
         case LeaveGroup():
-            header = {"op": "leave", "c": cmd.client_id, "g": list(cmd.groups)}
+            header = {"op": "leave", "c": cmd.client_id, "g": _names_out(cmd.groups, "groups")}
         case DissolveGroup():
             header = {"op": "dissolve", "g": cmd.group}
         case Bind():
@@ -104,11 +187,17 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
         case Unbind():
             header = {"op": "unbind", "c": cmd.client_id}
         case SetSession():
-            header = {"op": "session", "c": cmd.client_id, "data": cmd.data, "merge": cmd.merge}
+            data = _json_out(cmd.data, "session data")
+            header = {"op": "session", "c": cmd.client_id, "data": data, "merge": cmd.merge}
         case Query():
             header = {"op": "query", "q": cmd.kind.value, "arg": cmd.arg}
         case Reply():
-            return {"op": "reply", "rid": cmd.request_id, "node": cmd.node, "res": cmd.result}, payload
+            header = {"op": "reply", "rid": cmd.request_id, "node": cmd.node}
+            if cmd.error is not None:
+                header["err"] = list(cmd.error)
+            else:
+                header["res"] = _json_out(cmd.result, "reply")
+            return header, payload
         case Heartbeat():
             header = {"op": "hb", "node": _node_to_json(cmd.node)}
         case Bye():
@@ -118,6 +207,8 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
 
 
 def _node_to_json(info: NodeInfo) -> dict[str, Any]:
+    if not 0 <= info.ttl <= MAX_TTL:
+        raise PayloadError(f"heartbeat ttl {info.ttl} is outside 0..{MAX_TTL:g} seconds")
     return {
         "instance": info.instance,
         "node_id": info.node_id,
@@ -126,20 +217,58 @@ def _node_to_json(info: NodeInfo) -> dict[str, Any]:
         "started_at": info.started_at,
         "host": info.host,
         "port": info.port,
-        "extra": info.extra,
+        "mode": info.mode,
+        "signed": info.signed,
+        "extra": _json_out(info.extra, "heartbeat extra"),
     }
+
+
+def too_deep(value: Any) -> bool:
+    """Whether ``value`` (decoded JSON) nests lists/objects more than :data:`MAX_DEPTH` levels."""
+    if not isinstance(value, dict | list):
+        return False
+    level: list[Any] = [value]
+    for _ in range(MAX_DEPTH):
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below.extend(child for child in children if isinstance(child, dict | list))
+        if not below:
+            return False
+        level = below
+    return True
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def decode(data: bytes, secret: bytes | None = None, max_size: int | None = None) -> Command:
-    """Parse one message.
+@dataclass(frozen=True, slots=True)
+class Message:
+    command: Command
+    envelope: Envelope
+
+
+def decode(
+    data: bytes, secret: bytes | None = None, max_size: int | None = None, namespace: str | None = None
+) -> Command:
+    """Parse one message; see :func:`open_message`."""
+    return open_message(data, secret, max_size, namespace).command
+
+
+def open_message(
+    data: bytes, secret: bytes | None = None, max_size: int | None = None, namespace: str | None = None
+) -> Message:
+    """Parse one message into its command and envelope.
+
+    With ``secret``, the signature must verify and the header must carry the envelope signing needs;
+    with ``namespace`` too, a signed message must have been signed for that namespace. (Whether it is
+    recent, and new, is :class:`fanout.receive.Receiver`'s business: that needs a clock and memory.)
 
     Raises:
         MessageTooLarge: ``data`` is longer than ``max_size``.
-        UnsupportedVersion: the message is not version 1.
-        BadSignature: ``secret`` is set and the signature is missing or wrong.
+        UnsupportedVersion: the message is not version 2.
+        BadSignature: ``secret`` is set and the signature is missing or wrong, or the envelope incomplete.
+        WrongNamespace: signed for another namespace.
         ProtocolError: anything else malformed.
     """
     if max_size is not None and len(data) > max_size:
@@ -147,7 +276,7 @@ def decode(data: bytes, secret: bytes | None = None, max_size: int | None = None
     if not data.startswith(_PREFIX):
         if data[:1] == b"v" and b";" in data[:12]:
             raise UnsupportedVersion(f"unsupported wire version {data[: data.index(b';')]!r}")
-        raise ProtocolError("not a fanout message (no 'v1;' prefix)")
+        raise ProtocolError("not a fanout message (no 'v2;' prefix)")
     sig_end = data.find(b";", 3, 3 + _SIG_LEN + 1)
     if sig_end < 0:
         raise ProtocolError("malformed signature field")
@@ -168,9 +297,25 @@ def decode(data: bytes, secret: bytes | None = None, max_size: int | None = None
     if parser is None:
         raise ProtocolError(f"unknown op {op!r}")
     try:
-        return parser(header, data[newline + 1 :])
+        envelope = _envelope(header)
+        command = parser(header, data[newline + 1 :])
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {op!r} command: {exc!r}") from None
+    if secret:
+        if envelope.namespace is None or envelope.sent_at is None or envelope.origin is None:
+            raise BadSignature("signed message without its envelope (ns, ts, o, s)")
+        if namespace is not None and envelope.namespace != namespace:
+            raise WrongNamespace(f"signed for namespace {envelope.namespace!r}, not {namespace!r}")
+    return Message(command, envelope)
+
+
+def peek_heartbeat(data: bytes) -> NodeInfo | None:
+    """The node record of a heartbeat *without* checking its signature (for diagnostics only)."""
+    try:
+        command = decode(data)
+    except ProtocolError:
+        return None
+    return command.node if isinstance(command, Heartbeat) else None
 
 
 def _verify(secret: bytes, signature: bytes, data: bytes, body_start: int) -> None:
@@ -182,6 +327,20 @@ def _verify(secret: bytes, signature: bytes, data: bytes, body_start: int) -> No
         raise BadSignature("bad signature")
 
 
+def _envelope(h: dict[str, Any]) -> Envelope:
+    origin = h.get("o")
+    ts = h.get("ts")
+    ns = h.get("ns")
+    if origin is None and ts is None and ns is None and "s" not in h:
+        return NO_ENVELOPE
+    return Envelope(
+        origin=_opt_str(origin, "o"),
+        seq=_int(h.get("s", 0), "s"),
+        sent_at=None if ts is None else _int(ts, "ts") / 1000,
+        namespace=_opt_str(ns, "ns"),
+    )
+
+
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string")
@@ -191,6 +350,8 @@ def _str(value: Any, what: str) -> str:
 def _strs(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{what} must be a list of strings")
+    if len(value) > MAX_NAMES:
+        raise ValueError(f"{what} has {len(value)} names, more than {MAX_NAMES}")
     return tuple(value)
 
 
@@ -236,6 +397,12 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _json_in(value: Any, what: str) -> Any:
+    if too_deep(value):
+        raise ValueError(f"{what} is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
 def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
     return Send(
         target=_target(h),
@@ -244,8 +411,6 @@ def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
-        origin=_opt_str(h.get("o"), "o"),
-        seq=_int(h.get("s", 0), "s"),
     )
 
 
@@ -269,23 +434,35 @@ def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
-        origin=_opt_str(h.get("o"), "o"),
-        seq=_int(h.get("s", 0), "s"),
     )
 
 
 def _parse_node(value: Any) -> NodeInfo:
     n = _dict(value, "node")
+    ttl = _number(n["ttl"], "ttl")
+    if not 0 <= ttl <= MAX_TTL:
+        raise ValueError(f"ttl {ttl} is outside 0..{MAX_TTL:g} seconds")
     return NodeInfo(
         instance=_str(n["instance"], "instance"),
         node_id=_str(n["node_id"], "node_id"),
         connections=_int(n["connections"], "connections"),
-        ttl=_number(n["ttl"], "ttl"),
+        ttl=ttl,
         started_at=_number(n.get("started_at", 0.0), "started_at"),
         host=_str(n.get("host", ""), "host"),
         port=_int(n.get("port", 0), "port"),
-        extra=_dict(n.get("extra", {}), "extra"),
+        mode=_str(n.get("mode", ""), "mode"),
+        signed=_bool(n.get("signed", False), "signed"),
+        extra=_json_in(_dict(n.get("extra", {}), "extra"), "extra"),
     )
+
+
+def _parse_reply(h: dict[str, Any], _: bytes) -> Reply:
+    err = h.get("err")
+    error: tuple[str, str] | None = None
+    if err is not None:
+        kind, message = _strs(err, "err")
+        error = (kind, message)
+    return Reply(_str(h["rid"], "rid"), _str(h["node"], "node"), _json_in(h.get("res"), "res"), error)
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
@@ -297,10 +474,13 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
     "bind": lambda h, _: Bind(_str(h["c"], "c"), _str(h["f"], "f"), _req(h)),
     "unbind": lambda h, _: Unbind(_str(h["c"], "c"), _req(h)),
     "session": lambda h, _: SetSession(
-        _str(h["c"], "c"), _dict(h["data"], "data"), _bool(h.get("merge", False), "merge"), _req(h)
+        _str(h["c"], "c"),
+        _json_in(_dict(h["data"], "data"), "data"),
+        _bool(h.get("merge", False), "merge"),
+        _req(h),
     ),
     "query": lambda h, _: Query(QueryKind(h["q"]), _need_req(h), _str(h.get("arg", ""), "arg")),
-    "reply": lambda h, _: Reply(_str(h["rid"], "rid"), _str(h["node"], "node"), h.get("res")),
+    "reply": _parse_reply,
     "hb": lambda h, _: Heartbeat(_parse_node(h["node"])),
     "bye": lambda h, _: Bye(_str(h["node"], "node")),
 }

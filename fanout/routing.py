@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from . import naming
-from .commands import Close, Command, Send, Target, TargetKind
+from .commands import Close, Send, Target, TargetKind
 from .config import Mode
 from .ids import owner_of
 from .naming import Address
@@ -55,25 +55,3 @@ def route(command: Send | Close, mode: Mode) -> list[tuple[Address, Send | Close
     if len(names) > 1:
         command = replace(command, dedupe_id=new_dedupe_id())
     return [(make(name), command) for name in names]
-
-
-def in_publisher_order(commands: list[Command]) -> list[Command]:
-    """``commands`` with each publisher's sends and closes put back in its order (by ``seq``).
-
-    A node reading several connections (one per Redis Cluster shard) can read a later command before
-    an earlier one when both arrive together. Each publisher's commands are sorted among the places
-    they hold; commands of other publishers, and those without an origin, keep their place.
-    """
-    if len(commands) < 2:
-        return commands
-    places: dict[str, list[tuple[int, Send | Close]]] = {}
-    for index, command in enumerate(commands):
-        if isinstance(command, Send | Close) and command.origin is not None:
-            places.setdefault(command.origin, []).append((index, command))
-    ordered = list(commands)
-    for mine in places.values():
-        if len(mine) > 1:
-            by_seq = sorted((command for _, command in mine), key=lambda command: command.seq)
-            for (index, _), command in zip(mine, by_seq, strict=True):
-                ordered[index] = command
-    return ordered

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self, TypeAlias, TypedDict
+from typing import Any, Self, TypeAlias
 
 import orjson
 
@@ -39,6 +40,7 @@ from .commands import (
     JoinGroup,
     Json,
     LeaveGroup,
+    NodeInfo,
     Query,
     QueryKind,
     Reply,
@@ -49,11 +51,21 @@ from .commands import (
     TargetKind,
     Unbind,
 )
-from .config import Mode, Settings
+from .config import BackendKind, Mode, Settings
 from .directory import NodeDirectory
-from .exceptions import MessageTooLarge, NotConnected, PayloadError, ProtocolError, QueryTimeout
+from .exceptions import (
+    ConfigError,
+    ConfigMismatch,
+    MessageTooLarge,
+    NoLiveNodes,
+    NotConnected,
+    PayloadError,
+    QueryTimeout,
+    remote_error,
+)
 from .ids import new_boot_token, owner_of
 from .naming import Address
+from .receive import Receiver
 
 log = logging.getLogger("fanout.serverutil")
 
@@ -78,7 +90,12 @@ def names(value: Names, what: str) -> tuple[str, ...]:
 def encode_payload(data: object) -> tuple[bytes, bool]:
     """``(payload, binary)``: str -> text frame, bytes-like -> binary frame, else JSON text frame."""
     if isinstance(data, str):
-        return data.encode("utf-8", "surrogatepass"), False
+        try:
+            return data.encode("utf-8"), False
+        except UnicodeEncodeError as exc:  # lone surrogates: no client could decode the frame
+            raise PayloadError(
+                f"text data is not valid Unicode (it cannot be UTF-8 encoded): {exc}"
+            ) from None
     if isinstance(data, bytes | bytearray | memoryview):
         return bytes(data), True
     try:
@@ -87,19 +104,13 @@ def encode_payload(data: object) -> tuple[bytes, bool]:
         raise PayloadError(f"data is not str, bytes or JSON-serialisable: {exc}") from None
 
 
-class Stamp(TypedDict):
-    """The ordering fields of :class:`Send` / :class:`Close` (passed as ``**stamp``)."""
-
-    origin: str
-    seq: int
-
-
 @dataclass(slots=True)
 class _Gather:
     """Answers to one request, as they arrive."""
 
     owners: frozenset[str] | None  #: the nodes that must answer, or None for "every live node"
     replies: dict[str, Json] = field(default_factory=dict)
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)  #: node -> (error class, message)
     unreachable: set[str] = field(default_factory=set)  #: owners the broker says nobody received for
     receivers: int | None = None  #: how many nodes received the request, when the broker tells
     asked_at: float = 0.0  #: loop time of the publish
@@ -124,11 +135,14 @@ class ServerUtil:
         backend: str | None = None,
         secret: str | bytes | None = None,
         settings: Settings | None = None,
+        in_process: bool = False,
         **options: Any,
     ) -> None:
         self.settings = settings or Settings.create(
             url, backend=backend, mode=mode, namespace=namespace, secret=secret, **options
         )
+        #: the memory backend only reaches this process: used only when asked for (or a node runs here)
+        self.in_process = in_process
         self.endpoint_id = "u-" + new_boot_token()
         self._backend: Backend | None = None
         self._owns_backend = True
@@ -136,37 +150,65 @@ class ServerUtil:
         self._directory = NodeDirectory()
         self._listening_since: float | None = None
         self._request_seq = 0
-        self._send_seq = 0
-        #: undecodable messages received on the inbox, by reason
-        self.dropped: Counter[str] = Counter()
+        self._encoder = protocol.Encoder(self.endpoint_id, self.settings.namespace, self.settings.secret)
+        self._receiver = _receiver(self.settings)
+        #: (what differs from the live nodes, loop time until which it holds), from their heartbeats
+        self._mismatch: tuple[ConfigMismatch, float] | None = None
+        self._heard = asyncio.Event()  #: set by the first heartbeat heard (verified or not)
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Messages received on the inbox or the heartbeat address that were dropped, by reason."""
+        return self._receiver.dropped
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Self:
+    def from_env(cls, environ: dict[str, str] | None = None, *, in_process: bool = False) -> Self:
         """A ServerUtil configured by the FANOUT_* environment variables (see the README)."""
-        return cls(settings=Settings.from_env(environ))
+        return cls(settings=Settings.from_env(environ), in_process=in_process)
 
     @classmethod
-    def attached(cls, settings: Settings, backend: Backend, endpoint_id: str) -> Self:
-        """A ServerUtil that shares an already connected backend (the node's own).
+    def attached(
+        cls, settings: Settings, backend: Backend, endpoint_id: str, encoder: protocol.Encoder
+    ) -> Self:
+        """A ServerUtil that shares an already connected backend and encoder (the node's own).
 
-        The owner of the backend feeds replies and heartbeats to :meth:`handle`.
+        The owner of the backend decodes what arrives and feeds replies and heartbeats to :meth:`handle`.
         """
-        util = cls(settings=settings)
+        util = cls(settings=settings, in_process=True)
         util.endpoint_id = endpoint_id
+        util._encoder = encoder
         util._backend = backend
         util._owns_backend = False
         return util
 
     async def connect(self) -> None:
-        """Connect to the backend. Raises BackendUnavailable if it cannot be reached."""
+        """Connect to the backend.
+
+        Raises BackendUnavailable if it cannot be reached, ConfigError for ``memory://`` when no node
+        runs in this process and ``in_process=True`` was not given (it would reach nobody).
+        """
         if self._backend is not None:
             return
+        self._refuse_lonely_memory()
         backend = create_backend(self.settings, inbox=self.endpoint_id)
         await backend.connect(self.handle_message)
         self._backend = backend
         await self._listen_to_heartbeats()
+
+    def _refuse_lonely_memory(self) -> None:
+        if self.settings.backend is not BackendKind.MEMORY or self.in_process:
+            return
+        from .backends.memory import MemoryHub
+
+        if not MemoryHub.named(self.settings.url).serves_nodes():
+            raise ConfigError(
+                "FANOUT_URL",
+                f"{self.settings.url} (the default when FANOUT_URL is not set) reaches only this process, "
+                "and no node runs in it: set FANOUT_URL to the broker the nodes use (redis://... or "
+                "amqp://...), or pass in_process=True to publish to nodes embedded in this process",
+            )
 
     async def disconnect(self) -> None:
         """Leave the backend; pending requests fail with NotConnected. Idempotent."""
@@ -200,13 +242,12 @@ class ServerUtil:
     # ------------------------------------------------------------------ incoming
 
     def handle_message(self, raw: bytes) -> None:
-        """Backend callback: decode one message from the inbox or the heartbeat address."""
-        try:
-            command = protocol.decode(raw, self.settings.secret, self.settings.max_message)
-        except ProtocolError as exc:
-            self.dropped[exc.reason] += 1
-            return
-        self.handle(command)
+        """Backend callback: vet and decode one message from the inbox or the heartbeat address."""
+        command = self._receiver.take_one(raw, time.time())
+        if command is not None:
+            self.handle(command)
+        elif self._receiver.unverified_heartbeats:
+            self._heard.set()
 
     def handle(self, command: Command) -> None:
         """Take a decoded reply, heartbeat or goodbye; other commands are not for a ServerUtil."""
@@ -215,35 +256,110 @@ class ServerUtil:
             case Reply():
                 gather = self._pending.get(command.request_id)
                 if gather is not None:
-                    gather.replies[command.node] = command.result
+                    if command.error is not None:
+                        gather.errors[command.node] = command.error
+                    else:
+                        gather.replies[command.node] = command.result
                     gather.arrived.set()
             case Heartbeat():
                 self._directory.heard(command.node, now)
+                self._heard.set()
+                problem = self._differs(command.node)
+                if problem is not None:
+                    self._mismatch = (problem, now + command.node.ttl)
             case Bye():
                 self._directory.gone(command.instance)
                 for gather in self._pending.values():
                     gather.arrived.set()
             case _:
-                self.dropped["not-for-serverutil"] += 1
+                self._receiver.dropped["not-for-serverutil"] += 1
+
+    # ------------------------------------------------------------------ does the cluster match us?
+
+    def _differs(self, node: NodeInfo) -> ConfigMismatch | None:
+        """What about this publisher does not match ``node`` (from its verified heartbeat)."""
+        ns = self.settings.namespace
+        if node.mode and node.mode != self.settings.mode.value:
+            return ConfigMismatch(
+                "FANOUT_MODE",
+                f"this publisher uses {self.settings.mode.value!r} mode but node {node.node_id} of namespace "
+                f"{ns!r} uses {node.mode!r}: its group and flag sends would not reach the right nodes",
+            )
+        if node.signed and not self.settings.secret:
+            return ConfigMismatch(
+                "FANOUT_SECRET",
+                f"node {node.node_id} of namespace {ns!r} signs its commands and drops unsigned ones, "
+                "but this publisher has no FANOUT_SECRET",
+            )
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`ConfigMismatch` if the nodes heard so far say this publisher does not fit them.
+
+        Every call does this before it publishes; it costs nothing while everything matches.
+        """
+        if self._mismatch is not None:
+            problem, until = self._mismatch
+            if asyncio.get_running_loop().time() < until:
+                raise problem
+            self._mismatch = None
+        unverified = self._receiver.unverified_heartbeats
+        if unverified:
+            self._check_unverified(unverified)
+
+    def _check_unverified(self, unverified: dict[str, float]) -> None:
+        horizon = time.time() - 3 * self.settings.heartbeat_interval
+        for instance in [i for i, heard in unverified.items() if heard < horizon]:
+            del unverified[instance]
+        # a forged heartbeat must not stop a publisher that hears real nodes: only when none is verified
+        if unverified and not self._directory.live(asyncio.get_running_loop().time()):
+            names = ", ".join(sorted(unverified)[:5])
+            raise ConfigMismatch(
+                "FANOUT_SECRET",
+                f"the nodes of namespace {self.settings.namespace!r} ({names}) send heartbeats this "
+                "publisher cannot verify: its FANOUT_SECRET differs from theirs, or only one side has one",
+            )
+
+    async def check_cluster(self, timeout: float | None = None) -> int:
+        """Wait until the nodes are heard (at most 1.5 heartbeat intervals), then check that we fit them.
+
+        Returns the number of live nodes. Raises :class:`ConfigMismatch` if this publisher's mode or
+        secret differs from theirs, :class:`NoLiveNodes` if none is heard in the namespace. The CLI calls
+        it before every command so that a wrong setting is reported rather than published into the void.
+        """
+        await self._listen_to_heartbeats()
+        loop = asyncio.get_running_loop()
+        assert self._listening_since is not None
+        wait = 1.5 * self.settings.heartbeat_interval if timeout is None else timeout
+        remaining = self._listening_since + wait - loop.time()
+        if remaining > 0 and not self._heard.is_set():
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._heard.wait()
+            except TimeoutError:
+                pass
+        self.check()
+        live = len(self._directory.live(loop.time()))
+        if not live:
+            raise NoLiveNodes(self.settings.namespace, self.settings.where)
+        return live
 
     # ------------------------------------------------------------------ publishing
 
     async def _publish(self, pairs: Sequence[tuple[Address, Command]]) -> list[int | None]:
         """Encode and publish ``pairs`` in one go (no other publish of ours can come in between)."""
+        self.check()
         items = []
+        now = time.time()
+        encode = self._encoder.encode
         for address, command in pairs:
-            message = protocol.encode(command, self.settings.secret)
+            message = encode(command, now)
             if len(message) > self.settings.max_message:
                 raise MessageTooLarge(
                     f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
                 )
             items.append((address, message))
         return await self.backend.publish_many(items) if items else []
-
-    def _stamp(self) -> Stamp:
-        """Publisher id and running count for a send or close, so nodes can keep our order."""
-        self._send_seq += 1
-        return Stamp(origin=self.endpoint_id, seq=self._send_seq)
 
     def _new_request(self) -> Request:
         self._request_seq += 1
@@ -287,14 +403,26 @@ class ServerUtil:
         while True:
             if self._backend is None:
                 raise NotConnected(f"{what}: ServerUtil disconnected while waiting")
-            missing = self._missing(gather, loop.time())
+            if gather.errors:
+                node, (kind, message) = next(iter(gather.errors.items()))
+                raise remote_error(node, kind, f"{what}: {message}")
+            self.check()
+            now = loop.time()
+            missing = self._missing(gather, now)
             if not missing:
+                if not gather.replies and self._nobody_there(gather, now):
+                    raise NoLiveNodes(self.settings.namespace, self.settings.where)
                 return
-            remaining = deadline - loop.time()
+            remaining = deadline - now
             if remaining <= 0:
-                if partial:
+                named = sorted(m for m in missing if m)
+                for instance in named:  # it will be heard again at its next heartbeat if it is alive
+                    self._directory.gone(instance)
+                if partial and gather.replies:
                     return
-                raise QueryTimeout(what, sorted(m for m in missing if m), timeout)
+                if not gather.replies and self._nobody_there(gather, now):
+                    raise NoLiveNodes(self.settings.namespace, self.settings.where)
+                raise QueryTimeout(what, named, timeout)
             gather.arrived.clear()
             try:
                 async with asyncio.timeout(min(remaining, _RECHECK)):
@@ -302,12 +430,22 @@ class ServerUtil:
             except TimeoutError:
                 pass  # re-check who is still alive, then wait again until the deadline
 
+    def _warm(self, now: float) -> bool:
+        """Listening to heartbeats long enough (1.5 intervals) to know every live node."""
+        return self._listening_since is not None and (
+            now - self._listening_since >= 1.5 * self.settings.heartbeat_interval
+        )
+
+    def _nobody_there(self, gather: _Gather, now: float) -> bool:
+        """No node at all in the namespace: the broker says nobody got the request, or none is heard."""
+        if gather.owners is None and gather.receivers == 0:
+            return True
+        return self._warm(now) and not self._directory.live(now)
+
     def _missing(self, gather: _Gather, now: float) -> set[str]:
         """Nodes still owing an answer (an empty string stands for an unnamed one)."""
         live = self._directory.live(now)
-        warm = self._listening_since is not None and (
-            now - self._listening_since >= 1.5 * self.settings.heartbeat_interval
-        )
+        warm = self._warm(now)
         if gather.owners is not None:
             owing = set(gather.owners) - gather.replies.keys() - gather.unreachable
             if warm:  # an owner that is not alive will never answer
@@ -386,7 +524,7 @@ class ServerUtil:
         self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
         payload, binary = encode_payload(data)
-        command = Send(target, payload, binary, names(exclude, "exclude"), **self._stamp())
+        command = Send(target, payload, binary, names(exclude, "exclude"))
         if ack:
             return await self._count("send", command, timeout, partial)
         await self._publish(routing.route(command, self.settings.mode))
@@ -420,16 +558,15 @@ class ServerUtil:
         _check_close(code, reason)
         ids = names(client_ids, "client_ids")
         owners = routing.split_by_owner(ids)
-        stamp = self._stamp()
         if not wait:
-            await self._fire_and_forget(Close(Target.clients(*ids), code, reason, **stamp))
+            await self._fire_and_forget(Close(Target.clients(*ids), code, reason))
             return None
         replies = await self._ask(
             "close",
             [
                 (
                     routing.owner_address(owner, self.settings.mode),
-                    _builder(Close(Target.clients(*mine), code, reason, **stamp)),
+                    _builder(Close(Target.clients(*mine), code, reason)),
                     owner,
                 )
                 for owner, mine in owners.items()
@@ -450,7 +587,7 @@ class ServerUtil:
     ) -> int | None:
         """Close every connection bound to these flags. Returns how many were closed (``wait=True``)."""
         _check_close(code, reason)
-        command = Close(Target.flags(*names(flags, "flags")), code, reason, **self._stamp())
+        command = Close(Target.flags(*names(flags, "flags")), code, reason)
         if not wait:
             await self._fire_and_forget(command)
             return None
@@ -557,6 +694,8 @@ class ServerUtil:
             orjson.dumps(data)
         except TypeError as exc:
             raise PayloadError(f"{what}: session data is not JSON-serialisable: {exc}") from None
+        if protocol.too_deep(data):
+            raise PayloadError(f"{what}: session data is nested deeper than {protocol.MAX_DEPTH} levels")
         found = await self._on_owner(
             what, client_id, lambda r: SetSession(client_id, data, merge, r), wait, timeout
         )
@@ -667,3 +806,12 @@ def _sum(values: list[Json]) -> int:
 
 def _concat(values: list[Json]) -> list[str]:
     return [item for value in values if isinstance(value, list) for item in value if isinstance(item, str)]
+
+
+def _receiver(settings: Settings) -> Receiver:
+    return Receiver(
+        secret=settings.secret,
+        namespace=settings.namespace,
+        max_message=settings.max_message,
+        replay_window=settings.replay_window,
+    )

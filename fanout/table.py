@@ -1,12 +1,13 @@
 """The per-node table of connections, groups, flags and sessions. Pure: no I/O.
 
-It answers two questions for the node:
+It answers three questions for the node:
 
 * which local connections does a command reach? (:meth:`ConnectionTable.resolve`: each connection
   once, exclusions applied);
 * which addresses must the node be subscribed to right now? (:meth:`ConnectionTable.wanted`), and,
   for each change of membership, which addresses it adds or drops (:class:`Change`) - in routing mode
-  a group or flag address is wanted from its first local member to its last.
+  a group or flag address is wanted from its first local member to its last;
+* what is this node's part of the answer to a query? (:meth:`ConnectionTable.answer`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from . import naming
-from .commands import Target, TargetKind
+from .commands import Json, QueryKind, Target, TargetKind
 from .config import Mode
+from .ids import owner_of
 from .naming import Address
 
 C = TypeVar("C")
@@ -38,6 +40,9 @@ class Change:
 
 NOT_FOUND = Change(found=False)
 _UNCHANGED = Change(found=True)
+
+#: queries about one connection: only the node that owns it answers
+OWNER_QUERIES = frozenset({QueryKind.EXISTS, QueryKind.SESSION, QueryKind.FLAG_OF})
 
 
 class ConnectionTable(Generic[C]):
@@ -218,3 +223,37 @@ class ConnectionTable(Generic[C]):
         if exclude:
             ids.difference_update(exclude)
         return [conns[cid] for cid in ids]
+
+    # ------------------------------------------------------------------ queries
+
+    def owns(self, client_id: str) -> bool:
+        """Whether ``client_id`` was handed out by this node instance (open or not)."""
+        return owner_of(client_id) == self.instance
+
+    def answers(self, kind: QueryKind, arg: str) -> bool:
+        """Whether this node answers the query (per-connection queries: only the owner does)."""
+        return kind not in OWNER_QUERIES or self.owns(arg)
+
+    def answer(self, kind: QueryKind, arg: str) -> Json:
+        """This node's part of the answer (``NODE``, the node's own record, is not the table's)."""
+        match kind:
+            case QueryKind.EXISTS:
+                return arg in self.connections
+            case QueryKind.SESSION:
+                return self.sessions.get(arg)
+            case QueryKind.FLAG_OF:
+                return self._flag_of.get(arg)
+            case QueryKind.FLAG_EXISTS:
+                return arg in self._flags
+            case QueryKind.FLAG_CLIENTS:
+                return sorted(self._flags.get(arg, ()))
+            case QueryKind.CONNECTIONS:
+                return len(self.connections)
+            case QueryKind.GROUP_COUNT:
+                return len(self._groups.get(arg, ()))
+            case QueryKind.GROUP_CLIENTS:
+                return sorted(self._groups.get(arg, ()))
+            case QueryKind.GROUPS:
+                return list(self._groups)
+            case QueryKind.NODE:
+                raise ValueError("the NODE query is answered by the node, not its table")

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .connection import Connection
-from .server import Node, NodeOptions
+from .node import Node, NodeOptions
 
 __all__ = ["Connection", "Node", "NodeOptions"]

@@ -1,3 +1,3 @@
-from node.server import main
+from node.main import main
 
 main()

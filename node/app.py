@@ -3,11 +3,16 @@
 An application is any object (a module, a class instance) with some of these optional coroutines,
 named with ``--app module:attr`` or ``FANOUT_APP`` (like GatewayWorker's Events class):
 
+* ``on_connect(request)``: before the websocket handshake completes (see :mod:`fanout.admission`):
+  return ``None`` (a guest) or ``fanout.Admit(flag=..., groups=..., session=...)``, or raise
+  ``fanout.Reject(status, reason)``; anything else raised refuses the client with 500;
 * ``on_start(node)`` / ``on_stop(node)``: the node is up / shutting down;
-* ``on_open(conn)``: a client connected (after its welcome frame);
+* ``on_open(conn)``: a client connected (after its welcome frame; an exception closes it with 1011);
 * ``on_message(conn, data)``: a client sent a frame (``str`` for text, ``bytes`` for binary);
 * ``on_close(conn)``: a client left (it has already left its groups and flag);
-* ``on_reconnect(node)``: the backend came back after an outage, subscriptions restored.
+* ``on_reconnect(node)``: the backend came back after an outage, subscriptions restored;
+* ``http_routes``: ``{path: async callable(request) -> (status, content type, body)}``, small GET
+  endpoints the node serves for the application (the demo's token endpoint is one).
 
 ``conn.node.util`` is a :class:`fanout.ServerUtil` sharing the node's backend, for cluster-wide sends
 and queries from inside hooks. Clients can only join groups or bind flags if the application does it
@@ -17,10 +22,14 @@ for them: nothing is exposed to clients by default.
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from fanout import tokens
+from fanout.admission import Admit, ConnectRequest, Reject
 from fanout.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -28,17 +37,43 @@ if TYPE_CHECKING:
 
 LOBBY = "lobby"
 MAX_CHAT_TEXT = 2000
+#: the demo's token key when FANOUT_DEMO_KEY is not set: the demo is not an authentication system
+DEMO_KEY = "fanout-demo-key"
+DEMO_TOKEN_TTL = 3600
+
+
+def _display_name(raw: object) -> str:
+    name = re.sub(r"[^\w .-]", "", str(raw), flags=re.UNICODE).strip()[:32]
+    return name or "guest"
 
 
 class DemoChat:
-    """The default app: every client is in the ``lobby`` room, and what one says, all see (any node).
+    """The default app: a chat room (``lobby``) across every node, with token admission.
 
-    Clients send ``{"text": "...", "name": "..."}`` (or plain text); everyone in the lobby receives
-    ``{"type": "chat", "from": <client id>, "name": ..., "node": <node id>, "text": ...}``.
+    ``GET /demo/token?name=ann`` stands in for a web app's login: it answers ``{"token": ..., "flag": ...}``
+    with a token signed with ``FANOUT_DEMO_KEY``. The page connects with ``?token=...``; ``on_connect``
+    checks it (401 without a valid one) and admits the client with the token's user as its flag, in the
+    lobby, its name in its session. Clients send ``{"text": "...", "name": "..."}`` (or plain text);
+    everyone in the lobby receives ``{"type": "chat", "from": <client id>, "name": ..., "node": <node id>,
+    "text": ...}``.
     """
 
-    async def on_open(self, conn: Connection) -> None:
-        await conn.join_group(LOBBY)
+    def __init__(self, key: str | None = None) -> None:
+        self.key = key or os.environ.get("FANOUT_DEMO_KEY") or DEMO_KEY
+        self.http_routes = {"/demo/token": self.token_endpoint}
+
+    async def token_endpoint(self, request: ConnectRequest) -> tuple[int, str, bytes]:
+        name = _display_name(request.query.get("name", "guest"))
+        user = f"{name.lower().replace(' ', '-')}-{os.urandom(3).hex()}"
+        token = tokens.issue(self.key, user, ttl=DEMO_TOKEN_TTL, claims={"name": name})
+        return 200, "application/json", orjson.dumps({"token": token, "flag": user, "name": name})
+
+    async def on_connect(self, request: ConnectRequest) -> Admit:
+        try:
+            claims = tokens.verify(self.key, request.query.get("token", ""))
+        except tokens.InvalidToken as exc:
+            raise Reject(401, str(exc)) from None
+        return Admit(flag=claims["sub"], groups=[LOBBY], session={"name": _display_name(claims.get("name"))})
 
     async def on_message(self, conn: Connection, data: str | bytes) -> None:
         if isinstance(data, bytes):
@@ -50,14 +85,15 @@ class DemoChat:
         if not isinstance(message, dict):
             message = {"text": str(message)}
         text = str(message.get("text", ""))[:MAX_CHAT_TEXT]
-        name = str(message.get("name", ""))[:64] or conn.client_id
         if not text:
             return
+        name = _display_name(message["name"]) if message.get("name") else conn.session.get("name", "guest")
         await conn.node.util.send_to_group(
             LOBBY,
             {
                 "type": "chat",
                 "from": conn.client_id,
+                "user": conn.flag,
                 "name": name,
                 "node": conn.node.options.node_id,
                 "text": text,

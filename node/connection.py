@@ -1,4 +1,17 @@
-"""One client connection, as the node and the application see it."""
+"""One client connection, as the node and the application see it.
+
+A :class:`Connection` owns its output: frames are written straight to its transport, or, while the node
+applies a batch of bus commands, held in the connection's own pending list and written in one go when the
+batch ends (:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost.
+The transport's write buffer plus what is pending is the connection's send buffer; over the node's
+``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded and
+other clients are unaffected.
+
+:class:`ClientSocket` is the websockets connection the node serves with: it tells its :class:`Connection`
+when the websocket leaves the OPEN state (so the per-frame path reads one plain attribute), and cuts off a
+client that makes the node owe it more than ``send_buffer`` bytes of automatic replies without reading
+them (a ping flood), and counts handshakes cut short by the handshake timeout.
+"""
 
 from __future__ import annotations
 
@@ -11,91 +24,170 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
+from fanout.admission import ConnectRequest
 from fanout.serverutil import encode_payload, names
 
 from .frames import encode_frame
+from .limits import TokenBucket
 
 if TYPE_CHECKING:
-    from .server import Node
+    from .node import Node
 
 log = logging.getLogger("fanout.node")
 
 
+class ClientSocket(ServerConnection):
+    """The websockets server connection, with the hooks the node needs (see the module docstring)."""
+
+    #: set by the node once the client is admitted
+    fanout: Connection | None = None
+    #: what admission decided, for the handler: (request, Admit or None)
+    admission: tuple[ConnectRequest, Any] | None = None
+    #: called when the opening handshake is cut short (timeout)
+    on_handshake_timeout: Any = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        conn = self.fanout
+        if conn is None:
+            return
+        if self.protocol.state is not State.OPEN:
+            conn.open = False
+        elif self.transport.get_write_buffer_size() > conn.send_limit:
+            # what we owe (pongs to its pings) piles up because it does not read: cut it off
+            conn.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.fanout
+        if conn is not None:
+            conn.open = False
+        super().connection_lost(exc)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            if self.on_handshake_timeout is not None:
+                self.on_handshake_timeout()
+            raise
+
+
 class Connection:
-    """A websocket client of this node: what application hooks receive.
+    """A websocket client of this node: what application hooks receive."""
 
-    ``send`` writes pre-built frames straight to the transport (see :mod:`node.frames`). The
-    transport's write buffer is the connection's send buffer: when it holds more than the node's
-    ``send_buffer`` bytes, the client is not keeping up and is disconnected at once (TCP abort), so
-    memory stays bounded and other clients are unaffected.
-    """
+    __slots__ = (
+        "_last_session",
+        "_pending",
+        "_pending_bytes",
+        "_transport",
+        "client_id",
+        "node",
+        "open",
+        "rate",
+        "request",
+        "send_limit",
+        "websocket",
+    )
 
-    __slots__ = ("_closing", "_transport", "client_id", "node", "websocket")
-
-    def __init__(self, node: Node, websocket: ServerConnection, client_id: str) -> None:
+    def __init__(self, node: Node, websocket: ClientSocket, client_id: str, request: ConnectRequest) -> None:
         self.node = node
         self.websocket = websocket
         self.client_id = client_id
+        #: the handshake request (path, query, headers, cookies, remote), as ``on_connect`` saw it
+        self.request = request
+        #: False from the moment the connection starts closing (or is cut off, or the client leaves)
+        self.open = True
+        self.send_limit = node.options.send_buffer
         self._transport: asyncio.Transport = websocket.transport
-        self._closing = False
+        self._pending: list[bytes] | None = None
+        self._pending_bytes = 0
+        self._last_session: dict[str, Any] = {}
+        rate = node.options.client_rate
+        self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
+
+    # -- state the table owns, seen from here ------------------------------------------------
 
     @property
     def session(self) -> dict[str, Any]:
-        """Per-connection data kept on this node (also reachable through ServerUtil's session calls)."""
-        return self.node.table.sessions.setdefault(self.client_id, {})
+        """Per-connection data kept on this node (also reachable through ServerUtil's session calls).
+
+        After the connection left the table (in ``on_close``), the last session it had; reading it
+        then does not bring it back into the table.
+        """
+        session = self.node.table.sessions.get(self.client_id)
+        return self._last_session if session is None else session
 
     @session.setter
     def session(self, value: dict[str, Any]) -> None:
-        self.node.table.sessions[self.client_id] = value
+        if self.client_id in self.node.table:
+            self.node.table.sessions[self.client_id] = value
+        else:
+            self._last_session = value
+
+    def keep_last_session(self) -> None:
+        """Called as the connection leaves the table: remember its session for ``on_close``."""
+        self._last_session = self.node.table.sessions.get(self.client_id) or {}
+
+    @property
+    def groups(self) -> frozenset[str]:
+        return self.node.table.groups_of(self.client_id)
+
+    @property
+    def flag(self) -> str | None:
+        return self.node.table.flag_of(self.client_id)
 
     @property
     def buffered(self) -> int:
-        """Bytes written to this client and not yet taken by the network."""
-        return self._transport.get_write_buffer_size()
+        """Bytes written to this client (or pending for it) and not yet taken by the network."""
+        return self._transport.get_write_buffer_size() + self._pending_bytes
 
-    @property
-    def open(self) -> bool:
-        return not self._closing and self.websocket.protocol.state is State.OPEN
+    # -- output ---------------------------------------------------------------------------------
 
     def push(self, frame: bytes) -> bool:
-        """Queue one encoded frame; False if the connection is closing or was cut off as too slow.
-
-        While the node applies a batch of bus commands, frames are held per connection and written
-        together when the batch ends (:meth:`Node.corked`): one system call per connection per batch
-        instead of one per frame, which is where a node spends most of its time.
-        """
+        """Queue one encoded frame; False if the connection is closing or was cut off as too slow."""
         if not self.open:
             return False
-        if self._transport.get_write_buffer_size() > self.node.options.send_buffer:
-            self._cut_off_slow_client()
+        pending = self._pending
+        if self._transport.get_write_buffer_size() + self._pending_bytes > self.send_limit:
+            self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
-        corked = self.node.cork
-        if corked is None:
-            self._transport.write(frame)
+        if self.node.batching:
+            if pending is None:
+                self._pending = [frame]
+                self.node.dirty.append(self)
+            else:
+                pending.append(frame)
+            self._pending_bytes += len(frame)
         else:
-            corked.setdefault(self, []).append(frame)
-        metrics = self.node.metrics
-        metrics.frames_sent += 1
-        metrics.bytes_sent += len(frame)
+            self._transport.write(frame)
         return True
 
-    def write_now(self, frames: list[bytes]) -> None:
-        """Write frames held back during a batch (see :meth:`push`)."""
-        if self.open:
-            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+    def flush(self) -> None:
+        """Write what is pending (frames held during a batch) in one write."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._pending_bytes = 0
+        if not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
-    def _cut_off_slow_client(self) -> None:
-        log.warning(
-            "client %s: send buffer over %d bytes, disconnecting",
-            self.client_id,
-            self.node.options.send_buffer,
-        )
-        self.node.metrics.slow_disconnects += 1
-        self._closing = True
+    def cut_off(self, why: str, *, ping_flood: bool = False) -> None:
+        """Drop a client that does not keep up: TCP reset, no closing handshake (it could not get through)."""
+        if not self.open and self._transport.is_closing():
+            return
+        log.warning("client %s: %s, disconnecting", self.client_id, why)
+        metrics = self.node.metrics
+        if ping_flood:
+            metrics.ping_flood_disconnects += 1
+        else:
+            metrics.slow_disconnects += 1
+        self.open = False
+        self._pending = None
+        self._pending_bytes = 0
         self.node.forget(self)
-        # The buffer is full, so a close frame could not get through: drop the TCP connection. Linger 0
-        # makes the kernel discard its own send buffer and reset at once, instead of trickling the
-        # backlog to a client that does not read (zero-window probing can take minutes).
+        # Linger 0 makes the kernel discard its own send buffer and reset at once, instead of trickling
+        # the backlog to a client that does not read (zero-window probing can take minutes).
         sock = self._transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -106,18 +198,23 @@ class Connection:
     async def send(self, data: object) -> bool:
         """Send str (text frame), bytes (binary frame) or JSON-encoded data to this client."""
         payload, binary = encode_payload(data)
-        return self.push(encode_frame(payload, binary))
+        frame = encode_frame(payload, binary)
+        sent = self.push(frame)
+        if sent:
+            self.node.metrics.count_frames(1, len(frame))
+        return sent
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection; it leaves its groups and flag at once."""
+        """Close the connection (after the frames already sent); it leaves its groups and flag at once."""
         self.start_close(code, reason)
         await self.websocket.wait_closed()
 
     def start_close(self, code: int = 1000, reason: str = "") -> None:
-        """Begin closing (used when a close command arrives); the handshake finishes in the background."""
-        if self._closing:
+        """Begin closing: flush what is pending, then the closing handshake runs in the background."""
+        if not self.open:
             return
-        self._closing = True
+        self.flush()
+        self.open = False
         self.node.forget(self)
         self.node.spawn(self.websocket.close(code, reason), f"close {self.client_id}")
 
@@ -132,14 +229,6 @@ class Connection:
 
     async def unbind(self) -> None:
         await self.node.apply_change(self.node.table.unbind(self.client_id))
-
-    @property
-    def groups(self) -> frozenset[str]:
-        return self.node.table.groups_of(self.client_id)
-
-    @property
-    def flag(self) -> str | None:
-        return self.node.table.flag_of(self.client_id)
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"

@@ -1,14 +1,22 @@
-"""Prometheus text exposition for one node, without a client library.
+"""A node's metrics: plain counters on the hot path, exposed through ``prometheus-client`` at scrape time.
 
-Counters are plain ints bumped on the delivery path (no locks: the node is one event loop); gauges are
-read at scrape time. The format is Prometheus' text format 0.0.4.
+The delivery path only bumps ints (no locks, no label lookups: the node is one event loop, and the
+frame counters are bumped once per command, not per frame). :class:`NodeCollector` turns them into
+Prometheus metric families when ``/metrics`` is scraped, so values are exact and label values escaped by
+the library.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from fanout.receive import LagHistogram
 
 
 @dataclass
@@ -16,61 +24,108 @@ class Metrics:
     connections_opened: int = 0
     connections_closed: int = 0
     connections_refused: int = 0  #: over max_connections
+    accept_rate_refusals: int = 0  #: over FANOUT_ACCEPT_RATE
+    origin_refusals: int = 0  #: a browser Origin not in FANOUT_ALLOWED_ORIGINS
+    admission_rejects: Counter[str] = field(default_factory=Counter)  #: on_connect refusals, by status
+    admission_errors: int = 0  #: on_connect raised something else than Reject (refused with 500)
+    handshake_timeouts: int = 0  #: handshakes not done within FANOUT_HANDSHAKE_TIMEOUT
     slow_disconnects: int = 0  #: clients cut off because their send buffer was full
+    ping_flood_disconnects: int = 0  #: clients cut off for owing too many unread automatic replies
+    rate_limit_closes: int = 0  #: clients closed (1008) for sending over FANOUT_CLIENT_RATE
     frames_sent: int = 0
     bytes_sent: int = 0
     client_messages: int = 0  #: frames received from clients
     app_errors: int = 0  #: exceptions raised by application hooks
     reply_failures: int = 0  #: replies the backend did not take
     commands: Counter[str] = field(default_factory=Counter)  #: commands applied, by op
-    dropped: Counter[str] = field(default_factory=Counter)  #: bus messages dropped, by reason
+    #: bus messages dropped, by reason (the node's Receiver counts into this same Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    #: publish -> apply lag (the node's Receiver observes into it)
+    lag: LagHistogram = field(default_factory=LagHistogram)
+
+    def count_frames(self, frames: int, size: int) -> None:
+        self.frames_sent += frames
+        self.bytes_sent += size
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
 
-    def render(self) -> str:
-        lines: list[str] = []
+    def registry(self) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(NodeCollector(self))
+        return registry
 
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
-        counters = [
-            ("fanout_connections_opened_total", "Websocket connections accepted.", self.connections_opened),
-            ("fanout_connections_closed_total", "Websocket connections ended.", self.connections_closed),
-            (
-                "fanout_connections_refused_total",
-                "Connections refused (max_connections).",
-                self.connections_refused,
-            ),
-            (
-                "fanout_slow_client_disconnects_total",
-                "Clients disconnected for a full send buffer.",
-                self.slow_disconnects,
-            ),
-            ("fanout_frames_sent_total", "Data frames written to clients.", self.frames_sent),
-            ("fanout_bytes_sent_total", "Bytes of data frames written to clients.", self.bytes_sent),
-            ("fanout_client_messages_total", "Messages received from clients.", self.client_messages),
-            ("fanout_app_errors_total", "Exceptions raised by application hooks.", self.app_errors),
-            ("fanout_reply_failures_total", "Replies the backend did not accept.", self.reply_failures),
-        ]
-        for name, help_text, value in counters:
-            metric(name, "counter", help_text, [("", value)])
-        metric(
-            "fanout_commands_total",
-            "counter",
-            "Bus commands applied, by op.",
-            [(f'{{op="{op}"}}', n) for op, n in sorted(self.commands.items())],
+_COUNTERS = (
+    ("fanout_connections_opened", "Websocket connections accepted.", "connections_opened"),
+    ("fanout_connections_closed", "Websocket connections ended.", "connections_closed"),
+    ("fanout_connections_refused", "Handshakes refused over FANOUT_MAX_CONNECTIONS.", "connections_refused"),
+    ("fanout_accept_rate_refusals", "Handshakes refused over FANOUT_ACCEPT_RATE.", "accept_rate_refusals"),
+    ("fanout_origin_refusals", "Handshakes refused for an Origin not allowed.", "origin_refusals"),
+    ("fanout_admission_errors", "on_connect failures (refused with 500).", "admission_errors"),
+    ("fanout_handshake_timeouts", "Handshakes cut short by FANOUT_HANDSHAKE_TIMEOUT.", "handshake_timeouts"),
+    ("fanout_slow_client_disconnects", "Clients disconnected for a full send buffer.", "slow_disconnects"),
+    (
+        "fanout_ping_flood_disconnects",
+        "Clients disconnected for not reading the replies they asked for (ping flood).",
+        "ping_flood_disconnects",
+    ),
+    (
+        "fanout_rate_limit_closes",
+        "Clients closed (1008) for sending over FANOUT_CLIENT_RATE.",
+        "rate_limit_closes",
+    ),
+    ("fanout_frames_sent", "Data frames written to clients.", "frames_sent"),
+    ("fanout_bytes_sent", "Bytes of data frames written to clients.", "bytes_sent"),
+    ("fanout_client_messages", "Messages received from clients.", "client_messages"),
+    ("fanout_app_errors", "Exceptions raised by application hooks.", "app_errors"),
+    ("fanout_reply_failures", "Replies the backend did not accept.", "reply_failures"),
+)
+
+
+class NodeCollector(Collector):
+    """Reads a node's :class:`Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        m = self.metrics
+        for name, help_text, attribute in _COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=getattr(m, attribute))
+        yield _labelled("fanout_commands", "Bus commands applied, by op.", "op", m.commands)
+        yield _labelled("fanout_commands_dropped", "Bus messages dropped, by reason.", "reason", m.dropped)
+        yield _labelled(
+            "fanout_admission_rejects",
+            "Handshakes on_connect refused, by HTTP status.",
+            "status",
+            m.admission_rejects,
         )
-        metric(
-            "fanout_commands_dropped_total",
-            "counter",
-            "Bus messages dropped, by reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.dropped.items())],
+        for name, (help_text, read) in m.gauges.items():
+            if name.endswith("_total"):
+                yield CounterMetricFamily(name.removesuffix("_total"), help_text, value=read())
+            else:
+                yield GaugeMetricFamily(name, help_text, value=read())
+        lag = m.lag
+        yield HistogramMetricFamily(
+            "fanout_bus_lag_seconds",
+            "Time from a publisher's publish to the node's apply (publisher clock to node clock).",
+            buckets=[(_bound(b), float(n)) for b, n in lag.cumulative()],
+            sum_value=lag.total,
         )
-        for name, (help_text, read) in self.gauges.items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            metric(name, kind, help_text, [("", read())])
-        return "\n".join(lines) + "\n"
+
+
+def _labelled(name: str, help_text: str, label: str, counts: Counter[str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
+from fanout import ServerUtil, tokens
 from tests.support import scaled
 from tests.support.nodes import client, start_node, unique_namespace
+
+DEMO = "node.app:DemoChat"
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -85,10 +90,43 @@ async def open_page(profile: Path, url: str) -> tuple[asyncio.subprocess.Process
     return browser, Page(await connect(page["webSocketDebuggerUrl"], max_size=None))
 
 
+def demo_token(port: int, name: str) -> dict[str, str]:
+    """What the demo page does first: ask the demo's stand-in for a web app's login for a token."""
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/demo/token?name={name}", timeout=scaled(5)
+    ) as answer:
+        token: dict[str, str] = json.load(answer)
+    return token
+
+
+async def test_the_demo_admits_only_clients_with_a_valid_token(tmp_path: Path) -> None:
+    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": unique_namespace()}
+    node = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"}, app=DEMO)
+    for path in ("/", "/?token=", "/?token=a.b.c", "/?token=" + tokens.issue("another key", "ann")):
+        with pytest.raises(InvalidStatus) as refused:
+            await client(node.port, path)
+        assert refused.value.response.status_code == 401
+    expired = tokens.issue("fanout-demo-key", "ann", ttl=-10)
+    with pytest.raises(InvalidStatus) as refused:
+        await client(node.port, "/?token=" + expired)
+    assert refused.value.response.status_code == 401 and b"expired" in refused.value.response.body
+    issued = await asyncio.get_running_loop().run_in_executor(None, demo_token, node.port, "ann")
+    ws, client_id = await client(node.port, "/?token=" + issued["token"])
+    async with ServerUtil(
+        env["FANOUT_URL"], namespace=env["FANOUT_NAMESPACE"], heartbeat_interval=0.5
+    ) as util:
+        # admitted with the token's user as its flag, in the lobby, its name in its session
+        assert await util.get_flag(client_id) == issued["flag"]
+        assert await util.get_group_client_ids("lobby") == [client_id]
+        assert await util.get_session(client_id) == {"name": "ann"}
+    await ws.close()
+    assert node.terminate() == 0
+
+
 async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> None:
     env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": unique_namespace()}
-    node_a = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"})
-    node_b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"})
+    node_a = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"}, app=DEMO)
+    node_b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"}, app=DEMO)
     browser, page = await open_page(tmp_path / "profile", f"http://127.0.0.1:{node_b.port}/")
     try:
         status = ""
@@ -99,7 +137,8 @@ async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> Non
             await asyncio.sleep(0.05)
         assert status.startswith("connected as node-b."), status  # the welcome frame, shown by the page
 
-        ws, _ = await client(node_a.port)  # the demo app puts every client in the lobby
+        issued = await asyncio.get_running_loop().run_in_executor(None, demo_token, node_a.port, "ann")
+        ws, _ = await client(node_a.port, "/?token=" + issued["token"])  # admitted into the lobby
         await ws.send(orjson.dumps({"text": "hello from node-a", "name": "ann"}).decode())
         log = ""
         for _ in range(100):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -170,11 +171,11 @@ async def test_garbage_on_the_bus_is_dropped_and_counted(make_node: MakeNode) ->
     valid = protocol.encode(Send(Target.all(), b"still alive"))
     junk = [
         os.urandom(200),
-        b"v1;;not json\n",
+        b"v2;;not json\n",
         b"v9;;{}\n",
-        b'v1;;{"op":"send","t":"g","n":"not-a-list"}\n',
-        b'v1;;{"op":"explode"}\n',
-        b"v1;;" + b"x" * (node.settings.max_message + 10),
+        b'v2;;{"op":"send","t":"g","n":"not-a-list"}\n',
+        b'v2;;{"op":"explode"}\n',
+        b"v2;;" + b"x" * (node.settings.max_message + 10),
     ]
     for raw in junk:
         await _publish_raw(node.settings, naming.ALL, raw)
@@ -189,9 +190,13 @@ async def test_with_a_secret_unsigned_and_forged_commands_are_dropped(make_node:
     settings = Settings.create(f"memory://{unique_namespace()}", secret="s3cret", heartbeat_interval=0.2)
     node = await make_node(settings=settings)
     ws, _ = await client(node.port)
+    ns = settings.namespace
+    forger = protocol.Encoder("rogue", ns, b"wrong key")
+    signer = protocol.Encoder("rogue", ns, b"s3cret")
+    now = time.time()
     await _publish_raw(settings, naming.ALL, protocol.encode(Send(Target.all(), b"unsigned")))
-    await _publish_raw(settings, naming.ALL, protocol.encode(Send(Target.all(), b"forged"), b"wrong key"))
-    await _publish_raw(settings, naming.ALL, protocol.encode(Send(Target.all(), b"signed"), b"s3cret"))
+    await _publish_raw(settings, naming.ALL, forger.encode(Send(Target.all(), b"forged"), now))
+    await _publish_raw(settings, naming.ALL, signer.encode(Send(Target.all(), b"signed"), now))
     assert await recv(ws) == "signed"
     assert node.metrics.dropped["signature"] == 2
     async with ServerUtil(settings=settings) as util:  # a ServerUtil with the secret signs its commands

@@ -1,4 +1,4 @@
-"""Wire format v1: round trips, raw payloads, signing, and rejection of malformed input."""
+"""Wire format v2: round trips, raw payloads, envelopes, signing, bounds, and rejection of malformed input."""
 
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ from fanout.exceptions import (
     BadSignature,
     FanoutError,
     MessageTooLarge,
+    PayloadError,
     ProtocolError,
     UnsupportedVersion,
 )
+from fanout.protocol import Envelope
 
 CID = "node-1.lq2x8k0c0a1b2c3d.1"
 
@@ -84,12 +86,15 @@ node_infos = st.builds(
     instance=names,
     node_id=names,
     connections=st.integers(0, 2**40),
-    ttl=finite.filter(lambda f: f >= 0),
+    ttl=st.floats(0, protocol.MAX_TTL),
     started_at=finite,
     host=names,
     port=st.integers(0, 65535),
+    mode=st.sampled_from(["", "fanout", "routing"]),
+    signed=st.booleans(),
     extra=json_objects,
 )
+errors = st.none() | st.tuples(st.text(max_size=20), st.text(max_size=40))
 commands: st.SearchStrategy[Command] = st.one_of(
     sends,
     closes,
@@ -100,18 +105,37 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Unbind, names, requests),
     st.builds(SetSession, names, json_objects, st.booleans(), requests),
     st.builds(Query, st.sampled_from(QueryKind), st.builds(Request, names, names), names),
-    st.builds(Reply, names, names, json_values),
+    st.builds(Reply, names, names, json_values, st.none()),
+    st.builds(Reply, names, names, st.none(), st.tuples(st.text(max_size=20), st.text(max_size=40))),
     st.builds(Heartbeat, node_infos),
     st.builds(Bye, names),
 )
+
+
+envelopes = st.builds(
+    Envelope,
+    origin=names,
+    seq=st.integers(0, 2**62),
+    sent_at=st.integers(0, 2**41).map(lambda ms: ms / 1000),
+    namespace=names,
+)
+#: what a signed message must carry (signing without one is refused)
+ENV = Envelope("u-test", 7, 1700000000.5, "fanout")
 
 
 def sign(secret: bytes, body: bytes) -> bytes:
     return hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
 
 
+def enc(command: Command, secret: bytes | None = None, envelope: Envelope | None = None) -> bytes:
+    """Encode, with the standard envelope when signing."""
+    if envelope is None:
+        envelope = ENV if secret else protocol.NO_ENVELOPE
+    return protocol.encode(command, secret, envelope)
+
+
 def raw(header: dict[str, Any], payload: bytes = b"", sig: bytes = b"") -> bytes:
-    return b"v1;" + sig + b";" + orjson.dumps(header) + b"\n" + payload
+    return b"v2;" + sig + b";" + orjson.dumps(header) + b"\n" + payload
 
 
 # --------------------------------------------------------------------------- round trips
@@ -120,27 +144,70 @@ def raw(header: dict[str, Any], payload: bytes = b"", sig: bytes = b"") -> bytes
 @settings(max_examples=400)
 @given(commands, secrets)
 def test_every_command_round_trips(command: Command, secret: bytes | None) -> None:
-    message = protocol.encode(command, secret)
+    message = enc(command, secret)
     assert protocol.decode(message, secret) == command
+
+
+@settings(max_examples=300)
+@given(commands, envelopes, secrets)
+def test_envelopes_round_trip(command: Command, envelope: Envelope, secret: bytes | None) -> None:
+    message = protocol.open_message(
+        protocol.encode(command, secret, envelope), secret, None, envelope.namespace
+    )
+    assert message.command == command
+    expected_ns = envelope.namespace if secret else None  # the namespace travels only when signed
+    assert message.envelope == Envelope(envelope.origin, envelope.seq, envelope.sent_at, expected_ns)
 
 
 @given(commands)
 def test_signature_is_ignored_by_a_reader_without_secret(command: Command) -> None:
-    assert protocol.decode(protocol.encode(command, b"key")) == command
+    assert protocol.decode(enc(command, b"key")) == command
+
+
+def test_signing_needs_the_whole_envelope() -> None:
+    for envelope in (
+        protocol.NO_ENVELOPE,
+        Envelope("u-1", 1, 1700000000.0, None),
+        Envelope("u-1", 1, None, "ns"),
+        Envelope(None, 0, 1700000000.0, "ns"),
+    ):
+        with pytest.raises(PayloadError):
+            protocol.encode(Send(Target.all(), b"x"), b"key", envelope)
+
+
+def test_a_signed_header_without_its_envelope_is_rejected() -> None:
+    for missing in ("ns", "ts", "o"):
+        header = {"op": "send", "t": "all", "o": "u-1", "s": 1, "ts": 1700000000000, "ns": "fanout"}
+        del header[missing]
+        body = orjson.dumps(header) + b"\nx"
+        with pytest.raises(BadSignature, match="envelope"):
+            protocol.decode(b"v2;" + sign(SECRET, body) + b";" + body, SECRET)
+
+
+def test_a_command_signed_for_another_namespace_is_rejected() -> None:
+    message = protocol.encode(Send(Target.all(), b"x"), SECRET, Envelope("u-1", 1, 1700000000.0, "ns-a"))
+    assert isinstance(protocol.decode(message, SECRET, namespace="ns-a"), Send)
+    with pytest.raises(protocol.WrongNamespace) as info:
+        protocol.decode(message, SECRET, namespace="ns-b")
+    assert info.value.reason == "namespace"
+    # and renaming the namespace in the header breaks the signature
+    forged = message.replace(b'"ns":"ns-a"', b'"ns":"ns-b"')
+    with pytest.raises(BadSignature):
+        protocol.decode(forged, SECRET, namespace="ns-b")
 
 
 @pytest.mark.parametrize("kind", list(QueryKind))
 def test_each_query_kind_round_trips(kind: QueryKind) -> None:
     query = Query(kind, Request("7.abcd", "u-xyz"), "arg")
-    assert protocol.decode(protocol.encode(query)) == query
-    header = orjson.loads(protocol.encode(query).split(b"\n", 1)[0][4:])
+    assert protocol.decode(enc(query)) == query
+    header = orjson.loads(enc(query).split(b"\n", 1)[0][4:])
     assert header == {"op": "query", "q": kind.value, "arg": "arg", "rid": "7.abcd", "rto": "u-xyz"}
 
 
 @given(commands, secrets)
 def test_layout_prefix_signature_header_newline(command: Command, secret: bytes | None) -> None:
-    message = protocol.encode(command, secret)
-    assert message.startswith(b"v1;")
+    message = enc(command, secret)
+    assert message.startswith(b"v2;")
     sig, rest = message[3:].split(b";", 1)
     header, payload = rest.split(b"\n", 1)
     assert isinstance(orjson.loads(header), dict)
@@ -155,8 +222,11 @@ def test_layout_prefix_signature_header_newline(command: Command, secret: bytes 
 @given(st.binary(max_size=5000), secrets)
 def test_binary_payload_is_carried_raw(payload: bytes, secret: bytes | None) -> None:
     command = Send(Target.clients(CID), payload, binary=True)
-    message = protocol.encode(command, secret)
-    header = orjson.dumps({"op": "send", "t": "c", "n": [CID], "bin": True})
+    message = enc(command, secret)
+    header = {"op": "send", "t": "c", "n": [CID], "bin": True}
+    if secret:
+        header.update(o=ENV.origin, s=ENV.seq, ts=round(ENV.sent_at * 1000), ns=ENV.namespace)  # type: ignore[arg-type]
+    header = orjson.dumps(header)
     sig_len = 64 if secret else 0
     # no base64, no escaping: exactly prefix + signature + ';' + header + '\n' + payload
     assert len(message) == 3 + sig_len + 1 + len(header) + 1 + len(payload)
@@ -164,17 +234,17 @@ def test_binary_payload_is_carried_raw(payload: bytes, secret: bytes | None) -> 
 
 
 def test_payload_with_newlines_and_semicolons_survives() -> None:
-    payload = b"v1;;{}\n\n;;\nv2;x"
+    payload = b"v2;;{}\n\n;;\nv2;x"
     sent = Send(Target.groups("a;b\nc"), payload)
-    assert protocol.decode(protocol.encode(sent)).payload == payload
-    assert protocol.decode(protocol.encode(sent, b"k"), b"k") == sent
+    assert protocol.decode(enc(sent)).payload == payload
+    assert protocol.decode(enc(sent, b"k"), b"k") == sent
 
 
 def test_defaults_are_left_out_of_the_header() -> None:
-    message = protocol.encode(Send(Target.all(), b"x"))
-    assert message == b'v1;;{"op":"send","t":"all"}\nx'
-    message = protocol.encode(Close(Target.flags("u1")))
-    assert message == b'v1;;{"op":"close","t":"f","n":["u1"],"code":1000}\n'
+    message = enc(Send(Target.all(), b"x"))
+    assert message == b'v2;;{"op":"send","t":"all"}\nx'
+    message = enc(Close(Target.flags("u1")))
+    assert message == b'v2;;{"op":"close","t":"f","n":["u1"],"code":1000}\n'
 
 
 def test_empty_names_are_allowed() -> None:
@@ -184,7 +254,56 @@ def test_empty_names_are_allowed() -> None:
         JoinGroup("", ("",)),
         Query(QueryKind.GROUPS, Request("", "")),
     ):
-        assert protocol.decode(protocol.encode(command)) == command
+        assert protocol.decode(enc(command)) == command
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+def test_nesting_limit_is_the_same_both_ways() -> None:
+    assert protocol.decode(enc(SetSession(CID, _nested(protocol.MAX_DEPTH)))) is not None
+    with pytest.raises(PayloadError, match="deeper"):
+        enc(SetSession(CID, _nested(protocol.MAX_DEPTH + 1)))
+    with pytest.raises(PayloadError, match="deeper"):
+        enc(Reply("1", "n.b", [_nested(protocol.MAX_DEPTH)]))
+    # a 300-deep session from a rogue publisher is refused on arrival, not stored and unreadable later
+    deep = b'{"k":' * 299 + b"{}" + b"}" * 299  # orjson itself cannot even write this deep
+    message = b'v2;;{"op":"session","c":"%s","data":%s}\n' % (CID.encode(), deep)
+    with pytest.raises(ProtocolError, match="deeper"):
+        protocol.decode(message)
+
+
+def test_heartbeat_ttl_is_bounded() -> None:
+    info = NodeInfo("n.b", "n", 0, protocol.MAX_TTL)
+    assert protocol.decode(enc(Heartbeat(info))) == Heartbeat(info)
+    with pytest.raises(PayloadError):
+        enc(Heartbeat(NodeInfo("n.b", "n", 0, protocol.MAX_TTL + 1)))
+    forged = raw({"op": "hb", "node": {"instance": "n.b", "node_id": "n", "connections": 0, "ttl": 1e9}})
+    with pytest.raises(ProtocolError, match="ttl"):
+        protocol.decode(forged)
+
+
+def test_name_lists_are_bounded() -> None:
+    many = tuple(f"g{i}" for i in range(protocol.MAX_NAMES + 1))
+    with pytest.raises(PayloadError):
+        enc(Send(Target.groups(*many), b"x"))
+    with pytest.raises(PayloadError):
+        enc(JoinGroup(CID, many))
+    with pytest.raises(ProtocolError):
+        protocol.decode(raw({"op": "send", "t": "g", "n": list(many)}))
+    enc(Send(Target.groups(*many[:-1]), b"x"))
+
+
+def test_lone_surrogates_are_refused_when_encoding() -> None:
+    with pytest.raises(PayloadError):
+        enc(Send(Target.groups("a\ud800"), b"x"))
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -202,7 +321,7 @@ def test_random_bytes_raise_only_protocol_errors(
 @settings(max_examples=500)
 @given(st.binary(max_size=200))
 def test_random_bytes_after_the_prefix_raise_only_protocol_errors(data: bytes) -> None:
-    for message in (b"v1;;" + data, b"v1;" + data):
+    for message in (b"v2;;" + data, b"v2;" + data):
         with contextlib.suppress(ProtocolError):
             protocol.decode(message)
 
@@ -210,7 +329,7 @@ def test_random_bytes_after_the_prefix_raise_only_protocol_errors(data: bytes) -
 ops = st.sampled_from(["send", "close", "join", "leave", "dissolve", "bind", "unbind", "session"])
 ops |= st.sampled_from(["query", "reply", "hb", "bye"])
 fields = st.sampled_from(["t", "n", "x", "mid", "bin", "code", "reason", "c", "g", "f", "data", "merge"])
-fields |= st.sampled_from(["q", "arg", "rid", "rto", "node", "res"])
+fields |= st.sampled_from(["q", "arg", "rid", "rto", "node", "res", "err", "o", "s", "ts", "ns"])
 
 
 @settings(max_examples=800)
@@ -223,12 +342,12 @@ def test_fuzzed_headers_decode_or_raise_protocol_error(
     except ProtocolError:
         return
     # whatever decodes is a well-typed command that encodes again
-    assert protocol.decode(protocol.encode(command)) == command
+    assert protocol.decode(enc(command)) == command
 
 
 # --------------------------------------------------------------------------- malformed input
 
-GOOD = protocol.encode(JoinGroup(CID, ("lobby",), Request("1.ab", "u-1")))
+GOOD = enc(JoinGroup(CID, ("lobby",), Request("1.ab", "u-1")))
 
 
 @pytest.mark.parametrize(
@@ -239,19 +358,19 @@ GOOD = protocol.encode(JoinGroup(CID, ("lobby",), Request("1.ab", "u-1")))
         b"v1",
         b"hello",
         b"{}",
-        b"V1;;{}\n",
-        b"v1;;",
-        b"v1;;{}",  # no newline after the header
-        b"v1;;{}\n",  # no op
-        b"v1;;[]\n",
-        b'v1;;"send"\n',
-        b'v1;;{"op":"send"\n',  # truncated JSON
-        b"v1;;\xff\xfe\n",
-        b'v1;;{"op":"nope"}\n',
-        b'v1;;{"op":5}\n',
-        b'v1;;{"op":null}\n',
-        b"v1;" + b"a" * 65 + b";{}\n",  # signature field longer than any signature
-        b"v1" + b"a" * 80,
+        b"V2;;{}\n",
+        b"v2;;",
+        b"v2;;{}",  # no newline after the header
+        b"v2;;{}\n",  # no op
+        b"v2;;[]\n",
+        b'v2;;"send"\n',
+        b'v2;;{"op":"send"\n',  # truncated JSON
+        b"v2;;\xff\xfe\n",
+        b'v2;;{"op":"nope"}\n',
+        b'v2;;{"op":5}\n',
+        b'v2;;{"op":null}\n',
+        b"v2;" + b"a" * 65 + b";{}\n",  # signature field longer than any signature
+        b"v2" + b"a" * 80,
     ],
 )
 def test_malformed_messages_are_rejected(data: bytes) -> None:
@@ -268,22 +387,23 @@ def test_every_truncation_of_a_header_is_rejected(cut: int) -> None:
 
 
 def test_every_truncation_of_a_signed_message_is_rejected() -> None:
-    message = protocol.encode(Send(Target.groups("lobby"), b"payload bytes"), b"k")
+    message = enc(Send(Target.groups("lobby"), b"payload bytes"), b"k")
     for cut in range(len(message)):
         with pytest.raises(ProtocolError):
             protocol.decode(message[:cut], b"k")
 
 
-@pytest.mark.parametrize("data", [b"v2;;{}\n", b"v0;;{}\n", b"v10;;{}\n", b"v1.1;;{}\n", b"v;"])
+@pytest.mark.parametrize("data", [b"v1;;{}\n", b"v0;;{}\n", b"v3;;{}\n", b"v20;;{}\n", b"v2.1;;{}\n", b"v;"])
 def test_other_versions_are_unsupported(data: bytes) -> None:
     with pytest.raises(UnsupportedVersion) as info:
         protocol.decode(data)
     assert info.value.reason == "version"
 
 
-def test_a_valid_v2_looking_command_is_unsupported() -> None:
-    with pytest.raises(UnsupportedVersion):
-        protocol.decode(b"v2" + GOOD[2:])
+def test_a_valid_v1_or_v3_looking_command_is_unsupported() -> None:
+    for version in (b"v1", b"v3"):
+        with pytest.raises(UnsupportedVersion):
+            protocol.decode(version + GOOD[2:])
 
 
 REQUIRED: dict[str, tuple[dict[str, Any], list[str], type]] = {
@@ -312,7 +432,7 @@ def test_minimal_headers_decode(op: str) -> None:
     header, _, expected = REQUIRED[op]
     command = protocol.decode(raw(header))
     assert type(command) is expected
-    assert protocol.decode(protocol.encode(command)) == command
+    assert protocol.decode(enc(command)) == command
 
 
 @pytest.mark.parametrize(("op", "key"), MISSING)
@@ -365,6 +485,13 @@ WRONG_TYPES = [
     ("query", "arg", 3),
     ("query", "rto", None),
     ("reply", "node", 3),
+    ("reply", "err", "oops"),
+    ("reply", "err", ["BackendError"]),
+    ("reply", "err", ["BackendError", 3]),
+    ("send", "o", 5),
+    ("send", "s", "1"),
+    ("send", "ts", 1.5),
+    ("send", "ns", 1),
     ("hb", "node", "n.b"),
     ("bye", "node", None),
 ]
@@ -379,7 +506,18 @@ def test_wrong_types_are_rejected(op: str, key: str, value: Any) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("connections", "3"), ("connections", 1.5), ("ttl", "3"), ("ttl", None), ("port", "80"), ("extra", [])],
+    [
+        ("connections", "3"),
+        ("connections", 1.5),
+        ("ttl", "3"),
+        ("ttl", None),
+        ("ttl", -1),
+        ("ttl", 61),
+        ("port", "80"),
+        ("mode", 1),
+        ("signed", "yes"),
+        ("extra", []),
+    ],
 )
 def test_wrong_types_in_heartbeat_are_rejected(key: str, value: Any) -> None:
     header = orjson.loads(orjson.dumps(REQUIRED["hb"][0]))
@@ -403,7 +541,7 @@ def test_valid_close_codes_are_accepted() -> None:
 # --------------------------------------------------------------------------- signing
 
 SECRET = b"s3cret"
-SIGNED = protocol.encode(Send(Target.groups("lobby"), b"hello", request=Request("1.a", "u-1")), SECRET)
+SIGNED = enc(Send(Target.groups("lobby"), b"hello", request=Request("1.a", "u-1")), SECRET)
 
 
 def test_signed_message_verifies() -> None:
@@ -411,14 +549,14 @@ def test_signed_message_verifies() -> None:
 
 
 def test_unsigned_message_is_rejected_when_a_secret_is_set() -> None:
-    unsigned = protocol.encode(Send(Target.groups("lobby"), b"hello"))
+    unsigned = enc(Send(Target.groups("lobby"), b"hello"))
     with pytest.raises(BadSignature, match="unsigned") as info:
         protocol.decode(unsigned, SECRET)
     assert info.value.reason == "signature"
 
 
 def test_message_signed_with_another_secret_is_rejected() -> None:
-    forged = protocol.encode(Send(Target.groups("lobby"), b"hello"), b"guess")
+    forged = enc(Send(Target.groups("lobby"), b"hello"), b"guess")
     with pytest.raises(BadSignature):
         protocol.decode(forged, SECRET)
 
@@ -446,16 +584,25 @@ def test_signature_is_lower_case_hex_and_case_sensitive() -> None:
 
 
 def test_hand_signed_message_verifies() -> None:
-    body = orjson.dumps({"op": "send", "t": "g", "n": ["lobby"]}) + b"\nhi"
-    message = b"v1;" + sign(SECRET, body) + b";" + body
-    assert protocol.decode(message, SECRET) == Send(Target.groups("lobby"), b"hi")
+    header = {
+        "op": "send",
+        "t": "g",
+        "n": ["lobby"],
+        "o": "php-1",
+        "s": 1,
+        "ts": 1700000000000,
+        "ns": "fanout",
+    }
+    body = orjson.dumps(header) + b"\nhi"
+    message = b"v2;" + sign(SECRET, body) + b";" + body
+    assert protocol.decode(message, SECRET, namespace="fanout") == Send(Target.groups("lobby"), b"hi")
 
 
 @settings(max_examples=200)
 @given(commands, st.binary(min_size=1, max_size=16))
 def test_any_other_secret_is_rejected(command: Command, other: bytes) -> None:
     # (not SECRET + other: HMAC pads short keys with zero bytes, so b's3cret\0' signs like b's3cret')
-    message = protocol.encode(command, other + SECRET)
+    message = enc(command, other + SECRET)
     with pytest.raises(BadSignature):
         protocol.decode(message, SECRET)
 
@@ -464,7 +611,7 @@ def test_any_other_secret_is_rejected(command: Command, other: bytes) -> None:
 
 
 def test_max_size_is_inclusive() -> None:
-    message = protocol.encode(Send(Target.all(), b"x" * 1000))
+    message = enc(Send(Target.all(), b"x" * 1000))
     assert isinstance(protocol.decode(message, max_size=len(message)), Send)
     with pytest.raises(MessageTooLarge) as info:
         protocol.decode(message, max_size=len(message) - 1)
@@ -481,16 +628,19 @@ def test_protocol_errors_belong_to_the_package_tree() -> None:
     for error in (ProtocolError, UnsupportedVersion, BadSignature, MessageTooLarge):
         assert issubclass(error, FanoutError)
         assert issubclass(error, ValueError)
-    assert protocol.VERSION == 1
+    assert protocol.VERSION == 2
+    assert issubclass(protocol.WrongNamespace, BadSignature)
 
 
 # --------------------------------------------------------------------------- test vectors
 
-VECTORS_FILE = Path(__file__).parent / "vectors" / "protocol_v1.json"
+VECTORS_FILE = Path(__file__).parent / "vectors" / "protocol_v2.json"
 OTHER = "node-2.lq2x8k1d9z8y7x6w.2a"
 RID = Request("1c.0f3a9b2e", "u-lq2x8k0czz00aa11")
+#: the envelope of the stamped and signed vectors: sender, its 42nd message, 2023-11-14T22:13:20.123Z
+STAMP = Envelope("u-lq2x8k0czz00aa11", 42, 1700000000.123, "fanout")
 
-#: name -> (the command the vector encodes, the secret it is signed with)
+#: name -> (the command the vector encodes, the secret it is signed with); see VECTOR_ENVELOPES
 VECTOR_COMMANDS: dict[str, tuple[Command, str | None]] = {
     "send-text-to-group": (Send(Target.groups("lobby"), b'{"text":"hi"}'), None),
     "send-text-to-groups-deduped": (
@@ -517,6 +667,10 @@ VECTOR_COMMANDS: dict[str, tuple[Command, str | None]] = {
     "query-group-clients": (Query(QueryKind.GROUP_CLIENTS, RID, "lobby"), None),
     "reply": (Reply(RID.id, "node-1.lq2x8k0c0a1b2c3d", {"count": 2, "ids": [CID]}), None),
     "reply-bool": (Reply(RID.id, "node-1.lq2x8k0c0a1b2c3d", True), None),
+    "reply-error": (
+        Reply(RID.id, "node-1.lq2x8k0c0a1b2c3d", None, ("BackendError", "Redis refused subscribe: NOPERM")),
+        None,
+    ),
     "heartbeat": (
         Heartbeat(
             NodeInfo(
@@ -527,14 +681,23 @@ VECTOR_COMMANDS: dict[str, tuple[Command, str | None]] = {
                 started_at=1700000000.5,
                 host="10.0.0.5",
                 port=8765,
+                mode="routing",
+                signed=False,
             )
         ),
         None,
     ),
     "bye": (Bye("node-1.lq2x8k0c0a1b2c3d"), None),
+    "stamped-send-to-group": (Send(Target.groups("lobby"), b'{"text":"hi"}'), None),
     "signed-send-to-group": (Send(Target.groups("lobby"), b'{"text":"hi"}'), "s3cret"),
     "signed-close-by-flag": (Close(Target.flags("user-42"), 1008, "policy"), "s3cret"),
 }
+#: the vectors that carry an envelope (every signed one must)
+VECTOR_ENVELOPES = {"stamped-send-to-group", "signed-send-to-group", "signed-close-by-flag"}
+
+
+def vector_envelope(name: str) -> Envelope:
+    return STAMP if name in VECTOR_ENVELOPES else protocol.NO_ENVELOPE
 
 
 #: name -> what the vector means, for a reader of the vectors file
@@ -558,10 +721,15 @@ VECTOR_DESCRIPTIONS = {
     "query-group-clients": "ask every node for the client ids of its members of group lobby",
     "reply": "a node's answer (a JSON object) to request 1c.0f3a9b2e",
     "reply-bool": "a node's answer true to request 1c.0f3a9b2e",
-    "heartbeat": "node instance node-1.lq2x8k0c0a1b2c3d is alive with 2 connections; dead if silent for 3 s",
+    "reply-error": "a node could not do what request 1c.0f3a9b2e asked: the broker refused a subscription",
+    "heartbeat": "node instance node-1.lq2x8k0c0a1b2c3d (routing mode, unsigned) is alive with 2 connections; "
+    "dead if silent for 3 s",
     "bye": "node instance node-1.lq2x8k0c0a1b2c3d leaves cleanly",
-    "signed-send-to-group": "send-text-to-group signed with the secret s3cret",
-    "signed-close-by-flag": "close flag user-42 with code 1008 and reason policy, signed with s3cret",
+    "stamped-send-to-group": "send-text-to-group with an envelope: sender u-lq2x8k0czz00aa11, its message 42, "
+    "sent at 1700000000.123",
+    "signed-send-to-group": "stamped-send-to-group signed with the secret s3cret for namespace fanout",
+    "signed-close-by-flag": "close flag user-42 with code 1008 and reason policy, stamped like "
+    "stamped-send-to-group, signed with s3cret for namespace fanout",
 }
 
 
@@ -580,7 +748,7 @@ def make_vectors() -> list[dict[str, Any]]:
     """What the vectors file holds; run this module as a script to rewrite it (then review it)."""
     out = []
     for name, (command, secret) in VECTOR_COMMANDS.items():
-        data = protocol.encode(command, secret.encode() if secret else None)
+        data = protocol.encode(command, secret.encode() if secret else None, vector_envelope(name))
         vector: dict[str, Any] = {"name": name, "command": VECTOR_DESCRIPTIONS[name], "secret": secret}
         try:
             vector["text"] = data.decode()
@@ -605,13 +773,19 @@ def test_vector_decodes_to_the_command(vector: dict[str, Any]) -> None:
     command, secret = VECTOR_COMMANDS[vector["name"]]
     assert vector["secret"] == secret
     key = secret.encode() if secret else None
-    assert protocol.decode(vector_bytes(vector), key) == command
+    message = protocol.open_message(vector_bytes(vector), key, None, "fanout")
+    assert message.command == command
+    envelope = vector_envelope(vector["name"])
+    assert message.envelope == (
+        envelope if key else Envelope(envelope.origin, envelope.seq, envelope.sent_at)
+    )
 
 
 @pytest.mark.parametrize("vector", load_vectors(), ids=lambda v: v["name"])
 def test_command_encodes_to_the_vector(vector: dict[str, Any]) -> None:
     command, secret = VECTOR_COMMANDS[vector["name"]]
-    assert protocol.encode(command, secret.encode() if secret else None) == vector_bytes(vector)
+    key = secret.encode() if secret else None
+    assert protocol.encode(command, key, vector_envelope(vector["name"])) == vector_bytes(vector)
 
 
 def test_signed_vectors_fail_under_another_secret() -> None:

@@ -25,7 +25,7 @@ async def test_the_readme_example_runs_against_a_real_node(tmp_path: Path) -> No
     (example,) = _blocks("python")
     redis = start_redis(tmp_path)
     try:
-        node = start_node(tmp_path, {"FANOUT_URL": redis.url})  # the demo chat: clients join "lobby"
+        node = start_node(tmp_path, {"FANOUT_URL": redis.url})  # tests.apps.lobby: clients join "lobby"
         ws, _client_id = await client(node.port)
         await asyncio.sleep(0.2)
         script = tmp_path / "example.py"

@@ -30,7 +30,6 @@ import abc
 import asyncio
 import inspect
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from ..config import Settings
@@ -112,13 +111,8 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         """For logs: backend, URL without its password, mode and inbox."""
-        url, mode = redact(self.settings.url), self.settings.mode
+        url, mode = self.settings.where, self.settings.mode
         return f"{type(self).__name__}({url!r}, mode={mode}, inbox={self.inbox!r})"
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (it goes into logs and error messages)."""
-    return re.sub(r"(://[^:/@,]*):[^@/]*@", r"\1:***@", url)
 
 
 def fire_and_forget_guard(task: asyncio.Task[object]) -> None:

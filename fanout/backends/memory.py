@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from ..config import Settings
 from ..exceptions import NotConnected
-from ..naming import Address
+from ..naming import ALL, Address
 from .base import Backend, MessageHandler
 
 
@@ -34,6 +34,11 @@ class MemoryHub:
             if hub is None:
                 hub = cls._hubs[url] = MemoryHub()
             return hub
+
+    def serves_nodes(self) -> bool:
+        """Whether a node runs on this hub (nodes, and only nodes, subscribe to ``all``)."""
+        with self._lock:
+            return bool(self.subscribers.get(ALL))
 
     def publish(self, address: Address, message: bytes) -> int:
         with self._lock:

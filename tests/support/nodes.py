@@ -118,8 +118,14 @@ def start_node(
     port: int | None = None,
     wait: bool = True,
 ) -> NodeProcess:
-    """Start a node subprocess with FANOUT_* settings from ``env`` on a free port."""
+    """Start a node subprocess with FANOUT_* settings from ``env`` on a free port.
+
+    Without ``app`` (or FANOUT_APP in ``env``) the node runs :mod:`tests.apps.lobby` (guests in
+    ``lobby``); pass ``app="node.app:DemoChat"`` for the real demo with its token admission.
+    """
     port = port or free_port()
+    if app is None and "FANOUT_APP" not in env:
+        app = "tests.apps.lobby:app"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
     full_env.update({"FANOUT_PORT": str(port), "FANOUT_HEARTBEAT_INTERVAL": "0.5", **env})
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))

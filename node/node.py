@@ -2,33 +2,31 @@
 
 Run it with ``python -m node`` or ``fanout-node`` (configured by the FANOUT_* environment variables, see
 the README), or embed it: ``node = Node(settings, NodeOptions(port=0)); await node.start()``.
+
+Who owns what: the :class:`~fanout.table.ConnectionTable` owns membership and sessions (and answers
+queries), each :class:`~node.connection.Connection` owns its output, the
+:class:`~fanout.receive.Receiver` turns bus bytes into commands to apply, and :mod:`node.http` answers
+HTTP requests and decides who may open a websocket. The node ties them together.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
-import signal
 import socket
-import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
-from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
-from fanout import naming, protocol, routing
+from fanout import naming, protocol
+from fanout.admission import Admit, ConnectRequest
 from fanout.backends import create_backend
 from fanout.commands import (
     Bind,
@@ -52,27 +50,44 @@ from fanout.commands import (
     Request as BusRequest,
 )
 from fanout.config import Settings, env_flag, env_number, validate_name
-from fanout.exceptions import ConfigError, FanoutError, ProtocolError
-from fanout.ids import ClientIds, instance_id, owner_of
+from fanout.exceptions import ConfigError, FanoutError, MessageTooLarge
+from fanout.ids import ClientIds, instance_id
+from fanout.receive import Receiver
 from fanout.serverutil import ServerUtil
 from fanout.table import Change, ConnectionTable
 
 from .app import DemoChat, load_app
-from .connection import Connection
+from .connection import ClientSocket, Connection
 from .frames import encode_frame
+from .http import HttpSide
 from .metrics import Metrics
 
 log = logging.getLogger("fanout.node")
 
-_OWNER_QUERIES = frozenset({QueryKind.EXISTS, QueryKind.SESSION, QueryKind.FLAG_OF})
-#: how many recent dedupe ids a node remembers (commands published on several addresses)
-_DEDUPE_MEMORY = 4096
+#: close code for a client over FANOUT_CLIENT_RATE (policy violation)
+RATE_LIMIT_CLOSE = 1008
+#: close code when on_open raised (internal error)
+APP_ERROR_CLOSE = 1011
+#: close code when the identity Admit asked for could not be applied on the broker (try again later)
+ADMIT_FAILED_CLOSE = 1013
 
 
 def default_node_id() -> str:
     """``<hostname>-<pid>``, made of the characters a node id may have."""
     host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "node"
     return f"{host}-{os.getpid()}"
+
+
+def _origins(raw: str) -> frozenset[str] | None:
+    items = frozenset(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    if not items or "*" in items:
+        return None
+    for origin in items:
+        if "://" not in origin:
+            raise ConfigError(
+                "FANOUT_ALLOWED_ORIGINS", f"{origin!r} is not an origin (scheme://host[:port]) or '*'"
+            )
+    return items
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +101,15 @@ class NodeOptions:
     # -- application
     app: str = ""  #: "module:attr"; the demo chat when empty
     welcome: bool = True  #: send {"type":"welcome","client_id":...} on connect
+    # -- admission
+    allowed_origins: frozenset[str] | None = None  #: browser origins accepted; None = any
+    accept_rate: float = 500.0  #: new connections per second (bursts of as many); 0 = no limit
+    handshake_timeout: float = 10.0  #: seconds a client has to complete the opening handshake
     # -- limits
     max_frame: int = 1024 * 1024  #: biggest frame a client may send; bigger ones close with 1009
     send_buffer: int = 1024 * 1024  #: bytes a connection may have waiting; over that it is cut off
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
+    client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
     # -- keepalive
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -108,9 +128,13 @@ class NodeOptions:
             port=port,
             app=env.get("FANOUT_APP", ""),
             welcome=env_flag(env, "FANOUT_WELCOME", True),
+            allowed_origins=_origins(env.get("FANOUT_ALLOWED_ORIGINS") or "*"),
+            accept_rate=env_number(env, "FANOUT_ACCEPT_RATE", 500.0, float),
+            handshake_timeout=env_number(env, "FANOUT_HANDSHAKE_TIMEOUT", 10.0, float, positive=True),
             max_frame=env_number(env, "FANOUT_MAX_FRAME", 1024 * 1024, int),
             send_buffer=env_number(env, "FANOUT_SEND_BUFFER", 1024 * 1024, int),
             max_connections=env_number(env, "FANOUT_MAX_CONNECTIONS", 0, int),
+            client_rate=env_number(env, "FANOUT_CLIENT_RATE", 100.0, float),
             ping_interval=env_number(env, "FANOUT_PING_INTERVAL", 20.0, float),
             ping_timeout=env_number(env, "FANOUT_PING_TIMEOUT", 20.0, float),
         )
@@ -131,17 +155,29 @@ class Node:
         self.instance = instance_id(options.node_id)
         self.table: ConnectionTable[Connection] = ConnectionTable(self.instance, settings.mode)
         self.backend = create_backend(settings, inbox=self.instance)
-        self.util = ServerUtil.attached(settings, self.backend, self.instance)
+        self.encoder = protocol.Encoder(self.instance, settings.namespace, settings.secret)
+        self.util = ServerUtil.attached(settings, self.backend, self.instance, self.encoder)
         self.metrics = Metrics()
+        self.receiver = Receiver(
+            secret=settings.secret,
+            namespace=settings.namespace,
+            max_message=settings.max_message,
+            replay_window=settings.replay_window,
+        )
+        # the receiver counts into the node's metrics directly
+        self.receiver.dropped = self.metrics.dropped
+        self.receiver.lag = self.metrics.lag
+        self.http = HttpSide(self)
         self.started_at = time.time()
         self._client_ids = ClientIds(self.instance)
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscription_lock = asyncio.Lock()
-        self._seen: OrderedDict[str, None] = OrderedDict()
         self._arrived: list[bytes] = []  #: bus messages received in this loop iteration
-        #: while a batch of commands is applied: frames held per connection (see Connection.push)
-        self.cork: dict[Connection, list[bytes]] | None = None
+        #: True while a batch of commands is applied: connections hold their frames (Connection.push)
+        self.batching = False
+        #: connections holding frames of the current batch, flushed when it ends
+        self.dirty: list[Connection] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._register_gauges()
 
@@ -156,7 +192,9 @@ class Node:
             self._serve_client,
             self.options.host,
             self.options.port,
-            process_request=self._process_request,
+            process_request=self.http.process_request,
+            create_connection=self._socket_class(),
+            open_timeout=self.options.handshake_timeout,
             max_size=self.options.max_frame,
             ping_interval=self.options.ping_interval or None,
             ping_timeout=self.options.ping_timeout or None,
@@ -174,6 +212,14 @@ class Node:
             self.backend.describe(),
         )
 
+    def _socket_class(self) -> type[ClientSocket]:
+        """This node's websocket connection class: it counts handshakes cut short into our metrics."""
+
+        def timed_out() -> None:
+            self.metrics.handshake_timeouts += 1
+
+        return type("NodeClientSocket", (ClientSocket,), {"on_handshake_timeout": staticmethod(timed_out)})
+
     @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
@@ -187,6 +233,8 @@ class Node:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self._server is not None:
+            for conn in list(self.table.connections.values()):
+                conn.flush()
             self._server.close(close_connections=True)  # 1001 going away
             await self._server.wait_closed()
         with contextlib.suppress(FanoutError):
@@ -216,7 +264,9 @@ class Node:
             started_at=self.started_at,
             host=self.options.host,
             port=self.port,
-            extra={"healthy": self.backend.healthy, "mode": self.settings.mode.value},
+            mode=self.settings.mode.value,
+            signed=self.settings.secret is not None,
+            extra={"healthy": self.backend.healthy},
         )
 
     async def _heartbeats(self) -> None:
@@ -230,37 +280,24 @@ class Node:
     async def _on_reconnect(self) -> None:
         await self._call_app("on_reconnect", self)
 
-    # ------------------------------------------------------------------ HTTP side
-
-    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            if self.options.max_connections and len(self.table) >= self.options.max_connections:
-                self.metrics.connections_refused += 1
-                return connection.respond(503, "too many connections\n")
-            return None
-        path = request.path.split("?", 1)[0]
-        if path == "/healthz":
-            healthy = self.backend.healthy
-            return connection.respond(200 if healthy else 503, "ok\n" if healthy else "backend down\n")
-        if path == "/metrics":
-            return _response(connection, 200, self.metrics.render().encode(), "text/plain; version=0.0.4")
-        if path in ("/", "/index.html"):
-            return _response(connection, 200, _demo_page(), "text/html; charset=utf-8")
-        return connection.respond(404, "not found\n")
-
     # ------------------------------------------------------------------ websocket side
 
-    async def _serve_client(self, websocket: ServerConnection) -> None:
-        conn = Connection(self, websocket, self._client_ids.next())
+    async def _serve_client(self, server_connection: ServerConnection) -> None:
+        websocket = cast(ClientSocket, server_connection)  # serve() builds them with _socket_class()
+        request, admit = websocket.admission or (ConnectRequest("/"), None)
+        conn = Connection(self, websocket, self._client_ids.next(), request)
         self.table.add(conn.client_id, conn)
+        websocket.fanout = conn
         self.metrics.connections_opened += 1
         try:
+            if admit is not None and not await self._admit(conn, admit):
+                return
             if self.options.welcome:
                 conn.push(encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode()))
-            await self._call_app("on_open", conn)
-            async for data in websocket:
-                self.metrics.client_messages += 1
-                await self._call_app("on_message", conn, data)
+            if not await self._call_app("on_open", conn):
+                conn.start_close(APP_ERROR_CLOSE, "application error")
+                return
+            await self._read(conn, websocket)
         except ConnectionClosed:
             pass  # normal end of a connection
         finally:
@@ -268,27 +305,62 @@ class Node:
             self.metrics.connections_closed += 1
             await self._call_app("on_close", conn)
 
+    async def _admit(self, conn: Connection, admit: Admit) -> bool:
+        """Apply the identity ``on_connect`` gave: session, flag, groups (subscriptions confirmed)."""
+        table = self.table
+        if admit.session is not None:
+            table.sessions[conn.client_id] = dict(admit.session)
+        try:
+            if admit.flag is not None:
+                await self.apply_change(table.bind(conn.client_id, admit.flag))
+            if admit.groups:
+                await self.apply_change(table.join(conn.client_id, tuple(admit.groups)))
+        except FanoutError as exc:
+            log.warning("client %s: admission identity not applied: %s", conn.client_id, exc)
+            conn.start_close(ADMIT_FAILED_CLOSE, "try again later")
+            return False
+        return True
+
+    async def _read(self, conn: Connection, websocket: ClientSocket) -> None:
+        rate = conn.rate
+        loop = asyncio.get_running_loop()
+        metrics = self.metrics
+        on_message = getattr(self.app, "on_message", None)
+        async for data in websocket:
+            metrics.client_messages += 1
+            if rate is not None and not rate.take(loop.time()):
+                metrics.rate_limit_closes += 1
+                conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
+                return
+            if on_message is not None:
+                await self._call_app("on_message", conn, data)
+
     def forget(self, conn: Connection) -> None:
         """Take ``conn`` out of the table (idempotent) and drop subscriptions nobody needs now."""
         if self.table.get(conn.client_id) is conn:
+            conn.keep_last_session()
             change = self.table.remove(conn.client_id)
             if not change.empty:
                 self.spawn(self.apply_change(change), "unsubscribe")
 
-    async def _call_app(self, hook: str, *args: Any) -> None:
+    async def _call_app(self, hook: str, *args: Any) -> bool:
+        """Run an application hook; False if it raised (logged and counted: an app bug must not take
+        the node down)."""
         method = getattr(self.app, hook, None)
         if method is None:
-            return
+            return True
         try:
             await method(*args)
-        except Exception:  # an app bug must not take the node down; it is logged and counted
+        except Exception:
             self.metrics.app_errors += 1
             log.exception("application hook %s failed", hook)
+            return False
+        return True
 
     # ------------------------------------------------------------------ bus side
 
     def _encode(self, command: Command) -> bytes:
-        return protocol.encode(command, self.settings.secret)
+        return self.encoder.encode(command, time.time())
 
     def _on_bus_message(self, raw: bytes) -> None:
         # Collect what arrives within one loop iteration and apply it together, each publisher's
@@ -300,39 +372,21 @@ class Node:
 
     def _apply_arrived(self) -> None:
         batch, self._arrived = self._arrived, []
-        commands = [c for c in map(self._decode, batch) if c is not None]
-        # several commands: hold each connection's frames and write them in one go at the end
-        self.cork = {} if len(commands) > 1 else None
+        commands = self.receiver.take(batch, time.time())
+        # several commands: connections hold their frames and write them in one go at the end
+        self.batching = len(commands) > 1
         try:
-            for command in routing.in_publisher_order(commands):
-                dedupe_id = getattr(command, "dedupe_id", None)
-                if dedupe_id is not None and self._already_seen(dedupe_id):
-                    continue
+            for command in commands:
                 try:
                     self._apply(command)
                 except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
                     self.metrics.dropped["error"] += 1
                     log.exception("applying %r failed", command)
         finally:
-            corked, self.cork = self.cork, None
-            for conn, frames in (corked or {}).items():
-                conn.write_now(frames)
-
-    def _decode(self, raw: bytes) -> Command | None:
-        try:
-            return protocol.decode(raw, self.settings.secret, self.settings.max_message)
-        except ProtocolError as exc:
-            self.metrics.dropped[exc.reason] += 1
-            log.debug("dropped bus message: %s", exc)
-            return None
-
-    def _already_seen(self, dedupe_id: str) -> bool:
-        if dedupe_id in self._seen:
-            return True
-        self._seen[dedupe_id] = None
-        if len(self._seen) > _DEDUPE_MEMORY:
-            self._seen.popitem(last=False)
-        return False
+            self.batching = False
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn.flush()
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -363,12 +417,17 @@ class Node:
         if not conns:
             return 0
         frame = encode_frame(command.payload, command.binary)
-        return sum(conn.push(frame) for conn in conns)
+        reached = 0
+        for conn in conns:
+            if conn.push(frame):
+                reached += 1
+        self.metrics.count_frames(reached, reached * len(frame))
+        return reached
 
     def _membership(self, command: JoinGroup | LeaveGroup | Bind | Unbind | SetSession) -> None:
-        if owner_of(command.client_id) != self.instance:
-            return  # fanout mode: every node hears it, only the owner applies and answers
         table = self.table
+        if not table.owns(command.client_id):
+            return  # fanout mode: every node hears it, only the owner applies and answers
         change: Change
         match command:
             case JoinGroup():
@@ -380,13 +439,12 @@ class Node:
             case Unbind():
                 change = table.unbind(command.client_id)
             case SetSession():
-                found = command.client_id in table
-                if found:
-                    session = table.sessions.setdefault(command.client_id, {})
+                session = table.sessions.get(command.client_id)
+                if session is not None:
                     if not command.merge:
                         session.clear()
                     session.update(command.data)
-                change = Change(found)
+                change = Change(session is not None)
         self.metrics.commands[type(command).__name__.lower()] += 1
         self._change_then_reply(change, command.request, change.found)
 
@@ -396,7 +454,12 @@ class Node:
             return
 
         async def apply_then_reply() -> None:
-            await self.apply_change(change)
+            try:
+                await self.apply_change(change)
+            except FanoutError as exc:  # the broker refused the subscription: the caller must know
+                log.warning("membership change not applied on the broker: %s", exc)
+                await self._send_reply(request, error=exc)
+                return
             await self._send_reply(request, result)
 
         self.spawn(apply_then_reply(), "membership")
@@ -412,47 +475,45 @@ class Node:
                 await self.backend.unsubscribe(change.unsubscribe)
 
     def _answer(self, query: Query) -> None:
-        if query.kind in _OWNER_QUERIES and owner_of(query.arg) != self.instance:
+        if not self.table.answers(query.kind, query.arg):
             return  # only the owning node answers about one connection
-        self._reply(query.request, self._query_result(query.kind, query.arg))
-
-    def _query_result(self, kind: QueryKind, arg: str) -> Json:
-        table = self.table
-        match kind:
-            case QueryKind.EXISTS:
-                return arg in table
-            case QueryKind.SESSION:
-                return table.sessions.get(arg)
-            case QueryKind.FLAG_OF:
-                return table.flag_of(arg)
-            case QueryKind.FLAG_EXISTS:
-                return bool(table.flag_holders(arg))
-            case QueryKind.FLAG_CLIENTS:
-                return sorted(table.flag_holders(arg))
-            case QueryKind.CONNECTIONS:
-                return len(table)
-            case QueryKind.GROUP_COUNT:
-                return len(table.group_members(arg))
-            case QueryKind.GROUP_CLIENTS:
-                return sorted(table.group_members(arg))
-            case QueryKind.GROUPS:
-                return table.group_names()
-            case QueryKind.NODE:
-                return self.info().record()
+        if query.kind is QueryKind.NODE:
+            self._reply(query.request, self.info().record())
+        else:
+            self._reply(query.request, self.table.answer(query.kind, query.arg))
 
     def _reply(self, request: BusRequest | None, result: Json) -> None:
         if request is not None:
             self.spawn(self._send_reply(request, result), "reply")
 
-    async def _send_reply(self, request: BusRequest | None, result: Json) -> None:
+    async def _send_reply(
+        self, request: BusRequest | None, result: Json = None, error: FanoutError | None = None
+    ) -> None:
         if request is None:
             return
-        message = self._encode(Reply(request.id, self.instance, result))
+        message = self._encode_reply(request, result, error)
         try:
             await self.backend.publish(naming.inbox(request.reply_to), message)
         except FanoutError as exc:  # the requester will time out and name this node; count it here
             self.metrics.reply_failures += 1
             log.warning("reply to %s not published: %s", request.reply_to, exc)
+
+    def _encode_reply(self, request: BusRequest, result: Json, error: FanoutError | None) -> bytes:
+        """The reply, or, if the answer cannot travel (too deep, too big), an error saying why."""
+        if error is None:
+            try:
+                message = self._encode(Reply(request.id, self.instance, result))
+            except FanoutError as exc:
+                error = exc
+            else:
+                if len(message) <= self.settings.max_message:
+                    return message
+                error = MessageTooLarge(
+                    f"the answer is {len(message)} bytes, more than FANOUT_MAX_MESSAGE "
+                    f"({self.settings.max_message})"
+                )
+        detail = (type(error).__name__, str(error))
+        return self._encode(Reply(request.id, self.instance, None, detail))
 
     def _register_gauges(self) -> None:
         m, b = self.metrics, self.backend
@@ -466,97 +527,8 @@ class Node:
         )
         m.gauge("fanout_backend_reconnects_total", "Successful backend reconnections.", lambda: b.reconnects)
         m.gauge("fanout_backend_outages_total", "Backend link losses.", lambda: b.outages)
-
-
-@functools.cache
-def _demo_page() -> bytes:
-    return resources.files("node").joinpath("static/index.html").read_bytes()
-
-
-def _response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
-    response = connection.respond(status, "")
-    headers = Headers(response.headers)
-    del headers["Content-Type"]
-    del headers["Content-Length"]
-    headers["Content-Type"] = content_type
-    headers["Content-Length"] = str(len(body))
-    response.headers = headers
-    response.body = body
-    return response
-
-
-# ---------------------------------------------------------------------- process entry point
-
-
-def _configure_logging(level: str) -> None:
-    level = level.strip().upper() or "INFO"
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(
-            "FANOUT_LOG_LEVEL", f"{level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        m.gauge(
+            "fanout_replay_senders",
+            "Signing senders whose recent message counts the node remembers (replay guard).",
+            lambda: len(self.receiver.guard),
         )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":
-        # websockets logs every connection and handshake at INFO: too much at scale; aiormq logs each
-        # lost link with a traceback at WARNING, while the backend already reports the outage in one line
-        logging.getLogger("websockets").setLevel(logging.WARNING)
-        logging.getLogger("aiormq").setLevel(logging.ERROR)
-
-
-def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """``asyncio.run`` or ``uvloop.run`` as FANOUT_EVENT_LOOP says (auto: uvloop when installed)."""
-    choice = choice.strip().lower() or "auto"
-    if choice not in ("auto", "uvloop", "asyncio"):
-        raise ConfigError("FANOUT_EVENT_LOOP", f"{choice!r} is not one of 'auto', 'uvloop', 'asyncio'")
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError("FANOUT_EVENT_LOOP", "uvloop is not installed") from None
-        else:
-            return uvloop.run
-    return asyncio.run
-
-
-async def run(settings: Settings, options: NodeOptions, app: object | None = None) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
-    node = Node(settings, options, app)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await node.start()
-    print(
-        f"fanout node {node.options.node_id} on ws://{options.host}:{node.port}/ "
-        f"({settings.backend.value}, {settings.mode.value} mode)",
-        flush=True,
-    )
-    await stop.wait()
-    log.info("shutting down")
-    await node.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fanout-node", description="Run a fanout websocket node.")
-    parser.add_argument("--app", help="application object, module:attr (default: FANOUT_APP or demo chat)")
-    parser.add_argument("--host", help="listen address (default: FANOUT_HOST or 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="listen port (default: FANOUT_PORT or 8765)")
-    args = parser.parse_args(argv)
-    try:
-        _configure_logging(os.environ.get("FANOUT_LOG_LEVEL", "INFO"))
-        settings = Settings.from_env()
-        options = NodeOptions.from_env()
-        overrides = {
-            k: v for k, v in (("app", args.app), ("host", args.host), ("port", args.port)) if v is not None
-        }
-        options = replace(options, **overrides)
-        app = load_app(options.app) if options.app else None  # fail at start, not at first use
-        runner = _event_loop_runner(os.environ.get("FANOUT_EVENT_LOOP", "auto"))
-    except ConfigError as exc:
-        print(f"fanout-node: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        runner(run(settings, options, app))
-    except FanoutError as exc:
-        print(f"fanout-node: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None

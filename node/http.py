@@ -1,0 +1,147 @@
+"""The node's HTTP side: its endpoints, and the gate every websocket handshake passes before the upgrade.
+
+Endpoints: ``GET /healthz`` (200 while the backend subscription is live, else 503), ``GET /metrics``
+(Prometheus text), ``GET /`` (the demo page), and the small GET endpoints an application declares in
+``http_routes`` (``{path: async callable(request) -> (status, content type, body)}``). ``HEAD`` gets the
+same status and headers with no body; other methods get 405.
+
+The gate, in order: the browser ``Origin`` (``FANOUT_ALLOWED_ORIGINS``, else 403), the connection limit
+(``FANOUT_MAX_CONNECTIONS``, else 503), the accept rate (``FANOUT_ACCEPT_RATE``, else 503 with
+``Retry-After``), then the application's ``on_connect(request)``: ``None`` or an :class:`~fanout.Admit`
+accepts, :class:`~fanout.Reject` answers with its status, anything else with 500 (fail closed).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any, cast
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers as WsHeaders
+from websockets.http11 import Request, Response
+
+from fanout.admission import Admit, ConnectRequest, Reject, origin_allowed
+
+from .limits import TokenBucket
+from .metrics import render
+
+if TYPE_CHECKING:
+    from .connection import ClientSocket
+    from .node import Node
+
+log = logging.getLogger("fanout.node")
+
+#: what an application's ``http_routes`` handler returns: (status, content type, body)
+HttpAnswer = tuple[int, str, bytes]
+Route = Callable[[ConnectRequest], Awaitable[HttpAnswer]]
+
+
+@functools.cache
+def demo_page() -> bytes:
+    return resources.files("node").joinpath("static/index.html").read_bytes()
+
+
+class HttpSide:
+    """Answers a node's HTTP requests and admits (or refuses) its websocket clients."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._registry = node.metrics.registry()
+        rate = node.options.accept_rate
+        self._accepts = TokenBucket(rate, max(rate, 1.0), 0.0) if rate > 0 else None
+        self._routes: Mapping[str, Route] = getattr(node.app, "http_routes", None) or {}
+
+    async def process_request(self, server_connection: ServerConnection, request: Request) -> Response | None:
+        connection = cast("ClientSocket", server_connection)  # the node serves with its ClientSocket class
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._gate(connection, request)
+        method = getattr(request, "method", "GET")
+        if method not in ("GET", "HEAD"):
+            response = connection.respond(405, "method not allowed\n")
+            response.headers["Allow"] = "GET, HEAD"
+            return response
+        response = await self._endpoint(connection, request)
+        if method == "HEAD":
+            response.body = b""  # Content-Length stays that of the GET answer
+        return response
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _endpoint(self, connection: ClientSocket, request: Request) -> Response:
+        node = self.node
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            healthy = node.backend.healthy
+            return connection.respond(200 if healthy else 503, "ok\n" if healthy else "backend down\n")
+        if path == "/metrics":
+            return _response(
+                connection, 200, render(self._registry), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        if path in ("/", "/index.html"):
+            return _response(connection, 200, demo_page(), "text/html; charset=utf-8")
+        route = self._routes.get(path)
+        if route is not None:
+            try:
+                status, content_type, body = await route(_connect_request(connection, request))
+            except Exception:
+                node.metrics.app_errors += 1
+                log.exception("application route %s failed", path)
+                return connection.respond(500, "internal error\n")
+            return _response(connection, status, body, content_type)
+        return connection.respond(404, "not found\n")
+
+    # ------------------------------------------------------------------ the gate
+
+    async def _gate(self, connection: ClientSocket, request: Request) -> Response | None:
+        node, metrics, options = self.node, self.node.metrics, self.node.options
+        if not origin_allowed(request.headers.get("Origin"), options.allowed_origins):
+            metrics.origin_refusals += 1
+            return connection.respond(403, "origin not allowed\n")
+        if options.max_connections and len(node.table) >= options.max_connections:
+            metrics.connections_refused += 1
+            return connection.respond(503, "too many connections\n")
+        if self._accepts is not None and not self._accepts.take(connection.loop.time()):
+            metrics.accept_rate_refusals += 1
+            response = connection.respond(503, "too many new connections, retry shortly\n")
+            response.headers["Retry-After"] = "1"
+            return response
+        connect_request = _connect_request(connection, request)
+        on_connect = getattr(node.app, "on_connect", None)
+        admit: Any = None
+        if on_connect is not None:
+            try:
+                admit = await on_connect(connect_request)
+            except Reject as reject:
+                metrics.admission_rejects[str(reject.status)] += 1
+                return connection.respond(reject.status, f"{reject.reason}\n")
+            except Exception:
+                metrics.admission_errors += 1
+                log.exception("on_connect failed: refusing the client (fail closed)")
+                return connection.respond(500, "admission failed\n")
+            if admit is not None and not isinstance(admit, Admit):
+                metrics.admission_errors += 1
+                log.error("on_connect returned %r (expected None or fanout.Admit): refusing", admit)
+                return connection.respond(500, "admission failed\n")
+        connection.admission = (connect_request, admit)
+        return None
+
+
+def _connect_request(connection: ClientSocket, request: Request) -> ConnectRequest:
+    remote = connection.remote_address
+    host = str(remote[0]) if isinstance(remote, tuple) and remote else ""
+    return ConnectRequest.from_http(request.path, request.headers.raw_items(), host)
+
+
+def _response(connection: ClientSocket, status: int, body: bytes, content_type: str) -> Response:
+    response = connection.respond(status, "")
+    headers = WsHeaders(response.headers)
+    del headers["Content-Type"]
+    del headers["Content-Length"]
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    response.headers = headers
+    response.body = body
+    return response
