@@ -8,8 +8,11 @@ Examples::
     fanout stats
 
 Data is sent verbatim as one text frame (``--binary``: as a binary frame; ``-`` reads stdin). Results
-are printed as JSON. Exit status: 0 done, 1 the cluster or backend failed (message on stderr),
-2 bad usage or configuration.
+are printed as JSON. Before any command the CLI listens for the nodes' heartbeats (at most 1.5
+intervals) and stops if none is heard in the namespace or if they use another mode or secret. Exit
+status: 0 done, 1 the cluster or backend failed (no live nodes, unreachable broker; message on
+stderr), 2 bad usage or configuration (including a mode or secret that does not match the nodes',
+and ``memory://``, which reaches no node from a shell).
 """
 
 from __future__ import annotations
@@ -175,6 +178,9 @@ async def _stats(util: ServerUtil, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> Any:
     async with ServerUtil(settings=settings) as util:
+        # hear the nodes first: a wrong FANOUT_MODE, FANOUT_SECRET or FANOUT_NAMESPACE is reported
+        # (ConfigMismatch, NoLiveNodes) rather than published into the void with exit status 0
+        await util.check_cluster()
         return await action(util, args)
 
 

@@ -117,9 +117,20 @@ def validate_name(value: str, setting: str) -> str:
     return value
 
 
+_USERINFO = re.compile(r"(://[^:/@,]*):([^@/]*)@")
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``: the one place a URL is made fit for logs and errors."""
-    return re.sub(r"(://[^:/@,]*):[^@/]*@", r"\1:***@", url)
+    return _USERINFO.sub(r"\1:***@", url)
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (an error message) with the password of ``url`` and any URL's password replaced by ``***``."""
+    match = _USERINFO.search(url)
+    if match and match.group(2):
+        text = text.replace(match.group(2), "***")
+    return redact_url(text)
 
 
 #: longest heartbeat interval: a node's ttl (3 intervals) must stay within what the wire accepts
@@ -173,6 +184,10 @@ class Settings:
     def where(self) -> str:
         """The broker URL without its password, for messages."""
         return redact_url(self.url)
+
+    def redact(self, text: str) -> str:
+        """``text`` without the broker password (for error messages that quote a client library)."""
+        return redact(text, self.url)
 
     @classmethod
     def create(

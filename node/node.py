@@ -293,9 +293,11 @@ class Node:
             if admit is not None and not await self._admit(conn, admit):
                 return
             if self.options.welcome:
-                conn.push(encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode()))
+                welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
+                if conn.push(welcome):
+                    self.metrics.count_frames(1, len(welcome))
             if not await self._call_app("on_open", conn):
-                conn.start_close(APP_ERROR_CLOSE, "application error")
+                await conn.close(APP_ERROR_CLOSE, "application error")
                 return
             await self._read(conn, websocket)
         except ConnectionClosed:
@@ -317,7 +319,7 @@ class Node:
                 await self.apply_change(table.join(conn.client_id, tuple(admit.groups)))
         except FanoutError as exc:
             log.warning("client %s: admission identity not applied: %s", conn.client_id, exc)
-            conn.start_close(ADMIT_FAILED_CLOSE, "try again later")
+            await conn.close(ADMIT_FAILED_CLOSE, "try again later")
             return False
         return True
 
@@ -331,6 +333,8 @@ class Node:
             if rate is not None and not rate.take(loop.time()):
                 metrics.rate_limit_closes += 1
                 conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
+                async for _ in websocket:
+                    pass  # websockets reads only while we consume: let the client's close reply through
                 return
             if on_message is not None:
                 await self._call_app("on_message", conn, data)

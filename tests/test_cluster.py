@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from fanout import ServerUtil, protocol
 from fanout.commands import Send, Target
 from fanout.naming import safe_segment
-from tests.support.nodes import NodeProcess, client, http_get, nothing_more, recv, scaled, start_node
+from tests.support.nodes import NodeProcess, client, http_get, metrics, nothing_more, recv, scaled, start_node
 from tests.support.nodes import unique_namespace as _unique_namespace
 from tests.support.redis_servers import RedisCluster, start_cluster
 
@@ -80,18 +80,6 @@ async def eventually(
             return loop.time() - started
         await asyncio.sleep(interval)
     raise AssertionError(f"still {value!r} after {timeout}s, expected {expected!r}")
-
-
-async def metrics(port: int) -> dict[str, float]:
-    """A node's /metrics as ``{'name{labels}': value}``."""
-    status, text = await asyncio.get_running_loop().run_in_executor(None, http_get, port, "/metrics")
-    assert status == 200
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 async def closed_with(ws: ClientConnection) -> tuple[int, str]:
@@ -224,7 +212,7 @@ class Deployment:
 
     async def publish_raw(self, messages: list[tuple[str, bytes]]) -> list[int | None]:
         """Publish each (address, bytes) on the broker, not through fanout; address is ``all`` or
-        ``g.<group>``. Returns what the broker says about receivers (Redis), else None."""
+        ``g.<group>`` / ``n.<instance>``. Returns what the broker says about receivers (Redis), else None."""
         if self.config.broker == "amqp":
             connection = await aio_pika.connect(AMQP_URL)
             try:
@@ -237,7 +225,7 @@ class Deployment:
             return [None] * len(messages)
         receivers: list[int | None] = []
         for key, body in messages:
-            channel = f"{self.namespace}:all" if key == "all" else f"{self.namespace}:g:{key[2:]}"
+            channel = f"{self.namespace}:all" if key == "all" else f"{self.namespace}:{key[0]}:{key[2:]}"
             if self.redis_cluster is not None and self.config.routing:
                 r = await self.owner_of_channel(channel)
                 command = "SPUBLISH"
@@ -706,10 +694,10 @@ async def test_garbage_on_the_bus_is_dropped_and_counted(d: Deployment) -> None:
 
     before = await counts()
     rand = b"\x00" + os.urandom(300)  # never starts with "v"
-    junk = [rand, b"v1;;{bad\n", b"v9;;{}\n", b"v1;;" + os.urandom(10 * 1000 * 1000)]
+    junk = [rand, b"v2;;{bad\n", b"v9;;{}\n", b"v2;;" + os.urandom(10 * 1000 * 1000)]
     messages = [("all", raw) for raw in junk]
     if d.config.routing:  # a group channel too (in fanout mode nobody listens to one)
-        messages += [(f"g.{group}", rand), (f"g.{group}", b"v1;;{bad\n")]
+        messages += [(f"g.{group}", rand), (f"g.{group}", b"v2;;{bad\n")]
     receivers = await d.publish_raw(messages)
     if d.config.broker == "redis" or (d.config.broker == "rediscluster" and d.config.routing):
         # the broker counts the receivers: every node for "all", the one with a member for the group
@@ -795,9 +783,14 @@ async def test_with_a_secret_unsigned_and_forged_commands_are_dropped(broker: st
         ws, cid = await client(node.port)
         config = Config(broker, "routing")
         deployment = Deployment(config, url, namespace, tmp_path, [node], None)  # type: ignore[arg-type]
+        now = time.time()
         unsigned = protocol.encode(Send(Target.all(), b"unsigned"))
-        forged = protocol.encode(Send(Target.all(), b"forged"), b"another key")
-        signed = protocol.encode(Send(Target.all(), b"signed"), secret.encode())
+        forged = protocol.Encoder("rogue", namespace, b"another key").encode(
+            Send(Target.all(), b"forged"), now
+        )
+        signed = protocol.Encoder("rogue", namespace, secret.encode()).encode(
+            Send(Target.all(), b"signed"), now
+        )
         receivers = await deployment.publish_raw([("all", unsigned), ("all", forged), ("all", signed)])
         assert receivers == ([1, 1, 1] if broker == "redis" else [None] * 3)
         assert await recv(ws) == "signed"
@@ -810,11 +803,18 @@ async def test_with_a_secret_unsigned_and_forged_commands_are_dropped(broker: st
             assert await recv(ws) == "via util"
             assert await util.join_group(cid, "signed-room") is True
             assert await util.get_group_client_ids("signed-room") == [cid]
-        async with ServerUtil(
-            url, mode="routing", namespace=namespace, heartbeat_interval=HEARTBEAT, secret="wrong"
-        ) as wrong:
-            await wrong.send(cid, "forged via util")
-            await wrong.send_to_all("forged via util")
+        # commands signed with another key, as a publisher with the wrong FANOUT_SECRET would send them
+        # (a ServerUtil itself refuses to, with ConfigMismatch, once it has heard the nodes)
+        wrong = protocol.Encoder("u-wrong", namespace, b"wrong")
+        await deployment.publish_raw(
+            [
+                (
+                    f"n.{cid.rpartition('.')[0]}",
+                    wrong.encode(Send(Target.clients(cid), b"forged via util"), now),
+                ),
+                ("all", wrong.encode(Send(Target.all(), b"forged via util"), now)),
+            ]
+        )
         await eventually(lambda: _metric(node.port, 'fanout_commands_dropped_total{reason="signature"}'), 4)
         assert await nothing_more(ws)
         await ws.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fanout.config import DEFAULT_URLS, BackendKind, Mode, Settings, env_flag, env_number
+from fanout.config import DEFAULT_URLS, BackendKind, Mode, Settings, env_flag, env_number, redact_url
 from fanout.exceptions import ConfigError, FanoutError
 
 
@@ -154,7 +154,8 @@ def test_malformed_urls_are_refused(url: str) -> None:
     error = config_error(FANOUT_URL=url)
     assert error.setting == "FANOUT_URL"
     assert "malformed" in str(error)
-    assert url in str(error)
+    assert redact_url(url) in str(error)  # quoted, but never with its password
+    assert "guest:guest" not in str(error)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 
 from fanout import ServerUtil, tokens
 from tests.support import scaled
-from tests.support.nodes import client, start_node, unique_namespace
+from tests.support.nodes import client, demo_client, demo_token, start_node, unique_namespace
 
 DEMO = "node.app:DemoChat"
 
@@ -90,15 +90,6 @@ async def open_page(profile: Path, url: str) -> tuple[asyncio.subprocess.Process
     return browser, Page(await connect(page["webSocketDebuggerUrl"], max_size=None))
 
 
-def demo_token(port: int, name: str) -> dict[str, str]:
-    """What the demo page does first: ask the demo's stand-in for a web app's login for a token."""
-    with urllib.request.urlopen(
-        f"http://127.0.0.1:{port}/demo/token?name={name}", timeout=scaled(5)
-    ) as answer:
-        token: dict[str, str] = json.load(answer)
-    return token
-
-
 async def test_the_demo_admits_only_clients_with_a_valid_token(tmp_path: Path) -> None:
     env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": unique_namespace()}
     node = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"}, app=DEMO)
@@ -137,8 +128,7 @@ async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> Non
             await asyncio.sleep(0.05)
         assert status.startswith("connected as node-b."), status  # the welcome frame, shown by the page
 
-        issued = await asyncio.get_running_loop().run_in_executor(None, demo_token, node_a.port, "ann")
-        ws, _ = await client(node_a.port, "/?token=" + issued["token"])  # admitted into the lobby
+        ws, _ = await demo_client(node_a.port, "ann")  # admitted into the lobby with a token
         await ws.send(orjson.dumps({"text": "hello from node-a", "name": "ann"}).decode())
         log = ""
         for _ in range(100):

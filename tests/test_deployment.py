@@ -19,7 +19,16 @@ import pytest
 import yaml
 
 from fanout import ServerUtil
-from tests.support.nodes import ROOT, STARTED, NodeProcess, client, free_port, recv, scaled, unique_namespace
+from tests.support.nodes import (
+    ROOT,
+    STARTED,
+    NodeProcess,
+    demo_client,
+    free_port,
+    recv,
+    scaled,
+    unique_namespace,
+)
 
 LOCAL_HOSTS = {"redis://redis:": "redis://127.0.0.1:", "@rabbitmq:": "@127.0.0.1:"}
 
@@ -80,7 +89,7 @@ async def test_compose_node_services_form_a_cluster(backend: str, tmp_path: Path
     config = compose_config({"FANOUT_BACKEND": backend, "FANOUT_NAMESPACE": namespace})
     nodes = [_start_service(config["services"][n], tmp_path, n) for n in ("node1", "node2", "node3")]
     try:
-        clients = [await client(node.port) for node in nodes]  # the demo chat puts them in "lobby"
+        clients = [await demo_client(node.port) for node in nodes]  # the demo chat admits them to "lobby"
         url = nodes[0].env["COMPOSE_REDIS_URL" if backend == "redis" else "COMPOSE_AMQP_URL"]
         async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5) as util:
             await asyncio.sleep(scaled(1))

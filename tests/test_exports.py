@@ -14,30 +14,48 @@ from tests.support.nodes import client, recv, start_node, unique_namespace
 
 def test_fanout_exports() -> None:
     assert sorted(fanout.__all__) == [
+        "Admit",
         "BackendError",
         "BackendKind",
         "BackendUnavailable",
         "BadSignature",
         "ConfigError",
+        "ConfigMismatch",
+        "ConnectRequest",
         "FanoutError",
         "MessageTooLarge",
         "Mode",
+        "NoLiveNodes",
         "NotConnected",
         "PayloadError",
         "ProtocolError",
         "QueryTimeout",
+        "Reject",
         "ServerUtil",
         "Settings",
         "SyncServerUtil",
         "UnsupportedVersion",
         "__version__",
+        "tokens",
     ]
     for name in fanout.__all__:
         assert getattr(fanout, name) is not None
     errors = [
         getattr(fanout, n)
         for n in fanout.__all__
-        if n.endswith(("Error", "Timeout", "Unavailable", "Signature", "Large", "Version", "Connected"))
+        if n.endswith(
+            (
+                "Error",
+                "Timeout",
+                "Unavailable",
+                "Signature",
+                "Large",
+                "Version",
+                "Connected",
+                "Mismatch",
+                "Nodes",
+            )
+        )
     ]
     assert all(issubclass(e, fanout.FanoutError) for e in errors)
 

@@ -722,11 +722,11 @@ VECTOR_DESCRIPTIONS = {
     "reply": "a node's answer (a JSON object) to request 1c.0f3a9b2e",
     "reply-bool": "a node's answer true to request 1c.0f3a9b2e",
     "reply-error": "a node could not do what request 1c.0f3a9b2e asked: the broker refused a subscription",
-    "heartbeat": "node instance node-1.lq2x8k0c0a1b2c3d (routing mode, unsigned) is alive with 2 connections; "
-    "dead if silent for 3 s",
+    "heartbeat": "node instance node-1.lq2x8k0c0a1b2c3d (routing mode, unsigned) is alive with 2 "
+    "connections; dead if silent for 3 s",
     "bye": "node instance node-1.lq2x8k0c0a1b2c3d leaves cleanly",
-    "stamped-send-to-group": "send-text-to-group with an envelope: sender u-lq2x8k0czz00aa11, its message 42, "
-    "sent at 1700000000.123",
+    "stamped-send-to-group": "send-text-to-group with an envelope: sender u-lq2x8k0czz00aa11, its "
+    "message 42, sent at 1700000000.123",
     "signed-send-to-group": "stamped-send-to-group signed with the secret s3cret for namespace fanout",
     "signed-close-by-flag": "close flag user-42 with code 1008 and reason policy, stamped like "
     "stamped-send-to-group, signed with s3cret for namespace fanout",

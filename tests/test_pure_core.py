@@ -29,7 +29,7 @@ def test_a_memory_only_user_never_imports_the_broker_clients() -> None:
         "import sys, asyncio\n"
         "from fanout import ServerUtil\n"
         "async def main():\n"
-        "    async with ServerUtil('memory://') as util:\n"
+        "    async with ServerUtil('memory://', in_process=True) as util:\n"
         "        await util.send_to_all('x')\n"
         "asyncio.run(main())\n"
         "print(sorted(m for m in ('redis', 'aio_pika', 'websockets') if m in sys.modules))"

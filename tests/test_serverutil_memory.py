@@ -299,6 +299,7 @@ def test_sync_server_util_has_every_async_operation() -> None:
         "get_group_client_ids",
         "get_groups",
         "get_nodes",
+        "check_cluster",
     }
     assert expected == OPERATIONS
     sync = SyncServerUtil("memory://unused")

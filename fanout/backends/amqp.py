@@ -93,6 +93,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,7 +105,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from ..config import Mode, Settings
-from ..exceptions import BackendError, BackendUnavailable, ConfigError, NotConnected
+from ..exceptions import BackendError, BackendUnavailable, ConfigError, ConfigMismatch, NotConnected
 from ..naming import Address, Kind, safe_segment
 from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
 
@@ -131,6 +132,36 @@ _LINK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 Binding = tuple[str, str]  # (exchange, routing key)
+
+#: what a publish may raise that the caller gets as one of ours
+_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    aio_pika.exceptions.DeliveryError,
+    *_LINK_ERRORS,
+    aiormq.exceptions.AMQPError,
+)
+
+#: How aio-pika / aiormq errors become ours - the one table, first match wins: (their classes, our
+#: class, message). Every message goes through :meth:`AmqpBackend._error` (which names the backend
+#: without its password and takes the password out of the library's text).
+_TRANSLATION: tuple[tuple[tuple[type[BaseException], ...], type[BackendError], str], ...] = (
+    ((TimeoutError,), BackendUnavailable, "{where}: {what}: no answer within {timeout:g}s"),
+    (
+        (aiormq.exceptions.ChannelPreconditionFailed,),
+        BackendError,
+        "{where}: the broker refused {what} ({exc!r}); does an exchange named {exchange!r} exist with "
+        "a type other than {kind!r} (another mode on the same namespace)?",
+    ),
+    (
+        (aiormq.exceptions.ProbableAuthenticationError,),
+        BackendError,
+        "{where}: authentication refused: {exc!r}",
+    ),
+    ((aio_pika.exceptions.DeliveryError,), BackendError, "{where}: the broker refused {what}: {exc!r}"),
+    (_LINK_ERRORS, BackendUnavailable, "{where}: broker not reachable ({what}): {exc!r}"),
+    ((aiormq.exceptions.AMQPError,), BackendError, "{where}: the broker refused {what}: {exc!r}"),
+    ((Exception,), BackendError, "{where}: {what} failed: {exc!r}"),
+)
 
 
 def parse_url(url: str, connection_name: str | None = None) -> tuple[URL, bool]:
@@ -266,6 +297,25 @@ class AmqpBackend(Backend):
     def healthy(self) -> bool:
         return self._up.is_set() and not self._closed
 
+    def _error(self, exc: BaseException, what: str, timeout: float = 0.0) -> BackendError:
+        """Our exception for a library one (see ``_TRANSLATION``), password taken out of the message."""
+        if isinstance(exc, BackendError):
+            return exc  # already ours (and already redacted)
+        for classes, ours, template in _TRANSLATION:
+            if isinstance(exc, classes):
+                text = template.format(
+                    where=self.describe(),
+                    what=what,
+                    exc=exc,
+                    timeout=timeout,
+                    exchange=self.exchange_name,
+                    kind=self._exchange_type.value,
+                )
+                error = ours(self.settings.redact(text))
+                error.__cause__ = exc
+                return error
+        raise AssertionError("unreachable: the last row matches every Exception")  # pragma: no cover
+
     def describe(self) -> str:
         confirms = ", confirms" if self.confirms else ""
         where = self._url.with_password(None).with_query(None)  # never log the password
@@ -302,17 +352,14 @@ class AmqpBackend(Backend):
         except TimeoutError as exc:
             # a bind cut short leaves the channel's state unknown: rebuild the link from scratch
             self._mark_lost(link)
-            raise BackendUnavailable(
-                f"{self.describe()}: broker did not confirm the binding change within "
-                f"{self.settings.publish_timeout:g}s"
-            ) from exc
+            raise self._error(exc, "the binding change", self.settings.publish_timeout) from exc
         except _LINK_ERRORS as exc:
             # the link died under us: we are down now, and the reconnect applies the wanted set
             log.debug("binding change interrupted by link loss: %r", exc)
             self._mark_lost(link)
         except aiormq.exceptions.AMQPError as exc:
             self._mark_lost(link)  # a refused bind closes the channel: rebuild the link
-            raise BackendError(f"{self.describe()}: broker refused a binding change: {exc!r}") from exc
+            raise self._error(exc, "a binding change") from exc
 
     async def _reconcile(self, link: _Link) -> None:
         """Make the broker's bindings of ``link.queue`` equal to the wanted set (caller holds the lock).
@@ -375,16 +422,8 @@ class AmqpBackend(Backend):
                         ack.cancel()
                     raise
                 return [None] * len(routes)
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{self.describe()}: could not publish within {timeout:g}s (broker unreachable or link down)"
-            ) from exc
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise BackendError(f"{self.describe()}: broker refused the message: {exc!r}") from exc
-        except _LINK_ERRORS as exc:
-            raise BackendUnavailable(f"{self.describe()}: link lost while publishing: {exc!r}") from exc
-        except aiormq.exceptions.AMQPError as exc:
-            raise BackendError(f"{self.describe()}: publish failed: {exc!r}") from exc
+        except _PUBLISH_ERRORS as exc:
+            raise self._error(exc, "the publish", timeout) from exc
 
     async def _usable_channel(self) -> aiormq.Channel:
         """The current link's raw channel, waiting for a reconnect while the link is down."""
@@ -461,23 +500,27 @@ class AmqpBackend(Backend):
                     self._up.set()
         except BaseException as exc:
             await self._discard(link, graceful=False)
-            if isinstance(exc, TimeoutError):
-                raise BackendUnavailable(
-                    f"{self.describe()}: broker not reachable within {timeout:g}s"
-                ) from exc
-            if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
-                raise BackendError(
-                    f"{self.describe()}: the broker refused the declaration ({exc!r}); does an "
-                    f"exchange named {self.exchange_name!r} exist with a type other than "
-                    f"{self._exchange_type.value!r} (another mode on the same namespace)?"
-                ) from exc
-            if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-                raise BackendError(f"{self.describe()}: authentication refused: {exc!r}") from exc
-            if isinstance(exc, _LINK_ERRORS):
-                raise BackendUnavailable(f"{self.describe()}: broker not reachable: {exc!r}") from exc
-            if isinstance(exc, aiormq.exceptions.AMQPError):
-                raise BackendError(f"{self.describe()}: broker refused: {exc!r}") from exc
+            mismatch = self._mode_mismatch(exc)
+            if mismatch is not None:
+                raise mismatch from exc
+            if isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS)):
+                raise self._error(exc, "the connection", timeout) from exc
             raise
+
+    def _mode_mismatch(self, exc: BaseException) -> ConfigMismatch | None:
+        """The command exchange exists with the other type: the namespace's nodes use the other mode."""
+        if not isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+            return None
+        found = re.search(r"inequivalent arg 'type' for exchange '([^']*)'.*current is '(\w+)'", str(exc))
+        if found is None or found.group(1) != self.exchange_name:
+            return None
+        theirs = Mode.FANOUT if found.group(2) == "fanout" else Mode.ROUTING
+        return ConfigMismatch(
+            "FANOUT_MODE",
+            f"this endpoint uses {self.settings.mode.value!r} mode but namespace {self.exchange_name!r} "
+            f"on {self.settings.where} runs in {theirs.value!r} mode (its exchange is a {found.group(2)!r} "
+            "exchange)",
+        )
 
     def _mark_lost(self, link: _Link) -> None:
         """Close callback / error path: ``link`` is gone (unless we are closing it ourselves)."""

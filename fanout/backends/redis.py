@@ -98,6 +98,15 @@ _SEND_ERRORS: tuple[type[BaseException], ...] = (*_LINK_ERRORS, _LinkLost)
 #: publish errors that mean "Redis (Cluster) is not there" -> BackendUnavailable, not BackendError
 _UNAVAILABLE: tuple[type[BaseException], ...] = (*_LINK_ERRORS, ClusterDownError, RedisClusterException)
 
+#: How redis-py errors become ours - the one table, first match wins: (their classes, our class, message).
+#: Every message goes through :meth:`RedisBackend._error`, which also takes the password out.
+_TRANSLATION: tuple[tuple[tuple[type[BaseException], ...], type[BackendError], str], ...] = (
+    (_REFUSALS, BackendError, "Redis at {where} refused {what}: {exc}"),  # auth / ACL: it says no
+    ((*_UNAVAILABLE, _LinkLost), BackendUnavailable, "Redis at {where} is not reachable ({what}): {exc}"),
+    ((RedisError,), BackendError, "Redis at {where} refused {what}: {exc}"),
+    ((Exception,), BackendError, "{what} failed: {exc!r}"),  # a bug must still reach the caller
+)
+
 #: at most this many publishes (or about this many bytes) go into one pipeline round trip
 _BATCH_COUNT = 1000
 _BATCH_BYTES = 1 << 20
@@ -185,8 +194,13 @@ class _Link:
         deliver: MessageHandler,
         keepalive: float,
         on_moved: Callable[[list[bytes], asyncio.Future[None] | None], None] | None = None,
+        refused: Callable[[str, BaseException], BackendError] = lambda what, exc: BackendError(
+            f"{what}: {exc}"
+        ),
     ) -> None:
         self.name = name
+        #: builds the error a refused (un)subscription raises (the backend's translation)
+        self._refused = refused
         #: called with channels this shard no longer serves (slot moved), and the waiter to resolve
         self._on_moved = on_moved
         self.conn = conn
@@ -305,7 +319,7 @@ class _Link:
             self._on_moved(list(pending.remaining), pending.future)
             return
         if not pending.future.done():
-            pending.future.set_exception(BackendError(f"Redis refused {pending.kind.decode()}: {exc}"))
+            pending.future.set_exception(self._refused(pending.kind.decode(), exc))
 
     def _on_frame(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame:
@@ -388,6 +402,21 @@ class RedisBackend(Backend):
 
     # -- small helpers ---------------------------------------------------------------------
 
+    def _error(self, exc: BaseException, what: str) -> BackendError:
+        """Our exception for a redis-py one (see ``_TRANSLATION``), password taken out of the message.
+
+        ``what`` names the operation: "the connection", "the publish", "subscribe", ...
+        """
+        if isinstance(exc, BackendError):
+            return exc  # already ours (and already redacted)
+        for classes, ours, template in _TRANSLATION:
+            if isinstance(exc, classes):
+                text = template.format(where=self.settings.where, what=what, exc=exc)
+                error = ours(self.settings.redact(text))
+                error.__cause__ = exc
+                return error
+        raise AssertionError("unreachable: the last row matches every Exception")  # pragma: no cover
+
     def _channel(self, address: Address) -> bytes:
         return address.channel(self.settings.namespace).encode()
 
@@ -438,14 +467,8 @@ class RedisBackend(Backend):
             await self._teardown()
             await self._close_clients()
             self._handler = None
-            if isinstance(exc, BackendError):
-                raise
-            if isinstance(exc, _REFUSALS):
-                raise BackendError(f"Redis at {self.settings.url} refused the connection: {exc}") from exc
-            if isinstance(exc, _SEND_ERRORS):
-                raise BackendUnavailable(f"Redis at {self.settings.url} is not reachable: {exc}") from exc
-            if isinstance(exc, RedisError):
-                raise BackendError(f"Redis at {self.settings.url} refused the connection: {exc}") from exc
+            if isinstance(exc, Exception):
+                raise self._error(exc, "the connection") from exc
             raise
         self._flusher = asyncio.create_task(self._flush_loop(), name="fanout-redis-flusher")
         self._flusher.add_done_callback(self._guard)
@@ -464,7 +487,9 @@ class RedisBackend(Backend):
         try:
             await self._cluster.initialize()
         except (RedisError, RedisClusterException) as exc:  # "cannot be connected" is not a RedisError
-            raise BackendUnavailable(f"Redis Cluster at {self.settings.url} is not reachable: {exc}") from exc
+            if isinstance(exc, _REFUSALS):
+                raise self._error(exc, "the connection") from exc
+            raise self._error(ConnectionError(str(exc)), "the cluster's slot map") from exc
 
     async def close(self) -> None:
         """Stop every task, drop every connection (which ends their subscriptions); idempotent.
@@ -565,6 +590,7 @@ class RedisBackend(Backend):
             deliver=self._deliver,
             keepalive=self.keepalive_interval,
             on_moved=lambda channels, waiter: self._start_reroute(session, channels, waiter),
+            refused=lambda what, exc: self._error(exc, what),
         )
         try:
             await link.open(self._connect_timeout)
@@ -833,38 +859,16 @@ class RedisBackend(Backend):
     async def _flush(self, batch: list[_Outgoing]) -> None:
         try:
             results = await self._pipeline(batch)
-        except _REFUSALS as exc:
-            error: BackendError = BackendError(f"Redis refused the publish: {exc}")
-            error.__cause__ = exc
-            self._fail(batch, error)
-            return
-        except _UNAVAILABLE as exc:
-            error = BackendUnavailable(f"Redis did not take the publish: {exc}")
-            error.__cause__ = exc
-            self._fail(batch, error)
-            return
-        except RedisError as exc:
-            error = BackendError(f"Redis refused the publish: {exc}")
-            error.__cause__ = exc
-            self._fail(batch, error)
-            return
-        except Exception as exc:  # never leave a caller hanging on a bug
-            log.exception("publish pipeline failed")
-            error = BackendError(f"publish failed: {exc!r}")
-            error.__cause__ = exc
-            self._fail(batch, error)
+        except Exception as exc:  # never leave a caller hanging, whatever it is
+            if not isinstance(exc, RedisError | RedisClusterException | OSError | TimeoutError):
+                log.exception("publish pipeline failed")
+            self._fail(batch, self._error(exc, "the publish"))
             return
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue
-            if isinstance(result, BaseException):
-                failure: BackendError = (
-                    BackendUnavailable(f"Redis did not take the publish: {result}")
-                    if isinstance(result, _UNAVAILABLE) and not isinstance(result, _REFUSALS)
-                    else BackendError(f"Redis refused the publish: {result}")
-                )
-                failure.__cause__ = result
-                item.future.set_exception(failure)
+            if isinstance(result, Exception):
+                item.future.set_exception(self._error(result, "the publish"))
             elif self._target.cluster and not self._sharded:
                 item.future.set_result(None)  # a cluster node only counts its own subscribers
             else:

@@ -36,6 +36,21 @@ async def client(port: int, path: str = "/") -> tuple[ClientConnection, str]:
     return ws, welcome["client_id"]
 
 
+def demo_token(port: int, name: str = "ann") -> dict[str, str]:
+    """What the demo page does first: ask the demo's stand-in for a web app's login for a token."""
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/demo/token?name={name}", timeout=scaled(5)
+    ) as answer:
+        token: dict[str, str] = orjson.loads(answer.read())
+    return token
+
+
+async def demo_client(port: int, name: str = "ann") -> tuple[ClientConnection, str]:
+    """A client of the demo chat (``node.app.DemoChat``), admitted with a token as the page would be."""
+    issued = await asyncio.get_running_loop().run_in_executor(None, demo_token, port, name)
+    return await client(port, "/?token=" + issued["token"])
+
+
 async def recv(ws: ClientConnection, timeout: float = 5.0) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), scaled(timeout))
 
@@ -55,6 +70,18 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+async def metrics(port: int) -> dict[str, float]:
+    """A node's /metrics as ``{'name{labels}': value}``."""
+    status, text = await asyncio.get_running_loop().run_in_executor(None, http_get, port, "/metrics")
+    assert status == 200
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 #: every node process started by a test; tests/conftest.py kills the ones a test left running
