@@ -1,5 +1,6 @@
-"""The pure core (commands, encoding, naming, routing, the per-node table) does no I/O and imports none of
-the network libraries, so it can be tested bytes-in/bytes-out and reused by publishers in any setting."""
+"""The pure core (commands, encoding, the receive side, naming, routing, the per-node table, admission)
+does no I/O and imports none of the network libraries, so it can be tested bytes-in/bytes-out and reused
+by publishers in any setting."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ import sys
 
 from tests.support.nodes import ROOT
 
-PURE = ["commands", "protocol", "naming", "ids", "table", "routing", "directory", "config", "exceptions"]
+PURE = [
+    "commands",
+    "protocol",
+    "receive",
+    "naming",
+    "ids",
+    "table",
+    "routing",
+    "directory",
+    "config",
+    "exceptions",
+    "admission",
+    "tokens",
+]
 
 
 def test_the_pure_core_imports_no_network_library() -> None:
