@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,28 +11,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fanout import Admit, ConnectRequest, Reject, ServerUtil, Settings, tokens
-from node import Connection, Node, NodeOptions
-from tests.support.nodes import client, nothing_more, recv, unique_namespace
+from fanout import Admit, ConnectRequest, Reject, ServerUtil, tokens
+from node import Connection
+from tests.conftest import MakeNode
+from tests.support.nodes import client, nothing_more, recv
 
-MakeNode = Callable[..., Awaitable[Node]]
 KEY = "app-key"
-
-
-@pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
-    started: list[Node] = []
-
-    async def make(app: object, **options: Any) -> Node:
-        settings = Settings.create(f"memory://{unique_namespace()}", heartbeat_interval=0.2)
-        node = Node(settings, NodeOptions(port=0, node_id="adm", **options), app)
-        await node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        await node.stop()
 
 
 class TokenApp:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +30,11 @@ from fanout import (
 )
 from fanout.backends.memory import MemoryBackend
 from fanout.commands import Send, SetSession, Target
-from node import Connection, Node, NodeOptions
-from tests.apps.control import ControlApp
+from node import Connection
+from tests.conftest import MakeNode
 from tests.support import free_port, scaled
 from tests.support.nodes import client, http_get, recv, run_module, start_node, unique_namespace
 from tests.support.redis_servers import start_redis
-
-MakeNode = Callable[..., Awaitable[Node]]
-
-
-@pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
-    started: list[Node] = []
-
-    async def make(app: object | None = None, settings: Settings | None = None, **options: Any) -> Node:
-        node = Node(
-            settings or Settings.create(f"memory://{unique_namespace()}", heartbeat_interval=0.2),
-            NodeOptions(port=0, node_id="edge", **options),
-            app if app is not None else ControlApp(),
-        )
-        await node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        await node.stop()
 
 
 async def _publish_raw(settings: Settings, address: naming.Address, raw: bytes) -> None:

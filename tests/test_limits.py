@@ -5,37 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fanout import Settings
-from node import Node, NodeOptions
+from node import NodeOptions
 from node.limits import TokenBucket
-from tests.apps.control import ControlApp
+from tests.conftest import MakeNode
 from tests.support import scaled
-from tests.support.nodes import client, recv, unique_namespace
-
-MakeNode = Callable[..., Awaitable[Node]]
-
-
-@pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
-    started: list[Node] = []
-
-    async def make(**options: Any) -> Node:
-        settings = Settings.create(f"memory://{unique_namespace()}", heartbeat_interval=0.2)
-        node = Node(settings, NodeOptions(port=0, node_id="lim", **options), ControlApp())
-        await node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        await node.stop()
+from tests.support.nodes import client, recv
 
 
 def test_the_defaults_are_sane() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
@@ -15,31 +14,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from fanout import ServerUtil, Settings, naming, protocol
 from fanout.backends.memory import MemoryBackend
 from fanout.commands import Send, Target
-from node import Node, NodeOptions
 from node.frames import encode_frame
 from tests.apps.control import ControlApp
+from tests.conftest import MakeNode
 from tests.support.nodes import client, http_get, nothing_more, recv, unique_namespace
-
-MakeNode = Callable[..., Awaitable[Node]]
-
-
-@pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
-    started: list[Node] = []
-
-    async def make(settings: Settings | None = None, app: object | None = None, **options: object) -> Node:
-        node = Node(
-            settings or Settings.create(f"memory://{unique_namespace()}", heartbeat_interval=0.2),
-            NodeOptions(port=0, node_id="solo", **options),  # type: ignore[arg-type]
-            app if app is not None else ControlApp(),
-        )
-        await node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        await node.stop()
 
 
 async def test_welcome_frame_and_turning_it_off(make_node: MakeNode) -> None:
