@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -152,6 +153,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     command("groups", "every group with a member", lambda u, a: u.get_groups(**_wait(a)))
     command("nodes", "every live node", lambda u, a: u.get_nodes(**_wait(a)))
     command("stats", "nodes, connections and groups of the cluster", _stats)
+
+    p = sub.add_parser(
+        "worker",
+        help="run a business worker (fanout worker --app module:attr), or list its dead letters",
+        description=(
+            "Run a business worker: client events (FANOUT_EVENTS on the nodes) are handed to the app's "
+            "on_open/on_message/on_close handlers. 'fanout worker dead-letters' lists the events parked "
+            "after their handler kept failing; add --requeue to put them back on their shards."
+        ),
+    )
+    p.add_argument("what", nargs="?", choices=["run", "dead-letters"], default="run")
+    p.add_argument("--app", help="the application object, module:attr (FANOUT_WORKER_APP)")
+    p.add_argument("--concurrency", type=int, help="connections handled at once (FANOUT_WORKER_CONCURRENCY)")
+    p.add_argument("--port", type=int, help="serve /healthz and /metrics on this port (FANOUT_WORKER_PORT)")
+    p.add_argument("--requeue", action="store_true", help="with dead-letters: put them back on their shards")
     return parser, actions
 
 
@@ -184,6 +200,67 @@ async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> 
         return await action(util, args)
 
 
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .backends.eventlog import create_event_log
+    from .events import decode
+    from .worker import WorkerOptions
+
+    tier = create_event_log(settings, shards=WorkerOptions.from_env().shards, backlog=1)
+    await tier.connect()
+    try:
+        out = []
+        for dead in await tier.dead_letters():
+            described: dict[str, str | None] = {"event_id": None, "kind": None, "client_id": None}
+            with contextlib.suppress(FanoutError):
+                event = decode(dead.header, dead.data)
+                described = {
+                    "event_id": event.event_id,
+                    "kind": event.kind.value,
+                    "client_id": event.client_id,
+                }
+            out.append({**described, "shard": dead.shard, "error": dead.error, "parked_at": dead.parked_at})
+            if args.requeue:
+                await tier.requeue(dead)
+        return out
+    finally:
+        await tier.close()
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> Any:
+    """``fanout worker``: run one until SIGTERM/SIGINT (exit 0), or list/requeue dead letters."""
+    if args.what == "dead-letters":
+        return asyncio.run(_dead_letters(settings, args))
+    import logging
+    import os
+    import signal
+
+    from .loading import load_app
+    from .worker import Worker
+
+    spec = args.app or os.environ.get("FANOUT_WORKER_APP", "")
+    if not spec:
+        raise ConfigError("FANOUT_WORKER_APP", "name the application with --app module:attr")
+    app = load_app(spec, "FANOUT_WORKER_APP")
+    overrides = {k: v for k, v in (("concurrency", args.concurrency), ("port", args.port)) if v is not None}
+    level = (os.environ.get("FANOUT_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        worker = Worker.from_env(app, **overrides)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.start()
+        print(f"fanout worker {worker.worker_id} running {spec} ({settings.where})", flush=True)
+        await stop.wait()
+        logging.getLogger("fanout.worker").info("stopping: finishing the events in hand")
+        await worker.stop()
+
+    asyncio.run(run())
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser, actions = _build_parser()
     args = parser.parse_args(argv)
@@ -193,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fanout: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        result = asyncio.run(_run(settings, actions[args.command], args))
+        if args.command == "worker":
+            result = _worker(settings, args)
+        else:
+            result = asyncio.run(_run(settings, actions[args.command], args))
     except FanoutError as exc:
         print(f"fanout: {exc}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None

@@ -34,6 +34,7 @@ class Kind(StrEnum):
     FLAG = "f"  #: nodes with a connection bound to the flag
     HEARTBEAT = "hb"  #: node announcements, heard by ServerUtils
     INBOX = "i"  #: one ServerUtil (or node): replies to its requests
+    WORKERS = "w"  #: business worker announcements, heard by the workers (who owns which shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +44,22 @@ class Address:
 
     def key(self) -> str:
         """The routing key / channel suffix: ``kind`` or ``kind.name`` with the name made safe."""
-        if self.kind in (Kind.ALL, Kind.HEARTBEAT):
+        if self.kind in _NAMELESS:
             return self.kind.value
         return f"{self.kind.value}.{safe_segment(self.name)}"
 
     def channel(self, namespace: str) -> str:
         """The Redis channel name of this address."""
-        if self.kind in (Kind.ALL, Kind.HEARTBEAT):
+        if self.kind in _NAMELESS:
             return f"{namespace}:{self.kind.value}"
         return f"{namespace}:{self.kind.value}:{safe_segment(self.name)}"
 
 
+_NAMELESS = frozenset({Kind.ALL, Kind.HEARTBEAT, Kind.WORKERS})
+
 ALL = Address(Kind.ALL)
 HEARTBEAT = Address(Kind.HEARTBEAT)
+WORKERS = Address(Kind.WORKERS)
 
 
 def safe_segment(name: str) -> str:

@@ -320,6 +320,14 @@ class ServerUtil:
                 "publisher cannot verify: its FANOUT_SECRET differs from theirs, or only one side has one",
             )
 
+    def live_nodes(self) -> set[str] | None:
+        """The instances of the nodes heard alive, or None until this ServerUtil has listened to
+        heartbeats long enough (1.5 intervals) to know every live node."""
+        now = asyncio.get_running_loop().time()
+        if not self._warm(now):
+            return None
+        return set(self._directory.live(now))
+
     async def check_cluster(self, timeout: float | None = None) -> int:
         """Wait until the nodes are heard (at most 1.5 heartbeat intervals), then check that we fit them.
 

@@ -37,10 +37,19 @@ class SyncServerUtil:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._util: ServerUtil | None = None
+        self._borrowed = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Self:
         return cls(settings=Settings.from_env(environ))
+
+    @classmethod
+    def borrowing(cls, util: ServerUtil, loop: asyncio.AbstractEventLoop) -> Self:
+        """A blocking view of a ServerUtil already connected on a loop running in another thread (a
+        worker's plain-function handlers call through the worker's own link). It never disconnects it."""
+        sync = cls()
+        sync._util, sync._loop, sync._pid, sync._borrowed = util, loop, os.getpid(), True
+        return sync
 
     @property
     def settings(self) -> Settings:
@@ -51,7 +60,9 @@ class SyncServerUtil:
         self._ensure()
 
     def disconnect(self) -> None:
-        """Leave the backend and stop the background loop. Idempotent."""
+        """Leave the backend and stop the background loop. Idempotent (a borrowing one does nothing)."""
+        if self._borrowed:
+            return
         with self._lock:
             util, loop, thread = self._util, self._loop, self._thread
             self._util = self._loop = self._thread = None
@@ -74,6 +85,8 @@ class SyncServerUtil:
         self.disconnect()
 
     def _ensure(self) -> tuple[ServerUtil, asyncio.AbstractEventLoop]:
+        if self._borrowed and self._util is not None and self._loop is not None:
+            return self._util, self._loop
         with self._lock:
             if self._util is not None and self._loop is not None and self._pid == os.getpid():
                 return self._util, self._loop

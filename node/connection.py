@@ -76,16 +76,20 @@ class Connection:
     """A websocket client of this node: what application hooks receive."""
 
     __slots__ = (
+        "_last_flag",
+        "_last_groups",
         "_last_session",
         "_pending",
         "_pending_bytes",
         "_transport",
         "client_id",
+        "event_seq",
         "node",
         "open",
         "rate",
         "request",
         "send_limit",
+        "session_version",
         "websocket",
     )
 
@@ -102,6 +106,12 @@ class Connection:
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
         self._last_session: dict[str, Any] = {}
+        self._last_flag: str | None = None
+        self._last_groups: frozenset[str] = frozenset()
+        #: events forwarded to the worker tier so far (each event's number among its connection's)
+        self.event_seq = 0
+        #: session changes applied from the bus (ServerUtil's set/update_session), for the worker tier
+        self.session_version = 0
         rate = node.options.client_rate
         self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
 
@@ -124,9 +134,20 @@ class Connection:
         else:
             self._last_session = value
 
-    def keep_last_session(self) -> None:
-        """Called as the connection leaves the table: remember its session for ``on_close``."""
-        self._last_session = self.node.table.sessions.get(self.client_id) or {}
+    def keep_last_state(self) -> None:
+        """Called as the connection leaves the table: remember its session (for ``on_close``) and its
+        flag and groups (for its close event)."""
+        table = self.node.table
+        self._last_session = table.sessions.get(self.client_id) or {}
+        self._last_flag = table.flag_of(self.client_id)
+        self._last_groups = table.groups_of(self.client_id)
+
+    def identity(self) -> tuple[str | None, frozenset[str]]:
+        """Flag and groups now, or, once the connection left the table, the last it had."""
+        table = self.node.table
+        if self.client_id in table:
+            return table.flag_of(self.client_id), table.groups_of(self.client_id)
+        return self._last_flag, self._last_groups
 
     @property
     def groups(self) -> frozenset[str]:
@@ -225,10 +246,14 @@ class Connection:
         await self.node.apply_change(self.node.table.leave(self.client_id, names(groups, "groups")))
 
     async def bind(self, flag: str) -> None:
-        await self.node.apply_change(self.node.table.bind(self.client_id, flag))
+        change = self.node.table.bind(self.client_id, flag)
+        self.node.flag_changed(self)
+        await self.node.apply_change(change)
 
     async def unbind(self) -> None:
-        await self.node.apply_change(self.node.table.unbind(self.client_id))
+        change = self.node.table.unbind(self.client_id)
+        self.node.flag_changed(self)
+        await self.node.apply_change(change)
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"

@@ -19,8 +19,8 @@ from typing import Any
 
 from fanout.config import Settings
 from fanout.exceptions import ConfigError, FanoutError
+from fanout.loading import load_app
 
-from .app import load_app
 from .node import Node, NodeOptions
 
 log = logging.getLogger("fanout.node")

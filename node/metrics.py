@@ -32,6 +32,7 @@ class Metrics:
     slow_disconnects: int = 0  #: clients cut off because their send buffer was full
     ping_flood_disconnects: int = 0  #: clients cut off for owing too many unread automatic replies
     rate_limit_closes: int = 0  #: clients closed (1008) for sending over FANOUT_CLIENT_RATE
+    events_policy_closes: int = 0  #: clients closed (1013) because their events could not go (policy close)
     frames_sent: int = 0
     bytes_sent: int = 0
     client_messages: int = 0  #: frames received from clients
@@ -41,6 +42,8 @@ class Metrics:
     #: bus messages dropped, by reason (the node's Receiver counts into this same Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    #: extra labelled counters: name -> (help, label, counts)
+    counters: dict[str, tuple[str, str, Counter[str]]] = field(default_factory=dict)
     #: publish -> apply lag (the node's Receiver observes into it)
     lag: LagHistogram = field(default_factory=LagHistogram)
 
@@ -50,6 +53,9 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
+
+    def labelled(self, name: str, help_text: str, label: str, counts: Counter[str]) -> None:
+        self.counters[name] = (help_text, label, counts)
 
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
@@ -75,6 +81,11 @@ _COUNTERS = (
         "fanout_rate_limit_closes",
         "Clients closed (1008) for sending over FANOUT_CLIENT_RATE.",
         "rate_limit_closes",
+    ),
+    (
+        "fanout_events_policy_closes",
+        "Clients closed (1013) because their events could not go to the workers.",
+        "events_policy_closes",
     ),
     ("fanout_frames_sent", "Data frames written to clients.", "frames_sent"),
     ("fanout_bytes_sent", "Bytes of data frames written to clients.", "bytes_sent"),
@@ -102,6 +113,8 @@ class NodeCollector(Collector):
             "status",
             m.admission_rejects,
         )
+        for name, (help_text, label, counts) in m.counters.items():
+            yield _labelled(name, help_text, label, counts)
         for name, (help_text, read) in m.gauges.items():
             if name.endswith("_total"):
                 yield CounterMetricFamily(name.removesuffix("_total"), help_text, value=read())

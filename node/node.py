@@ -25,9 +25,11 @@ from typing import Any, cast
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from fanout import events as events_module
 from fanout import naming, protocol
 from fanout.admission import Admit, ConnectRequest
 from fanout.backends import create_backend
+from fanout.backends.eventlog import create_event_log
 from fanout.commands import (
     Bind,
     Bye,
@@ -50,14 +52,17 @@ from fanout.commands import (
     Request as BusRequest,
 )
 from fanout.config import Settings, env_flag, env_number, validate_name
+from fanout.events import EventKind
 from fanout.exceptions import ConfigError, FanoutError, MessageTooLarge
 from fanout.ids import ClientIds, instance_id
+from fanout.loading import load_app
 from fanout.receive import Receiver
 from fanout.serverutil import ServerUtil
 from fanout.table import Change, ConnectionTable
 
-from .app import DemoChat, load_app
+from .app import DemoChat
 from .connection import ClientSocket, Connection
+from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
 from .frames import encode_frame
 from .http import HttpSide
 from .metrics import Metrics
@@ -90,6 +95,13 @@ def _origins(raw: str) -> frozenset[str] | None:
     return items
 
 
+def _policy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in POLICIES:
+        raise ConfigError("FANOUT_EVENTS_POLICY", f"{raw!r} is not one of {', '.join(map(repr, POLICIES))}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class NodeOptions:
     """How one node serves its clients."""
@@ -110,6 +122,11 @@ class NodeOptions:
     send_buffer: int = 1024 * 1024  #: bytes a connection may have waiting; over that it is cut off
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
     client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
+    # -- the worker tier
+    events: frozenset[EventKind] = frozenset()  #: client events forwarded to business workers
+    event_shards: int = events_module.DEFAULT_SHARDS  #: shards the events are spread over
+    events_backlog: int = 10_000  #: events one shard may hold waiting for workers
+    events_policy: str = "pause"  #: what a client whose shard is full meets: "pause" or "close"
     # -- keepalive
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -135,6 +152,12 @@ class NodeOptions:
             send_buffer=env_number(env, "FANOUT_SEND_BUFFER", 1024 * 1024, int),
             max_connections=env_number(env, "FANOUT_MAX_CONNECTIONS", 0, int),
             client_rate=env_number(env, "FANOUT_CLIENT_RATE", 100.0, float),
+            events=events_module.parse_kinds(env.get("FANOUT_EVENTS", "")),
+            event_shards=env_number(
+                env, "FANOUT_EVENT_SHARDS", events_module.DEFAULT_SHARDS, int, positive=True
+            ),
+            events_backlog=env_number(env, "FANOUT_EVENTS_BACKLOG", 10_000, int, positive=True),
+            events_policy=_policy(env.get("FANOUT_EVENTS_POLICY") or "pause"),
             ping_interval=env_number(env, "FANOUT_PING_INTERVAL", 20.0, float),
             ping_timeout=env_number(env, "FANOUT_PING_TIMEOUT", 20.0, float),
         )
@@ -167,6 +190,13 @@ class Node:
         # the receiver counts into the node's metrics directly
         self.receiver.dropped = self.metrics.dropped
         self.receiver.lag = self.metrics.lag
+        #: the worker tier: forwards client events (FANOUT_EVENTS), or None
+        self.events: EventForwarder | None = None
+        if options.events:
+            event_log = create_event_log(
+                settings, shards=options.event_shards, backlog=options.events_backlog, node=self.instance
+            )
+            self.events = EventForwarder(self, options.events, event_log, policy=options.events_policy)
         self.http = HttpSide(self)
         self.started_at = time.time()
         self._client_ids = ClientIds(self.instance)
@@ -188,6 +218,8 @@ class Node:
         self.backend.on_reconnect.append(self._on_reconnect)
         await self.backend.connect(self._on_bus_message)
         await self.backend.subscribe(self.table.wanted())
+        if self.events is not None:
+            await self.events.start()
         self._server = await serve(
             self._serve_client,
             self.options.host,
@@ -237,6 +269,8 @@ class Node:
                 conn.flush()
             self._server.close(close_connections=True)  # 1001 going away
             await self._server.wait_closed()
+        if self.events is not None:  # the close events of the clients just closed go out first
+            await self.events.stop()
         with contextlib.suppress(FanoutError):
             await self.backend.publish(naming.HEARTBEAT, self._encode(Bye(self.instance)))
         for task in list(self._tasks):
@@ -286,6 +320,7 @@ class Node:
         websocket = cast(ClientSocket, server_connection)  # serve() builds them with _socket_class()
         request, admit = websocket.admission or (ConnectRequest("/"), None)
         conn = Connection(self, websocket, self._client_ids.next(), request)
+        forwarded = False  # whether the worker tier was told of this connection
         self.table.add(conn.client_id, conn)
         websocket.fanout = conn
         self.metrics.connections_opened += 1
@@ -296,6 +331,9 @@ class Node:
                 welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
                 if conn.push(welcome):
                     self.metrics.count_frames(1, len(welcome))
+            if self.events is not None:
+                self.events.opened(conn)
+                forwarded = True
             if not await self._call_app("on_open", conn):
                 await conn.close(APP_ERROR_CLOSE, "application error")
                 return
@@ -305,6 +343,8 @@ class Node:
         finally:
             self.forget(conn)
             self.metrics.connections_closed += 1
+            if forwarded and self.events is not None:
+                self.events.closed(conn, websocket.close_code, websocket.close_reason)
             await self._call_app("on_close", conn)
 
     async def _admit(self, conn: Connection, admit: Admit) -> bool:
@@ -328,21 +368,35 @@ class Node:
         loop = asyncio.get_running_loop()
         metrics = self.metrics
         on_message = getattr(self.app, "on_message", None)
+        forwarder = (
+            self.events if self.events is not None and EventKind.MESSAGE in self.events.kinds else None
+        )
         async for data in websocket:
             metrics.client_messages += 1
             if rate is not None and not rate.take(loop.time()):
                 metrics.rate_limit_closes += 1
-                conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
-                async for _ in websocket:
-                    pass  # websockets reads only while we consume: let the client's close reply through
+                await self._close_reading(conn, websocket, RATE_LIMIT_CLOSE, "message rate limit exceeded")
                 return
+            if forwarder is not None:
+                if not forwarder.has_room(conn):
+                    if forwarder.policy == "close":
+                        metrics.events_policy_closes += 1
+                        await self._close_reading(conn, websocket, TRY_AGAIN_LATER, "try again later")
+                        return
+                    await forwarder.wait_room(conn)  # pause: no more reads from this client meanwhile
+                forwarder.message(conn, data)
             if on_message is not None:
                 await self._call_app("on_message", conn, data)
+
+    async def _close_reading(self, conn: Connection, websocket: ClientSocket, code: int, reason: str) -> None:
+        conn.start_close(code, reason)
+        async for _ in websocket:
+            pass  # websockets reads only while we consume: let the client's close reply through
 
     def forget(self, conn: Connection) -> None:
         """Take ``conn`` out of the table (idempotent) and drop subscriptions nobody needs now."""
         if self.table.get(conn.client_id) is conn:
-            conn.keep_last_session()
+            conn.keep_last_state()
             change = self.table.remove(conn.client_id)
             if not change.empty:
                 self.spawn(self.apply_change(change), "unsubscribe")
@@ -440,17 +494,32 @@ class Node:
                 change = table.leave(command.client_id, command.groups)
             case Bind():
                 change = table.bind(command.client_id, command.flag)
+                self._flag_changed(command.client_id, change)
             case Unbind():
                 change = table.unbind(command.client_id)
+                self._flag_changed(command.client_id, change)
             case SetSession():
                 session = table.sessions.get(command.client_id)
                 if session is not None:
                     if not command.merge:
                         session.clear()
                     session.update(command.data)
+                    conn = table.get(command.client_id)
+                    if conn is not None:
+                        conn.session_version += 1
                 change = Change(session is not None)
         self.metrics.commands[type(command).__name__.lower()] += 1
         self._change_then_reply(change, command.request, change.found)
+
+    def _flag_changed(self, client_id: str, change: Change) -> None:
+        conn = self.table.get(client_id)
+        if change.found and conn is not None:
+            self.flag_changed(conn)
+
+    def flag_changed(self, conn: Connection) -> None:
+        """A connection's flag changed: the worker tier's roster follows (a lost node's closes carry it)."""
+        if self.events is not None:
+            self.events.flag_changed(conn)
 
     def _change_then_reply(self, change: Change, request: BusRequest | None, result: Json) -> None:
         if change.empty:
@@ -531,6 +600,28 @@ class Node:
         )
         m.gauge("fanout_backend_reconnects_total", "Successful backend reconnections.", lambda: b.reconnects)
         m.gauge("fanout_backend_outages_total", "Backend link losses.", lambda: b.outages)
+        if self.events is not None:
+            ev = self.events
+            m.gauge(
+                "fanout_events_waiting", "Client events not yet taken by the broker.", lambda: ev.waiting()
+            )
+            m.gauge("fanout_events_full_shards", "Event shards at their backlog bound now.", ev.full_shards)
+            m.gauge(
+                "fanout_events_paused_clients",
+                "Clients paused because their events cannot go.",
+                lambda: ev.paused,
+            )
+            m.gauge(
+                "fanout_events_backlog_full_total",
+                "Times an event shard was found full (or the broker away) and the policy applied.",
+                lambda: ev.policy_applied,
+            )
+            m.labelled(
+                "fanout_events_forwarded",
+                "Client events handed to the worker tier, by kind.",
+                "kind",
+                ev.forwarded,
+            )
         m.gauge(
             "fanout_replay_senders",
             "Signing senders whose recent message counts the node remembers (replay guard).",

@@ -1,0 +1,596 @@
+"""Business workers: client events from the nodes, handled by your code on any host, at least once.
+
+::
+
+    class Chat:
+        async def on_message(self, event):          # or a plain def: it runs in a thread
+            await event.util.send_to_group("lobby", {"from": event.flag, "text": event.data})
+
+    async with Worker(Chat(), "redis://10.0.0.5:6379/0") as worker:
+        await worker.wait_stopped()                 # or: fanout worker --app mypkg:Chat
+
+How it works (docs/workers.md has the whole story):
+
+* **Shards.** Events are spread over ``shards`` queues by connection. Workers announce themselves on the
+  bus; each shard belongs to one live worker (the sorted list of workers, round robin), which takes a
+  lease on it in the broker before it reads it. When workers come and go the shards move: the one that
+  gives a shard up stops reading it, finishes the events it has in hand and releases it; the new owner
+  first gets what the old one took and did not acknowledge (``redelivered=True``).
+* **Order.** Within a shard, each connection's events go through one *lane*: handled one at a time in
+  order; lanes run in parallel up to ``concurrency``.
+* **At least once.** An event is acknowledged only after its handler returned. A handler that raises is
+  retried (``retries`` times, with a short backoff, its lane waiting), then the event is parked in the
+  dead letters (``fanout worker dead-letters``, ``--requeue``) and counted.
+* **Node lost.** The worker with the smallest id watches the nodes' heartbeats; for a node that stopped
+  without a goodbye it appends a close event (code 1006, reason ``node lost``) for every connection in
+  that node's roster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from . import events as events_module
+from . import naming, protocol
+from .backends import create_backend
+from .backends.eventlog import LEASE_TTL, Delivery, EventLog, create_event_log
+from .commands import Bye, Heartbeat, NodeInfo
+from .config import Settings, env_number
+from .directory import NodeDirectory
+from .events import Event, EventKind
+from .exceptions import FanoutError, ProtocolError
+from .ids import new_boot_token
+from .receive import LAG_BUCKETS, LagHistogram, Receiver
+from .serverutil import ServerUtil
+from .sync import SyncServerUtil
+
+log = logging.getLogger("fanout.worker")
+
+#: seconds a failing handler waits before its next try (the last one is repeated)
+RETRY_DELAYS = (0.1, 0.5, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    concurrency: int = 16  #: connections handled at once (lanes); also the thread pool size
+    shards: int = events_module.DEFAULT_SHARDS  #: must match the nodes' FANOUT_EVENT_SHARDS
+    retries: int = 3  #: tries after the first before an event is dead-lettered
+    port: int = 0  #: /healthz and /metrics on this port (0: not served)
+    host: str = "127.0.0.1"
+    #: events fetched ahead per shard (in hand, waiting for their lane)
+    prefetch: int = 256
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerOptions:
+        env = os.environ if environ is None else environ
+        return cls(
+            concurrency=env_number(env, "FANOUT_WORKER_CONCURRENCY", 16, int, positive=True),
+            shards=env_number(env, "FANOUT_EVENT_SHARDS", events_module.DEFAULT_SHARDS, int, positive=True),
+            retries=env_number(env, "FANOUT_WORKER_RETRIES", 3, int),
+            port=env_number(env, "FANOUT_WORKER_PORT", 0, int),
+            host=env.get("FANOUT_WORKER_HOST") or "127.0.0.1",
+        )
+
+
+@dataclass
+class WorkerMetrics:
+    handled: Counter[str] = field(default_factory=Counter)  #: by kind
+    retried: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    undecodable: int = 0
+    lost_node_closes: int = 0
+    handler_time: LagHistogram = field(default_factory=lambda: LagHistogram(LAG_BUCKETS))
+
+
+@dataclass(slots=True)
+class _Item:
+    event: Event
+    delivery: Delivery
+
+
+class Worker:
+    """Runs an application's ``on_open`` / ``on_message`` / ``on_close`` (and ``on_presence``) handlers."""
+
+    def __init__(
+        self,
+        app: object,
+        url: str | None = None,
+        *,
+        namespace: str = "fanout",
+        settings: Settings | None = None,
+        options: WorkerOptions | None = None,
+        **settings_options: Any,
+    ) -> None:
+        self.app = app
+        self.settings = settings or Settings.create(url, namespace=namespace, **settings_options)
+        self.options = options or WorkerOptions()
+        self.worker_id = "w-" + new_boot_token()
+        self.metrics = WorkerMetrics()
+        self.util = ServerUtil(settings=self.settings)
+        self.tier: EventLog = create_event_log(self.settings, shards=self.options.shards, backlog=1)
+        self._peers = NodeDirectory()
+        self._coordination = create_backend(self.settings, inbox=self.worker_id)
+        self._encoder = protocol.Encoder(self.worker_id, self.settings.namespace, self.settings.secret)
+        self._receiver = Receiver(
+            secret=self.settings.secret,
+            namespace=self.settings.namespace,
+            max_message=self.settings.max_message,
+            replay_window=self.settings.replay_window,
+        )
+        self._owned: dict[int, asyncio.Task[None]] = {}  #: shard -> its reader
+        self._giving_up: set[int] = set()
+        self._lanes: dict[str, deque[_Item]] = {}
+        self._running: set[str] = set()  #: lanes with a runner
+        self._slots = asyncio.Semaphore(self.options.concurrency)
+        self._in_hand: Counter[int] = Counter()  #: shard -> events fetched and not acknowledged
+        self._room: dict[int, asyncio.Event] = {}
+        self._acks: list[Delivery] = []
+        self._ack_scheduled = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="fanout-handler")
+        self._sync: SyncServerUtil | None = None
+        self._missing_since: dict[str, float] = {}
+        self._http: asyncio.Server | None = None
+        self.started = False
+
+    @classmethod
+    def from_env(cls, app: object, environ: dict[str, str] | None = None, **overrides: Any) -> Self:
+        options = WorkerOptions.from_env(environ)
+        if overrides:
+            from dataclasses import replace
+
+            options = replace(options, **overrides)
+        return cls(app, settings=Settings.from_env(environ), options=options)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect, announce this worker, and start taking shards. Raises BackendUnavailable."""
+        await self.util.connect()
+        await self.tier.connect()
+        await self._coordination.connect(self._on_coordination)
+        await self._coordination.subscribe([naming.WORKERS])
+        self._sync = SyncServerUtil.borrowing(self.util, asyncio.get_running_loop())
+        self._peers.heard(self._info(), asyncio.get_running_loop().time())
+        self._spawn(self._announce(), "announce")
+        self._spawn(self._balance(), "balance")
+        self._spawn(self._watch_nodes(), "node-lost watcher")
+        if self.options.port:
+            self._http = await asyncio.start_server(self._serve_http, self.options.host, self.options.port)
+        self.started = True
+        log.info(
+            "worker %s started (%d shards, concurrency %d)",
+            self.worker_id,
+            self.options.shards,
+            self.options.concurrency,
+        )
+
+    async def stop(self, drain: float = 30.0) -> None:
+        """Stop taking events, finish (and acknowledge) the ones in hand, give the shards back, leave."""
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for shard in list(self._owned):
+            await self._give_up(shard, drain)
+        with contextlib.suppress(FanoutError):
+            await self._coordination.publish(naming.WORKERS, self._encode(Bye(self.worker_id)))
+        if self._http is not None:
+            self._http.close()
+        await self._coordination.close()
+        await self.tier.close()
+        await self.util.disconnect()
+        self._pool.shutdown(wait=False)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _spawn(self, coroutine: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(f"fanout-worker-{name}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _task_done(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task %s died", task.get_name(), exc_info=task.exception())
+
+    # ------------------------------------------------------------------ who owns which shard
+
+    def _info(self) -> NodeInfo:
+        return NodeInfo(
+            instance=self.worker_id,
+            node_id=self.worker_id,
+            connections=sum(self._in_hand.values()),
+            ttl=3 * self.settings.heartbeat_interval,
+            started_at=time.time(),
+            extra={"role": "worker", "shards": sorted(self._owned)},
+        )
+
+    def _encode(self, command: Heartbeat | Bye) -> bytes:
+        return self._encoder.encode(command, time.time())
+
+    def _on_coordination(self, raw: bytes) -> None:
+        command = self._receiver.take_one(raw, time.time())
+        now = asyncio.get_running_loop().time()
+        if isinstance(command, Heartbeat):
+            self._peers.heard(command.node, now)
+        elif isinstance(command, Bye):
+            self._peers.gone(command.instance)
+
+    async def _announce(self) -> None:
+        while True:
+            try:
+                await self._coordination.publish(naming.WORKERS, self._encode(Heartbeat(self._info())))
+            except FanoutError as exc:
+                log.debug("worker heartbeat not published: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    def assigned(self) -> set[int]:
+        """The shards this worker should own now: round robin over the sorted live workers."""
+        now = asyncio.get_running_loop().time()
+        self._peers.heard(self._info(), now)
+        workers = sorted(self._peers.live(now))
+        mine = workers.index(self.worker_id)
+        return {shard for shard in range(self.options.shards) if shard % len(workers) == mine}
+
+    async def _balance(self) -> None:
+        """Take the shards assigned to us, give up the others, renew our leases; forever."""
+        last_renew = 0.0
+        loop = asyncio.get_running_loop()
+        # a new worker listens a little before it takes shards, so a restart does not shuffle them twice
+        await asyncio.sleep(1.5 * self.settings.heartbeat_interval)
+        while True:
+            try:
+                wanted = self.assigned()
+                for shard in sorted(set(self._owned) - wanted - self._giving_up):
+                    self._giving_up.add(shard)
+                    self._spawn(self._give_up(shard), f"give up {shard}")
+                for shard in sorted(wanted - set(self._owned)):
+                    if await self.tier.acquire(shard, self.worker_id):
+                        self._take(shard)
+                if loop.time() - last_renew >= LEASE_TTL / 3:
+                    last_renew = loop.time()
+                    held = set(self._owned) - self._giving_up
+                    kept = await self.tier.renew(held, self.worker_id)
+                    for shard in held - kept:  # our lease ran out (a long stall): someone may have it
+                        log.warning("worker %s lost its lease on shard %d", self.worker_id, shard)
+                        self._drop(shard)
+            except FanoutError as exc:
+                log.warning("worker %s: shard balancing failed (%s); retrying", self.worker_id, exc)
+            await asyncio.sleep(0.25)
+
+    def _take(self, shard: int) -> None:
+        log.info("worker %s takes shard %d", self.worker_id, shard)
+        task = asyncio.create_task(self._read(shard), name=f"fanout-worker-shard-{shard}")
+        task.add_done_callback(self._task_done)
+        self._owned[shard] = task
+
+    def _drop(self, shard: int) -> None:
+        """Stop reading ``shard`` at once, without finishing (the lease is gone)."""
+        task = self._owned.pop(shard, None)
+        if task is not None:
+            task.cancel()
+        for lane in self._lanes.values():
+            for item in [
+                i for i in lane if i.delivery.shard == shard and i.event.client_id not in self._running
+            ]:
+                lane.remove(item)
+
+    async def _give_up(self, shard: int, drain: float = 30.0) -> None:
+        """Stop reading ``shard``, finish what we have of it, acknowledge, release the lease."""
+        task = self._owned.get(shard)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        while self._in_hand[shard] and loop.time() < deadline:
+            waiter = self._room.setdefault(shard, asyncio.Event())
+            waiter.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.1, deadline - loop.time())):
+                    await waiter.wait()
+        await self._flush_acks()
+        try:
+            await self.tier.release(shard, self.worker_id)
+        except FanoutError as exc:
+            log.warning("releasing shard %d failed (%s): its lease runs out by itself", shard, exc)
+        self._owned.pop(shard, None)
+        self._giving_up.discard(shard)
+        log.info("worker %s gave up shard %d", self.worker_id, shard)
+
+    # ------------------------------------------------------------------ reading a shard
+
+    async def _read(self, shard: int) -> None:
+        prefetch = self.options.prefetch
+        delay = 0.1
+        while True:
+            room = prefetch - self._in_hand[shard]
+            if room <= 0:
+                waiter = self._room.setdefault(shard, asyncio.Event())
+                waiter.clear()
+                await waiter.wait()
+                continue
+            try:
+                deliveries = await self.tier.fetch(shard, self.worker_id, room, wait=1.0)
+            except FanoutError as exc:
+                log.warning("worker %s: reading shard %d failed (%s); retrying", self.worker_id, shard, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            for delivery in deliveries:
+                self._dispatch(delivery)
+
+    def _dispatch(self, delivery: Delivery) -> None:
+        try:
+            event = events_module.decode(delivery.header, delivery.data, redelivered=delivery.redelivered)
+        except ProtocolError as exc:
+            self.metrics.undecodable += 1
+            self._in_hand[delivery.shard] += 1
+            self._spawn(self._park(_Item(_unreadable(delivery), delivery), f"undecodable: {exc}"), "park")
+            return
+        if delivery.redelivered:
+            self.metrics.redelivered += 1
+        self._in_hand[delivery.shard] += 1
+        lane = self._lanes.get(event.client_id)
+        if lane is None:
+            lane = self._lanes[event.client_id] = deque()
+        lane.append(_Item(event, delivery))
+        if event.client_id not in self._running:
+            self._running.add(event.client_id)
+            task = asyncio.create_task(self._run_lane(event.client_id))
+            task.add_done_callback(self._task_done)
+
+    async def _run_lane(self, client_id: str) -> None:
+        """Handle one connection's events, one at a time, in order, until its lane is empty."""
+        try:
+            async with self._slots:
+                lane = self._lanes[client_id]
+                while lane:
+                    item = lane[0]
+                    await self._handle(item)
+                    lane.popleft()
+        finally:
+            self._running.discard(client_id)
+            if not self._lanes.get(client_id, True):
+                del self._lanes[client_id]
+
+    async def _handle(self, item: _Item) -> None:
+        event = item.event
+        handler = getattr(self.app, f"on_{event.kind.value}", None)
+        if handler is not None:
+            plain = not inspect.iscoroutinefunction(handler)
+            event = _with_util(event, self._sync if plain else self.util)
+            for attempt in range(self.options.retries + 1):
+                started = time.perf_counter()
+                try:
+                    if plain:
+                        await asyncio.get_running_loop().run_in_executor(self._pool, handler, event)
+                    else:
+                        await handler(event)
+                except Exception as exc:
+                    self.metrics.handler_time.observe(time.perf_counter() - started)
+                    if attempt >= self.options.retries:
+                        log.error(
+                            "event %s failed %d times, parking it: %r", event.event_id, attempt + 1, exc
+                        )
+                        await self._park(item, f"{type(exc).__name__}: {exc}")
+                        return
+                    self.metrics.retried += 1
+                    log.warning("event %s failed (%r); retrying", event.event_id, exc)
+                    await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                    continue
+                self.metrics.handler_time.observe(time.perf_counter() - started)
+                break
+        self.metrics.handled[event.kind.value] += 1
+        self._ack(item.delivery)
+
+    async def _park(self, item: _Item, error: str) -> None:
+        while True:
+            try:
+                await self.tier.dead_letter(item.delivery, error)
+                break
+            except FanoutError as exc:
+                log.warning("parking event %s failed (%s); retrying", item.event.event_id, exc)
+                await asyncio.sleep(1.0)
+        self.metrics.dead_lettered += 1
+        self._done(item.delivery)
+
+    def _ack(self, delivery: Delivery) -> None:
+        self._acks.append(delivery)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_acks()))
+
+    async def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        while self._acks:
+            batch, self._acks = self._acks, []
+            try:
+                await self.tier.ack(batch)
+            except FanoutError as exc:
+                # not acknowledged: the events are redelivered later (at least once); count them done here
+                log.warning("acknowledging %d events failed (%s)", len(batch), exc)
+            for delivery in batch:
+                self._done(delivery)
+
+    def _done(self, delivery: Delivery) -> None:
+        self._in_hand[delivery.shard] -= 1
+        waiter = self._room.get(delivery.shard)
+        if waiter is not None:
+            waiter.set()
+
+    # ------------------------------------------------------------------ node lost
+
+    def leader(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        live = self._peers.live(now)
+        return bool(live) and min(live) == self.worker_id
+
+    async def _watch_nodes(self) -> None:
+        """The leader closes, on the workers' side, the connections of nodes that died without a goodbye."""
+        loop = asyncio.get_running_loop()
+        grace = 3 * self.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(1.0)
+            live = self.util.live_nodes()
+            if live is None or not self.leader():
+                continue
+            try:
+                missing = await self.tier.lost_nodes(live)
+                now = loop.time()
+                for instance in list(self._missing_since):
+                    if instance not in missing:
+                        del self._missing_since[instance]
+                for instance in missing:
+                    since = self._missing_since.setdefault(instance, now)
+                    if now - since >= grace:
+                        closed = await self.tier.close_lost(instance, _lost_close(instance))
+                        self.metrics.lost_node_closes += closed
+                        del self._missing_since[instance]
+                        log.warning("node %s lost: %d close events sent to the workers", instance, closed)
+            except FanoutError as exc:
+                log.warning("node-lost check failed: %s", exc)
+
+    # ------------------------------------------------------------------ health and metrics
+
+    @property
+    def healthy(self) -> bool:
+        return self.started and not self._stopping.is_set() and self._coordination.healthy
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "/"
+            if path.startswith("/healthz"):
+                ok = self.healthy
+                status, body, kind = (200 if ok else 503), (b"ok\n" if ok else b"not ready\n"), "text/plain"
+            elif path.startswith("/metrics"):
+                status, body, kind = 200, self.render_metrics().encode(), "text/plain; version=0.0.4"
+            else:
+                status, body, kind = 404, b"not found\n", "text/plain"
+            writer.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % (status, b"OK" if status == 200 else b"Error", kind.encode(), len(body))
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    def render_metrics(self) -> str:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.registry import Collector
+
+        worker = self
+
+        class _Collector(Collector):
+            def collect(self) -> Any:
+                m = worker.metrics
+                handled = CounterMetricFamily(
+                    "fanout_worker_events_handled", "Events handled, by kind.", labels=["kind"]
+                )
+                for kind, n in sorted(m.handled.items()):
+                    handled.add_metric([kind], n)
+                yield handled
+                yield CounterMetricFamily("fanout_worker_events_retried", "Handler retries.", value=m.retried)
+                yield CounterMetricFamily(
+                    "fanout_worker_events_dead_lettered", "Events parked.", value=m.dead_lettered
+                )
+                yield CounterMetricFamily(
+                    "fanout_worker_events_redelivered", "Events redelivered.", value=m.redelivered
+                )
+                yield CounterMetricFamily(
+                    "fanout_worker_lost_node_closes", "Node-lost closes sent.", value=m.lost_node_closes
+                )
+                yield GaugeMetricFamily(
+                    "fanout_worker_shards", "Shards this worker owns.", value=len(worker._owned)
+                )
+                yield GaugeMetricFamily(
+                    "fanout_worker_in_hand",
+                    "Events fetched, not yet acknowledged.",
+                    value=sum(worker._in_hand.values()),
+                )
+                yield GaugeMetricFamily(
+                    "fanout_worker_up", "1 while the worker is running.", value=float(worker.healthy)
+                )
+                time_hist = m.handler_time
+                yield HistogramMetricFamily(
+                    "fanout_worker_handler_seconds",
+                    "Time in handlers.",
+                    buckets=[
+                        ("+Inf" if b == float("inf") else repr(b), float(n))
+                        for b, n in time_hist.cumulative()
+                    ],
+                    sum_value=time_hist.total,
+                )
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector())
+        return generate_latest(registry).decode()
+
+    async def backlog(self) -> dict[int, int]:
+        """Events waiting in each shard (stored and not acknowledged)."""
+        return {shard: await self.tier.waiting(shard) for shard in range(self.options.shards)}
+
+
+def _with_util(event: Event, util: Any) -> Event:
+    from dataclasses import replace
+
+    return replace(event, util=util)
+
+
+def _unreadable(delivery: Delivery) -> Event:
+    return Event(EventKind.MESSAGE, f"undecodable:{delivery.token!r}", "", "")
+
+
+def _lost_close(instance: str) -> Callable[[str, str | None], tuple[bytes, bytes]]:
+    def make(client_id: str, flag: str | None) -> tuple[bytes, bytes]:
+        event = Event(
+            kind=EventKind.CLOSE,
+            event_id=f"{client_id}:lost",
+            client_id=client_id,
+            node_id=instance,
+            flag=flag,
+            code=events_module.NODE_LOST_CODE,
+            reason=events_module.NODE_LOST_REASON,
+            sent_at=time.time(),
+        )
+        return events_module.encode(event)
+
+    return make

@@ -1,0 +1,243 @@
+"""The node's side of the worker tier: forward client events, in order, without losing any.
+
+What a node forwards (``FANOUT_EVENTS``) goes to the connection's shard through the broker's
+:class:`~fanout.backends.eventlog.EventLog`. Events wait in a per-shard outbox until the broker took
+them: a shard at its backlog bound (``FANOUT_EVENTS_BACKLOG`` events waiting for workers) refuses, and
+the events stay in the outbox and are offered again, in order, until it has room; a broker outage is
+the same. Meanwhile the policy (``FANOUT_EVENTS_POLICY``) applies to the clients whose events cannot go:
+
+* ``pause`` (default): the node stops reading from a client while its shard is full or its own events
+  wait in the outbox (its frames stay in the kernel's buffers; TCP slows the client down);
+* ``close``: such a client is closed with 1013 (try again later) when it sends.
+
+Clients of other shards, and clients that do not send, are not affected; nothing grows without bound:
+per connection at most one message waits (the client is paused behind it), plus its open and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from typing import TYPE_CHECKING
+
+from fanout import events
+from fanout.backends.eventlog import Appended, EventLog
+from fanout.events import Event, EventKind
+from fanout.exceptions import FanoutError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .node import Node
+
+log = logging.getLogger("fanout.node.events")
+
+POLICIES = ("pause", "close")
+#: close code for a client whose events the tier cannot take (policy ``close``)
+TRY_AGAIN_LATER = 1013
+_RETRY = 0.2  #: seconds before a refused shard is offered its events again
+_BATCH = 500  #: most events per append
+
+
+class EventForwarder:
+    """Per-shard outboxes in front of the event log (see the module docstring)."""
+
+    def __init__(
+        self, node: Node, kinds: frozenset[EventKind], event_log: EventLog, *, policy: str = "pause"
+    ) -> None:
+        self.node = node
+        self.kinds = kinds
+        self.log = event_log
+        self.policy = policy
+        self.shards = event_log.shards
+        self._outbox: dict[int, deque[Appended]] = {}
+        self._full: dict[int, float] = {}  #: shard -> loop time until which it counts as full
+        self._room: dict[int, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: events the broker took, by kind; times the backlog policy applied
+        self.forwarded: Counter[str] = Counter()
+        self.policy_applied = 0  #: times a shard was found full (or the broker away) and the policy applied
+        self.paused = 0  #: clients waiting for room right now
+        self._waiting_of: Counter[str] = Counter()  #: client id -> its message events in the outbox
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        table = self.node.table
+        self.log.roster_source = lambda: {cid: table.flag_of(cid) for cid in table.connections}
+        await self.log.connect()
+        self._task = asyncio.create_task(self._flush_loop(), name="fanout-events")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Offer what is still waiting (close events of the clients just closed) for ``timeout``
+        seconds, then say goodbye and leave."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.waiting() and asyncio.get_running_loop().time() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.waiting():
+            log.warning("%d client events not handed to the broker before stopping", self.waiting())
+        else:
+            try:
+                await self.log.leave()
+            except FanoutError as exc:
+                log.warning("could not unregister from the worker tier: %s", exc)
+        await self.log.close()
+
+    def waiting(self) -> int:
+        return sum(len(box) for box in self._outbox.values())
+
+    # -- events from the node
+
+    def shard(self, conn: Connection) -> int:
+        return events.shard_of(conn.client_id, self.shards)
+
+    def _event(self, conn: Connection, kind: EventKind, **fields: object) -> Event:
+        conn.event_seq += 1
+        flag, groups = conn.identity()
+        return Event(
+            kind=kind,
+            event_id=events.event_id(conn.client_id, conn.event_seq),
+            client_id=conn.client_id,
+            node_id=self.node.instance,
+            flag=flag,
+            groups=tuple(sorted(groups)),
+            session=dict(conn.session),
+            sent_at=time.time(),
+            seq=conn.event_seq,
+            session_version=conn.session_version,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def _put(self, conn: Connection, event: Event | None, roster: str | None) -> None:
+        header, data = events.encode(event) if event is not None else (b"", b"")
+        item = Appended(self.shard(conn), header, data, conn.client_id, roster, conn.identity()[0])
+        self._outbox.setdefault(item.shard, deque()).append(item)
+        if roster is None:
+            self._waiting_of[conn.client_id] += 1
+        self._wake.set()
+
+    def opened(self, conn: Connection) -> None:
+        """The connection is open (admitted, welcomed): it joins the roster, with an open event."""
+        event = None
+        if EventKind.OPEN in self.kinds:
+            event = self._event(conn, EventKind.OPEN, request=conn.request.to_json())
+        self._put(conn, event, "add")
+
+    def message(self, conn: Connection, data: str | bytes) -> None:
+        if EventKind.MESSAGE in self.kinds:
+            self._put(conn, self._event(conn, EventKind.MESSAGE, data=data), None)
+
+    def closed(self, conn: Connection, code: int | None, reason: str | None) -> None:
+        """The connection is gone: it leaves the roster, with a close event (never refused)."""
+        event = None
+        if EventKind.CLOSE in self.kinds:
+            event = self._event(conn, EventKind.CLOSE, code=code, reason=reason)
+        self._put(conn, event, "remove")
+
+    def flag_changed(self, conn: Connection) -> None:
+        """Keep the roster's flag current: a lost node's close events carry it."""
+        self._put(conn, None, "flag")
+
+    # -- back-pressure
+
+    def has_room(self, conn: Connection) -> bool:
+        """Whether another message event of ``conn`` may be made now."""
+        if self._waiting_of[conn.client_id]:
+            return False  # its previous message is not taken yet
+        return not self._is_full(self.shard(conn))
+
+    def _is_full(self, shard: int) -> bool:
+        until = self._full.get(shard)
+        return until is not None and asyncio.get_running_loop().time() < until
+
+    async def wait_room(self, conn: Connection) -> None:
+        """Wait until ``conn`` may send another message (policy ``pause``)."""
+        shard = self.shard(conn)
+        self.paused += 1
+        try:
+            while not self.has_room(conn) and conn.open:
+                waiter = self._room.setdefault(shard, asyncio.Event())
+                waiter.clear()
+                try:
+                    async with asyncio.timeout(_RETRY):
+                        await waiter.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self.paused -= 1
+
+    # -- the flusher
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = _RETRY
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                batch = self._take(loop.time())
+                if not batch:
+                    break
+                try:
+                    taken = await self.log.append(batch)
+                except FanoutError as exc:  # the broker is away: keep everything, offer it again
+                    log.warning("client events not handed to the broker (%s); retrying", exc)
+                    self._give_back(batch, [False] * len(batch), loop.time() + delay)
+                    delay = min(delay * 2, 5.0)
+                    await asyncio.sleep(delay)
+                    continue
+                delay = _RETRY
+                self._give_back(batch, taken, loop.time() + _RETRY)
+            if any(self._outbox.values()):
+                # shards refused: offer again when they may have room
+                loop.call_later(_RETRY, self._wake.set)
+
+    def _take(self, now: float) -> list[Appended]:
+        batch: list[Appended] = []
+        for shard, box in self._outbox.items():
+            if not box or (self._full.get(shard, 0.0) > now):
+                continue
+            while box and len(batch) < _BATCH:
+                batch.append(box.popleft())
+        return batch
+
+    def _give_back(self, batch: list[Appended], taken: list[bool], full_until: float) -> None:
+        """Put what the broker did not take back at the front of its shard's outbox, in order."""
+        refused: dict[int, list[Appended]] = {}
+        for item, ok in zip(batch, taken, strict=True):
+            if ok:
+                if item.header:
+                    self.forwarded[_kind_of(item.header)] += 1
+                if item.roster is None:
+                    left = self._waiting_of[item.client_id] - 1
+                    if left > 0:
+                        self._waiting_of[item.client_id] = left
+                    else:
+                        del self._waiting_of[item.client_id]
+            else:
+                refused.setdefault(item.shard, []).append(item)
+        for shard in {item.shard for item in batch} - refused.keys():
+            self._full.pop(shard, None)
+            waiter = self._room.get(shard)
+            if waiter is not None:
+                waiter.set()
+        for shard, items in refused.items():
+            if shard not in self._full:
+                self.policy_applied += 1  # the shard just became full (or the broker went away)
+            self._full[shard] = full_until
+            self._outbox.setdefault(shard, deque()).extendleft(reversed(items))
+
+    def full_shards(self) -> int:
+        now = asyncio.get_running_loop().time()
+        return sum(1 for until in self._full.values() if until > now)
+
+
+def _kind_of(header: bytes) -> str:
+    start = header.find(b'"k":"') + 5
+    return header[start : header.find(b'"', start)].decode()
