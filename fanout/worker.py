@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -144,6 +144,8 @@ class Worker:
         self._pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="fanout-handler")
         self._sync: SyncServerUtil | None = None
         self._missing_since: dict[str, float] = {}
+        #: client id -> (session version after our handlers' writes, the session they left)
+        self._sessions: dict[str, tuple[int, dict[str, Any]]] = {}
         self._http: asyncio.Server | None = None
         self.started = False
 
@@ -151,8 +153,6 @@ class Worker:
     def from_env(cls, app: object, environ: dict[str, str] | None = None, **overrides: Any) -> Self:
         options = WorkerOptions.from_env(environ)
         if overrides:
-            from dataclasses import replace
-
             options = replace(options, **overrides)
         return cls(app, settings=Settings.from_env(environ), options=options)
 
@@ -284,12 +284,12 @@ class Worker:
                     for shard in held - kept:  # our lease ran out (a long stall): someone may have it
                         log.warning("worker %s lost its lease on shard %d", self.worker_id, shard)
                         self._drop(shard)
-            except FanoutError as exc:
-                log.warning("worker %s: shard balancing failed (%s); retrying", self.worker_id, exc)
+            except Exception as exc:  # the broker is away (or a bug): this loop must keep going
+                log.warning("worker %s: shard balancing failed (%r); retrying", self.worker_id, exc)
             await asyncio.sleep(0.25)
 
     def _take(self, shard: int) -> None:
-        log.info("worker %s takes shard %d", self.worker_id, shard)
+        log.debug("worker %s takes shard %d", self.worker_id, shard)
         task = asyncio.create_task(self._read(shard), name=f"fanout-worker-shard-{shard}")
         task.add_done_callback(self._task_done)
         self._owned[shard] = task
@@ -299,11 +299,16 @@ class Worker:
         task = self._owned.pop(shard, None)
         if task is not None:
             task.cancel()
-        for lane in self._lanes.values():
-            for item in [
-                i for i in lane if i.delivery.shard == shard and i.event.client_id not in self._running
-            ]:
+        # what is in hand and not started is dropped (the broker gives it to the next owner); a lane
+        # running now finishes its current event (its acknowledgement fails: redelivered, at least once)
+        for client_id, lane in self._lanes.items():
+            started = client_id in self._running
+            dropped = [
+                i for n, i in enumerate(lane) if i.delivery.shard == shard and not (started and n == 0)
+            ]
+            for item in dropped:
                 lane.remove(item)
+                self._done(item.delivery)
 
     async def _give_up(self, shard: int, drain: float = 30.0) -> None:
         """Stop reading ``shard``, finish what we have of it, acknowledge, release the lease."""
@@ -326,7 +331,7 @@ class Worker:
             log.warning("releasing shard %d failed (%s): its lease runs out by itself", shard, exc)
         self._owned.pop(shard, None)
         self._giving_up.discard(shard)
-        log.info("worker %s gave up shard %d", self.worker_id, shard)
+        log.debug("worker %s gave up shard %d", self.worker_id, shard)
 
     # ------------------------------------------------------------------ reading a shard
 
@@ -342,8 +347,8 @@ class Worker:
                 continue
             try:
                 deliveries = await self.tier.fetch(shard, self.worker_id, room, wait=1.0)
-            except FanoutError as exc:
-                log.warning("worker %s: reading shard %d failed (%s); retrying", self.worker_id, shard, exc)
+            except Exception as exc:  # the broker is away (or a bug): keep reading
+                log.warning("worker %s: reading shard %d failed (%r); retrying", self.worker_id, shard, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -386,11 +391,11 @@ class Worker:
                 del self._lanes[client_id]
 
     async def _handle(self, item: _Item) -> None:
-        event = item.event
+        event = self._fresh_session(item.event)
         handler = getattr(self.app, f"on_{event.kind.value}", None)
         if handler is not None:
             plain = not inspect.iscoroutinefunction(handler)
-            event = _with_util(event, self._sync if plain else self.util)
+            event = _with_util(event, _EventUtil(self, event, self._sync if plain else self.util, plain))
             for attempt in range(self.options.retries + 1):
                 started = time.perf_counter()
                 try:
@@ -413,7 +418,32 @@ class Worker:
                 self.metrics.handler_time.observe(time.perf_counter() - started)
                 break
         self.metrics.handled[event.kind.value] += 1
+        if event.kind is EventKind.CLOSE:
+            self._sessions.pop(event.client_id, None)
         self._ack(item.delivery)
+
+    def _fresh_session(self, event: Event) -> Event:
+        """The event, with the session its handlers wrote last if the node made it before those writes.
+
+        A handler's ``util.update_session``/``set_session`` for its own connection is applied on the node
+        before the connection's next event is handled; but that next event may have been made before, with
+        the older snapshot. The node counts the session changes it applied (``session_version``): an event
+        made before our writes has a smaller count, and gets the session as our handlers left it.
+        """
+        written = self._sessions.get(event.client_id)
+        if written is None:
+            return event
+        version, session = written
+        if event.session_version >= version:
+            del self._sessions[event.client_id]  # the node's snapshot already has our writes
+            return event
+        return replace(event, session=dict(session))
+
+    def wrote_session(self, event: Event, data: dict[str, Any], merge: bool) -> None:
+        """A handler of ``event`` changed its own connection's session (and the node applied it)."""
+        version, session = self._sessions.get(event.client_id, (event.session_version, event.session))
+        session = {**session, **data} if merge else dict(data)
+        self._sessions[event.client_id] = (version + 1, session)
 
     async def _park(self, item: _Item, error: str) -> None:
         while True:
@@ -479,8 +509,8 @@ class Worker:
                         self.metrics.lost_node_closes += closed
                         del self._missing_since[instance]
                         log.warning("node %s lost: %d close events sent to the workers", instance, closed)
-            except FanoutError as exc:
-                log.warning("node-lost check failed: %s", exc)
+            except Exception as exc:  # the broker is away (or a bug): check again in a second
+                log.warning("node-lost check failed: %r", exc)
 
     # ------------------------------------------------------------------ health and metrics
 
@@ -570,9 +600,39 @@ class Worker:
 
 
 def _with_util(event: Event, util: Any) -> Event:
-    from dataclasses import replace
-
     return replace(event, util=util)
+
+
+class _EventUtil:
+    """``event.util``: the worker's ServerUtil (or its blocking view), which also notes the session
+    writes a handler makes to its own connection (see :meth:`Worker._fresh_session`)."""
+
+    def __init__(self, worker: Worker, event: Event, util: Any, plain: bool) -> None:
+        self._worker, self._event, self._util, self._plain = worker, event, util, plain
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._util, name)
+        if name not in ("set_session", "update_session"):
+            return attribute
+        merge = name == "update_session"
+        worker, event = self._worker, self._event
+
+        def note(client_id: str, data: dict[str, Any], found: Any) -> Any:
+            if found and client_id == event.client_id:
+                worker.wrote_session(event, data, merge)
+            return found
+
+        if self._plain:
+
+            def call(client_id: str, data: dict[str, Any], **kwargs: Any) -> Any:
+                return note(client_id, data, attribute(client_id, data, **kwargs))
+
+            return call
+
+        async def acall(client_id: str, data: dict[str, Any], **kwargs: Any) -> Any:
+            return note(client_id, data, await attribute(client_id, data, **kwargs))
+
+        return acall
 
 
 def _unreadable(delivery: Delivery) -> Event:

@@ -11,7 +11,7 @@ the same. Meanwhile the policy (``FANOUT_EVENTS_POLICY``) applies to the clients
 * ``close``: such a client is closed with 1013 (try again later) when it sends.
 
 Clients of other shards, and clients that do not send, are not affected; nothing grows without bound:
-per connection at most one message waits (the client is paused behind it), plus its open and close.
+per connection at most ``PER_CLIENT`` messages wait (then the client is paused), plus its open and close.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ POLICIES = ("pause", "close")
 TRY_AGAIN_LATER = 1013
 _RETRY = 0.2  #: seconds before a refused shard is offered its events again
 _BATCH = 500  #: most events per append
+#: message events one client may have waiting in the outbox before it is paused
+PER_CLIENT = 64
 
 
 class EventForwarder:
@@ -148,8 +150,8 @@ class EventForwarder:
 
     def has_room(self, conn: Connection) -> bool:
         """Whether another message event of ``conn`` may be made now."""
-        if self._waiting_of[conn.client_id]:
-            return False  # its previous message is not taken yet
+        if self._waiting_of[conn.client_id] >= PER_CLIENT:
+            return False  # its previous messages are not taken yet
         return not self._is_full(self.shard(conn))
 
     def _is_full(self, shard: int) -> bool:
@@ -186,8 +188,11 @@ class EventForwarder:
                     break
                 try:
                     taken = await self.log.append(batch)
-                except FanoutError as exc:  # the broker is away: keep everything, offer it again
-                    log.warning("client events not handed to the broker (%s); retrying", exc)
+                except Exception as exc:  # the broker is away (or a bug): keep everything, offer it again
+                    if isinstance(exc, FanoutError):
+                        log.warning("client events not handed to the broker (%s); retrying", exc)
+                    else:
+                        log.exception("client events not handed to the broker; retrying")
                     self._give_back(batch, [False] * len(batch), loop.time() + delay)
                     delay = min(delay * 2, 5.0)
                     await asyncio.sleep(delay)

@@ -9,11 +9,14 @@ Topology (``<ns>`` the namespace, ``<k>`` the shard):
   0.2 s while it sends, and stops offering events to a shard whose depth reached ``backlog``. The queue
   also has ``x-max-length`` = 2 x backlog with ``reject-publish`` as a hard stop: the broker nacks beyond
   it and the node keeps the event.
-* **Ownership.** The owner of a shard consumes its queue with an *exclusive* consumer (the broker refuses
-  a second one), on a channel of its own with a bounded prefetch. Giving a shard up: cancel the consumer,
-  finish and acknowledge what is in hand, requeue (nack) what was prefetched and not started, close the
-  channel; the next owner's exclusive consume then succeeds. A worker that dies drops its connection and
-  the broker requeues everything it had not acknowledged (``redelivered``).
+* **Ownership.** Shard queues are *single active consumer* queues: however many workers consume one
+  (while shards move, or when a partition made each worker think it is alone), the broker delivers to
+  one of them at a time. The owner consumes on a channel of its own with a bounded prefetch. Giving a
+  shard up: stop starting its events, finish and acknowledge those in hand, then close the shard's
+  channel: the broker requeues what was prefetched and not started and only then makes the next consumer
+  active, handing it the requeued events first. A worker that dies drops its connection and the broker
+  requeues everything it had not acknowledged (``redelivered``). (Exclusive consumers would not do:
+  quorum queues do not enforce them.)
 * **Dead letters**: queue ``<ns>.ev.dead`` (durable); listing gets every message and requeues them.
 * **Rosters**: stream ``<ns>.ev.roster`` (``x-queue-type: stream``, kept 10 minutes). Nodes append what
   changes (connection added / removed / flag changed) and, every 30 s, a snapshot of their whole roster,
@@ -28,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -57,6 +61,30 @@ _ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _bounded(what: str) -> Callable[[_Method], _Method]:
+    """Run the operation within the publish timeout; a failure drops the link (the next call
+    reconnects) and is raised as one of ours."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        async def bounded(self: AmqpEventLog, *args: Any, **kwargs: Any) -> Any:
+            try:
+                async with asyncio.timeout(self.settings.publish_timeout):
+                    return await method(self, *args, **kwargs)
+            except BackendError:
+                raise
+            except Exception as exc:  # any library error on a broken link (aio-pika raises several kinds)
+                self._broken = True
+                raise self._error(exc, what) from exc
+
+        return bounded  # type: ignore[return-value]
+
+    return wrap
 
 
 @dataclass
@@ -85,12 +113,18 @@ class AmqpEventLog(EventLog):
         self._rosters: dict[str, dict[str, str | None]] = {}
         self._roster_reader: tuple[AbstractChannel, str] | None = None
         self._lock = asyncio.Lock()
+        self._broken = False  #: an operation failed: reconnect before the next one
 
     def queue_name(self, shard: int) -> str:
         return f"{self.settings.namespace}.ev.{shard}"
 
     def _shard_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum", "x-max-length": 2 * self.backlog, "x-overflow": "reject-publish"}
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-max-length": 2 * self.backlog,
+            "x-overflow": "reject-publish",
+        }
 
     # -- lifecycle
 
@@ -176,40 +210,38 @@ class AmqpEventLog(EventLog):
         self._depth[shard] = (now, depth)
         return depth
 
+    @_bounded("append events")
     async def append(self, items: Sequence[Appended]) -> list[bool]:
-        try:
-            _, exchange = await self._ensure()
-            taken: list[bool] = []
-            refused: set[int] = set()
-            confirms = []
-            records = []
-            for item in items:
-                if item.shard in refused:
+        _, exchange = await self._ensure()
+        taken: list[bool] = []
+        refused: set[int] = set()
+        confirms = []
+        records = []
+        for item in items:
+            if item.shard in refused:
+                taken.append(False)
+                continue
+            if item.header:
+                if item.roster != "remove" and await self._depth_of(item.shard) >= self.backlog:
+                    refused.add(item.shard)  # keep order: nothing more for this shard in this batch
                     taken.append(False)
                     continue
-                if item.header:
-                    if item.roster != "remove" and await self._depth_of(item.shard) >= self.backlog:
-                        refused.add(item.shard)  # keep order: nothing more for this shard in this batch
-                        taken.append(False)
-                        continue
-                    message = aio_pika.Message(_frame(item.header, item.data), delivery_mode=_PERSISTENT)
-                    confirms.append((len(taken), exchange.publish(message, routing_key=str(item.shard))))
-                    checked, depth = self._depth.get(item.shard, (0.0, 0))
-                    self._depth[item.shard] = (checked, depth + 1)
-                if item.roster is not None:
-                    records.append({"o": item.roster, "c": item.client_id, "f": item.flag})
-                taken.append(True)
-            results = await asyncio.gather(*(c for _, c in confirms), return_exceptions=True)
-            for (index, _), result in zip(confirms, results, strict=True):
-                if isinstance(result, aio_pika.exceptions.DeliveryError):
-                    taken[index] = False  # over the hard limit: the broker said no; the node keeps it
-                elif isinstance(result, BaseException):
-                    raise result
-            if records:
-                await self._roster(records)
-            return taken
-        except _ERRORS as exc:
-            raise self._error(exc, "append events") from exc
+                message = aio_pika.Message(_frame(item.header, item.data), delivery_mode=_PERSISTENT)
+                confirms.append((len(taken), exchange.publish(message, routing_key=str(item.shard))))
+                checked, depth = self._depth.get(item.shard, (0.0, 0))
+                self._depth[item.shard] = (checked, depth + 1)
+            if item.roster is not None:
+                records.append({"o": item.roster, "c": item.client_id, "f": item.flag})
+            taken.append(True)
+        results = await asyncio.gather(*(c for _, c in confirms), return_exceptions=True)
+        for (index, _), result in zip(confirms, results, strict=True):
+            if isinstance(result, aio_pika.exceptions.DeliveryError):
+                taken[index] = False  # over the hard limit: the broker said no; the node keeps it
+            elif isinstance(result, BaseException):
+                raise result
+        if records:
+            await self._roster(records)
+        return taken
 
     async def set_flag(self, shard: int, client_id: str, flag: str | None) -> None:
         await self.append([Appended(shard, b"", b"", client_id, "flag", flag)])
@@ -230,32 +262,24 @@ class AmqpEventLog(EventLog):
                 log.warning("roster snapshot not published: %r", exc)
             await asyncio.sleep(SNAPSHOT_EVERY)
 
+    @_bounded("leave")
     async def leave(self) -> None:
-        try:
-            await self._roster([{"o": "down"}])
-        except _ERRORS as exc:
-            raise self._error(exc, "leave") from exc
+        await self._roster([{"o": "down"}])
 
     # -- worker side
 
+    @_bounded("take a shard")
     async def acquire(self, shard: int, owner: str) -> bool:
+        await self._ensure()
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=256)
         try:
-            await self._ensure()
-            assert self._connection is not None
-            channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=256)
-            try:
-                queue = await channel.declare_queue(self.queue_name(shard), passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False  # no node declared the shards yet
-            consumer = _Consumer(channel, queue, "")
-            consumer.tag = await queue.consume(
-                consumer.inbox.put, exclusive=True, consumer_tag=f"{owner}.{shard}"
-            )
-        except aiormq.exceptions.ChannelAccessRefused:
-            return False  # someone else still consumes it (it is giving it up, or its lease is ours next)
-        except _ERRORS as exc:
-            raise self._error(exc, "take a shard") from exc
+            queue = await channel.declare_queue(self.queue_name(shard), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False  # no node declared the shards yet
+        consumer = _Consumer(channel, queue, "")
+        consumer.tag = await queue.consume(consumer.inbox.put, consumer_tag=f"{owner}.{shard}")
         self._consumers[shard] = consumer
         return True
 
@@ -267,20 +291,13 @@ class AmqpEventLog(EventLog):
         }
 
     async def release(self, shard: int, owner: str) -> None:
+        """Close the shard's channel: the broker requeues what we took and did not acknowledge (in
+        order, ahead of the rest) and only then makes the next consumer active. (Cancelling first and
+        requeueing after would let the next consumer start on later events meanwhile.)"""
         consumer = self._consumers.pop(shard, None)
-        if consumer is None:
-            return
-        try:
-            with contextlib.suppress(*_ERRORS):
-                await consumer.queue.cancel(consumer.tag)
-            # what was prefetched and not handed out goes back, in order
-            while not consumer.inbox.empty():
-                message = consumer.inbox.get_nowait()
-                with contextlib.suppress(*_ERRORS):
-                    await message.nack(requeue=True)
-        finally:
+        if consumer is not None:
             with contextlib.suppress(Exception):
-                await consumer.channel.close()
+                await asyncio.wait_for(consumer.channel.close(), self.settings.publish_timeout)
 
     async def fetch(self, shard: int, owner: str, count: int, wait: float) -> list[Delivery]:
         consumer = self._consumers.get(shard)
@@ -299,57 +316,52 @@ class AmqpEventLog(EventLog):
             out.append(_delivery(shard, consumer.inbox.get_nowait()))
         return out
 
+    @_bounded("acknowledge events")
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        try:
-            for delivery in deliveries:
-                await delivery.token.ack()
-        except _ERRORS as exc:
-            raise self._error(exc, "acknowledge events") from exc
+        for delivery in deliveries:
+            await delivery.token.ack()
 
+    @_bounded("park an event")
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
-        try:
-            channel, _ = await self._ensure()
-            message = aio_pika.Message(
-                _frame(delivery.header, delivery.data),
-                delivery_mode=_PERSISTENT,
-                headers={"shard": delivery.shard, "error": error[:2000], "parked_at": time.time()},
-            )
-            await channel.default_exchange.publish(message, routing_key=self.dead_name)
-        except _ERRORS as exc:
-            raise self._error(exc, "park an event") from exc
+        channel, _ = await self._ensure()
+        message = aio_pika.Message(
+            _frame(delivery.header, delivery.data),
+            delivery_mode=_PERSISTENT,
+            headers={"shard": delivery.shard, "error": error[:2000], "parked_at": time.time()},
+        )
+        await channel.default_exchange.publish(message, routing_key=self.dead_name)
         await self.ack([delivery])
 
+    @_bounded("list parked events")
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        try:
-            await self._ensure()
-            assert self._connection is not None
-            channel = await self._connection.channel()
-            queue = await channel.declare_queue(self.dead_name, passive=True)
-            messages: list[AbstractIncomingMessage] = []
-            while len(messages) < limit:
-                message = await queue.get(fail=False)
-                if message is None:
-                    break
-                messages.append(message)
-            out = []
-            for message in messages:
-                header, data = _unframe(message.body)
-                headers = message.headers or {}
-                out.append(
-                    DeadLetter(
-                        (channel, message),
-                        int(str(headers.get("shard", 0))),
-                        header,
-                        data,
-                        str(headers.get("error", "")),
-                        float(str(headers.get("parked_at", 0.0))),
-                    )
+        await self._ensure()
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        queue = await channel.declare_queue(self.dead_name, passive=True)
+        messages: list[AbstractIncomingMessage] = []
+        while len(messages) < limit:
+            message = await queue.get(fail=False)
+            if message is None:
+                break
+            messages.append(message)
+        out = []
+        for message in messages:
+            header, data = _unframe(message.body)
+            headers = message.headers or {}
+            out.append(
+                DeadLetter(
+                    (channel, message),
+                    int(str(headers.get("shard", 0))),
+                    header,
+                    data,
+                    str(headers.get("error", "")),
+                    float(str(headers.get("parked_at", 0.0))),
                 )
-            self._dead_channel = channel
-            return out
-        except _ERRORS as exc:
-            raise self._error(exc, "list parked events") from exc
+            )
+        self._dead_channel = channel
+        return out
 
+    @_bounded("requeue an event")
     async def requeue(self, dead: DeadLetter) -> None:
         _, exchange = await self._ensure()
         _channel, message = dead.token
@@ -359,12 +371,10 @@ class AmqpEventLog(EventLog):
         )
         await message.ack()
 
+    @_bounded("count waiting events")
     async def waiting(self, shard: int) -> int:
         self._depth.pop(shard, None)
-        try:
-            return await self._depth_of(shard)
-        except _ERRORS as exc:
-            raise self._error(exc, "count waiting events") from exc
+        return await self._depth_of(shard)
 
     # -- node lost (the leader)
 
@@ -407,32 +417,28 @@ class AmqpEventLog(EventLog):
         finally:
             await message.ack()
 
+    @_bounded("read the rosters")
     async def lost_nodes(self, live: set[str]) -> list[str]:
-        try:
-            await self._read_rosters()
-        except _ERRORS as exc:
-            raise self._error(exc, "read the rosters") from exc
+        await self._read_rosters()
         return sorted(node for node in self._rosters if node and node not in live)
 
+    @_bounded("close a lost node's connections")
     async def close_lost(self, instance: str, make_close: Any) -> int:
         from ..events import shard_of
 
         roster = dict(self._rosters.get(instance, {}))
-        try:
-            _, exchange = await self._ensure()
-            confirms = []
-            for client_id, flag in sorted(roster.items()):
-                header, data = make_close(client_id, flag)
-                message = aio_pika.Message(_frame(header, data), delivery_mode=_PERSISTENT)
-                confirms.append(exchange.publish(message, routing_key=str(shard_of(client_id, self.shards))))
-            await asyncio.gather(*confirms)
-            channel, _ = await self._ensure()
-            body = orjson.dumps({"n": instance, "r": [{"o": "gone"}], "ts": time.time()})
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=_PERSISTENT), routing_key=self.roster_name
-            )
-        except _ERRORS as exc:
-            raise self._error(exc, "close a lost node's connections") from exc
+        _, exchange = await self._ensure()
+        confirms = []
+        for client_id, flag in sorted(roster.items()):
+            header, data = make_close(client_id, flag)
+            message = aio_pika.Message(_frame(header, data), delivery_mode=_PERSISTENT)
+            confirms.append(exchange.publish(message, routing_key=str(shard_of(client_id, self.shards))))
+        await asyncio.gather(*confirms)
+        channel, _ = await self._ensure()
+        body = orjson.dumps({"n": instance, "r": [{"o": "gone"}], "ts": time.time()})
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=_PERSISTENT), routing_key=self.roster_name
+        )
         self._rosters.pop(instance, None)
         return len(roster)
 

@@ -10,9 +10,10 @@ shard's stream, roster and lease live on one node and change together in one scr
 * ``{<ns>:ev:<k>}:lease`` - the worker that owns the shard (``SET NX PX``, renewed by its owner);
 * ``<ns>:ev:nodes`` - the set of node instances that have rosters; ``<ns>:ev:dead`` - parked events.
 
-Appends go through one Lua script per shard: it refuses events once the stream holds ``backlog``
-entries (close events always go in: their client is gone, and there is at most one per connection),
-adds the others and updates the roster, atomically. The owner of a shard acknowledges what its handlers
+Appends go through one Lua script per shard: it refuses events once ``backlog`` events wait in the
+shard - delivered and not acknowledged, or not delivered yet (``XINFO GROUPS``: pending + lag) - (close
+events always go in: their client is gone, and there is at most one per connection), adds the others and
+updates the roster, atomically. The owner of a shard acknowledges what its handlers
 finished (``XACK``) and trims what is acknowledged (``XTRIM MINID``), so the stream's length is the
 shard's backlog. A new owner first claims everything the previous one took and did not acknowledge
 (``XAUTOCLAIM``): those deliveries are ``redelivered``.
@@ -43,7 +44,15 @@ GROUP = b"workers"
 #: items were taken, in order: it stops at the first event refused for the backlog.
 _APPEND = """
 local backlog = tonumber(ARGV[1])
+-- waiting = delivered and not acknowledged + not delivered yet (acknowledged entries are trimmed
+-- later, so XLEN alone would count them); before any worker made the group, everything waits
 local length = redis.call('XLEN', KEYS[1])
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok and #groups > 0 then
+  local info = {}
+  for i = 1, #groups[1], 2 do info[groups[1][i]] = groups[1][i + 1] end
+  if info['lag'] then length = info['pending'] + info['lag'] end
+end
 local taken = 0
 for i = 2, #ARGV, 5 do
   local header, data, op, cid, flag = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
