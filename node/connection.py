@@ -10,7 +10,8 @@ other clients are unaffected.
 :class:`ClientSocket` is the websockets connection the node serves with: it tells its :class:`Connection`
 when the websocket leaves the OPEN state (so the per-frame path reads one plain attribute), and cuts off a
 client that makes the node owe it more than ``send_buffer`` bytes of automatic replies without reading
-them (a ping flood), and counts handshakes cut short by the handshake timeout.
+them (a ping flood), cuts off one that sends more than ``early_limit`` bytes before its handshake is done
+(websockets would buffer them all), and counts handshakes cut short by the handshake timeout.
 """
 
 from __future__ import annotations
@@ -45,12 +46,24 @@ class ClientSocket(ServerConnection):
     admission: tuple[ConnectRequest, Any] | None = None
     #: called when the opening handshake is cut short (timeout)
     on_handshake_timeout: Any = None
+    #: bytes a client may send before its handshake is done (websockets buffers them, unbounded)
+    early_limit: int = 1 << 20
+    #: called when a client is cut off for sending more than that before its handshake is done
+    on_handshake_flood: Any = None
+    _early = 0
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
         conn = self.fanout
         if conn is None:
+            self._early += len(data)
+            if self._early > self.early_limit:
+                if self.on_handshake_flood is not None:
+                    self.on_handshake_flood()
+                self.transport.abort()
+                return
+            super().data_received(data)
             return
+        super().data_received(data)
         if self.protocol.state is not State.OPEN:
             conn.open = False
         elif self.transport.get_write_buffer_size() > conn.send_limit:

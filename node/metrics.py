@@ -29,6 +29,7 @@ class Metrics:
     admission_rejects: Counter[str] = field(default_factory=Counter)  #: on_connect refusals, by status
     admission_errors: int = 0  #: on_connect raised something else than Reject (refused with 500)
     handshake_timeouts: int = 0  #: handshakes not done within FANOUT_HANDSHAKE_TIMEOUT
+    handshake_floods: int = 0  #: clients that sent more than a frame's worth before their handshake was done
     slow_disconnects: int = 0  #: clients cut off because their send buffer was full
     ping_flood_disconnects: int = 0  #: clients cut off for owing too many unread automatic replies
     rate_limit_closes: int = 0  #: clients closed (1008) for sending over FANOUT_CLIENT_RATE
@@ -71,6 +72,11 @@ _COUNTERS = (
     ("fanout_origin_refusals", "Handshakes refused for an Origin not allowed.", "origin_refusals"),
     ("fanout_admission_errors", "on_connect failures (refused with 500).", "admission_errors"),
     ("fanout_handshake_timeouts", "Handshakes cut short by FANOUT_HANDSHAKE_TIMEOUT.", "handshake_timeouts"),
+    (
+        "fanout_handshake_floods",
+        "Clients cut off for sending more than FANOUT_MAX_FRAME before their handshake was done.",
+        "handshake_floods",
+    ),
     ("fanout_slow_client_disconnects", "Clients disconnected for a full send buffer.", "slow_disconnects"),
     (
         "fanout_ping_flood_disconnects",

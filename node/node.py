@@ -250,7 +250,19 @@ class Node:
         def timed_out() -> None:
             self.metrics.handshake_timeouts += 1
 
-        return type("NodeClientSocket", (ClientSocket,), {"on_handshake_timeout": staticmethod(timed_out)})
+        def flooded() -> None:
+            self.metrics.handshake_floods += 1
+
+        return type(
+            "NodeClientSocket",
+            (ClientSocket,),
+            {
+                "on_handshake_timeout": staticmethod(timed_out),
+                "on_handshake_flood": staticmethod(flooded),
+                # the request, and whatever frames a client may send right after it (up to one big frame)
+                "early_limit": self.options.max_frame + 64 * 1024,
+            },
+        )
 
     @property
     def port(self) -> int:

@@ -72,7 +72,7 @@ class Tier:
 
     def worker(self, wait: bool = True, **env: str) -> WorkerProcess:
         worker = start_worker(
-            self.tmp, {**self.env, "FANOUT_TEST_RECORD": str(self.records), **env}, wait=wait
+            self.tmp, {**self.env, "RECORDING_WORKER_DIR": str(self.records), **env}, wait=wait
         )
         self.workers.append(worker)
         return worker

@@ -1,10 +1,10 @@
 """A worker application for tests: it records every event it handles, one JSON line per event.
 
-The file is ``$FANOUT_TEST_RECORD/<pid>.jsonl`` (one per worker process, appended and flushed at once,
+The file is ``$RECORDING_WORKER_DIR/<pid>.jsonl`` (one per worker process, appended and flushed at once,
 so a worker killed mid-way leaves what it had handled). What a client sends steers it:
 
 * ``slow:<seconds>`` - the handler sleeps first (a worker can be killed in the middle of it);
-* ``fail`` - the handler raises, unless the file ``$FANOUT_TEST_RECORD/heal`` exists;
+* ``fail`` - the handler raises, unless the file ``$RECORDING_WORKER_DIR/heal`` exists;
 * ``session:<n>`` - the handler sets ``{"n": n}`` in the connection's session (then the next event of
   that connection must see it);
 * ``echo:<text>`` - the handler sends ``<text>`` back to the client through ``event.util``.
@@ -25,7 +25,7 @@ from fanout.events import Event
 
 class RecordingWorker:
     def __init__(self) -> None:
-        self.dir = Path(os.environ["FANOUT_TEST_RECORD"])
+        self.dir = Path(os.environ["RECORDING_WORKER_DIR"])
         self.file = (self.dir / f"{os.getpid()}.jsonl").open("ab", buffering=0)
 
     def _record(self, event: Event, **extra: Any) -> None:
