@@ -81,8 +81,9 @@ async def throughput(url: str, events: int, workers: int, clients: int) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             _, text = http_get(node.port, "/metrics")
+            lines = text.splitlines()
             forwarded = sum(
-                float(line.split()[-1]) for line in text.splitlines() if line.startswith("fanout_events_forwarded_total")
+                float(x.split()[-1]) for x in lines if x.startswith("fanout_events_forwarded_total")
             )
             if forwarded >= per * clients:
                 break
@@ -93,7 +94,7 @@ async def throughput(url: str, events: int, workers: int, clients: int) -> None:
         for worker in tier:
             worker.wait_ready(30)
         cpu0 = {w.pid: cpu_seconds(w.pid) for w in tier}
-        while _handled(tier) < per * clients:
+        while _handled(tier) < per * clients:  # noqa: ASYNC110 - polling another process's /metrics
             await asyncio.sleep(0.05)
         took = time.monotonic() - started
         cpu = sum(cpu_seconds(w.pid) - cpu0[w.pid] for w in tier)
@@ -154,7 +155,9 @@ async def echo(url: str, rate: float, seconds: float, clients: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--url", default="redis://127.0.0.1:6379/0")

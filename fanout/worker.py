@@ -144,6 +144,9 @@ class Worker:
         self._pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="fanout-handler")
         self._sync: SyncServerUtil | None = None
         self._missing_since: dict[str, float] = {}
+        #: shard -> events waiting in it (stored, not acknowledged), for the shards we own; refreshed
+        #: by the balancing loop
+        self._backlog: dict[int, int] = {}
         #: client id -> (session version after our handlers' writes, the session they left)
         self._sessions: dict[str, tuple[int, dict[str, Any]]] = {}
         self._http: asyncio.Server | None = None
@@ -279,6 +282,7 @@ class Worker:
                         self._take(shard)
                 if loop.time() - last_renew >= LEASE_TTL / 3:
                     last_renew = loop.time()
+                    self._backlog = {shard: await self.tier.waiting(shard) for shard in sorted(self._owned)}
                     held = set(self._owned) - self._giving_up
                     kept = await self.tier.renew(held, self.worker_id)
                     for shard in held - kept:  # our lease ran out (a long stall): someone may have it
@@ -576,6 +580,14 @@ class Worker:
                     "Events fetched, not yet acknowledged.",
                     value=sum(worker._in_hand.values()),
                 )
+                backlog = GaugeMetricFamily(
+                    "fanout_worker_backlog",
+                    "Events waiting in the shards this worker owns.",
+                    labels=["shard"],
+                )
+                for shard, waiting in sorted(worker._backlog.items()):
+                    backlog.add_metric([str(shard)], waiting)
+                yield backlog
                 yield GaugeMetricFamily(
                     "fanout_worker_up", "1 while the worker is running.", value=float(worker.healthy)
                 )
