@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,21 @@ def _tier(tmp_path: Path, url: str, **env: str) -> Tier:
     return Tier(tmp_path, url, base, records)
 
 
+@pytest.fixture
+async def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Tier]]:
+    """``make_tier(broker or URL, **env)``: a Tier whose processes (and RabbitMQ queues) go at the end."""
+    made: list[Tier] = []
+
+    def make(broker: str, **env: str) -> Tier:
+        url = broker if "://" in broker else _url(broker, request)
+        made.append(_tier(tmp_path, url, **env))
+        return made[-1]
+
+    yield make
+    for tier in made:
+        await tier.stop()
+
+
 async def _until(check: Any, timeout: float, what: str) -> float:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -157,37 +172,32 @@ def _check_order(per_connection: dict[str, list[dict[str, Any]]]) -> None:
 
 
 @pytest.mark.parametrize("broker", BROKERS)
-async def test_every_event_handled_once_per_id_in_order(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+async def test_every_event_handled_once_per_id_in_order(broker: str, make_tier: Callable[..., Tier]) -> None:
     """3 workers, 2 nodes, 1,000 connections sending 10 messages each."""
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        nodes = [tier.node(FANOUT_NODE_ID=f"n{i}") for i in range(2)]
-        for _ in range(3):
-            tier.worker()
-        clients: list[tuple[ClientConnection, str]] = []
-        for i in range(1000):
-            clients.append(await client(nodes[i % 2].port))
-        for round_ in range(10):
-            for ws, _ in clients:
-                await ws.send(f"m{round_}")
+    tier = make_tier(broker)
+    nodes = [tier.node(FANOUT_NODE_ID=f"n{i}") for i in range(2)]
+    for _ in range(3):
+        tier.worker()
+    clients: list[tuple[ClientConnection, str]] = []
+    for i in range(1000):
+        clients.append(await client(nodes[i % 2].port))
+    for round_ in range(10):
         for ws, _ in clients:
-            await ws.close()
-        expected = 1000 * 12
-        took = await _until(lambda: len({r["id"] for r in tier.handled()}) >= expected, 120, "every event")
-        records = tier.handled()
-        per_connection = _first_handlings(records)
-        assert len(per_connection) == 1000
-        assert all(len(handled) == 12 for handled in per_connection.values())
-        _check_order(per_connection)
-        for handled in per_connection.values():
-            assert [r.get("data") for r in handled[1:-1]] == [f"m{i}" for i in range(10)]
-        duplicates = len(records) - expected
-        workers = len({r["pid"] for r in records})
-        print(f"{broker}: {expected} events in {took:.1f}s by {workers} workers; {duplicates} handled twice")
-    finally:
-        await tier.stop()
+            await ws.send(f"m{round_}")
+    for ws, _ in clients:
+        await ws.close()
+    expected = 1000 * 12
+    took = await _until(lambda: len({r["id"] for r in tier.handled()}) >= expected, 120, "every event")
+    records = tier.handled()
+    per_connection = _first_handlings(records)
+    assert len(per_connection) == 1000
+    assert all(len(handled) == 12 for handled in per_connection.values())
+    _check_order(per_connection)
+    for handled in per_connection.values():
+        assert [r.get("data") for r in handled[1:-1]] == [f"m{i}" for i in range(10)]
+    duplicates = len(records) - expected
+    workers = len({r["pid"] for r in records})
+    print(f"{broker}: {expected} events in {took:.1f}s by {workers} workers; {duplicates} handled twice")
 
 
 # --------------------------------------------------------------------------- a worker dies mid-handler
@@ -195,38 +205,33 @@ async def test_every_event_handled_once_per_id_in_order(
 
 @pytest.mark.parametrize("broker", BROKERS)
 async def test_a_worker_killed_mid_handler_gives_its_event_to_another(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        node = tier.node()
-        tier.worker()
-        tier.worker()
-        await asyncio.sleep(1.5)  # both own shards
-        ws, _cid = await client(node.port)
-        await ws.send("slow:8")
-        await ws.send("after")
-        started = await _until(
-            lambda: [r for r in tier.handled() if r.get("phase") == "start"], 15, "the slow handler"
-        )
-        victim = next(r["pid"] for r in tier.handled() if r.get("phase") == "start")
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
+    tier = make_tier(broker)
+    node = tier.node()
+    tier.worker()
+    tier.worker()
+    await asyncio.sleep(1.5)  # both own shards
+    ws, _cid = await client(node.port)
+    await ws.send("slow:8")
+    await ws.send("after")
+    started = await _until(
+        lambda: [r for r in tier.handled() if r.get("phase") == "start"], 15, "the slow handler"
+    )
+    victim = next(r["pid"] for r in tier.handled() if r.get("phase") == "start")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
 
-        def redelivered() -> list[dict[str, Any]]:
-            return [
-                r
-                for r in tier.handled()
-                if r["pid"] != victim and r.get("phase") == "start" and r["redelivered"]
-            ]
+    def redelivered() -> list[dict[str, Any]]:
+        return [
+            r for r in tier.handled() if r["pid"] != victim and r.get("phase") == "start" and r["redelivered"]
+        ]
 
-        await _until(redelivered, 20, "the slow event redelivered to the other worker")
-        took = time.monotonic() - killed_at
-        assert took < scaled(15), f"redelivered after {took:.1f}s"
-        print(f"{broker}: redelivered {took:.1f}s after the kill ({started:.1f}s to start)")
-        await ws.close()
-    finally:
-        await tier.stop()
+    await _until(redelivered, 20, "the slow event redelivered to the other worker")
+    took = time.monotonic() - killed_at
+    assert took < scaled(15), f"redelivered after {took:.1f}s"
+    print(f"{broker}: redelivered {took:.1f}s after the kill ({started:.1f}s to start)")
+    await ws.close()
 
 
 # --------------------------------------------------------------------------- a node dies
@@ -234,36 +239,33 @@ async def test_a_worker_killed_mid_handler_gives_its_event_to_another(
 
 @pytest.mark.parametrize("broker", BROKERS)
 async def test_a_killed_node_gets_node_lost_closes_for_all_its_connections(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        doomed = tier.node(FANOUT_NODE_ID="doomed")
-        other = tier.node(FANOUT_NODE_ID="other")
-        tier.worker()
-        tier.worker()
-        clients = [await client(doomed.port) for _ in range(20)]
-        survivor, survivor_id = await client(other.port)
-        doomed_ids = {cid for _, cid in clients}
-        await _until(
-            lambda: {r["cid"] for r in tier.handled() if r["kind"] == "open"} >= doomed_ids, 20, "the opens"
-        )
-        doomed.kill()
-        killed_at = time.monotonic()
+    tier = make_tier(broker)
+    doomed = tier.node(FANOUT_NODE_ID="doomed")
+    other = tier.node(FANOUT_NODE_ID="other")
+    tier.worker()
+    tier.worker()
+    clients = [await client(doomed.port) for _ in range(20)]
+    survivor, survivor_id = await client(other.port)
+    doomed_ids = {cid for _, cid in clients}
+    await _until(
+        lambda: {r["cid"] for r in tier.handled() if r["kind"] == "open"} >= doomed_ids, 20, "the opens"
+    )
+    doomed.kill()
+    killed_at = time.monotonic()
 
-        def lost() -> set[str]:
-            return {r["cid"] for r in tier.handled() if r["kind"] == "close" and r["reason"] == "node lost"}
+    def lost() -> set[str]:
+        return {r["cid"] for r in tier.handled() if r["kind"] == "close" and r["reason"] == "node lost"}
 
-        await _until(lambda: lost() >= doomed_ids, 20, "node-lost close events")
-        took = time.monotonic() - killed_at
-        assert took < 15, f"node-lost closes after {took:.1f}s"
-        closes = [r for r in tier.handled() if r["kind"] == "close" and r["cid"] in doomed_ids]
-        assert all(r["code"] == 1006 for r in closes)
-        assert survivor_id not in lost()
-        print(f"{broker}: node-lost closes for 20 connections {took:.1f}s after SIGKILL")
-        await survivor.close()
-    finally:
-        await tier.stop()
+    await _until(lambda: lost() >= doomed_ids, 20, "node-lost close events")
+    took = time.monotonic() - killed_at
+    assert took < 15, f"node-lost closes after {took:.1f}s"
+    closes = [r for r in tier.handled() if r["kind"] == "close" and r["cid"] in doomed_ids]
+    assert all(r["code"] == 1006 for r in closes)
+    assert survivor_id not in lost()
+    print(f"{broker}: node-lost closes for 20 connections {took:.1f}s after SIGKILL")
+    await survivor.close()
 
 
 # --------------------------------------------------------------------------- no worker
@@ -271,48 +273,41 @@ async def test_a_killed_node_gets_node_lost_closes_for_all_its_connections(
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 async def test_without_workers_the_backlog_stops_at_its_bound_and_drains_later(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request), FANOUT_EVENT_SHARDS="1", FANOUT_EVENTS_BACKLOG="100")
-    try:
-        node = tier.node()
-        sender, sender_id = await client(node.port)
-        quiet, quiet_id = await client(node.port)
-        rss_before = node.rss_kib()
-        for i in range(2000):
-            await sender.send(f"m{i}")
-        await asyncio.sleep(2)
+    tier = make_tier(broker, FANOUT_EVENT_SHARDS="1", FANOUT_EVENTS_BACKLOG="100")
+    node = tier.node()
+    sender, sender_id = await client(node.port)
+    quiet, quiet_id = await client(node.port)
+    rss_before = node.rss_kib()
+    for i in range(2000):
+        await sender.send(f"m{i}")
+    await asyncio.sleep(2)
 
-        async def samples() -> dict[str, float]:
-            return await metrics(node.port)
+    async def samples() -> dict[str, float]:
+        return await metrics(node.port)
 
-        seen = await samples()
-        assert seen["fanout_events_full_shards"] == 1 and seen["fanout_events_paused_clients"] == 1
-        assert seen["fanout_events_backlog_full_total"] >= 1
-        forwarded = sum(v for k, v in seen.items() if k.startswith("fanout_events_forwarded_total"))
-        assert forwarded <= 100 + 2 * 5, forwarded  # the bound (AMQP: checked every 0.2 s, a little over)
-        # the node's other clients are unaffected: what is sent to them still reaches them
-        async with ServerUtil(
-            tier.url, namespace=tier.env["FANOUT_NAMESPACE"], heartbeat_interval=0.5
-        ) as util:
-            assert await util.send(quiet_id, "still here", ack=True) == 1
-        assert await recv(quiet) == "still here"
-        assert (node.rss_kib() - rss_before) < 30 * 1024
-        # a worker started later drains it all, in order, nothing lost
-        tier.worker()
-        await _until(
-            lambda: (
-                len([r for r in tier.handled() if r["cid"] == sender_id and r["kind"] == "message"]) >= 2000
-            ),
-            120,
-            "the backlog drained",
-        )
-        mine = _first_handlings(tier.handled())[sender_id]
-        assert [r["data"] for r in mine if r["kind"] == "message"] == [f"m{i}" for i in range(2000)]
-        await sender.close()
-        await quiet.close()
-    finally:
-        await tier.stop()
+    seen = await samples()
+    assert seen["fanout_events_full_shards"] == 1 and seen["fanout_events_paused_clients"] == 1
+    assert seen["fanout_events_backlog_full_total"] >= 1
+    forwarded = sum(v for k, v in seen.items() if k.startswith("fanout_events_forwarded_total"))
+    assert forwarded <= 100 + 2 * 5, forwarded  # the bound (AMQP: checked every 0.2 s, a little over)
+    # the node's other clients are unaffected: what is sent to them still reaches them
+    async with ServerUtil(tier.url, namespace=tier.env["FANOUT_NAMESPACE"], heartbeat_interval=0.5) as util:
+        assert await util.send(quiet_id, "still here", ack=True) == 1
+    assert await recv(quiet) == "still here"
+    assert (node.rss_kib() - rss_before) < 30 * 1024
+    # a worker started later drains it all, in order, nothing lost
+    tier.worker()
+    await _until(
+        lambda: len([r for r in tier.handled() if r["cid"] == sender_id and r["kind"] == "message"]) >= 2000,
+        120,
+        "the backlog drained",
+    )
+    mine = _first_handlings(tier.handled())[sender_id]
+    assert [r["data"] for r in mine if r["kind"] == "message"] == [f"m{i}" for i in range(2000)]
+    await sender.close()
+    await quiet.close()
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -320,31 +315,28 @@ async def test_without_workers_the_backlog_stops_at_its_bound_and_drains_later(
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 async def test_a_handler_that_always_raises_is_dead_lettered_and_can_be_requeued(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        node = tier.node()
-        worker = tier.worker()
-        ws, cid = await client(node.port)
-        await ws.send("fail")
-        await ws.send("next")
-        await _until(lambda: any(r.get("data") == "next" for r in tier.handled()), 20, "the next event")
-        assert worker.metric("fanout_worker_events_retried_total") == 3
-        assert worker.metric("fanout_worker_events_dead_lettered_total") == 1
-        env = {k: v for k, v in tier.env.items() if k.startswith("FANOUT_")}
-        listed = run_module("fanout", "worker", "dead-letters", env=env)
-        assert listed.returncode == 0, listed.stderr
-        (dead,) = orjson.loads(listed.stdout)
-        assert dead["client_id"] == cid and dead["kind"] == "message" and "told to fail" in dead["error"]
-        (tier.records / "heal").touch()
-        requeued = run_module("fanout", "worker", "dead-letters", "--requeue", env=env)
-        assert requeued.returncode == 0, requeued.stderr
-        await _until(lambda: any(r.get("data") == "fail" for r in tier.handled()), 20, "the requeued event")
-        assert orjson.loads(run_module("fanout", "worker", "dead-letters", env=env).stdout) == []
-        await ws.close()
-    finally:
-        await tier.stop()
+    tier = make_tier(broker)
+    node = tier.node()
+    worker = tier.worker()
+    ws, cid = await client(node.port)
+    await ws.send("fail")
+    await ws.send("next")
+    await _until(lambda: any(r.get("data") == "next" for r in tier.handled()), 20, "the next event")
+    assert worker.metric("fanout_worker_events_retried_total") == 3
+    assert worker.metric("fanout_worker_events_dead_lettered_total") == 1
+    env = {k: v for k, v in tier.env.items() if k.startswith("FANOUT_")}
+    listed = run_module("fanout", "worker", "dead-letters", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (dead,) = orjson.loads(listed.stdout)
+    assert dead["client_id"] == cid and dead["kind"] == "message" and "told to fail" in dead["error"]
+    (tier.records / "heal").touch()
+    requeued = run_module("fanout", "worker", "dead-letters", "--requeue", env=env)
+    assert requeued.returncode == 0, requeued.stderr
+    await _until(lambda: any(r.get("data") == "fail" for r in tier.handled()), 20, "the requeued event")
+    assert orjson.loads(run_module("fanout", "worker", "dead-letters", env=env).stdout) == []
+    await ws.close()
 
 
 # --------------------------------------------------------------------------- SIGTERM and sessions
@@ -352,104 +344,97 @@ async def test_a_handler_that_always_raises_is_dead_lettered_and_can_be_requeued
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 async def test_sigterm_finishes_the_events_in_hand_and_exits_0(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        node = tier.node()
-        worker = tier.worker()
-        ws, _cid = await client(node.port)
-        await ws.send("slow:1.5")
-        await _until(lambda: any(r.get("phase") == "start" for r in tier.handled()), 15, "the slow handler")
-        worker.proc.send_signal(signal.SIGTERM)
-        assert worker.proc.wait(scaled(20)) == 0
+    tier = make_tier(broker)
+    node = tier.node()
+    worker = tier.worker()
+    ws, _cid = await client(node.port)
+    await ws.send("slow:1.5")
+    await _until(lambda: any(r.get("phase") == "start" for r in tier.handled()), 15, "the slow handler")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(scaled(20)) == 0
 
-        def finished() -> list[dict[str, Any]]:
-            return [r for r in tier.handled() if r.get("data") == "slow:1.5" and r.get("phase") != "start"]
+    def finished() -> list[dict[str, Any]]:
+        return [r for r in tier.handled() if r.get("data") == "slow:1.5" and r.get("phase") != "start"]
 
-        assert len(finished()) == 1  # finished before exiting
-        second = tier.worker()
-        await ws.send("later")
-        await _until(lambda: any(r.get("data") == "later" for r in tier.handled()), 20, "the next event")
-        assert len(finished()) == 1  # acknowledged: not again
-        assert second.metric("fanout_worker_events_redelivered_total") == 0
-        await ws.close()
-    finally:
-        await tier.stop()
+    assert len(finished()) == 1  # finished before exiting
+    second = tier.worker()
+    await ws.send("later")
+    await _until(lambda: any(r.get("data") == "later" for r in tier.handled()), 20, "the next event")
+    assert len(finished()) == 1  # acknowledged: not again
+    assert second.metric("fanout_worker_events_redelivered_total") == 0
+    await ws.close()
 
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 async def test_a_session_a_handler_writes_is_seen_by_the_next_event(
-    broker: str, tmp_path: Path, request: pytest.FixtureRequest
+    broker: str, make_tier: Callable[..., Tier]
 ) -> None:
-    tier = _tier(tmp_path, _url(broker, request))
-    try:
-        node = tier.node()
-        tier.worker()
-        ws, _cid = await client(node.port)
-        for i in range(1, 6):  # sent at once: each next event was made before the write before it
-            await ws.send(f"session:{i}")
-        await _until(lambda: len([r for r in tier.handled() if r["kind"] == "message"]) == 5, 20, "5 events")
-        sessions = [r["session"] for r in tier.handled() if r["kind"] == "message"]
-        assert sessions == [{}, {"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
-        await ws.close()
-        await _until(lambda: any(r["kind"] == "close" for r in tier.handled()), 20, "the close")
-        close = next(r for r in tier.handled() if r["kind"] == "close")
-        assert close["session"] == {"n": 5}
-    finally:
-        await tier.stop()
+    tier = make_tier(broker)
+    node = tier.node()
+    tier.worker()
+    ws, _cid = await client(node.port)
+    for i in range(1, 6):  # sent at once: each next event was made before the write before it
+        await ws.send(f"session:{i}")
+    await _until(lambda: len([r for r in tier.handled() if r["kind"] == "message"]) == 5, 20, "5 events")
+    sessions = [r["session"] for r in tier.handled() if r["kind"] == "message"]
+    assert sessions == [{}, {"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+    await ws.close()
+    await _until(lambda: any(r["kind"] == "close" for r in tier.handled()), 20, "the close")
+    close = next(r for r in tier.handled() if r["kind"] == "close")
+    assert close["session"] == {"n": 5}
 
 
 # --------------------------------------------------------------------------- broker outages
 
 
-async def test_redis_killed_and_restarted_during_traffic_loses_no_event(tmp_path: Path) -> None:
+async def test_redis_killed_and_restarted_during_traffic_loses_no_event(
+    tmp_path: Path, make_tier: Callable[..., Tier]
+) -> None:
     redis = start_redis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
     try:
-        await _outage(tmp_path, redis.url, cut=redis.kill, restore=redis.restart)
+        await _outage(make_tier, redis.url, cut=redis.kill, restore=redis.restart)
     finally:
         redis.stop()
 
 
-async def test_an_amqp_link_cut_during_traffic_loses_no_event(tmp_path: Path) -> None:
+async def test_an_amqp_link_cut_during_traffic_loses_no_event(make_tier: Callable[..., Tier]) -> None:
     proxy = ProxyProcess("127.0.0.1:5672")
     try:
         await _outage(
-            tmp_path, f"amqp://guest:guest@127.0.0.1:{proxy.port}/", cut=proxy.cut, restore=proxy.restore
+            make_tier, f"amqp://guest:guest@127.0.0.1:{proxy.port}/", cut=proxy.cut, restore=proxy.restore
         )
     finally:
         proxy.stop()
 
 
-async def _outage(tmp_path: Path, url: str, cut: Any, restore: Any) -> None:
-    tier = _tier(tmp_path, url)
-    try:
-        node = tier.node()
-        tier.worker()
-        tier.worker()
-        clients = [await client(node.port) for _ in range(20)]
-        sent = 0
-        for round_ in range(60):
-            if round_ == 20:
-                cut()
-            if round_ == 40:
-                restore()
-            for ws, _ in clients:
-                await ws.send(f"m{round_}")
-                sent += 1
-            await asyncio.sleep(0.1)
+async def _outage(make_tier: Callable[..., Tier], url: str, cut: Any, restore: Any) -> None:
+    tier = make_tier(url)
+    node = tier.node()
+    tier.worker()
+    tier.worker()
+    clients = [await client(node.port) for _ in range(20)]
+    sent = 0
+    for round_ in range(60):
+        if round_ == 20:
+            cut()
+        if round_ == 40:
+            restore()
         for ws, _ in clients:
-            await ws.close()
-        ids = {cid for _, cid in clients}
+            await ws.send(f"m{round_}")
+            sent += 1
+        await asyncio.sleep(0.1)
+    for ws, _ in clients:
+        await ws.close()
+    ids = {cid for _, cid in clients}
 
-        def all_handled() -> bool:
-            per = _first_handlings(tier.handled())
-            return all(len([r for r in per.get(cid, []) if r["kind"] == "message"]) == 60 for cid in ids)
-
-        await _until(all_handled, 90, "every message handled after the outage")
+    def all_handled() -> bool:
         per = _first_handlings(tier.handled())
-        for cid in ids:
-            assert [r["data"] for r in per[cid] if r["kind"] == "message"] == [f"m{i}" for i in range(60)]
-        print(f"{url.split(':')[0]}: {sent} messages sent across the outage, all handled in order")
-    finally:
-        await tier.stop()
+        return all(len([r for r in per.get(cid, []) if r["kind"] == "message"]) == 60 for cid in ids)
+
+    await _until(all_handled, 90, "every message handled after the outage")
+    per = _first_handlings(tier.handled())
+    for cid in ids:
+        assert [r["data"] for r in per[cid] if r["kind"] == "message"] == [f"m{i}" for i in range(60)]
+    print(f"{url.split(':')[0]}: {sent} messages sent across the outage, all handled in order")
