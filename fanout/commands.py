@@ -68,7 +68,8 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close every targeted connection with ``code`` and ``reason``."""
+    """Close every targeted connection with ``code`` and ``reason``; ``last`` (when set) is sent to each
+    first, as its last frame (binary when ``binary``)."""
 
     target: Target
     code: int = 1000
@@ -76,6 +77,33 @@ class Close:
     exclude: tuple[str, ...] = ()
     request: Request | None = None
     dedupe_id: str | None = None
+    last: bytes | None = None
+    binary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendBulk:
+    """A different payload per recipient: ``items`` are (client id or flag, payload, binary), in order.
+
+    ``kind`` is ``TargetKind.CLIENTS`` or ``TargetKind.FLAGS``. Each connection gets only the payloads of
+    the items that name it (or its flag), in the order of the items.
+    """
+
+    kind: TargetKind
+    items: tuple[tuple[str, bytes, bool], ...]
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseGuests:
+    """Close every connection with no flag that has been open longer than ``older_than`` seconds."""
+
+    older_than: float
+    code: int = 1000
+    reason: str = ""
+    last: bytes | None = None
+    binary: bool = False
+    request: Request | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +130,12 @@ class DissolveGroup:
 
 @dataclass(frozen=True, slots=True)
 class Bind:
-    """Bind ``client_id`` to ``flag``, replacing the flag it had."""
+    """Bind ``client_id`` to ``flag``, replacing the flag it had (``replace=False``: only if it has none)."""
 
     client_id: str
     flag: str
     request: Request | None = None
+    replace: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +165,12 @@ class QueryKind(StrEnum):
     GROUP_CLIENTS = "group_clients"  #: arg: group -> [client id]
     GROUPS = "groups"  #: -> [group]
     NODE = "node"  #: -> the node's record (as in its heartbeat)
+    IN_GROUP = "in_group"  #: arg: client id, args: [group] -> bool
+    GROUP_FLAGS = "group_flags"  #: arg: group -> [distinct flags of its local members]
+    FLAGS = "flags"  #: -> [flags bound locally]
+    GROUP_SESSIONS = "group_sessions"  #: arg: group -> {client id: session}
+    FLAGS_CLIENTS = "flags_clients"  #: args: flags -> {flag: [client id]}
+    PRESENCE = "presence"  #: arg: group -> {flag: local connections of that flag in the group}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +178,7 @@ class Query:
     kind: QueryKind
     request: Request
     arg: str = ""
+    args: tuple[str, ...] = ()  #: further arguments (the group of IN_GROUP, the flags of FLAGS_CLIENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +193,9 @@ class Reply:
     node: str
     result: Json = None
     error: tuple[str, str] | None = None
+    #: a large answer comes in ``parts`` replies (lists concatenated, objects merged); this is one of them
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +242,8 @@ class Bye:
 Command: TypeAlias = (
     Send
     | Close
+    | SendBulk
+    | CloseGuests
     | JoinGroup
     | LeaveGroup
     | DissolveGroup

@@ -32,6 +32,7 @@ from .commands import (
     Bind,
     Bye,
     Close,
+    CloseGuests,
     Command,
     DissolveGroup,
     Heartbeat,
@@ -43,6 +44,7 @@ from .commands import (
     Reply,
     Request,
     Send,
+    SendBulk,
     SetSession,
     Target,
     TargetKind,
@@ -176,6 +178,22 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header["code"] = cmd.code
             if cmd.reason:
                 header["reason"] = cmd.reason
+            payload = _last_frame(header, cmd.last, cmd.binary)
+        case SendBulk():
+            names, lengths, binary = [], [], []
+            for name, data, is_binary in cmd.items:
+                names.append(name)
+                lengths.append(len(data))
+                binary.append(is_binary)
+            header = {"op": "bulk", "t": cmd.kind.value, "n": _names_out(tuple(names), "bulk"), "l": lengths}
+            if any(binary):
+                header["bin"] = binary
+            payload = b"".join(data for _, data, _ in cmd.items)
+        case CloseGuests():
+            header = {"op": "close_guests", "age": cmd.older_than, "code": cmd.code}
+            if cmd.reason:
+                header["reason"] = cmd.reason
+            payload = _last_frame(header, cmd.last, cmd.binary)
         case JoinGroup():
             header = {"op": "join", "c": cmd.client_id, "g": _names_out(cmd.groups, "groups")}
         case LeaveGroup():
@@ -184,6 +202,8 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header = {"op": "dissolve", "g": cmd.group}
         case Bind():
             header = {"op": "bind", "c": cmd.client_id, "f": cmd.flag}
+            if not cmd.replace:
+                header["nx"] = True
         case Unbind():
             header = {"op": "unbind", "c": cmd.client_id}
         case SetSession():
@@ -191,8 +211,13 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header = {"op": "session", "c": cmd.client_id, "data": data, "merge": cmd.merge}
         case Query():
             header = {"op": "query", "q": cmd.kind.value, "arg": cmd.arg}
+            if cmd.args:
+                header["args"] = _names_out(cmd.args, "query arguments")
         case Reply():
             header = {"op": "reply", "rid": cmd.request_id, "node": cmd.node}
+            if cmd.parts != 1:
+                header["part"] = cmd.part
+                header["parts"] = cmd.parts
             if cmd.error is not None:
                 header["err"] = list(cmd.error)
             else:
@@ -204,6 +229,16 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header = {"op": "bye", "node": cmd.instance}
     _request(header, getattr(cmd, "request", None))
     return header, payload
+
+
+def _last_frame(header: dict[str, Any], last: bytes | None, binary: bool) -> bytes:
+    """A close's last frame travels as the payload; ``last`` says there is one (it may be empty)."""
+    if last is None:
+        return b""
+    header["last"] = True
+    if binary:
+        header["bin"] = True
+    return last
 
 
 def _node_to_json(info: NodeInfo) -> dict[str, Any]:
@@ -423,18 +458,63 @@ def is_sendable_close_code(code: int) -> bool:
     return code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999
 
 
-def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
+def _close_code(h: dict[str, Any]) -> int:
     code = _int(h.get("code", 1000), "code")
     if not is_sendable_close_code(code):
         raise ValueError(f"close code {code} is not one a server may send")
+    return code
+
+
+def _parse_close(h: dict[str, Any], payload: bytes) -> Close:
+    last = payload if _bool(h.get("last", False), "last") else None
     return Close(
         target=_target(h),
-        code=code,
+        code=_close_code(h),
         reason=_str(h.get("reason", ""), "reason"),
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
+        last=last,
+        binary=_bool(h.get("bin", False), "bin") if last is not None else False,
     )
+
+
+def _parse_close_guests(h: dict[str, Any], payload: bytes) -> CloseGuests:
+    last = payload if _bool(h.get("last", False), "last") else None
+    age = _number(h["age"], "age")
+    if age < 0:
+        raise ValueError("age must be at least 0")
+    return CloseGuests(
+        older_than=age,
+        code=_close_code(h),
+        reason=_str(h.get("reason", ""), "reason"),
+        last=last,
+        binary=_bool(h.get("bin", False), "bin") if last is not None else False,
+        request=_req(h),
+    )
+
+
+def _parse_bulk(h: dict[str, Any], payload: bytes) -> SendBulk:
+    kind = TargetKind(h["t"])
+    if kind not in (TargetKind.CLIENTS, TargetKind.FLAGS):
+        raise ValueError(f"a bulk send is for client ids or flags, not {kind.value!r}")
+    names = _strs(h["n"], "n")
+    lengths = h["l"]
+    if not isinstance(lengths, list) or len(lengths) != len(names):
+        raise TypeError("l must be a list of one length per name")
+    binary = h.get("bin", [False] * len(names))
+    if not isinstance(binary, list) or len(binary) != len(names):
+        raise TypeError("bin must be a list of one boolean per name")
+    items, offset = [], 0
+    for name, length, is_binary in zip(names, lengths, binary, strict=True):
+        size = _int(length, "l")
+        if size < 0 or offset + size > len(payload):
+            raise ValueError("the lengths do not add up to the payload")
+        items.append((name, payload[offset : offset + size], _bool(is_binary, "bin")))
+        offset += size
+    if offset != len(payload):
+        raise ValueError("the lengths do not add up to the payload")
+    return SendBulk(kind, tuple(items), _req(h))
 
 
 def _parse_node(value: Any) -> NodeInfo:
@@ -462,16 +542,24 @@ def _parse_reply(h: dict[str, Any], _: bytes) -> Reply:
     if err is not None:
         kind, message = _strs(err, "err")
         error = (kind, message)
-    return Reply(_str(h["rid"], "rid"), _str(h["node"], "node"), _json_in(h.get("res"), "res"), error)
+    part, parts = _int(h.get("part", 0), "part"), _int(h.get("parts", 1), "parts")
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}")
+    result = _json_in(h.get("res"), "res")
+    return Reply(_str(h["rid"], "rid"), _str(h["node"], "node"), result, error, part, parts)
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
     "send": _parse_send,
     "close": _parse_close,
+    "bulk": _parse_bulk,
+    "close_guests": _parse_close_guests,
     "join": lambda h, _: JoinGroup(_str(h["c"], "c"), _strs(h["g"], "g"), _req(h)),
     "leave": lambda h, _: LeaveGroup(_str(h["c"], "c"), _strs(h["g"], "g"), _req(h)),
     "dissolve": lambda h, _: DissolveGroup(_str(h["g"], "g"), _req(h)),
-    "bind": lambda h, _: Bind(_str(h["c"], "c"), _str(h["f"], "f"), _req(h)),
+    "bind": lambda h, _: Bind(
+        _str(h["c"], "c"), _str(h["f"], "f"), _req(h), not _bool(h.get("nx", False), "nx")
+    ),
     "unbind": lambda h, _: Unbind(_str(h["c"], "c"), _req(h)),
     "session": lambda h, _: SetSession(
         _str(h["c"], "c"),
@@ -479,7 +567,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
         _bool(h.get("merge", False), "merge"),
         _req(h),
     ),
-    "query": lambda h, _: Query(QueryKind(h["q"]), _need_req(h), _str(h.get("arg", ""), "arg")),
+    "query": lambda h, _: Query(
+        QueryKind(h["q"]), _need_req(h), _str(h.get("arg", ""), "arg"), _strs(h.get("args", []), "args")
+    ),
     "reply": _parse_reply,
     "hb": lambda h, _: Heartbeat(_parse_node(h["node"])),
     "bye": lambda h, _: Bye(_str(h["node"], "node")),

@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from . import protocol
-from .commands import Close, Command, Send
+from .commands import Close, CloseGuests, Command, Send, SendBulk
 from .exceptions import ProtocolError
 
 #: how many recent dedupe ids an endpoint remembers (commands published on several addresses)
@@ -172,8 +172,7 @@ class Receiver:
                 if claimed is not None:
                     self.unverified_heartbeats[claimed.instance] = now
             return None
-        command = message.command
-        if isinstance(command, Send) and not command.binary and not _is_utf8(command.payload):
+        if not _text_is_utf8(message.command):
             self.dropped["utf8"] += 1  # a client would have to close on it (1007): never deliver it
             return None
         envelope = message.envelope
@@ -198,6 +197,18 @@ class Receiver:
         if len(seen) > self._dedupe_memory:
             seen.popitem(last=False)
         return False
+
+
+def _text_is_utf8(command: Command) -> bool:
+    """Whether every text frame ``command`` would make is valid UTF-8."""
+    match command:
+        case Send():
+            return command.binary or _is_utf8(command.payload)
+        case Close() | CloseGuests():
+            return command.last is None or command.binary or _is_utf8(command.last)
+        case SendBulk():
+            return all(binary or _is_utf8(data) for _, data, binary in command.items)
+    return True
 
 
 def _is_utf8(payload: bytes) -> bool:

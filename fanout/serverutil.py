@@ -34,6 +34,7 @@ from .commands import (
     Bind,
     Bye,
     Close,
+    CloseGuests,
     Command,
     DissolveGroup,
     Heartbeat,
@@ -46,6 +47,7 @@ from .commands import (
     Reply,
     Request,
     Send,
+    SendBulk,
     SetSession,
     Target,
     TargetKind,
@@ -111,6 +113,7 @@ class _Gather:
     owners: frozenset[str] | None  #: the nodes that must answer, or None for "every live node"
     replies: dict[str, Json] = field(default_factory=dict)
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)  #: node -> (error class, message)
+    pages: dict[str, dict[int, Json]] = field(default_factory=dict)  #: node -> parts of a paged answer
     unreachable: set[str] = field(default_factory=set)  #: owners the broker says nobody received for
     receivers: int | None = None  #: how many nodes received the request, when the broker tells
     asked_at: float = 0.0  #: loop time of the publish
@@ -258,8 +261,15 @@ class ServerUtil:
                 if gather is not None:
                     if command.error is not None:
                         gather.errors[command.node] = command.error
-                    else:
+                    elif command.parts == 1:
                         gather.replies[command.node] = command.result
+                    else:  # a paged answer: complete once every part is in
+                        pages = gather.pages.setdefault(command.node, {})
+                        pages[command.part] = command.result
+                        if len(pages) == command.parts:
+                            gather.replies[command.node] = _join_pages(
+                                [pages[i] for i in range(command.parts)]
+                            )
                     gather.arrived.set()
             case Heartbeat():
                 self._directory.heard(command.node, now)
@@ -559,22 +569,25 @@ class ServerUtil:
         code: int = 1000,
         reason: str = "",
         *,
+        data: object = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> int | None:
-        """Close these connections, wherever they live. Returns how many were closed (``wait=True``)."""
+        """Close these connections, wherever they live; ``data``, when given, is each one's last frame
+        (sent before the close). Returns how many were closed (``wait=True``)."""
         _check_close(code, reason)
         ids = names(client_ids, "client_ids")
         owners = routing.split_by_owner(ids)
+        last, binary = _last(data)
         if not wait:
-            await self._fire_and_forget(Close(Target.clients(*ids), code, reason))
+            await self._fire_and_forget(Close(Target.clients(*ids), code, reason, last=last, binary=binary))
             return None
         replies = await self._ask(
             "close",
             [
                 (
                     routing.owner_address(owner, self.settings.mode),
-                    _builder(Close(Target.clients(*mine), code, reason)),
+                    _builder(Close(Target.clients(*mine), code, reason, last=last, binary=binary)),
                     owner,
                 )
                 for owner, mine in owners.items()
@@ -590,16 +603,85 @@ class ServerUtil:
         code: int = 1000,
         reason: str = "",
         *,
+        data: object = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> int | None:
-        """Close every connection bound to these flags. Returns how many were closed (``wait=True``)."""
+        """Close every connection bound to these flags (after ``data``, their last frame, when given).
+        Returns how many were closed (``wait=True``)."""
         _check_close(code, reason)
-        command = Close(Target.flags(*names(flags, "flags")), code, reason)
+        last, binary = _last(data)
+        command = Close(Target.flags(*names(flags, "flags")), code, reason, last=last, binary=binary)
         if not wait:
             await self._fire_and_forget(command)
             return None
         return await self._count("close_by_flag", command, timeout, False)
+
+    async def close_guests(
+        self,
+        older_than: float,
+        data: object = None,
+        code: int = 1000,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int:
+        """Close every connection of the cluster that has no flag and has been open longer than
+        ``older_than`` seconds (after ``data``, its last frame, when given). Returns how many."""
+        _check_close(code, reason)
+        if not isinstance(older_than, int | float) or isinstance(older_than, bool) or older_than < 0:
+            raise PayloadError(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        last, binary = _last(data)
+        replies = await self._ask(
+            "close_guests",
+            [
+                (
+                    naming.ALL,
+                    lambda r: CloseGuests(float(older_than), code, reason, last, binary, r),
+                    None,
+                )
+            ],
+            everyone=True,
+            timeout=timeout,
+            partial=partial,
+        )
+        return _sum(list(replies.values()))
+
+    # ------------------------------------------------------------------ a payload per recipient
+
+    async def send_bulk(self, pairs: Iterable[tuple[str, object]]) -> None:
+        """A different payload per connection: ``pairs`` of (client id, data), each connection getting
+        only its own, in order, all in one broker round (one publish per owning node in routing mode)."""
+        items = _bulk_items(pairs, "send_bulk")
+        if self.settings.mode is Mode.FANOUT:
+            await self._publish([(naming.ALL, SendBulk(TargetKind.CLIENTS, tuple(items)))])
+            return
+        by_owner: dict[str, list[tuple[str, bytes, bool]]] = {}
+        for item in items:
+            owner = owner_of(item[0])
+            if owner is not None:
+                by_owner.setdefault(owner, []).append(item)
+        await self._publish(
+            [
+                (naming.node(owner), SendBulk(TargetKind.CLIENTS, tuple(mine)))
+                for owner, mine in by_owner.items()
+            ]
+        )
+
+    async def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
+        """A different payload per flag: ``pairs`` of (flag, data); every connection bound to a flag gets
+        that flag's payloads, in order, all in one broker round (one publish per flag in routing mode)."""
+        items = _bulk_items(pairs, "send_bulk_by_flag")
+        if self.settings.mode is Mode.FANOUT:
+            await self._publish([(naming.ALL, SendBulk(TargetKind.FLAGS, tuple(items)))])
+            return
+        by_flag: dict[str, list[tuple[str, bytes, bool]]] = {}
+        for item in items:
+            by_flag.setdefault(item[0], []).append(item)
+        await self._publish(
+            [(naming.flag(flag), SendBulk(TargetKind.FLAGS, tuple(mine))) for flag, mine in by_flag.items()]
+        )
 
     async def _fire_and_forget(self, command: Send | Close) -> None:
         await self._publish(routing.route(command, self.settings.mode))
@@ -662,10 +744,19 @@ class ServerUtil:
         return sum(r for r in replies.values() if isinstance(r, int))
 
     async def bind(
-        self, client_id: str, flag: str, *, wait: bool = True, timeout: float | None = None
+        self,
+        client_id: str,
+        flag: str,
+        replace: bool = True,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
     ) -> bool | None:
-        """Bind the connection to ``flag`` (replacing its old flag). True if it exists (``wait=True``)."""
-        found = await self._on_owner("bind", client_id, lambda r: Bind(client_id, flag, r), wait, timeout)
+        """Bind the connection to ``flag``, replacing its old flag; with ``replace=False`` only if it has
+        none (imi's ``bindNx``). True if it exists, and with ``replace=False`` if it bound (``wait=True``)."""
+        found = await self._on_owner(
+            "bind", client_id, lambda r: Bind(client_id, flag, r, replace), wait, timeout
+        )
         return bool(found) if wait else None
 
     async def unbind(self, client_id: str, *, wait: bool = True, timeout: float | None = None) -> bool | None:
@@ -716,23 +807,27 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ queries
 
-    async def _query_owner(self, kind: QueryKind, client_id: str, timeout: float | None) -> Json:
+    async def _query_owner(
+        self, kind: QueryKind, client_id: str, timeout: float | None, args: tuple[str, ...] = ()
+    ) -> Json:
         owner = owner_of(client_id)
         if owner is None:
             return None
         address = routing.owner_address(owner, self.settings.mode)
         replies = await self._ask(
             kind.value,
-            [(address, lambda r: Query(kind, r, client_id), owner)],
+            [(address, lambda r: Query(kind, r, client_id, args), owner)],
             everyone=False,
             timeout=timeout,
         )
         return replies.get(owner)
 
-    async def _query_all(self, kind: QueryKind, arg: str, timeout: float | None, partial: bool) -> list[Json]:
+    async def _query_all(
+        self, kind: QueryKind, arg: str, timeout: float | None, partial: bool, args: tuple[str, ...] = ()
+    ) -> list[Json]:
         replies = await self._ask(
             kind.value,
-            [(naming.ALL, lambda r: Query(kind, r, arg), None)],
+            [(naming.ALL, lambda r: Query(kind, r, arg, args), None)],
             everyone=True,
             timeout=timeout,
             partial=partial,
@@ -778,6 +873,66 @@ class ServerUtil:
         """Every group with at least one member, sorted."""
         return sorted(set(_concat(await self._query_all(QueryKind.GROUPS, "", timeout, partial))))
 
+    async def is_in_group(self, client_id: str, group: str, *, timeout: float | None = None) -> bool:
+        """Whether the connection is a member of ``group``."""
+        return bool(await self._query_owner(QueryKind.IN_GROUP, client_id, timeout, (group,)))
+
+    async def get_group_flags(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> list[str]:
+        """The distinct flags (users) among the members of ``group``, sorted."""
+        return sorted(set(_concat(await self._query_all(QueryKind.GROUP_FLAGS, group, timeout, partial))))
+
+    async def get_group_flag_count(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> int:
+        """How many distinct flags (users) the members of ``group`` have."""
+        return len(await self.get_group_flags(group, timeout=timeout, partial=partial))
+
+    async def get_flags(self, *, timeout: float | None = None, partial: bool = False) -> list[str]:
+        """Every flag bound anywhere in the cluster, sorted."""
+        return sorted(set(_concat(await self._query_all(QueryKind.FLAGS, "", timeout, partial))))
+
+    async def get_flag_count(self, *, timeout: float | None = None, partial: bool = False) -> int:
+        """How many distinct flags are bound in the cluster."""
+        return len(await self.get_flags(timeout=timeout, partial=partial))
+
+    async def get_group_sessions(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> dict[str, dict[str, Json]]:
+        """``{client id: session}`` of every member of ``group``."""
+        out: dict[str, dict[str, Json]] = {}
+        for answer in await self._query_all(QueryKind.GROUP_SESSIONS, group, timeout, partial):
+            if isinstance(answer, dict):
+                out.update({k: v for k, v in answer.items() if isinstance(v, dict)})
+        return out
+
+    async def get_client_ids_by_flags(
+        self, flags: Names, *, timeout: float | None = None, partial: bool = False
+    ) -> dict[str, list[str]]:
+        """``{flag: [client ids]}`` for these flags, in one round (flags with no connection: ``[]``)."""
+        wanted = names(flags, "flags")
+        out: dict[str, list[str]] = {flag: [] for flag in wanted}
+        if wanted:
+            for answer in await self._query_all(QueryKind.FLAGS_CLIENTS, "", timeout, partial, wanted):
+                if isinstance(answer, dict):
+                    for flag, ids in answer.items():
+                        if flag in out and isinstance(ids, list):
+                            out[flag].extend(i for i in ids if isinstance(i, str))
+        return {flag: sorted(ids) for flag, ids in out.items()}
+
+    async def get_presence(
+        self, group: str, *, timeout: float | None = None, partial: bool = False
+    ) -> dict[str, int]:
+        """``{flag: number of that flag's connections in group}`` across the cluster."""
+        counts: Counter[str] = Counter()
+        for answer in await self._query_all(QueryKind.PRESENCE, group, timeout, partial):
+            if isinstance(answer, dict):
+                counts.update(
+                    {k: v for k, v in answer.items() if isinstance(v, int) and not isinstance(v, bool)}
+                )
+        return dict(sorted(counts.items()))
+
     async def get_nodes(
         self, *, timeout: float | None = None, partial: bool = False
     ) -> list[dict[str, Json]]:
@@ -789,6 +944,21 @@ class ServerUtil:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _last(data: object) -> tuple[bytes | None, bool]:
+    """A close's last frame: ``None`` for no data, else the payload as a send would make it."""
+    return (None, False) if data is None else encode_payload(data)
+
+
+def _bulk_items(pairs: Iterable[tuple[str, object]], what: str) -> list[tuple[str, bytes, bool]]:
+    items = []
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise PayloadError(f"{what}: each pair must be (name, data), got {pair!r:.60}")
+        payload, binary = encode_payload(pair[1])
+        items.append((pair[0], payload, binary))
+    return items
 
 
 def _check_close(code: int, reason: str) -> None:
@@ -823,3 +993,14 @@ def _receiver(settings: Settings) -> Receiver:
         max_message=settings.max_message,
         replay_window=settings.replay_window,
     )
+
+
+def _join_pages(pages: list[Json]) -> Json:
+    """A node's paged answer put back together: lists concatenated, objects merged."""
+    if all(isinstance(page, list) for page in pages):
+        return [item for page in pages for item in page]
+    joined: dict[str, Json] = {}
+    for page in pages:
+        if isinstance(page, dict):
+            joined.update(page)
+    return joined

@@ -42,7 +42,7 @@ NOT_FOUND = Change(found=False)
 _UNCHANGED = Change(found=True)
 
 #: queries about one connection: only the node that owns it answers
-OWNER_QUERIES = frozenset({QueryKind.EXISTS, QueryKind.SESSION, QueryKind.FLAG_OF})
+OWNER_QUERIES = frozenset({QueryKind.EXISTS, QueryKind.SESSION, QueryKind.FLAG_OF, QueryKind.IN_GROUP})
 
 
 class ConnectionTable(Generic[C]):
@@ -234,9 +234,27 @@ class ConnectionTable(Generic[C]):
         """Whether this node answers the query (per-connection queries: only the owner does)."""
         return kind not in OWNER_QUERIES or self.owns(arg)
 
-    def answer(self, kind: QueryKind, arg: str) -> Json:
+    def answer(self, kind: QueryKind, arg: str, args: tuple[str, ...] = ()) -> Json:
         """This node's part of the answer (``NODE``, the node's own record, is not the table's)."""
         match kind:
+            case QueryKind.IN_GROUP:
+                return bool(args) and args[0] in self._member_of.get(arg, ())
+            case QueryKind.GROUP_FLAGS:
+                flags = {self._flag_of.get(cid) for cid in self._groups.get(arg, ())}
+                return sorted(f for f in flags if f is not None)
+            case QueryKind.FLAGS:
+                return sorted(self._flags)
+            case QueryKind.GROUP_SESSIONS:
+                return {cid: self.sessions.get(cid, {}) for cid in sorted(self._groups.get(arg, ()))}
+            case QueryKind.FLAGS_CLIENTS:
+                return {flag: sorted(self._flags[flag]) for flag in args if flag in self._flags}
+            case QueryKind.PRESENCE:
+                counts: dict[str, int] = {}
+                for cid in self._groups.get(arg, ()):
+                    flag = self._flag_of.get(cid)
+                    if flag is not None:
+                        counts[flag] = counts.get(flag, 0) + 1
+                return counts
             case QueryKind.EXISTS:
                 return arg in self.connections
             case QueryKind.SESSION:

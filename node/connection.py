@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -99,6 +100,7 @@ class Connection:
         "event_seq",
         "node",
         "open",
+        "opened_at",
         "rate",
         "request",
         "send_limit",
@@ -114,6 +116,8 @@ class Connection:
         self.request = request
         #: False from the moment the connection starts closing (or is cut off, or the client leaves)
         self.open = True
+        #: time.monotonic() when it was accepted (close_guests closes guests older than some age)
+        self.opened_at = time.monotonic()
         self.send_limit = node.options.send_buffer
         self._transport: asyncio.Transport = websocket.transport
         self._pending: list[bytes] | None = None

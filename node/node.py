@@ -34,6 +34,7 @@ from fanout.commands import (
     Bind,
     Bye,
     Close,
+    CloseGuests,
     Command,
     DissolveGroup,
     Heartbeat,
@@ -45,7 +46,9 @@ from fanout.commands import (
     QueryKind,
     Reply,
     Send,
+    SendBulk,
     SetSession,
+    TargetKind,
     Unbind,
 )
 from fanout.commands import (
@@ -75,6 +78,21 @@ RATE_LIMIT_CLOSE = 1008
 APP_ERROR_CLOSE = 1011
 #: close code when the identity Admit asked for could not be applied on the broker (try again later)
 ADMIT_FAILED_CLOSE = 1013
+
+
+#: most items (list entries, object keys) in one reply: a bigger answer goes in several (see _pages)
+REPLY_PAGE = 5000
+
+
+def _pages(result: Json) -> list[Json]:
+    """A large list or object answer cut into pages of REPLY_PAGE items, so that no reply approaches the
+    broker's or FANOUT_MAX_MESSAGE's limit (the publisher puts them back together)."""
+    if isinstance(result, list) and len(result) > REPLY_PAGE:
+        return [result[i : i + REPLY_PAGE] for i in range(0, len(result), REPLY_PAGE)]
+    if isinstance(result, dict) and len(result) > REPLY_PAGE:
+        items = list(result.items())
+        return [dict(items[i : i + REPLY_PAGE]) for i in range(0, len(items), REPLY_PAGE)]
+    return [result]
 
 
 def default_node_id() -> str:
@@ -467,9 +485,21 @@ class Node:
             case Close():
                 self.metrics.commands["close"] += 1
                 conns = self.table.resolve(command.target, command.exclude)
-                for conn in conns:
-                    conn.start_close(command.code, command.reason)
+                self._close_all(conns, command.code, command.reason, command.last, command.binary)
                 self._reply(command.request, len(conns))
+            case SendBulk():
+                self.metrics.commands["bulk"] += 1
+                self._reply(command.request, self._deliver_bulk(command))
+            case CloseGuests():
+                self.metrics.commands["close_guests"] += 1
+                now = time.monotonic()
+                guests = [
+                    conn
+                    for cid, conn in self.table.connections.items()
+                    if self.table.flag_of(cid) is None and now - conn.opened_at > command.older_than
+                ]
+                self._close_all(guests, command.code, command.reason, command.last, command.binary)
+                self._reply(command.request, len(guests))
             case Reply() | Heartbeat() | Bye():
                 self.util.handle(command)
             case Query():
@@ -481,6 +511,35 @@ class Node:
                 self._change_then_reply(self.table.dissolve(command.group), command.request, members)
             case JoinGroup() | LeaveGroup() | Bind() | Unbind() | SetSession():
                 self._membership(command)
+
+    def _close_all(
+        self, conns: list[Connection], code: int, reason: str, last: bytes | None, binary: bool
+    ) -> None:
+        """Close ``conns``, each after ``last`` (its last frame) when there is one."""
+        frame = None if last is None else encode_frame(last, binary)
+        for conn in conns:
+            if frame is not None and conn.push(frame):
+                self.metrics.count_frames(1, len(frame))
+            conn.start_close(code, reason)
+
+    def _deliver_bulk(self, command: SendBulk) -> int:
+        """Each item's payload to the connections it names (a client id, or every holder of a flag)."""
+        table, reached = self.table, 0
+        clients = command.kind is TargetKind.CLIENTS
+        for name, payload, binary in command.items:
+            conns = (
+                [c for c in (table.get(name),) if c is not None]
+                if clients
+                else [c for cid in table.flag_holders(name) if (c := table.get(cid)) is not None]
+            )
+            if not conns:
+                continue
+            frame = encode_frame(payload, binary)
+            for conn in conns:
+                if conn.push(frame):
+                    reached += 1
+                    self.metrics.count_frames(1, len(frame))
+        return reached
 
     def _deliver(self, command: Send) -> int:
         conns = self.table.resolve(command.target, command.exclude)
@@ -505,6 +564,10 @@ class Node:
             case LeaveGroup():
                 change = table.leave(command.client_id, command.groups)
             case Bind():
+                if not command.replace and table.flag_of(command.client_id) is not None:
+                    self.metrics.commands["bind"] += 1
+                    self._reply(command.request, False)  # bind only if it has no flag: it has one
+                    return
                 change = table.bind(command.client_id, command.flag)
                 self._flag_changed(command.client_id, change)
             case Unbind():
@@ -565,7 +628,7 @@ class Node:
         if query.kind is QueryKind.NODE:
             self._reply(query.request, self.info().record())
         else:
-            self._reply(query.request, self.table.answer(query.kind, query.arg))
+            self._reply(query.request, self.table.answer(query.kind, query.arg, query.args))
 
     def _reply(self, request: BusRequest | None, result: Json) -> None:
         if request is not None:
@@ -576,18 +639,23 @@ class Node:
     ) -> None:
         if request is None:
             return
-        message = self._encode_reply(request, result, error)
+        parts = _pages(result) if error is None else [result]
+        messages = [
+            self._encode_reply(request, part, error, index, len(parts)) for index, part in enumerate(parts)
+        ]
         try:
-            await self.backend.publish(naming.inbox(request.reply_to), message)
+            await self.backend.publish_many([(naming.inbox(request.reply_to), m) for m in messages])
         except FanoutError as exc:  # the requester will time out and name this node; count it here
             self.metrics.reply_failures += 1
             log.warning("reply to %s not published: %s", request.reply_to, exc)
 
-    def _encode_reply(self, request: BusRequest, result: Json, error: FanoutError | None) -> bytes:
+    def _encode_reply(
+        self, request: BusRequest, result: Json, error: FanoutError | None, part: int = 0, parts: int = 1
+    ) -> bytes:
         """The reply, or, if the answer cannot travel (too deep, too big), an error saying why."""
         if error is None:
             try:
-                message = self._encode(Reply(request.id, self.instance, result))
+                message = self._encode(Reply(request.id, self.instance, result, None, part, parts))
             except FanoutError as exc:
                 error = exc
             else:

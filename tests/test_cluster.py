@@ -597,6 +597,99 @@ async def test_queries_with_exact_counts(d: Deployment) -> None:
     assert [await recv(clients[0][0]) for _ in range(3)] == ["g1", "flag", "all"]
 
 
+async def test_the_seeds_queries_across_nodes(d: Deployment) -> None:
+    """GatewayClient's getUidListByGroup / getClientSessionsByGroup / batchGetClientIdByUid, imi's
+    isInGroup, with members on several nodes and one flag on two nodes."""
+    clients = [await d.client(i) for i in (0, 0, 1, 2, 2)]
+    ids = [cid for _, cid in clients]
+    u = d.util
+    room, ann, bob, nobody = unique("room"), unique("ann"), unique("bob"), unique("nobody")
+    for cid in ids[:4]:
+        assert await u.join_group(cid, room) is True
+    assert await u.bind(ids[0], ann) is True and await u.bind(ids[2], ann) is True  # ann on n0 and n1
+    assert await u.bind(ids[3], bob) is True
+    assert await u.set_session(ids[1], {"guest": True}) is True
+    assert await u.get_group_flags(room) == sorted([ann, bob])
+    assert await u.get_group_flag_count(room) == 2
+    assert set(await u.get_flags()) >= {ann, bob} and nobody not in await u.get_flags()
+    flags = await u.get_flags()
+    assert await u.get_flag_count() == len(flags)
+    sessions = await u.get_group_sessions(room)
+    assert sessions == {ids[0]: {}, ids[1]: {"guest": True}, ids[2]: {}, ids[3]: {}}
+    assert await u.get_client_ids_by_flags([ann, bob, nobody]) == {
+        ann: sorted([ids[0], ids[2]]),
+        bob: [ids[3]],
+        nobody: [],
+    }
+    assert await u.is_in_group(ids[2], room) is True
+    assert await u.is_in_group(ids[4], room) is False
+    assert await u.is_in_group(ids[0] + "9", room) is False  # unknown connection
+    assert await u.get_presence(room) == {ann: 2, bob: 1}
+
+
+async def test_send_bulk_each_connection_gets_exactly_its_payloads_in_order(d: Deployment) -> None:
+    clients = [await d.client(i % 3) for i in range(30)]
+    pairs = [(clients[i % 30][1], f"{i % 30}:{i // 30}") for i in range(10_000)]
+    started = time.perf_counter()
+    await d.util.send_bulk(pairs)
+    for index, (ws, _) in enumerate(clients):
+        expected = [f"{index}:{n}" for n in range(len(range(index, 10_000, 30)))]
+        assert [await recv(ws) for _ in expected] == expected
+    took = time.perf_counter() - started
+    print(f"{d.config.id}: send_bulk of 10,000 pairs to 30 connections on 3 nodes delivered in {took:.3f}s")
+    for ws, _ in clients:
+        assert await nothing_more(ws, 0.1)
+
+
+async def test_send_bulk_by_flag_and_binary_payloads(d: Deployment) -> None:
+    (a, a_id), (b, b_id), (c, c_id) = [await d.client(i) for i in range(3)]
+    u = d.util
+    ann, bob = unique("ann"), unique("bob")
+    assert await u.bind(a_id, ann) and await u.bind(b_id, ann) and await u.bind(c_id, bob)
+    await u.send_bulk_by_flag([(ann, "hi ann"), (bob, b"\x00bob"), (ann, {"n": 2}), (unique("none"), "x")])
+    for ws in (a, b):
+        assert [await recv(ws), await recv(ws)] == ["hi ann", '{"n":2}']
+    assert await recv(c) == b"\x00bob"
+    await u.send_bulk([(a_id, b"\x01"), (c_id, "only c"), (a_id, "second for a")])
+    assert [await recv(a), await recv(a)] == [b"\x01", "second for a"]
+    assert await recv(c) == "only c"
+    assert await nothing_more(b)
+
+
+async def test_close_with_a_last_frame_and_close_guests(d: Deployment) -> None:
+    (a, a_id), (b, _b_id), (c, c_id) = [await d.client(i) for i in range(3)]
+    u = d.util
+    flag = unique("kept")
+    assert await u.bind(c_id, flag) is True
+    assert await u.close(a_id, 4000, "bye", data={"type": "kicked"}) == 1
+    assert await recv(a) == '{"type":"kicked"}'  # the last frame, then the close
+    assert await closed_with(a) == (4000, "bye")
+    assert await u.close_by_flag(flag, 4001, "flag", data=b"last") == 1
+    assert await recv(c) == b"last"
+    assert await closed_with(c) == (4001, "flag")
+    await asyncio.sleep(1.0)
+    (young, _), (bound, bound_id) = await d.client(1), await d.client(2)
+    assert await u.bind(bound_id, unique("user")) is True
+    await asyncio.sleep(0.3)
+    # b (a guest, open > 1 s) goes; young (a guest, just opened) and bound (has a flag) stay
+    assert await u.close_guests(older_than=0.9, data="guests out", code=4002, reason="guest") == 1
+    assert await recv(b) == "guests out"
+    assert await closed_with(b) == (4002, "guest")
+    assert await nothing_more(young) and await nothing_more(bound)
+
+
+async def test_bind_without_replacing(d: Deployment) -> None:
+    (_, a_id), (_, b_id) = await d.client(0), await d.client(2)
+    u = d.util
+    first, second = unique("first"), unique("second")
+    assert await u.bind(a_id, first, replace=False) is True  # no flag yet: binds
+    assert await u.bind(a_id, second, replace=False) is False  # has one: left alone
+    assert await u.get_flag(a_id) == first
+    assert await u.bind(a_id, second) is True  # replacing is the default
+    assert await u.get_flag(a_id) == second
+    assert await u.bind(b_id + "9", first, replace=False) is False  # unknown connection
+
+
 # ---------------------------------------------------------------------------- routing on the broker
 
 

@@ -300,9 +300,38 @@ def test_sync_server_util_has_every_async_operation() -> None:
         "get_groups",
         "get_nodes",
         "check_cluster",
+        "is_in_group",
+        "get_group_flags",
+        "get_group_flag_count",
+        "get_flags",
+        "get_flag_count",
+        "get_group_sessions",
+        "get_client_ids_by_flags",
+        "get_presence",
+        "send_bulk",
+        "send_bulk_by_flag",
+        "close_guests",
     }
     assert expected == OPERATIONS
     sync = SyncServerUtil("memory://unused")
     assert all(callable(getattr(sync, name)) for name in expected)
     with pytest.raises(AttributeError):
         sync.no_such_call  # noqa: B018
+
+
+async def test_a_large_answer_comes_in_pages_and_is_put_back_together(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.node as node_module
+
+    monkeypatch.setattr(node_module, "REPLY_PAGE", 7)  # (5,000 in production) so 30 members take pages
+    clients = await cluster.clients(per_node=15)
+    for _, cid in clients:
+        assert await cluster.util.join_group(cid, "big") is True
+        assert await cluster.util.set_session(cid, {"cid": cid}) is True
+    ids = sorted(cid for _, cid in clients)
+    assert sorted(await cluster.util.get_group_client_ids("big")) == ids
+    sessions = await cluster.util.get_group_sessions("big")
+    assert sessions == {cid: {"cid": cid} for cid in ids}
+    for ws, _ in clients:
+        await ws.close()
