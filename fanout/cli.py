@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from .config import Settings
-from .exceptions import ConfigError, FanoutError
+from .exceptions import ConfigError, FanoutError, PayloadError
 from .serverutil import ServerUtil
 
 Action = Callable[[ServerUtil, argparse.Namespace], Awaitable[Any]]
@@ -100,11 +100,31 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
         p = command(
             name,
             f"close connections by {metavar.lower().replace('_', ' ')}",
-            _call(method, "targets", "code", "reason"),
+            _closer(method),
         )
         p.add_argument("targets", nargs="+", metavar=metavar)
         p.add_argument("--code", type=int, default=1000)
         p.add_argument("--reason", default="")
+        p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
+    p = command(
+        "close-guests",
+        "close every connection with no flag open longer than --older-than seconds",
+        lambda u, a: u.close_guests(a.older_than, a.data, a.code, a.reason, timeout=a.timeout),
+    )
+    p.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
+    p.add_argument("--code", type=int, default=1000)
+    p.add_argument("--reason", default="")
+    p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
+    for name, method, what in (
+        ("send-bulk", "send_bulk", "client id"),
+        ("send-bulk-by-flag", "send_bulk_by_flag", "flag"),
+    ):
+        p = command(
+            name,
+            f"a payload per {what}: a JSON list of [{what}, text] pairs ('-' reads stdin)",
+            _bulk(method),
+        )
+        p.add_argument("pairs", help=f'e.g. \'[["{what}", "text"], ...]\'')
 
     p = command(
         "join", "add a connection to groups", lambda u, a: u.join_group(a.client_id, a.groups, **_wait(a))
@@ -120,9 +140,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     p.add_argument("groups", nargs="+", metavar="GROUP")
     p = command("dissolve", "empty a group on every node", lambda u, a: u.dissolve_group(a.group, **_wait(a)))
     p.add_argument("group")
-    p = command("bind", "bind a connection to a flag", lambda u, a: u.bind(a.client_id, a.flag, **_wait(a)))
+    p = command(
+        "bind",
+        "bind a connection to a flag",
+        lambda u, a: u.bind(a.client_id, a.flag, not a.no_replace, **_wait(a)),
+    )
     p.add_argument("client_id")
     p.add_argument("flag")
+    p.add_argument("--no-replace", action="store_true", help="only if it has no flag yet (bindNx)")
     p = command("unbind", "remove a connection's flag", lambda u, a: u.unbind(a.client_id, **_wait(a)))
     p.add_argument("client_id")
 
@@ -146,9 +171,20 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
         ("flag-clients", "get_client_ids_by_flag", "flag"),
         ("group-count", "get_group_count", "group"),
         ("group-clients", "get_group_client_ids", "group"),
+        ("group-flags", "get_group_flags", "group"),
+        ("group-flag-count", "get_group_flag_count", "group"),
+        ("group-sessions", "get_group_sessions", "group"),
+        ("presence", "get_presence", "group"),
     ):
         p = command(name, f"query: {method}", _call(method, arg))
         p.add_argument(arg)
+    p = command("in-group", "query: is_in_group", _call("is_in_group", "client_id", "group"))
+    p.add_argument("client_id")
+    p.add_argument("group")
+    p = command("flags-clients", "query: get_client_ids_by_flags", _call("get_client_ids_by_flags", "flags"))
+    p.add_argument("flags", nargs="+", metavar="FLAG")
+    command("flags", "every flag bound in the cluster", lambda u, a: u.get_flags(**_wait(a)))
+    command("flag-count", "number of distinct flags bound", lambda u, a: u.get_flag_count(**_wait(a)))
     command("count", "number of connections in the cluster", lambda u, a: u.get_connection_count(**_wait(a)))
     command("groups", "every group with a member", lambda u, a: u.get_groups(**_wait(a)))
     command("nodes", "every live node", lambda u, a: u.get_nodes(**_wait(a)))
@@ -169,6 +205,29 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     p.add_argument("--port", type=int, help="serve /healthz and /metrics on this port (FANOUT_WORKER_PORT)")
     p.add_argument("--requeue", action="store_true", help="with dead-letters: put them back on their shards")
     return parser, actions
+
+
+def _closer(method: str) -> Action:
+    async def action(util: ServerUtil, args: argparse.Namespace) -> Any:
+        return await getattr(util, method)(
+            args.targets, args.code, args.reason, data=args.data, timeout=args.timeout
+        )
+
+    return action
+
+
+def _bulk(method: str) -> Action:
+    async def action(util: ServerUtil, args: argparse.Namespace) -> Any:
+        raw = sys.stdin.read() if args.pairs == "-" else args.pairs
+        try:
+            pairs = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PayloadError(f"pairs are not JSON: {exc}") from None
+        if not isinstance(pairs, list):
+            raise PayloadError("pairs must be a JSON list of [name, text] pairs")
+        await getattr(util, method)([tuple(pair) if isinstance(pair, list) else pair for pair in pairs])
+
+    return action
 
 
 def _json_object(text: str) -> dict[str, Any]:

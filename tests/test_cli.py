@@ -83,6 +83,38 @@ async def test_every_cli_command(tmp_path: Path) -> None:
     assert node.terminate() == 0
 
 
+async def test_the_seeds_calls_from_the_cli(tmp_path: Path) -> None:
+    env = {**ENV, "FANOUT_NAMESPACE": unique_namespace()}
+    node = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "cli-node", "FANOUT_APP": "tests.apps.control:app"})
+    (a, a_id), (b, b_id), (c, c_id) = [await client(node.port) for _ in range(3)]
+    assert await fanout(env, "join", a_id, "room") is True and await fanout(env, "join", b_id, "room") is True
+    assert await fanout(env, "bind", a_id, "ann") is True
+    assert await fanout(env, "bind", a_id, "bob", "--no-replace") is False
+    assert await fanout(env, "bind", b_id, "bob", "--no-replace") is True
+    assert await fanout(env, "group-flags", "room") == ["ann", "bob"]
+    assert await fanout(env, "group-flag-count", "room") == 2
+    assert await fanout(env, "flags") == ["ann", "bob"] and await fanout(env, "flag-count") == 2
+    assert await fanout(env, "group-sessions", "room") == {a_id: {}, b_id: {}}
+    assert await fanout(env, "flags-clients", "ann", "zed") == {"ann": [a_id], "zed": []}
+    assert await fanout(env, "in-group", a_id, "room") is True
+    assert await fanout(env, "in-group", c_id, "room") is False
+    assert await fanout(env, "presence", "room") == {"ann": 1, "bob": 1}
+    await fanout(env, "send-bulk", orjson.dumps([[a_id, "for a"], [c_id, "for c"]]).decode())
+    assert await recv(a) == "for a" and await recv(c) == "for c"
+    await fanout(env, "send-bulk-by-flag", "-", stdin='[["bob", "for bob"]]')
+    assert await recv(b) == "for bob"
+    assert await fanout(env, "close", a_id, "--data", "last words") == 1
+    assert await recv(a) == "last words"
+    await asyncio.sleep(0.2)
+    assert await fanout(env, "close-guests", "--older-than", "0.1", "--data", "guests out") == 1
+    assert await recv(c) == "guests out"
+    with pytest.raises(ConnectionClosed):
+        await recv(c)
+    assert await nothing_more(b)
+    await b.close()
+    assert node.terminate() == 0
+
+
 def test_cli_usage_errors_exit_2() -> None:
     result = run_module("fanout", "set-session", "x.y.1", "[1, 2]", env=ENV)
     assert result.returncode == 2 and "JSON object" in result.stderr
