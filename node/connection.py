@@ -23,6 +23,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
@@ -38,6 +39,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("fanout.node")
 
 
+#: a POST being answered: whatever else arrives on that connection is ignored
+_ANSWERING = bytearray()
+_API_TASKS: set[asyncio.Task[None]] = set()
+#: the most of a refused (too large) body that is read and dropped so that the client gets its 413
+_MAX_DISCARD = 64 << 20
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
 class ClientSocket(ServerConnection):
     """The websockets server connection, with the hooks the node needs (see the module docstring)."""
 
@@ -51,10 +72,19 @@ class ClientSocket(ServerConnection):
     early_limit: int = 1 << 20
     #: called when a client is cut off for sending more than that before its handshake is done
     on_handshake_flood: Any = None
+    #: answers ``POST`` requests (the HTTP API): ``async (path, authorization, body) -> (status, bytes)``
+    api: Any = None
+    #: biggest request body the API takes (bigger: 413)
+    api_max_body: int = 1 << 20
     _early = 0
+    _post: bytearray | None = None  #: a POST request being read (the websocket library refuses bodies)
+    _discarding = 0  #: bytes of a refused body still to read and drop
 
     def data_received(self, data: bytes) -> None:
         conn = self.fanout
+        if self._post is not None or (conn is None and self._early == 0 and data.startswith(b"POST ")):
+            self._read_post(data)
+            return
         if conn is None:
             self._early += len(data)
             if self._early > self.early_limit:
@@ -71,6 +101,81 @@ class ClientSocket(ServerConnection):
             # what we owe (pongs to its pings) piles up because it does not read: cut it off
             conn.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
 
+    def _read_post(self, data: bytes) -> None:
+        """Collect a POST request (head, then Content-Length bytes of body) and answer it, then close."""
+        if self._post is None:
+            self._post = bytearray()
+        if self._post is _ANSWERING:
+            self._discard_body(len(data))
+            return
+        self._post += data
+        head_end = self._post.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(self._post) > 64 * 1024:
+                self._answer_post(431, b'{"error":{"type":"BadRequest","message":"headers too large"}}')
+            return
+        lines = bytes(self._post[:head_end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        path = parts[1] if len(parts) >= 2 else "/"
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            length = -1
+        if length < 0 or "chunked" in headers.get("transfer-encoding", ""):
+            self._answer_post(
+                411, b'{"error":{"type":"BadRequest","message":"a Content-Length is required"}}'
+            )
+            return
+        if length > self.api_max_body:
+            message = f"the body is over the limit of {self.api_max_body} bytes (FANOUT_API_MAX_BODY)"
+            # read and drop the rest of the body before closing (up to a bound), so the client gets the
+            # answer instead of a reset
+            self._discarding = length - (len(self._post) - head_end - 4)
+            self._answer_post(413, orjson.dumps({"error": {"type": "PayloadTooLarge", "message": message}}))
+            return
+        body = bytes(self._post[head_end + 4 : head_end + 4 + length])
+        if len(body) < length:
+            return  # more to come
+        self._post = _ANSWERING
+        if self.api is None:
+            self._answer_post(404, b'{"error":{"type":"NotFound","message":"no such endpoint"}}')
+            return
+
+        async def answer() -> None:
+            try:
+                status, answer_body = await self.api(path, headers.get("authorization"), body)
+            except Exception:
+                log.exception("HTTP API request failed")
+                status, answer_body = 500, b'{"error":{"type":"InternalError","message":"see the node log"}}'
+            self._answer_post(status, answer_body)
+
+        task = asyncio.ensure_future(answer())
+        _API_TASKS.add(task)
+        task.add_done_callback(_API_TASKS.discard)
+
+    def _discard_body(self, size: int) -> None:
+        self._discarding -= size
+        if self._discarding <= 0 and not self.transport.is_closing():
+            self.transport.close()
+
+    def _answer_post(self, status: int, body: bytes) -> None:
+        self._post = _ANSWERING
+        reason = _REASONS.get(status, "Error")
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: fanout\r\n"
+        )
+        if status == 401:
+            head += 'WWW-Authenticate: Bearer realm="fanout"\r\n'
+        if not self.transport.is_closing():
+            self.transport.write(head.encode() + b"\r\n" + body)
+            if not 0 < self._discarding <= _MAX_DISCARD:
+                self.transport.close()  # after the answer is written
+
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self.fanout
         if conn is not None:
@@ -81,7 +186,7 @@ class ClientSocket(ServerConnection):
         try:
             await super().handshake(*args, **kwargs)
         except asyncio.CancelledError:
-            if self.on_handshake_timeout is not None:
+            if self.on_handshake_timeout is not None and self._post is None:  # (not an API request)
                 self.on_handshake_timeout()
             raise
 

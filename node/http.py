@@ -19,12 +19,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers as WsHeaders
 from websockets.http11 import Request, Response
 
 from fanout.admission import Admit, ConnectRequest, Reject, origin_allowed
 
+from .api import openapi
 from .limits import TokenBucket
 from .metrics import render
 
@@ -82,6 +84,8 @@ class HttpSide:
             )
         if path in ("/", "/index.html"):
             return _response(connection, 200, demo_page(), "text/html; charset=utf-8")
+        if path == "/api/openapi.json" and node.options.api_key:
+            return _response(connection, 200, orjson.dumps(openapi(node.options.node_id)), "application/json")
         route = self._routes.get(path)
         if route is not None:
             try:

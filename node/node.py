@@ -19,9 +19,10 @@ import re
 import socket
 import time
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -63,6 +64,7 @@ from fanout.receive import Receiver
 from fanout.serverutil import ServerUtil
 from fanout.table import Change, ConnectionTable
 
+from .api import Api
 from .app import DemoChat
 from .connection import ClientSocket, Connection
 from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
@@ -140,6 +142,9 @@ class NodeOptions:
     send_buffer: int = 1024 * 1024  #: bytes a connection may have waiting; over that it is cut off
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
     client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
+    # -- the HTTP API
+    api_key: str | None = field(default=None, repr=False)  #: turns the API on; its bearer key
+    api_max_body: int = 1 << 20  #: biggest API request body, bytes (bigger: 413)
     # -- the worker tier
     events: frozenset[EventKind] = frozenset()  #: client events forwarded to business workers
     event_shards: int = events_module.DEFAULT_SHARDS  #: shards the events are spread over
@@ -170,6 +175,8 @@ class NodeOptions:
             send_buffer=env_number(env, "FANOUT_SEND_BUFFER", 1024 * 1024, int),
             max_connections=env_number(env, "FANOUT_MAX_CONNECTIONS", 0, int),
             client_rate=env_number(env, "FANOUT_CLIENT_RATE", 100.0, float),
+            api_key=env.get("FANOUT_API_KEY") or None,
+            api_max_body=env_number(env, "FANOUT_API_MAX_BODY", 1 << 20, int, positive=True),
             events=events_module.parse_kinds(env.get("FANOUT_EVENTS", "")),
             event_shards=env_number(
                 env, "FANOUT_EVENT_SHARDS", events_module.DEFAULT_SHARDS, int, positive=True
@@ -215,6 +222,7 @@ class Node:
                 settings, shards=options.event_shards, backlog=options.events_backlog, node=self.instance
             )
             self.events = EventForwarder(self, options.events, event_log, policy=options.events_policy)
+        self.api = Api(self.util, options.api_key, options.api_max_body)
         self.http = HttpSide(self)
         self.started_at = time.time()
         self._client_ids = ClientIds(self.instance)
@@ -271,12 +279,18 @@ class Node:
         def flooded() -> None:
             self.metrics.handshake_floods += 1
 
+        async def api(path: str, authorization: str | None, body: bytes) -> tuple[int, bytes]:
+            status, answer = await self.api.handle(path, authorization, body)
+            return status, orjson.dumps(answer)
+
         return type(
             "NodeClientSocket",
             (ClientSocket,),
             {
                 "on_handshake_timeout": staticmethod(timed_out),
                 "on_handshake_flood": staticmethod(flooded),
+                "api": staticmethod(api),
+                "api_max_body": self.options.api_max_body,
                 # the request, and whatever frames a client may send right after it (up to one big frame)
                 "early_limit": self.options.max_frame + 64 * 1024,
             },
