@@ -233,6 +233,24 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceSnapshot:
+    """A node's whole presence contribution: for each presence group, the flags of its local members."""
+
+    node: str  #: the node instance
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """The presence leader announced a join or leave: the other nodes take it as announced."""
+
+    node: str  #: the announcing node instance
+    group: str
+    flag: str
+    change: str  #: "join" or "leave"
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """A node leaving cleanly: drop it from the live set now rather than after its ttl."""
 
@@ -253,5 +271,7 @@ Command: TypeAlias = (
     | Query
     | Reply
     | Heartbeat
+    | PresenceSnapshot
+    | PresenceChange
     | Bye
 )

@@ -35,6 +35,7 @@ class Kind(StrEnum):
     HEARTBEAT = "hb"  #: node announcements, heard by ServerUtils
     INBOX = "i"  #: one ServerUtil (or node): replies to its requests
     WORKERS = "w"  #: business worker announcements, heard by the workers (who owns which shard)
+    PRESENCE = "p"  #: nodes' presence contributions, heard by the nodes with presence on
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +56,12 @@ class Address:
         return f"{namespace}:{self.kind.value}:{safe_segment(self.name)}"
 
 
-_NAMELESS = frozenset({Kind.ALL, Kind.HEARTBEAT, Kind.WORKERS})
+_NAMELESS = frozenset({Kind.ALL, Kind.HEARTBEAT, Kind.WORKERS, Kind.PRESENCE})
 
 ALL = Address(Kind.ALL)
 HEARTBEAT = Address(Kind.HEARTBEAT)
 WORKERS = Address(Kind.WORKERS)
+PRESENCE = Address(Kind.PRESENCE)
 
 
 def safe_segment(name: str) -> str:

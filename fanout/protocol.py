@@ -39,6 +39,8 @@ from .commands import (
     JoinGroup,
     LeaveGroup,
     NodeInfo,
+    PresenceChange,
+    PresenceSnapshot,
     Query,
     QueryKind,
     Reply,
@@ -225,6 +227,11 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             return header, payload
         case Heartbeat():
             header = {"op": "hb", "node": _node_to_json(cmd.node)}
+        case PresenceSnapshot():
+            groups = {group: _names_out(flags, "presence flags") for group, flags in cmd.groups.items()}
+            header = {"op": "pres", "node": cmd.node, "groups": groups}
+        case PresenceChange():
+            header = {"op": "presc", "node": cmd.node, "g": cmd.group, "f": cmd.flag, "c": cmd.change}
         case Bye():
             header = {"op": "bye", "node": cmd.instance}
     _request(header, getattr(cmd, "request", None))
@@ -573,7 +580,20 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Command]] = {
     "reply": _parse_reply,
     "hb": lambda h, _: Heartbeat(_parse_node(h["node"])),
     "bye": lambda h, _: Bye(_str(h["node"], "node")),
+    "presc": lambda h, _: PresenceChange(
+        _str(h["node"], "node"), _str(h["g"], "g"), _str(h["f"], "f"), _change(h["c"])
+    ),
+    "pres": lambda h, _: PresenceSnapshot(
+        _str(h["node"], "node"),
+        {_str(g, "group"): _strs(flags, "flags") for g, flags in _dict(h["groups"], "groups").items()},
+    ),
 }
+
+
+def _change(value: Any) -> str:
+    if value not in ("join", "leave"):
+        raise ValueError(f"presence change {value!r} is not 'join' or 'leave'")
+    return str(value)
 
 
 def _need_req(h: dict[str, Any]) -> Request:

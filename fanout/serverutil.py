@@ -198,7 +198,7 @@ class ServerUtil:
         backend = create_backend(self.settings, inbox=self.endpoint_id)
         await backend.connect(self.handle_message)
         self._backend = backend
-        await self._listen_to_heartbeats()
+        await self.watch_nodes()
 
     def _refuse_lonely_memory(self) -> None:
         if self.settings.backend is not BackendKind.MEMORY or self.in_process:
@@ -237,7 +237,8 @@ class ServerUtil:
             raise NotConnected("ServerUtil is not connected: use 'async with ServerUtil(...)'")
         return self._backend
 
-    async def _listen_to_heartbeats(self) -> None:
+    async def watch_nodes(self) -> None:
+        """Listen to the nodes' heartbeats (every call that needs the nodes does this first)."""
         if self._listening_since is None:
             await self.backend.subscribe([naming.HEARTBEAT])
             self._listening_since = asyncio.get_running_loop().time()
@@ -333,10 +334,15 @@ class ServerUtil:
     def live_nodes(self) -> set[str] | None:
         """The instances of the nodes heard alive, or None until this ServerUtil has listened to
         heartbeats long enough (1.5 intervals) to know every live node."""
+        infos = self.live_node_infos()
+        return None if infos is None else set(infos)
+
+    def live_node_infos(self) -> dict[str, NodeInfo] | None:
+        """Like :meth:`live_nodes`, with what each node said of itself in its last heartbeat."""
         now = asyncio.get_running_loop().time()
         if not self._warm(now):
             return None
-        return set(self._directory.live(now))
+        return self._directory.live(now)
 
     async def check_cluster(self, timeout: float | None = None) -> int:
         """Wait until the nodes are heard (at most 1.5 heartbeat intervals), then check that we fit them.
@@ -345,7 +351,7 @@ class ServerUtil:
         secret differs from theirs, :class:`NoLiveNodes` if none is heard in the namespace. The CLI calls
         it before every command so that a wrong setting is reported rather than published into the void.
         """
-        await self._listen_to_heartbeats()
+        await self.watch_nodes()
         loop = asyncio.get_running_loop()
         assert self._listening_since is not None
         wait = 1.5 * self.settings.heartbeat_interval if timeout is None else timeout
@@ -397,7 +403,7 @@ class ServerUtil:
         ``publishes`` holds (address, build(request), owner) triples; ``everyone`` means every live
         node must answer, else the owners named in the triples.
         """
-        await self._listen_to_heartbeats()
+        await self.watch_nodes()
         request = self._new_request()
         owners = None if everyone else frozenset(o for _, _, o in publishes if o is not None)
         gather = self._pending[request.id] = _Gather(owners, asked_at=asyncio.get_running_loop().time())

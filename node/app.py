@@ -29,6 +29,7 @@ import orjson
 
 from fanout import tokens
 from fanout.admission import Admit, ConnectRequest, Reject
+from fanout.exceptions import FanoutError
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -72,6 +73,14 @@ class DemoChat:
         except tokens.InvalidToken as exc:
             raise Reject(401, str(exc)) from None
         return Admit(flag=claims["sub"], groups=[LOBBY], session={"name": _display_name(claims.get("name"))})
+
+    async def on_open(self, conn: Connection) -> None:
+        """Tell the newcomer who is online (presence frames keep it current, with FANOUT_PRESENCE=lobby)."""
+        try:
+            online = await conn.node.util.get_presence(LOBBY, partial=True)
+        except FanoutError:
+            return  # the page still works; it learns who comes and goes from the presence frames
+        await conn.send({"type": "online", "users": sorted(online)})
 
     async def on_message(self, conn: Connection, data: str | bytes) -> None:
         if isinstance(data, bytes):

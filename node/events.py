@@ -63,6 +63,7 @@ class EventForwarder:
         self.policy_applied = 0  #: times a shard was found full (or the broker away) and the policy applied
         self.paused = 0  #: clients waiting for room right now
         self._waiting_of: Counter[str] = Counter()  #: client id -> its message events in the outbox
+        self._presence_seq = 0
 
     # -- lifecycle
 
@@ -141,6 +142,28 @@ class EventForwarder:
         if EventKind.CLOSE in self.kinds:
             event = self._event(conn, EventKind.CLOSE, code=code, reason=reason)
         self._put(conn, event, "remove")
+
+    def presence(self, group: str, flag: str, change: str) -> None:
+        """A presence transition for the workers (``on_presence``): in the group's lane, in order."""
+        self._presence_seq += 1
+        lane = f"presence:{group}"
+        event = Event(
+            kind=EventKind.PRESENCE,
+            event_id=f"presence:{group}:{flag}:{change}:{self.node.instance}.{self._presence_seq}",
+            client_id=lane,
+            node_id=self.node.instance,
+            flag=flag,
+            sent_at=time.time(),
+            seq=self._presence_seq,
+            group=group,
+            change=change,
+        )
+        header, data = events.encode(event)
+        self._outbox.setdefault(events.shard_of(lane, self.shards), deque()).append(
+            Appended(events.shard_of(lane, self.shards), header, data, lane, None, None)
+        )
+        self._waiting_of[lane] += 1
+        self._wake.set()
 
     def flag_changed(self, conn: Connection) -> None:
         """Keep the roster's flag current: a lost node's close events carry it."""

@@ -43,6 +43,8 @@ from fanout.commands import (
     Json,
     LeaveGroup,
     NodeInfo,
+    PresenceChange,
+    PresenceSnapshot,
     Query,
     QueryKind,
     Reply,
@@ -60,6 +62,7 @@ from fanout.events import EventKind
 from fanout.exceptions import ConfigError, FanoutError, MessageTooLarge
 from fanout.ids import ClientIds, instance_id
 from fanout.loading import load_app
+from fanout.presence import compile_patterns
 from fanout.receive import Receiver
 from fanout.serverutil import ServerUtil
 from fanout.table import Change, ConnectionTable
@@ -71,6 +74,7 @@ from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
 from .frames import encode_frame
 from .http import HttpSide
 from .metrics import Metrics
+from .presence import Presence
 
 log = logging.getLogger("fanout.node")
 
@@ -145,6 +149,9 @@ class NodeOptions:
     # -- the HTTP API
     api_key: str | None = field(default=None, repr=False)  #: turns the API on; its bearer key
     api_max_body: int = 1 << 20  #: biggest API request body, bytes (bigger: 413)
+    # -- presence
+    presence: str = ""  #: group-name patterns with presence (comma list, * = any run)
+    presence_debounce: float = 3.0  #: seconds a flag must stay away from a group before its leave
     # -- the worker tier
     events: frozenset[EventKind] = frozenset()  #: client events forwarded to business workers
     event_shards: int = events_module.DEFAULT_SHARDS  #: shards the events are spread over
@@ -177,6 +184,8 @@ class NodeOptions:
             client_rate=env_number(env, "FANOUT_CLIENT_RATE", 100.0, float),
             api_key=env.get("FANOUT_API_KEY") or None,
             api_max_body=env_number(env, "FANOUT_API_MAX_BODY", 1 << 20, int, positive=True),
+            presence=env.get("FANOUT_PRESENCE", ""),
+            presence_debounce=env_number(env, "FANOUT_PRESENCE_DEBOUNCE", 3.0, float),
             events=events_module.parse_kinds(env.get("FANOUT_EVENTS", "")),
             event_shards=env_number(
                 env, "FANOUT_EVENT_SHARDS", events_module.DEFAULT_SHARDS, int, positive=True
@@ -223,6 +232,9 @@ class Node:
             )
             self.events = EventForwarder(self, options.events, event_log, policy=options.events_policy)
         self.api = Api(self.util, options.api_key, options.api_max_body)
+        patterns = compile_patterns(options.presence)
+        #: presence for the groups FANOUT_PRESENCE names, or None
+        self.presence = Presence(self, patterns, options.presence_debounce) if patterns else None
         self.http = HttpSide(self)
         self.started_at = time.time()
         self._client_ids = ClientIds(self.instance)
@@ -246,6 +258,8 @@ class Node:
         await self.backend.subscribe(self.table.wanted())
         if self.events is not None:
             await self.events.start()
+        if self.presence is not None:
+            await self.presence.start()
         self._server = await serve(
             self._serve_client,
             self.options.host,
@@ -306,6 +320,8 @@ class Node:
     async def stop(self) -> None:
         """Stop accepting, close clients with 1001, say goodbye on the bus, leave it."""
         await self._call_app("on_stop", self)
+        if self.presence is not None:
+            await self.presence.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self._server is not None:
@@ -516,6 +532,9 @@ class Node:
                 self._reply(command.request, len(guests))
             case Reply() | Heartbeat() | Bye():
                 self.util.handle(command)
+            case PresenceSnapshot() | PresenceChange():
+                if self.presence is not None:
+                    self.presence.heard(command)
             case Query():
                 self.metrics.commands["query"] += 1
                 self._answer(command)
@@ -715,6 +734,13 @@ class Node:
                 "Client events handed to the worker tier, by kind.",
                 "kind",
                 ev.forwarded,
+            )
+        if self.presence is not None:
+            m.labelled(
+                "fanout_presence_announced",
+                "Presence transitions this node announced (as the leader), by change.",
+                "change",
+                self.presence.announced,
             )
         m.gauge(
             "fanout_replay_senders",

@@ -12,4 +12,6 @@ if [ ! -x .venv/bin/fanout-node ]; then
     exit 1
   fi
 fi
+# presence in the demo chat's lobby (the page shows who is online) unless set otherwise
+export FANOUT_PRESENCE=${FANOUT_PRESENCE-lobby}
 exec .venv/bin/fanout-node "$@"

@@ -115,7 +115,12 @@ async def test_the_demo_admits_only_clients_with_a_valid_token(tmp_path: Path) -
 
 
 async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> None:
-    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": unique_namespace()}
+    env = {
+        "FANOUT_URL": "redis://127.0.0.1:6379/0",
+        "FANOUT_NAMESPACE": unique_namespace(),
+        "FANOUT_PRESENCE": "lobby",
+        "FANOUT_PRESENCE_DEBOUNCE": "0.5",
+    }
     node_a = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"}, app=DEMO)
     node_b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"}, app=DEMO)
     browser, page = await open_page(tmp_path / "profile", f"http://127.0.0.1:{node_b.port}/")
@@ -129,6 +134,13 @@ async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> Non
         assert status.startswith("connected as node-b."), status  # the welcome frame, shown by the page
 
         ws, _ = await demo_client(node_a.port, "ann")  # admitted into the lobby with a token
+        online = ""
+        for _ in range(100):  # the page shows who is online: ann came in on the other node
+            online = await page.evaluate("document.getElementById('online').textContent") or ""
+            if "ann" in online:
+                break
+            await asyncio.sleep(0.05)
+        assert "ann" in online, online
         await ws.send(orjson.dumps({"text": "hello from node-a", "name": "ann"}).decode())
         log = ""
         for _ in range(100):

@@ -90,6 +90,8 @@ async def test_compose_node_services_form_a_cluster(backend: str, tmp_path: Path
     nodes = [_start_service(config["services"][n], tmp_path, n) for n in ("node1", "node2", "node3")]
     try:
         clients = [await demo_client(node.port) for node in nodes]  # the demo chat admits them to "lobby"
+        for ws, _ in clients:
+            assert orjson.loads(await recv(ws))["type"] == "online"  # who is online, first
         url = nodes[0].env["COMPOSE_REDIS_URL" if backend == "redis" else "COMPOSE_AMQP_URL"]
         async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5) as util:
             await asyncio.sleep(scaled(1))

@@ -13,6 +13,7 @@ from node.app import DemoChat
 class Admission(DemoChat):
     """The demo's token admission (``on_connect``) and token endpoint; no in-process chat."""
 
+    on_open = None  # the worker greets (on_open there)
     on_message = None  # messages go to the worker tier (FANOUT_EVENTS), not to a hook here
 
 

@@ -112,7 +112,7 @@ from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
 log = logging.getLogger("fanout.backend.amqp")
 
 #: control addresses: never on the command exchange (they must not reach every node in fanout mode)
-_CONTROL_KINDS = frozenset({Kind.INBOX, Kind.HEARTBEAT, Kind.WORKERS})
+_CONTROL_KINDS = frozenset({Kind.INBOX, Kind.HEARTBEAT, Kind.WORKERS, Kind.PRESENCE})
 #: AMQP heartbeat (seconds) when the URL does not set one
 DEFAULT_HEARTBEAT = 10
 #: delivery_mode 1 = transient: the broker never writes our messages to disk

@@ -52,6 +52,9 @@ class RecordingWorker:
     async def on_close(self, event: Event) -> None:
         self._record(event)
 
+    async def on_presence(self, event: Event) -> None:
+        self._record(event, group=event.group, change=event.change)
+
     async def on_message(self, event: Event) -> None:
         data = event.data if isinstance(event.data, str) else ""
         if data.startswith("slow:"):
