@@ -23,7 +23,7 @@ from .serverutil import ServerUtil
 OPERATIONS = frozenset(
     name
     for name, member in inspect.getmembers(ServerUtil, inspect.iscoroutinefunction)
-    if not name.startswith("_") and name not in ("connect", "disconnect")
+    if not name.startswith("_") and name not in ("connect", "disconnect", "watch_nodes")
 )
 
 

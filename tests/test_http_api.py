@@ -195,7 +195,8 @@ def test_the_openapi_document_matches_the_real_routes(nodes: list[NodeProcess]) 
     public = {
         n for n, m in inspect.getmembers(ServerUtil, inspect.iscoroutinefunction) if not n.startswith("_")
     }
-    assert public - {"connect", "disconnect", "check_cluster"} == set(CALLS)  # every call is served
+    # every call is served
+    assert public - {"connect", "disconnect", "watch_nodes", "check_cluster"} == set(CALLS)
     for path, item in paths.items():
         if path == "/api/batch":
             continue
@@ -220,7 +221,7 @@ def _run(args: list[str], env: dict[str, str]) -> str:
 async def test_the_curl_and_php_examples_run_against_a_real_node(nodes: list[NodeProcess]) -> None:
     ws, cid = await client(nodes[2].port)
     await call(nodes[0].port, "join_group", client_id=cid, groups="lobby")
-    env = {"FANOUT_API": f"http://127.0.0.1:{nodes[0].port}", "FANOUT_API_KEY": KEY}
+    env = {"FANOUT_API_URL": f"http://127.0.0.1:{nodes[0].port}", "FANOUT_API_KEY": KEY}
     loop = asyncio.get_running_loop()
     out = await loop.run_in_executor(None, _run, ["bash", "examples/http/curl.sh"], env)
     assert out.splitlines() == ['{"result":null}', '{"result":null}', '{"result":1}']

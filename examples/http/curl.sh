@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The HTTP API from a shell: push to a group, then read how many are in it.
-#   FANOUT_API=http://127.0.0.1:8765 FANOUT_API_KEY=... examples/http/curl.sh
+#   FANOUT_API_URL=http://127.0.0.1:8765 FANOUT_API_KEY=... examples/http/curl.sh
 set -euo pipefail
-api=${FANOUT_API:-http://127.0.0.1:8765}
+api=${FANOUT_API_URL:-http://127.0.0.1:8765}
 auth="Authorization: Bearer ${FANOUT_API_KEY:?set FANOUT_API_KEY}"
 
 # data as JSON: a string is sent as a text frame, anything else as JSON text

@@ -1,10 +1,10 @@
 <?php
 // The HTTP API from PHP, with nothing but the curl extension (php-fpm, a Laravel job, a cron script).
-//   FANOUT_API=http://127.0.0.1:8765 FANOUT_API_KEY=... php examples/http/push.php
+//   FANOUT_API_URL=http://127.0.0.1:8765 FANOUT_API_KEY=... php examples/http/push.php
 
 function fanout(string $call, array $args = [])
 {
-    $api = getenv('FANOUT_API') ?: 'http://127.0.0.1:8765';
+    $api = getenv('FANOUT_API_URL') ?: 'http://127.0.0.1:8765';
     $curl = curl_init("$api/api/$call");
     curl_setopt_array($curl, [
         CURLOPT_POST => true,
