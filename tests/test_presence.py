@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from fanout import ServerUtil
 from tests.apps.recording_worker import read_records
 from tests.support import scaled
 from tests.support.nodes import NodeProcess, client, start_node, unique_namespace
-from tests.support.redis_servers import start_redis
+from tests.support.redis_servers import RedisCluster, start_cluster, start_redis
 from tests.support.workers import start_worker
 
 DEBOUNCE = 1.0
@@ -101,16 +101,32 @@ async def _member(util: ServerUtil, port: int, group: str, flag: str) -> tuple[C
     return ws, cid
 
 
-URLS = {
-    "redis-routing": ("redis://127.0.0.1:6379/0", "routing"),
-    "redis-fanout": ("redis://127.0.0.1:6379/0", "fanout"),
-    "amqp-routing": ("amqp://guest:guest@127.0.0.1:5672/", "routing"),
-}
+CONFIGS = [
+    f"{broker}-{mode}" for broker in ("redis", "rediscluster", "amqp") for mode in ("routing", "fanout")
+]
 
 
-@pytest.mark.parametrize("config", list(URLS))
-async def test_join_and_leave_once_per_flag_across_nodes_and_tabs(config: str, cluster: Any) -> None:
-    url, mode = URLS[config]
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One local 3-master Redis Cluster for the rediscluster configurations."""
+    started = start_cluster(tmp_path_factory.mktemp("presence-cluster"))
+    yield started
+    started.stop()
+
+
+def _url(request: pytest.FixtureRequest, broker: str) -> str:
+    if broker == "rediscluster":
+        redis_cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return redis_cluster.url
+    return {"redis": "redis://127.0.0.1:6379/0", "amqp": "amqp://guest:guest@127.0.0.1:5672/"}[broker]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+async def test_join_and_leave_once_per_flag_across_nodes_and_tabs(
+    config: str, cluster: Any, request: pytest.FixtureRequest
+) -> None:
+    broker, mode = config.split("-")
+    url = _url(request, broker)
     nodes, util = await cluster(url, FANOUT_MODE=mode)
     watcher_ws, _ = await _member(util, nodes[2].port, "room-1", "watcher")
     watcher = Watcher(watcher_ws)
