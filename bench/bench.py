@@ -1,10 +1,15 @@
 """fanout benchmarks. Results go to docs/benchmarks.md, with the command, the machine and the date.
 
     python bench/bench.py publish  --url redis://127.0.0.1:6379/0 --count 20000
+    python bench/bench.py bulk     --url redis://127.0.0.1:6379/0 --nodes 3 --clients 30 --pairs 10000
     python bench/bench.py delivery --url redis://127.0.0.1:6379/0 --nodes 2 --clients 400 --messages 200
 
 ``publish``: ServerUtil publish rate, awaited one by one and with many concurrent callers (what the
 backend's pipelining buys). Nothing needs to listen.
+
+``bulk``: ``send_bulk`` of ``--pairs`` (client id, payload) pairs to ``--clients`` connections spread over
+``--nodes`` node processes; reports the call's time (encoding and publishing) and the time until every
+connection has all its payloads, checked in order, median of ``--repeat`` rounds.
 
 ``delivery``: real node processes, real websocket clients (in this process), ServerUtil broadcasting to a
 group that every client joined. Reports frames delivered per second across all clients, the latency from
@@ -130,6 +135,57 @@ async def bench_delivery(
     )
 
 
+async def bench_bulk(
+    url: str, mode: str, nodes: int, clients: int, pairs: int, size: int, repeat: int
+) -> None:
+    namespace = unique_namespace("bench")
+    env = {
+        "FANOUT_URL": url,
+        "FANOUT_MODE": mode,
+        "FANOUT_NAMESPACE": namespace,
+        "FANOUT_APP": "tests.apps.control:app",
+        "FANOUT_LOG_LEVEL": "WARNING",
+    }
+    calls: list[float] = []
+    totals: list[float] = []
+    cpus: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bulk{i}"}) for i in range(nodes)]
+        try:
+            conns = [await client(procs[i % nodes].port) for i in range(clients)]
+            async with ServerUtil(url, mode=mode, namespace=namespace) as util:
+                await util.check_cluster()
+                pad = "x" * max(0, size - 12)
+                for _ in range(repeat):
+                    batch = [(conns[i % clients][1], f"{i // clients:>10} {pad}") for i in range(pairs)]
+                    expected = {cid: [data for c, data in batch if c == cid] for _, cid in conns}
+
+                    async def reader(ws: object, want: list[str]) -> None:
+                        got = [await ws.recv() for _ in want]  # type: ignore[attr-defined]
+                        assert got == want, "payloads out of order or not this connection's"
+
+                    readers = [asyncio.create_task(reader(ws, expected[cid])) for ws, cid in conns]
+                    cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+                    start = time.perf_counter()
+                    await util.send_bulk(batch)
+                    calls.append(time.perf_counter() - start)
+                    await asyncio.wait_for(asyncio.gather(*readers), 120)
+                    totals.append(time.perf_counter() - start)
+                    cpus.append(sum(cpu_seconds(p.pid) for p in procs) - cpu_before)
+            for ws, _ in conns:
+                await ws.close()
+        finally:
+            for p in procs:
+                p.terminate()
+    print(
+        f"bulk {url.split('://')[0]} {mode}: {pairs:,} pairs x {size} B to {clients} connections on {nodes} "
+        f"nodes, median of {repeat}: send_bulk call {statistics.median(calls) * 1000:.1f} ms, "
+        f"all received in order {statistics.median(totals) * 1000:.1f} ms "
+        f"(rounds: {', '.join(f'{t * 1000:.0f}' for t in totals)} ms); "
+        f"node CPU {statistics.median(cpus) / pairs * 1e6:.2f} us per payload"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,14 +207,22 @@ def main() -> None:
     d.add_argument(
         "--loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="the nodes' event loop"
     )
-    for sub_parser in (p, d):
+    b = sub.add_parser("bulk")
+    b.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    b.add_argument("--mode", default="routing")
+    b.add_argument("--nodes", type=int, default=3)
+    b.add_argument("--clients", type=int, default=30)
+    b.add_argument("--pairs", type=int, default=10_000)
+    b.add_argument("--size", type=int, default=32)
+    b.add_argument("--repeat", type=int, default=3)
+    for sub_parser in (p, d, b):
         sub_parser.add_argument(
             "--local-cluster",
             action="store_true",
             help="start a local 3-master Redis Cluster and use it (ignores --url)",
         )
     args = parser.parse_args()
-    if args.what == "delivery" and args.url.startswith("memory:") and not args.local_cluster:
+    if args.what in ("delivery", "bulk") and args.url.startswith("memory:") and not args.local_cluster:
         parser.error(
             "delivery needs a broker: the nodes run in other processes, which memory:// cannot reach"
         )
@@ -175,6 +239,10 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     if args.what == "publish":
         asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
+    elif args.what == "bulk":
+        asyncio.run(
+            bench_bulk(args.url, args.mode, args.nodes, args.clients, args.pairs, args.size, args.repeat)
+        )
     else:
         asyncio.run(
             bench_delivery(

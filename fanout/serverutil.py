@@ -661,17 +661,20 @@ class ServerUtil:
         only its own, in order, all in one broker round (one publish per owning node in routing mode)."""
         items = _bulk_items(pairs, "send_bulk")
         if self.settings.mode is Mode.FANOUT:
-            await self._publish([(naming.ALL, SendBulk(TargetKind.CLIENTS, tuple(items)))])
+            await self._publish(self._bulk_commands(naming.ALL, TargetKind.CLIENTS, items))
             return
         by_owner: dict[str, list[tuple[str, bytes, bool]]] = {}
+        owners: dict[str, str | None] = {}  # a connection usually has several payloads: parse its id once
         for item in items:
-            owner = owner_of(item[0])
+            cid = item[0]
+            owner = owners[cid] if cid in owners else owners.setdefault(cid, owner_of(cid))
             if owner is not None:
                 by_owner.setdefault(owner, []).append(item)
         await self._publish(
             [
-                (naming.node(owner), SendBulk(TargetKind.CLIENTS, tuple(mine)))
+                command
                 for owner, mine in by_owner.items()
+                for command in self._bulk_commands(naming.node(owner), TargetKind.CLIENTS, mine)
             ]
         )
 
@@ -680,14 +683,41 @@ class ServerUtil:
         that flag's payloads, in order, all in one broker round (one publish per flag in routing mode)."""
         items = _bulk_items(pairs, "send_bulk_by_flag")
         if self.settings.mode is Mode.FANOUT:
-            await self._publish([(naming.ALL, SendBulk(TargetKind.FLAGS, tuple(items)))])
+            await self._publish(self._bulk_commands(naming.ALL, TargetKind.FLAGS, items))
             return
         by_flag: dict[str, list[tuple[str, bytes, bool]]] = {}
         for item in items:
             by_flag.setdefault(item[0], []).append(item)
         await self._publish(
-            [(naming.flag(flag), SendBulk(TargetKind.FLAGS, tuple(mine))) for flag, mine in by_flag.items()]
+            [
+                command
+                for flag, mine in by_flag.items()
+                for command in self._bulk_commands(naming.flag(flag), TargetKind.FLAGS, mine)
+            ]
         )
+
+    def _bulk_commands(
+        self, address: Address, kind: TargetKind, items: list[tuple[str, bytes, bool]]
+    ) -> list[tuple[Address, Command]]:
+        """One address's bulk items as SendBulk commands in order, each within the message limit and
+        :data:`~fanout.protocol.MAX_NAMES` (a bulk bigger than one message goes out as several, published
+        together; the order per connection holds since they share the address)."""
+        budget = self.settings.max_message - _BULK_HEADER_ROOM
+        commands: list[tuple[Address, Command]] = []
+        chunk: list[tuple[str, bytes, bool]] = []
+        size = 0
+        for item in items:
+            # an upper bound of what the item adds to the encoded message: its payload, its name as JSON
+            # (at most 6 bytes a character when escaped), its length, its binary flag and separators
+            cost = len(item[1]) + 6 * len(item[0]) + 20
+            if chunk and (size + cost > budget or len(chunk) == protocol.MAX_NAMES):
+                commands.append((address, SendBulk(kind, tuple(chunk))))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += cost
+        if chunk:
+            commands.append((address, SendBulk(kind, tuple(chunk))))
+        return commands
 
     async def _fire_and_forget(self, command: Send | Close) -> None:
         await self._publish(routing.route(command, self.settings.mode))
@@ -955,6 +985,9 @@ class ServerUtil:
 def _last(data: object) -> tuple[bytes | None, bool]:
     """A close's last frame: ``None`` for no data, else the payload as a send would make it."""
     return (None, False) if data is None else encode_payload(data)
+
+
+_BULK_HEADER_ROOM = 1024  #: envelope, signature and the bulk header's fixed fields
 
 
 def _bulk_items(pairs: Iterable[tuple[str, object]], what: str) -> list[tuple[str, bytes, bool]]:

@@ -13,6 +13,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from fanout import (
+    MessageTooLarge,
     NotConnected,
     PayloadError,
     QueryTimeout,
@@ -335,3 +336,33 @@ async def test_a_large_answer_comes_in_pages_and_is_put_back_together(
     assert sessions == {cid: {"cid": cid} for cid in ids}
     for ws, _ in clients:
         await ws.close()
+
+
+@pytest.mark.parametrize("mode", [Mode.ROUTING, Mode.FANOUT], ids=["routing", "fanout"])
+async def test_a_bulk_bigger_than_one_message_goes_out_in_several_in_order(mode: Mode) -> None:
+    settings = Settings.create(f"memory://{unique_namespace()}", mode=mode, max_message=65_536)
+    nodes = [Node(settings, NodeOptions(port=0, node_id=f"n{i}"), ControlApp()) for i in range(2)]
+    for node in nodes:
+        await node.start()
+    try:
+        async with ServerUtil(settings=settings) as util:
+            clients = [await client(node.port) for node in nodes for _ in range(2)]
+            for i, (_, cid) in enumerate(clients):
+                assert await util.bind(cid, f"user-{i}") is True
+            # 3,000 payloads of ~100 bytes: ~300 kB, nearly five times the message limit
+            pairs = [(clients[i % 4][1], f"{i % 4}:{i // 4}:" + "x" * 90) for i in range(3_000)]
+            await util.send_bulk(pairs)
+            await util.send_bulk_by_flag([(f"user-{i % 4}", f"f{i}" + "y" * 90) for i in range(3_000)])
+            for index, (ws, _) in enumerate(clients):
+                got = [await recv(ws) for _ in range(750)]
+                assert got == [f"{index}:{n}:" + "x" * 90 for n in range(750)]
+                got = [await recv(ws) for _ in range(750)]
+                assert got == [f"f{i}" + "y" * 90 for i in range(index, 3_000, 4)]
+                assert await nothing_more(ws)
+            with pytest.raises(MessageTooLarge):  # one payload bigger than a message is refused
+                await util.send_bulk([(clients[0][1], "z" * 70_000)])
+            for ws, _ in clients:
+                await ws.close()
+    finally:
+        for node in nodes:
+            await node.stop()
