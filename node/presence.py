@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from fanout import naming
 from fanout.commands import PresenceChange, PresenceSnapshot
-from fanout.exceptions import FanoutError
+from fanout.exceptions import FanoutError, MessageTooLarge
 from fanout.presence import Pair, PresenceState
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Presence:
         self._published_at = 0.0
         self._trusted_at: float | None = None  #: loop time from which transitions are announced
         self._seeded = False
+        self._too_big = False  #: the last contribution could not be published (warned once)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -120,7 +121,23 @@ class Presence:
             groups.setdefault(group, []).append(flag)
         snapshot = PresenceSnapshot(self.node.instance, {g: tuple(f) for g, f in groups.items()})
         try:
-            await self.node.backend.publish(naming.PRESENCE, self.node.encoder.encode(snapshot, time.time()))
+            message = self.node.encoder.encode(snapshot, time.time())
+            limit = self.node.settings.max_message
+            if len(message) > limit:
+                raise MessageTooLarge(f"{len(message)} bytes, more than FANOUT_MAX_MESSAGE={limit}")
+        except FanoutError as exc:  # too many flags for one message: the other nodes cannot hear them
+            if not self._too_big:
+                log.warning(
+                    "presence: this node's contribution (%d flags in presence groups) cannot be shared "
+                    "(%s); other nodes will not see these flags as present (see the guide's Presence limits)",
+                    len(local),
+                    exc,
+                )
+            self._too_big = True
+            return
+        self._too_big = False
+        try:
+            await self.node.backend.publish(naming.PRESENCE, message)
         except FanoutError as exc:
             log.debug("presence snapshot not published: %s", exc)
             return

@@ -241,3 +241,23 @@ async def test_workers_get_presence_events(cluster: Any, tmp_path: Path) -> None
         assert presence() == [("room-5", "frank", "join"), ("room-5", "frank", "leave")]
     finally:
         worker.kill()
+
+
+async def test_a_contribution_too_big_for_one_message_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from fanout import Settings
+    from node import Node, NodeOptions
+    from tests.apps.control import ControlApp
+
+    settings = Settings.create(f"memory://{unique_namespace('pr')}", max_message=4096)
+    node = Node(settings, NodeOptions(port=0, presence="room"), ControlApp())
+    await node.start()
+    try:
+        async with ServerUtil(settings=settings) as util:
+            members = [await _member(util, node.port, "room", f"user-{i}-" + "x" * 300) for i in range(20)]
+            await _poll(lambda: "cannot be shared" in caplog.text, 5)
+            assert "20 flags in presence groups" in caplog.text
+            assert caplog.text.count("cannot be shared") == 1  # said once, not every tick
+            for ws, _ in members:
+                await ws.close()
+    finally:
+        await node.stop()
