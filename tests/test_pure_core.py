@@ -22,6 +22,8 @@ PURE = [
     "exceptions",
     "admission",
     "tokens",
+    "presence",
+    "events",
 ]
 
 
