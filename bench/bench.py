@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fanout import ServerUtil  # noqa: E402
-from tests.support.nodes import client, start_node, unique_namespace  # noqa: E402
+from tests.support.nodes import client, metrics, start_node, unique_namespace  # noqa: E402
 from tests.support.redis_servers import start_cluster  # noqa: E402
 
 
@@ -77,7 +77,15 @@ async def bench_publish(url: str, count: int, concurrency: int, size: int) -> No
 
 
 async def bench_delivery(
-    url: str, mode: str, nodes: int, clients: int, messages: int, size: int, rate: float, loop: str
+    url: str,
+    mode: str,
+    nodes: int,
+    clients: int,
+    messages: int,
+    size: int,
+    rate: float,
+    loop: str,
+    write_delay: float,
 ) -> None:
     namespace = unique_namespace("bench")
     env = {
@@ -87,6 +95,7 @@ async def bench_delivery(
         "FANOUT_APP": "tests.apps.control:app",
         "FANOUT_LOG_LEVEL": "WARNING",
         "FANOUT_EVENT_LOOP": loop,
+        "FANOUT_WRITE_DELAY": str(write_delay),
     }
     with tempfile.TemporaryDirectory() as tmp:
         procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bench{i}"}) for i in range(nodes)]
@@ -116,6 +125,11 @@ async def bench_delivery(
                 await asyncio.wait_for(asyncio.gather(*readers), 120)
                 elapsed = time.perf_counter() - start
                 node_cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+            counts = [await metrics(p.port) for p in procs]
+            writes = sum(c["fanout_delivery_writes_total"] for c in counts)
+            frames = sum(c["fanout_frames_sent_total"] for c in counts)
+            batches = sum(c["fanout_bus_batches_total"] for c in counts)
+            commands = sum(c["fanout_bus_batch_commands_total"] for c in counts)
             for ws, _ in conns:
                 await ws.close()
         finally:
@@ -126,12 +140,15 @@ async def bench_delivery(
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(
-        f"delivery {url.split('://')[0]} {mode} ({loop} loop): {nodes} nodes, {clients} clients, "
+        f"delivery {url.split('://')[0]} {mode} ({loop} loop, write delay {write_delay * 1000:g} ms): "
+        f"{nodes} nodes, {clients} clients, "
         f"{messages} x {size} B "
         f"group sends{f' at {rate:g}/s' if rate else ''}: {delivered:,} frames in {elapsed:.2f}s = "
         f"{delivered / elapsed:,.0f} frames/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
         f"node CPU {node_cpu / delivered * 1e6:.2f} us per frame; "
-        f"node memory {(rss_full - rss_empty) / clients:.1f} KiB per connection"
+        f"node memory {(rss_full - rss_empty) / clients:.1f} KiB per connection; "
+        f"coalescing: {frames / max(writes, 1):.1f} frames per write, "
+        f"{commands / max(batches, 1):.1f} bus commands per batch"
     )
 
 
@@ -215,6 +232,7 @@ def main() -> None:
     b.add_argument("--pairs", type=int, default=10_000)
     b.add_argument("--size", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3)
+    d.add_argument("--write-delay", type=float, default=0.0, help="the nodes' FANOUT_WRITE_DELAY, seconds")
     for sub_parser in (p, d, b):
         sub_parser.add_argument(
             "--local-cluster",
@@ -246,7 +264,15 @@ def run(args: argparse.Namespace) -> None:
     else:
         asyncio.run(
             bench_delivery(
-                args.url, args.mode, args.nodes, args.clients, args.messages, args.size, args.rate, args.loop
+                args.url,
+                args.mode,
+                args.nodes,
+                args.clients,
+                args.messages,
+                args.size,
+                args.rate,
+                args.loop,
+                args.write_delay,
             )
         )
 

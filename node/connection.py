@@ -294,19 +294,19 @@ class Connection:
         if self._transport.get_write_buffer_size() + self._pending_bytes > self.send_limit:
             self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
-        if self.node.batching:
-            if pending is None:
-                self._pending = [frame]
-                self.node.dirty.append(self)
-            else:
-                pending.append(frame)
+        if pending is not None:  # frames are waiting (a batch, the write delay): this one goes after them
+            pending.append(frame)
             self._pending_bytes += len(frame)
+        elif self.node.batching:
+            self._pending = [frame]
+            self._pending_bytes = len(frame)
+            self.node.dirty.append(self)
         else:
             self._transport.write(frame)
         return True
 
     def flush(self) -> None:
-        """Write what is pending (frames held during a batch) in one write."""
+        """Write what is pending (frames held during a batch or the write delay) in one write."""
         pending = self._pending
         if pending is None:
             return

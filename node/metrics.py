@@ -36,6 +36,9 @@ class Metrics:
     events_policy_closes: int = 0  #: clients closed (1013) because their events could not go (policy close)
     frames_sent: int = 0
     bytes_sent: int = 0
+    bus_batches: int = 0  #: groups of bus commands applied together (what arrived in one loop pass)
+    bus_batch_commands: int = 0  #: commands in those groups (commands / batches = coalescing on the bus)
+    delivery_writes: int = 0  #: socket writes that carried frames from the bus (frames / writes = coalescing)
     client_messages: int = 0  #: frames received from clients
     app_errors: int = 0  #: exceptions raised by application hooks
     reply_failures: int = 0  #: replies the backend did not take
@@ -94,6 +97,9 @@ _COUNTERS = (
         "events_policy_closes",
     ),
     ("fanout_frames_sent", "Data frames written to clients.", "frames_sent"),
+    ("fanout_bus_batches", "Groups of bus commands applied together.", "bus_batches"),
+    ("fanout_bus_batch_commands", "Bus commands applied, counted in their groups.", "bus_batch_commands"),
+    ("fanout_delivery_writes", "Socket writes carrying frames from the bus.", "delivery_writes"),
     ("fanout_bytes_sent", "Bytes of data frames written to clients.", "bytes_sent"),
     ("fanout_client_messages", "Messages received from clients.", "client_messages"),
     ("fanout_app_errors", "Exceptions raised by application hooks.", "app_errors"),

@@ -119,6 +119,14 @@ def _origins(raw: str) -> frozenset[str] | None:
     return items
 
 
+def _write_delay(env: Mapping[str, str]) -> float:
+    """FANOUT_WRITE_DELAY in seconds; at most 0.1 (beyond that it is a latency bug, not coalescing)."""
+    delay = env_number(env, "FANOUT_WRITE_DELAY", 0.0, float)
+    if delay > 0.1:
+        raise ConfigError("FANOUT_WRITE_DELAY", f"{delay:g} s is more than 0.1 s")
+    return delay
+
+
 def _policy(raw: str) -> str:
     value = raw.strip().lower()
     if value not in POLICIES:
@@ -146,6 +154,8 @@ class NodeOptions:
     send_buffer: int = 1024 * 1024  #: bytes a connection may have waiting; over that it is cut off
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
     client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
+    #: seconds frames from the bus may wait so that later ones share their socket write; 0 = write at once
+    write_delay: float = 0.0
     # -- the HTTP API
     api_key: str | None = field(default=None, repr=False)  #: turns the API on; its bearer key
     api_max_body: int = 1 << 20  #: biggest API request body, bytes (bigger: 413)
@@ -182,6 +192,7 @@ class NodeOptions:
             send_buffer=env_number(env, "FANOUT_SEND_BUFFER", 1024 * 1024, int),
             max_connections=env_number(env, "FANOUT_MAX_CONNECTIONS", 0, int),
             client_rate=env_number(env, "FANOUT_CLIENT_RATE", 100.0, float),
+            write_delay=_write_delay(env),
             api_key=env.get("FANOUT_API_KEY") or None,
             api_max_body=env_number(env, "FANOUT_API_MAX_BODY", 1 << 20, int, positive=True),
             presence=env.get("FANOUT_PRESENCE", ""),
@@ -246,6 +257,8 @@ class Node:
         self.batching = False
         #: connections holding frames of the current batch, flushed when it ends
         self.dirty: list[Connection] = []
+        self._flush_timer: asyncio.TimerHandle | None = None  #: the end of the write delay, when waiting
+        self._last_batch_at = -1e9  #: loop time the last batch of bus commands was applied
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._register_gauges()
 
@@ -324,9 +337,8 @@ class Node:
             await self.presence.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        self.flush_dirty()
         if self._server is not None:
-            for conn in list(self.table.connections.values()):
-                conn.flush()
             self._server.close(close_connections=True)  # 1001 going away
             await self._server.wait_closed()
         if self.events is not None:  # the close events of the clients just closed go out first
@@ -491,20 +503,44 @@ class Node:
     def _apply_arrived(self) -> None:
         batch, self._arrived = self._arrived, []
         commands = self.receiver.take(batch, time.time())
-        # several commands: connections hold their frames and write them in one go at the end
-        self.batching = len(commands) > 1
+        metrics = self.metrics
+        metrics.bus_batches += 1
+        metrics.bus_batch_commands += len(commands)
+        # several commands: connections hold their frames and write them in one go at the end; in a burst
+        # (the previous batch less than the write delay ago) they hold them for the write delay, so that
+        # the next batches' frames share the write. A command after a quiet spell is written at once.
+        delay = self.options.write_delay
+        now = asyncio.get_running_loop().time()
+        burst = now - self._last_batch_at < delay
+        self._last_batch_at = now
+        self.batching = burst or len(commands) > 1
+        frames_before = metrics.frames_sent
         try:
             for command in commands:
                 try:
                     self._apply(command)
                 except Exception:  # a command that breaks the node's logic is a bug: log it, keep serving
-                    self.metrics.dropped["error"] += 1
+                    metrics.dropped["error"] += 1
                     log.exception("applying %r failed", command)
         finally:
-            self.batching = False
-            dirty, self.dirty = self.dirty, []
-            for conn in dirty:
-                conn.flush()
+            if not self.batching:
+                metrics.delivery_writes += metrics.frames_sent - frames_before
+            else:
+                self.batching = False
+                if not burst:
+                    self.flush_dirty()
+                elif self.dirty and self._flush_timer is None:
+                    self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush_dirty)
+
+    def flush_dirty(self) -> None:
+        """Write what the connections hold from the bus (the end of a batch, or of the write delay)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        dirty, self.dirty = self.dirty, []
+        self.metrics.delivery_writes += len(dirty)
+        for conn in dirty:
+            conn.flush()
 
     def _apply(self, command: Command) -> None:
         match command:

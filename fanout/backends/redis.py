@@ -65,6 +65,7 @@ from ..config import Mode, Settings
 from ..exceptions import BackendError, BackendUnavailable, NotConnected
 from ..naming import Address, safe_segment
 from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
+from .redis_publisher import PublishConnection, pack_publish
 
 log = logging.getLogger("fanout.backend.redis")
 
@@ -393,7 +394,10 @@ class RedisBackend(Backend):
         self._supervisor: asyncio.Task[None] | None = None
         self._reroutes: set[asyncio.Task[None]] = set()
         # -- publisher side
-        self._client: aioredis.Redis | None = None  #: single server, or the fanout-mode cluster node
+        self._client: aioredis.Redis | None = None  #: TLS single server, or the fanout-mode cluster node
+        #: plain single server: our own publishing connection (see redis_publisher), opened on demand
+        self._fast_path = not self._target.cluster and not self._target.tls
+        self._publisher: PublishConnection | None = None
         self._cluster: RedisCluster | None = None  #: cluster map (and SPUBLISH client in routing mode)
         self._outbox: deque[_Outgoing] = deque()
         self._inflight: list[_Outgoing] = []  #: the batch whose pipeline is on the wire
@@ -513,6 +517,9 @@ class RedisBackend(Backend):
         await self._close_clients()
 
     async def _close_clients(self) -> None:
+        if self._publisher is not None:
+            publisher, self._publisher = self._publisher, None
+            publisher.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -565,6 +572,11 @@ class RedisBackend(Backend):
 
     async def _open_publisher(self) -> None:
         """(Re)create the PUBLISH client on the current pub/sub node (not used when sharded)."""
+        if self._fast_path:
+            if self._publisher is not None:  # the first publish of the new session uses a fresh one
+                publisher, self._publisher = self._publisher, None
+                publisher.close()
+            return
         host, port = self._pubsub_node()
         url = self._target.node_url(host, port)
         if self._client is not None:
@@ -825,6 +837,8 @@ class RedisBackend(Backend):
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
                 # if the timeout cancels a future before the flusher took it, it is never sent
+                if len(futures) == 1:
+                    return [await futures[0]]
                 return list(await asyncio.gather(*futures))
         except TimeoutError as exc:
             for future in futures:
@@ -877,6 +891,8 @@ class RedisBackend(Backend):
     async def _pipeline(self, batch: list[_Outgoing]) -> list[Any]:
         if self._sharded:
             return await self._sharded_pipeline(batch)
+        if self._fast_path:
+            return await self._fast_pipeline(batch)
         client = self._client
         if client is None:
             raise RedisConnectionError("no publisher connection yet")
@@ -884,6 +900,31 @@ class RedisBackend(Backend):
         for item in batch:
             pipe.publish(item.channel, item.message)
         return await pipe.execute(raise_on_error=False)
+
+    async def _fast_pipeline(self, batch: list[_Outgoing]) -> list[Any]:
+        """PUBLISH ``batch`` over our own connection: one write, replies in order (see redis_publisher)."""
+        publisher = self._publisher
+        if publisher is None or not publisher.alive:
+            host, port = self._target.nodes[0]
+            self._publisher = None
+            publisher = await PublishConnection.open(
+                host,
+                port,
+                userinfo=self._target.userinfo,
+                client_name=f"{self.settings.namespace}-pub-{safe_segment(self.inbox)}"[:120],
+                timeout=self._connect_timeout,
+            )
+            self._publisher = publisher
+        futures = publisher.send([pack_publish(item.channel, item.message) for item in batch])
+        try:
+            # replies come in order: once the last is in, every one is (a lost link fails them all)
+            async with asyncio.timeout(self.settings.publish_timeout):
+                with contextlib.suppress(RedisConnectionError):  # read from every future below
+                    await futures[-1]
+        except TimeoutError:
+            publisher.close()  # a hung server: fail this batch, and start afresh with the next
+            raise
+        return [future.exception() or future.result() for future in futures]
 
     async def _sharded_pipeline(self, batch: list[_Outgoing]) -> list[Any]:
         """SPUBLISH ``batch`` keeping its order across shards.
