@@ -241,6 +241,24 @@ async def test_order_of_200_concurrent_publishes(make: Factory, confirms: str) -
     assert a_in.messages == bodies + [b"s" + body for body in bodies[:50]]
 
 
+@pytest.mark.parametrize("confirms", ["0", "1"])
+async def test_bodies_of_every_size_and_batches_arrive_whole_and_in_order(
+    make: Factory, confirms: str
+) -> None:
+    """Our own frames: empty bodies, bodies over the broker's frame size (several body frames), binary
+    bytes including the frame-end octet, and publish_many batches from concurrent callers."""
+    a, a_in = await make()
+    pub, _ = await make(url=f"{URL}?confirms={confirms}")
+    await a.subscribe([group("g"), group("h")])
+    bodies = [b"", b"\xce\x00\xce", bytes(range(256)) * 2000, b"y" * 131_072, b"z" * 131_065]
+    await pub.publish_many([(group("g"), body) for body in bodies])
+    batches = [[(group("h"), b"%d.%d" % (n, i)) for i in range(5)] for n in range(40)]
+    await asyncio.gather(*(pub.publish_many(batch) for batch in batches))
+    await a_in.wait_for_count(len(bodies) + 200)
+    assert a_in.messages[: len(bodies)] == bodies
+    assert a_in.messages[len(bodies) :] == [body for batch in batches for _, body in batch]
+
+
 async def test_publishes_right_before_close_are_not_lost(make: Factory, ns: str) -> None:
     a, a_in = await make()
     await a.subscribe([group("g")])

@@ -50,9 +50,11 @@ connection dies can be lost without an error (the same at-most-once as the deliv
 ``?confirms=1`` on the URL (stripped before the URL reaches aio-pika) turns confirms on: every
 publish then waits for the broker's ``basic.ack`` (one round trip, still pipelined across concurrent
 publishers) and raises if the broker nacks it or the link dies before the ack. Either way a publish
-never waits longer than ``settings.publish_timeout`` and the order of concurrent publishes is kept
-(FIFO, see :meth:`AmqpBackend.publish`). ``publish`` returns ``None``: AMQP does not tell how many
-queues got a message.
+never waits longer than ``settings.publish_timeout`` and the order of concurrent publishes is kept:
+calls queue in one outbox and a writer task turns everything queued since its last write into one
+socket write, the AMQP frames built by :func:`_publish_frames` (aiormq's ``basic_publish`` builds
+them with pamqp and writes once per message: most of a publisher's CPU). ``publish`` returns
+``None``: AMQP does not tell how many queues got a message.
 
 Reconnection: one retry layer, our own
 --------------------------------------
@@ -94,14 +96,16 @@ import asyncio
 import contextlib
 import logging
 import re
+import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from yarl import URL
 
 from ..config import Mode, Settings
@@ -116,7 +120,8 @@ _CONTROL_KINDS = frozenset({Kind.INBOX, Kind.HEARTBEAT, Kind.WORKERS, Kind.PRESE
 #: AMQP heartbeat (seconds) when the URL does not set one
 DEFAULT_HEARTBEAT = 10
 #: delivery_mode 1 = transient: the broker never writes our messages to disk
-_NOT_PERSISTENT = aio_pika.DeliveryMode.NOT_PERSISTENT.value
+#: at most this many publish calls go into one socket write
+_WRITE_BATCH = 1000
 #: how long close() waits for the broker to acknowledge the goodbye
 _CLOSE_TIMEOUT = 2.0
 
@@ -205,6 +210,59 @@ class _Link:
     closing: bool = False
 
 
+@dataclass(slots=True)
+class _Queued:
+    """One publish_many call waiting for the writer: its messages as (exchange, key, body)."""
+
+    frames: list[tuple[bytes, bytes, bytes]]
+    done: asyncio.Future[None]
+    confirmations: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+def _when_confirmed(queued: _Queued) -> None:
+    """Resolve ``queued.done`` once the broker acked all its messages (or with the first refusal)."""
+    remaining = len(queued.confirmations)
+
+    def one(confirmation: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if queued.done.done():
+            return
+        if confirmation.cancelled():
+            queued.done.set_exception(aiormq.exceptions.ChannelInvalidStateError("channel closed"))
+        elif confirmation.exception() is not None:
+            queued.done.set_exception(cast(BaseException, confirmation.exception()))
+        elif remaining == 0:
+            queued.done.set_result(None)
+
+    for confirmation in queued.confirmations:
+        confirmation.add_done_callback(one)
+
+
+def _publish_frames(channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int) -> bytes:
+    """One message as AMQP 0-9-1 frames: basic.publish (not mandatory, not immediate), a content header
+    with only delivery-mode 1 (transient), and the body in frames of at most ``max_body`` bytes."""
+    method = b"%s%c%s%c%s\x00" % (_PUBLISH_METHOD, len(exchange), exchange, len(key), key)
+    header = _CONTENT_HEADER.pack(60, 0, len(body), 0x1000, 1)
+    out = [
+        _FRAME.pack(1, channel, len(method)),
+        method,
+        b"\xce",
+        _FRAME.pack(2, channel, len(header)),
+        header,
+    ]
+    out.append(b"\xce")
+    for start in range(0, len(body), max_body):
+        chunk = body[start : start + max_body]
+        out += (_FRAME.pack(3, channel, len(chunk)), chunk, b"\xce")
+    return b"".join(out)
+
+
+_FRAME = struct.Struct(">BHI")  #: frame type, channel, payload size
+_PUBLISH_METHOD = struct.pack(">HHH", 60, 40, 0)  #: basic.publish, reserved-1
+_CONTENT_HEADER = struct.Struct(">HHQHB")  #: class, weight, body size, property flags, delivery-mode
+
+
 class AmqpBackend(Backend):
     """One endpoint's link to RabbitMQ (see the module docstring for topology and guarantees)."""
 
@@ -223,10 +281,10 @@ class AmqpBackend(Backend):
         self._up = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
-        # publishes that had to wait for the link queue here, in call order (see publish())
-        #: held across one publish_many call: publishes never interleave and keep their call order,
-        #: also while they wait for a reconnect
-        self._publish_lock = asyncio.Lock()
+        #: publishes waiting for the writer task, in call order (see publish_many)
+        self._outbox: deque[_Queued] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     # -- addresses -> exchanges / keys -------------------------------------------------------
 
@@ -282,9 +340,12 @@ class AmqpBackend(Backend):
         self._closed = True
         self._up.clear()
         supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
+        writer, self._writer = self._writer, None
+        for task in (supervisor, writer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._fail_outbox(NotConnected("AMQP backend was closed"))
         link, self._link = self._link, None
         if link is not None:
             await self._discard(link, graceful=True)
@@ -388,9 +449,10 @@ class AmqpBackend(Backend):
 
         Without confirms this returns once the frames are queued for the socket; with
         ``?confirms=1`` once the broker acked. While the link is down it waits for the reconnect,
-        up to ``settings.publish_timeout`` in all. Concurrent calls keep their call order and never
-        interleave: a FIFO lock is held while one call's messages are handed over (taking it when
-        free does not suspend, so an uncontended publish costs nothing more).
+        up to ``settings.publish_timeout`` in all. Calls go to one outbox, in call order; one
+        writer task turns everything queued since its last write into one socket write (AMQP
+        frames built here, not one aiormq ``basic_publish`` and one write per message), so
+        concurrent publishers share writes and never interleave.
 
         Raises :class:`NotConnected` before :meth:`connect` / after :meth:`close`,
         :class:`BackendUnavailable` if a message could not be handed over in time or the link
@@ -398,32 +460,78 @@ class AmqpBackend(Backend):
         """
         if self._closed or self._handler is None:
             raise NotConnected("AMQP backend is not connected")
-        routes = [(*self.route_for(address), message) for address, message in items]
+        frames = []
+        for address, message in items:
+            exchange, key = self.route_for(address)
+            frames.append((exchange.encode(), key.encode(), message))
+            if len(frames[-1][1]) > 255:
+                raise BackendError(f"{self.describe()}: routing key {key[:40]!r}... is over 255 bytes")
+        queued = _Queued(frames, asyncio.get_running_loop().create_future())
+        self._outbox.append(queued)
+        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name=f"fanout-amqp-writer-{self.inbox}")
+            self._writer.add_done_callback(fire_and_forget_guard)
         timeout = self.settings.publish_timeout
         try:
             async with asyncio.timeout(timeout):
-                async with self._publish_lock:
-                    raw = await self._usable_channel()
-                    if not self.confirms:
-                        for exchange, key, message in routes:
-                            await self._basic_publish(raw, exchange, key, message)
-                        return [None] * len(routes)
-                    # Confirms: start the publishes in order while holding the lock (tasks reach
-                    # aiormq's FIFO channel lock in the order they were made), then wait for the
-                    # broker's acks together, outside it, so concurrent callers still pipeline.
-                    acks = [
-                        asyncio.ensure_future(self._basic_publish(raw, exchange, key, message))
-                        for exchange, key, message in routes
-                    ]
-                try:
-                    await asyncio.gather(*acks)
-                except BaseException:
-                    for ack in acks:
-                        ack.cancel()
-                    raise
-                return [None] * len(routes)
+                await queued.done
         except _PUBLISH_ERRORS as exc:
+            queued.done.cancel()  # not written yet: it never will be
             raise self._error(exc, "the publish", timeout) from exc
+        return [None] * len(frames)
+
+    async def _write_loop(self) -> None:
+        """Write what the outbox holds, a batch per write, for as long as the backend lives."""
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                try:
+                    raw = await self._usable_channel()
+                except NotConnected as exc:
+                    self._fail_outbox(exc)
+                    return
+                batch: list[_Queued] = []
+                while self._outbox and len(batch) < _WRITE_BATCH:
+                    queued = self._outbox.popleft()
+                    if not queued.done.done():  # its caller gave up: never written
+                        batch.append(queued)
+                if batch:
+                    await self._write(raw, batch)
+
+    async def _write(self, raw: aiormq.Channel, batch: list[_Queued]) -> None:
+        confirms = self.confirms
+        try:
+            async with raw.lock:
+                number, max_body = raw.number, raw.max_content_size
+                payload = []
+                for queued in batch:
+                    for exchange, key, message in queued.frames:
+                        payload.append(_publish_frames(number, exchange, key, message, max_body))
+                        if confirms:
+                            raw.delivery_tag += 1
+                            confirmation = raw.create_future()
+                            raw.confirmations[raw.delivery_tag] = confirmation
+                            queued.confirmations.append(confirmation)
+                await raw.write_queue.put(ChannelFrame(payload=b"".join(payload), should_close=False))
+        except Exception as exc:  # the channel closed under us, ...: these callers learn it now
+            for queued in batch:
+                if not queued.done.done():
+                    queued.done.set_exception(exc)
+            return
+        for queued in batch:
+            if not confirms or not queued.confirmations:
+                if not queued.done.done():
+                    queued.done.set_result(None)
+            else:
+                _when_confirmed(queued)
+
+    def _fail_outbox(self, error: Exception) -> None:
+        outbox, self._outbox = self._outbox, deque()
+        for queued in outbox:
+            if not queued.done.done():
+                queued.done.set_exception(error)
 
     async def _usable_channel(self) -> aiormq.Channel:
         """The current link's raw channel, waiting for a reconnect while the link is down."""
@@ -441,20 +549,6 @@ class AmqpBackend(Backend):
             if link is not None:
                 self._mark_lost(link)
             self._up.clear()
-
-    @staticmethod
-    async def _basic_publish(raw: aiormq.Channel, exchange: str, key: str, message: bytes) -> None:
-        await raw.basic_publish(
-            message,
-            exchange=exchange,
-            routing_key=key,
-            # a fresh properties object each time: aiormq writes a message_id into it
-            properties=Basic.Properties(delivery_mode=_NOT_PERSISTENT),
-            mandatory=False,
-            # don't wait for the socket write of *this* frame: aiormq's bounded write queue still
-            # applies back-pressure, and the order is fixed at the put
-            wait=False,
-        )
 
     # -- connection management ------------------------------------------------------------------
 
