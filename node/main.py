@@ -3,6 +3,11 @@
 Reads the FANOUT_* variables (and ``--app/--host/--port``), configures logging and the event loop, runs
 one node until SIGTERM or SIGINT and shuts it down cleanly. A configuration error exits with status 2 and
 one line naming the variable; a backend that cannot be reached at start, with status 1 and one line.
+
+``--processes N`` runs N node processes on one port (``SO_REUSEPORT``: the kernel spreads new
+connections over them), each a node of its own (node id ``<id>-<i>``), so one command uses a machine's
+cores. The parent only supervises: SIGTERM or SIGINT stops them all; if one exits, the others are
+stopped and the parent exits with its status.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -21,7 +28,7 @@ from fanout.config import Settings
 from fanout.exceptions import ConfigError, FanoutError
 from fanout.loading import load_app
 
-from .node import Node, NodeOptions
+from .node import Node, NodeOptions, default_node_id
 
 log = logging.getLogger("fanout.node")
 
@@ -79,6 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app", help="application object, module:attr (default: FANOUT_APP or demo chat)")
     parser.add_argument("--host", help="listen address (default: FANOUT_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: FANOUT_PORT or 8765)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N node processes sharing the port (SO_REUSEPORT), each its own node (default: 1)",
+    )
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="share the port with other processes (set by --processes)"
+    )
     args = parser.parse_args(argv)
     try:
         _configure_logging(os.environ.get("FANOUT_LOG_LEVEL", "INFO"))
@@ -88,13 +105,71 @@ def main(argv: list[str] | None = None) -> None:
             k: v for k, v in (("app", args.app), ("host", args.host), ("port", args.port)) if v is not None
         }
         options = replace(options, **overrides)
+        if args.reuse_port:
+            options = replace(options, reuse_port=True)
+        if args.processes < 1:
+            raise ConfigError("--processes", f"{args.processes} is not a number of processes (1 or more)")
+        if args.processes > 1 and options.port == 0:
+            raise ConfigError("--processes", "processes share one port: give a port, not 0")
         app = load_app(options.app) if options.app else None  # fail at start, not at first use
         runner = _event_loop_runner(os.environ.get("FANOUT_EVENT_LOOP", "auto"))
     except ConfigError as exc:
         print(f"fanout-node: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.processes > 1:
+        raise SystemExit(_supervise(args.processes, options, argv if argv is not None else sys.argv[1:]))
     try:
         runner(run(settings, options, app))
     except FanoutError as exc:
         print(f"fanout-node: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _supervise(count: int, options: NodeOptions, argv: list[str]) -> int:
+    """Run ``count`` node processes on one port until a signal or until one of them exits."""
+    base_id = options.node_id or default_node_id()
+    child_argv = [*_without_processes(argv), "--reuse-port"]
+    children = []
+    for index in range(count):
+        env = {**os.environ, "FANOUT_NODE_ID": f"{base_id}-{index}"}
+        children.append(subprocess.Popen([sys.executable, "-m", "node", *child_argv], env=env))
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while True:
+        exited = [child for child in children if child.poll() is not None]
+        if len(exited) == len(children):
+            break
+        if exited and not stopping:
+            status = exited[0].returncode or 1
+            print(
+                f"fanout-node: process {children.index(exited[0])} exited with status "
+                f"{exited[0].returncode}; stopping the others",
+                file=sys.stderr,
+            )
+            stop(signal.SIGTERM, None)
+        time.sleep(0.1)
+    if stopping and status == 0:
+        status = max((child.returncode for child in children), default=0)
+    return status
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out

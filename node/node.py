@@ -142,6 +142,7 @@ class NodeOptions:
     node_id: str = ""  #: stable name for logs/metrics; generated (host-pid) when empty
     host: str = "127.0.0.1"
     port: int = 8765
+    reuse_port: bool = False  #: SO_REUSEPORT: several node processes share the port (``--processes``)
     # -- application
     app: str = ""  #: "module:attr"; the demo chat when empty
     welcome: bool = True  #: send {"type":"welcome","client_id":...} on connect
@@ -285,6 +286,7 @@ class Node:
             ping_timeout=self.options.ping_timeout or None,
             compression=None,  # frames are encoded once for all clients (see node.frames)
             server_header="fanout",
+            reuse_port=self.options.reuse_port or None,
         )
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="heartbeats")
         await self._call_app("on_start", self)

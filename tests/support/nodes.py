@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,7 @@ def start_node(
     app: str | None = None,
     port: int | None = None,
     wait: bool = True,
+    extra_args: Sequence[str] = (),
 ) -> NodeProcess:
     """Start a node subprocess with FANOUT_* settings from ``env`` on a free port.
 
@@ -156,7 +157,7 @@ def start_node(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
     full_env.update({"FANOUT_PORT": str(port), "FANOUT_HEARTBEAT_INTERVAL": "0.5", **env})
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
-    args = [sys.executable, "-m", "node"] + (["--app", app] if app else [])
+    args = [sys.executable, "-m", "node", *(["--app", app] if app else []), *extra_args]
     log_path = tmp_path / f"node-{port}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
