@@ -320,7 +320,7 @@ async def test_reconnects_after_repeated_outages(connect, own_redis: RedisServer
         await eventually(lambda: receiver.healthy and sender.healthy, 15, "reconnection")
         # (the link is healthy the moment its subscriptions are confirmed, a step before the
         # reconnect loop counts the reconnect)
-        await eventually(lambda: (receiver.outages, receiver.reconnects) == (round_, round_), 2, "the counts")
+        await eventually(lambda n=round_: (receiver.outages, receiver.reconnects) == (n, n), 2, "the counts")
         assert await sender.publish(flag("f"), str(round_).encode()) == 1
     assert await got.wait_for_count(2) == [b"1", b"2"]
 
