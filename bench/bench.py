@@ -2,6 +2,7 @@
 
     python bench/bench.py publish  --url redis://127.0.0.1:6379/0 --count 20000
     python bench/bench.py bulk     --url redis://127.0.0.1:6379/0 --nodes 3 --clients 30 --pairs 10000
+    python bench/bench.py memory   --url redis://127.0.0.1:6379/0 --connections 10000
     python bench/bench.py delivery --url redis://127.0.0.1:6379/0 --nodes 2 --clients 400 --messages 200
 
 ``publish``: ServerUtil publish rate, awaited one by one and with many concurrent callers (what the
@@ -10,6 +11,10 @@ backend's pipelining buys). Nothing needs to listen.
 ``bulk``: ``send_bulk`` of ``--pairs`` (client id, payload) pairs to ``--clients`` connections spread over
 ``--nodes`` node processes; reports the call's time (encoding and publishing) and the time until every
 connection has all its payloads, checked in order, median of ``--repeat`` rounds.
+
+``memory``: one node process, ``--connections`` idle websocket connections (all in the lobby group,
+as a chat would have them); node RSS growth per connection, measured after a warm-up of 200
+connections so that one-time allocations do not count.
 
 ``delivery``: real node processes, real websocket clients (in this process), ServerUtil broadcasting to a
 group that every client joined. Reports frames delivered per second across all clients, the latency from
@@ -203,6 +208,46 @@ async def bench_bulk(
     )
 
 
+async def bench_memory(url: str, connections: int, loop: str) -> None:
+    from websockets.asyncio.client import connect
+
+    env = {
+        "FANOUT_URL": url,
+        "FANOUT_NAMESPACE": unique_namespace("bench"),
+        "FANOUT_ACCEPT_RATE": "0",
+        "FANOUT_LOG_LEVEL": "WARNING",
+        "FANOUT_EVENT_LOOP": loop,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        node = start_node(Path(tmp), env)  # tests.apps.lobby: every guest joins "lobby"
+        try:
+            sockets = []
+
+            async def open_some(count: int) -> None:
+                for start in range(0, count, 200):
+                    batch = [
+                        connect(f"ws://127.0.0.1:{node.port}/", ping_interval=None)
+                        for _ in range(min(200, count - start))
+                    ]
+                    sockets.extend(await asyncio.gather(*batch))
+                    await asyncio.gather(*(ws.recv() for ws in sockets[-len(batch) :]))  # the welcome
+
+            await open_some(200)
+            await asyncio.sleep(1)
+            before = node.rss_kib()
+            await open_some(connections)
+            await asyncio.sleep(2)
+            after = node.rss_kib()
+            for ws in sockets:
+                await ws.close()
+        finally:
+            node.terminate()
+    print(
+        f"memory {url.split('://')[0]} ({loop} loop): {connections:,} idle connections: node RSS {before / 1024:.1f} -> "
+        f"{after / 1024:.1f} MiB = {(after - before) / connections:.2f} KiB per connection"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,14 +278,24 @@ def main() -> None:
     b.add_argument("--size", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3)
     d.add_argument("--write-delay", type=float, default=0.0, help="the nodes' FANOUT_WRITE_DELAY, seconds")
-    for sub_parser in (p, d, b):
+    m = sub.add_parser("memory")
+    m.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    m.add_argument("--connections", type=int, default=10_000)
+    m.add_argument(
+        "--loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="the node's event loop"
+    )
+    for sub_parser in (p, d, b, m):
         sub_parser.add_argument(
             "--local-cluster",
             action="store_true",
             help="start a local 3-master Redis Cluster and use it (ignores --url)",
         )
     args = parser.parse_args()
-    if args.what in ("delivery", "bulk") and args.url.startswith("memory:") and not args.local_cluster:
+    if (
+        args.what in ("delivery", "bulk", "memory")
+        and args.url.startswith("memory:")
+        and not args.local_cluster
+    ):
         parser.error(
             "delivery needs a broker: the nodes run in other processes, which memory:// cannot reach"
         )
@@ -257,6 +312,8 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     if args.what == "publish":
         asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
+    elif args.what == "memory":
+        asyncio.run(bench_memory(args.url, args.connections, args.loop))
     elif args.what == "bulk":
         asyncio.run(
             bench_bulk(args.url, args.mode, args.nodes, args.clients, args.pairs, args.size, args.repeat)

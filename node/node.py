@@ -24,7 +24,9 @@ from typing import Any, cast
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers as WebsocketHeaders
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
 
 from fanout import events as events_module
 from fanout import naming, protocol
@@ -207,6 +209,10 @@ class NodeOptions:
             ping_interval=env_number(env, "FANOUT_PING_INTERVAL", 20.0, float),
             ping_timeout=env_number(env, "FANOUT_PING_TIMEOUT", 20.0, float),
         )
+
+
+#: what a connection's websockets ``request`` becomes once its handshake is done (see _serve_client)
+_HANDSHAKE_DONE = Request("/", WebsocketHeaders())
 
 
 class Node:
@@ -393,6 +399,10 @@ class Node:
     async def _serve_client(self, server_connection: ServerConnection) -> None:
         websocket = cast(ClientSocket, server_connection)  # serve() builds them with _socket_class()
         request, admit = websocket.admission or (ConnectRequest("/"), None)
+        # the handshake is done: what websockets kept of it is ours now (conn.request), once; its
+        # connection only needs a request to be there (its first event was the request)
+        websocket.admission = None
+        websocket.request, websocket.response = _HANDSHAKE_DONE, None
         conn = Connection(self, websocket, self._client_ids.next(), request)
         forwarded = False  # whether the worker tier was told of this connection
         self.table.add(conn.client_id, conn)
