@@ -829,9 +829,13 @@ def main() -> int:
     if any(SYSTEMS[s].python_peers for s in args.systems):
         ensure_python_peers()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "fanout", "node"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty_note = " + uncommitted changes in fanout/ or node/" if dirty else ""
     header = (
         f"{time.strftime('%Y-%m-%d')} on {machine()}, Node {subprocess.getoutput('node --version')}, "
-        f"commit {commit.stdout.strip()}; {args.clients} clients in {args.groups} groups, "
+        f"commit {commit.stdout.strip()}{dirty_note}; {args.clients} clients in {args.groups} groups, "
         f"{args.load_procs} load processes, {args.size}-byte messages; group {args.group_messages} "
         f"flat out, broadcast {args.broadcast_messages} flat out, paced {args.paced_rate:g}/s for "
         f"{args.paced_seconds:g} s; median of {args.repeat}"
