@@ -123,7 +123,7 @@ def _origins(raw: str) -> frozenset[str] | None:
 
 def _write_delay(env: Mapping[str, str]) -> float:
     """FANOUT_WRITE_DELAY in seconds; at most 0.1 (beyond that it is a latency bug, not coalescing)."""
-    delay = env_number(env, "FANOUT_WRITE_DELAY", 0.0, float)
+    delay = env_number(env, "FANOUT_WRITE_DELAY", 0.001, float)
     if delay > 0.1:
         raise ConfigError("FANOUT_WRITE_DELAY", f"{delay:g} s is more than 0.1 s")
     return delay
@@ -158,7 +158,7 @@ class NodeOptions:
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
     client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
     #: seconds frames from the bus may wait so that later ones share their socket write; 0 = write at once
-    write_delay: float = 0.0
+    write_delay: float = 0.001
     # -- the HTTP API
     api_key: str | None = field(default=None, repr=False)  #: turns the API on; its bearer key
     api_max_body: int = 1 << 20  #: biggest API request body, bytes (bigger: 413)
@@ -211,6 +211,9 @@ class NodeOptions:
         )
 
 
+#: most bus messages applied as one batch
+MAX_BATCH = 5000
+
 #: what a connection's websockets ``request`` becomes once its handshake is done (see _serve_client)
 _HANDSHAKE_DONE = Request("/", WebsocketHeaders())
 
@@ -259,7 +262,8 @@ class Node:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscription_lock = asyncio.Lock()
-        self._arrived: list[bytes] = []  #: bus messages received in this loop iteration
+        self._arrived: list[bytes] = []  #: bus messages received and not applied yet
+        self._collecting_since = 0.0  #: loop time the first of them arrived
         #: True while a batch of commands is applied: connections hold their frames (Connection.push)
         self.batching = False
         #: connections holding frames of the current batch, flushed when it ends
@@ -510,7 +514,23 @@ class Node:
         # arrive together can be read in either order.
         self._arrived.append(raw)
         if len(self._arrived) == 1:
-            asyncio.get_running_loop().call_soon(self._apply_arrived)
+            loop = asyncio.get_running_loop()
+            self._collecting_since = loop.time()
+            loop.call_soon(self._collect, 1)
+
+    def _collect(self, seen: int) -> None:
+        """Apply what arrived, or, while it keeps arriving (a backlog handed over a few messages per loop
+        pass, as aiormq does with one task per delivery), wait another pass: within the write delay and
+        up to MAX_BATCH messages. A lone command costs one more pass; a backlog becomes one batch."""
+        arrived = len(self._arrived)
+        if (
+            arrived > seen
+            and arrived < MAX_BATCH
+            and asyncio.get_running_loop().time() - self._collecting_since < self.options.write_delay
+        ):
+            asyncio.get_running_loop().call_soon(self._collect, arrived)
+            return
+        self._apply_arrived()
 
     def _apply_arrived(self) -> None:
         batch, self._arrived = self._arrived, []

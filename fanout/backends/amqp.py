@@ -573,6 +573,11 @@ class AmqpBackend(Backend):
                 if not isinstance(raw, aiormq.Channel):
                     raise BackendError(f"unexpected aiormq channel type {type(raw).__name__}")
                 link.raw = raw
+                # aiormq hands frames from the socket to the channel through a queue of 10 (about 3
+                # messages), so a backlog reached the node a few messages per loop pass and could not be
+                # applied as one batch: unbounded, everything read from the socket goes through at once
+                # (the socket read itself stays bounded by the stream reader's limit)
+                raw.frames._maxsize = 0  # type: ignore[attr-defined]  # (asyncio.Queue keeps its bound there)
                 for name, kind in (
                     (self.exchange_name, self._exchange_type),
                     (self.control_exchange_name, aio_pika.ExchangeType.DIRECT),
