@@ -95,6 +95,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (from /proc)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def machine() -> str:
     cpu = "unknown cpu"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -164,7 +172,8 @@ class Child:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """This process's CPU, and its children's (``fanout-node --processes N`` runs N of them)."""
+        return cpu_seconds(self.pid) + sum(cpu_seconds(pid) for pid in child_pids(self.pid))
 
     def log_tail(self, lines: int = 15) -> str:
         self._log.flush()
@@ -308,7 +317,9 @@ def delete_amqp_exchanges(url: str, prefix: str) -> None:
     asyncio.run(delete())
 
 
-def start_fanout(backend: str, mode: str) -> Starter:
+def start_fanout(backend: str, mode: str, servers: int = 2, processes: int = 1) -> Starter:
+    """fanout nodes: ``servers`` commands, each ``fanout-node --processes <processes>``."""
+
     def start(
         args: argparse.Namespace, logs: Path, children: list[Child], cleanup: list[Callable[[], None]]
     ) -> Stack:
@@ -327,23 +338,31 @@ def start_fanout(backend: str, mode: str) -> Starter:
             "FANOUT_LOG_LEVEL": "WARNING",
         }
         servers, ports = [], []
-        for i in range(2):
+        for i in range(servers):
             port = free_port()
             node_env = clean_env(**env, FANOUT_PORT=str(port), FANOUT_NODE_ID=f"cmp{i}")
             node_env["PYTHONPATH"] += os.pathsep + str(HERE)  # for fanout_app
-            command = [sys.executable, "-m", "node", "--app", "fanout_app:app"]
+            command = [sys.executable, "-m", "node", "--app", "fanout_app:app", "--processes", str(processes)]
             child = Child(f"node{i}", command, logs, node_env)
             children.append(child)
             servers.append(child)
             ports.append(port)
         for child, port in zip(servers, ports, strict=True):
             wait_healthy(child, port)
-        command = [sys.executable, str(HERE / "publisher.py"), "fanout", url, mode, namespace, "2"]
+        command = [
+            sys.executable,
+            str(HERE / "publisher.py"),
+            "fanout",
+            url,
+            mode,
+            namespace,
+            str(servers * processes),
+        ]
         publisher = Child("publisher", command, logs, clean_env())
         children.append(publisher)
         ready = publisher.expect("ready", 30)
-        if ready.get("nodes") != 2:
-            raise RunFailed(f"the publisher sees {ready.get('nodes')} nodes, not 2")
+        if ready.get("nodes") != servers * processes:
+            raise RunFailed(f"the publisher sees {ready.get('nodes')} nodes, not {servers * processes}")
         return Stack(servers, publisher, [f"ws://127.0.0.1:{p}" for p in ports], "ws", broker)
 
     return start
@@ -410,6 +429,9 @@ SYSTEMS = {
         System("fanout-redis-fanout", "fanout Redis fanout", start_fanout("redis", "fanout")),
         System("fanout-amqp-routing", "fanout AMQP routing", start_fanout("amqp", "routing")),
         System("fanout-amqp-fanout", "fanout AMQP fanout", start_fanout("amqp", "fanout")),
+        # one node command with one process, and with --processes 2 (SO_REUSEPORT), for the speed-up
+        System("fanout-redis-1proc", "fanout Redis, 1 process", start_fanout("redis", "routing", 1, 1)),
+        System("fanout-redis-2procs", "fanout Redis, --processes 2", start_fanout("redis", "routing", 1, 2)),
         System(REFERENCE, "socket.io (Node)", start_socketio_node),
         System("socketio-python", "python-socketio", start_socketio_python, python_peers=True),
         System("websockets-baseline", "websockets, 1 process, no broker", start_baseline),
