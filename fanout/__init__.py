@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import tokens
 from .admission import Admit, ConnectRequest, Reject
+from .commands import NodeRecord
 from .config import BackendKind, Mode, Settings
 from .exceptions import (
     BackendError,
@@ -46,6 +47,7 @@ __all__ = [
     "MessageTooLarge",
     "Mode",
     "NoLiveNodes",
+    "NodeRecord",
     "NotConnected",
     "PayloadError",
     "ProtocolError",

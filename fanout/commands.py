@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypedDict
 
 Json: TypeAlias = Any  # an orjson-serialisable value
 
@@ -196,6 +196,28 @@ class Reply:
     #: a large answer comes in ``parts`` replies (lists concatenated, objects merged); this is one of them
     part: int = 0
     parts: int = 1
+
+
+class _NodeRecordKeys(TypedDict):
+    node_id: str
+    instance: str
+    connections: int
+    host: str
+    port: int
+    started_at: float
+    mode: str
+    signed: bool
+
+
+class NodeRecord(_NodeRecordKeys, total=False):
+    """One live node (or worker) as ``get_nodes()`` returns it: :meth:`NodeInfo.record`, ``extra`` merged in.
+
+    (Two classes, not ``NotRequired``, so that ``__required_keys__`` is right at runtime too.)
+    """
+
+    healthy: bool  #: a node's: whether its backend link is up
+    role: str  #: a worker's: ``"worker"``
+    shards: list[int]  #: a worker's: the shards it owns
 
 
 @dataclass(frozen=True, slots=True)

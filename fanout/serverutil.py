@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self, TypeAlias
+from typing import Any, Self, TypeAlias, cast
 
 import orjson
 
@@ -42,6 +42,7 @@ from .commands import (
     Json,
     LeaveGroup,
     NodeInfo,
+    NodeRecord,
     Query,
     QueryKind,
     Reply,
@@ -969,14 +970,14 @@ class ServerUtil:
                 )
         return dict(sorted(counts.items()))
 
-    async def get_nodes(
-        self, *, timeout: float | None = None, partial: bool = False
-    ) -> list[dict[str, Json]]:
+    async def get_nodes(self, *, timeout: float | None = None, partial: bool = False) -> list[NodeRecord]:
         """A record per live node (``node_id``, ``instance``, ``connections``, ...), sorted by node id."""
         records = [
             r for r in await self._query_all(QueryKind.NODE, "", timeout, partial) if isinstance(r, dict)
         ]
-        return sorted(records, key=lambda r: (str(r.get("node_id")), str(r.get("instance"))))
+        return cast(
+            list[NodeRecord], sorted(records, key=lambda r: (str(r.get("node_id")), str(r.get("instance"))))
+        )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -26,6 +26,7 @@ def test_fanout_exports() -> None:
         "MessageTooLarge",
         "Mode",
         "NoLiveNodes",
+        "NodeRecord",
         "NotConnected",
         "PayloadError",
         "ProtocolError",
