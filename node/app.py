@@ -21,6 +21,7 @@ for them: nothing is exposed to clients by default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import TYPE_CHECKING
@@ -75,12 +76,16 @@ class DemoChat:
         return Admit(flag=claims["sub"], groups=[LOBBY], session={"name": _display_name(claims.get("name"))})
 
     async def on_open(self, conn: Connection) -> None:
-        """Tell the newcomer who is online (presence frames keep it current, with FANOUT_PRESENCE=lobby)."""
-        try:
-            online = await conn.node.util.get_presence(LOBBY, partial=True)
-        except FanoutError:
-            return  # the page still works; it learns who comes and goes from the presence frames
-        await conn.send({"type": "online", "users": sorted(online)})
+        """Tell the newcomer who is online (presence frames keep it current, with FANOUT_PRESENCE=lobby),
+        and which node and backend it is on: ``{"type": "online", "users": [...], "node": ..., "backend":
+        ...}`` (no ``users`` if the presence query failed)."""
+        node = conn.node
+        frame: dict[str, object] = {"type": "online"}
+        # if the query fails, the page still works: it learns who comes and goes from the presence frames
+        with contextlib.suppress(FanoutError):
+            frame["users"] = sorted(await node.util.get_presence(LOBBY, partial=True))
+        frame.update(node=node.options.node_id, backend=node.settings.backend.value)
+        await conn.send(frame)
 
     async def on_message(self, conn: Connection, data: str | bytes) -> None:
         if isinstance(data, bytes):

@@ -1,7 +1,8 @@
 """The node's HTTP side: its endpoints, and the gate every websocket handshake passes before the upgrade.
 
 Endpoints: ``GET /healthz`` (200 while the backend subscription is live, else 503), ``GET /metrics``
-(Prometheus text), ``GET /`` (the demo page), and the small GET endpoints an application declares in
+(Prometheus text), ``GET /`` (the demo page), ``GET /fanout.js`` (the JS client, ``node/static/fanout.js``,
+with an ``ETag``: ``If-None-Match`` gets 304), and the small GET endpoints an application declares in
 ``http_routes`` (``{path: async callable(request) -> (status, content type, body)}``). ``HEAD`` gets the
 same status and headers with no body; other methods get 405.
 
@@ -14,6 +15,7 @@ accepts, :class:`~fanout.Reject` answers with its status, anything else with 500
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
@@ -44,6 +46,17 @@ Route = Callable[[ConnectRequest], Awaitable[HttpAnswer]]
 @functools.cache
 def demo_page() -> bytes:
     return resources.files("node").joinpath("static/index.html").read_bytes()
+
+
+@functools.cache
+def js_client() -> tuple[bytes, str]:
+    """``node/static/fanout.js`` and its ETag."""
+    body = resources.files("node").joinpath("static/fanout.js").read_bytes()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+
+
+#: a stable path, so a short freshness and revalidation (the ETag) rather than "immutable"
+JS_CACHE_CONTROL = "public, max-age=300"
 
 
 class HttpSide:
@@ -84,6 +97,8 @@ class HttpSide:
             )
         if path in ("/", "/index.html"):
             return _response(connection, 200, demo_page(), "text/html; charset=utf-8")
+        if path == "/fanout.js":
+            return _js_client(connection, request)
         if path == "/api/openapi.json" and node.options.api_key:
             return _response(connection, 200, orjson.dumps(openapi(node.options.node_id)), "application/json")
         route = self._routes.get(path)
@@ -137,6 +152,21 @@ def _connect_request(connection: ClientSocket, request: Request) -> ConnectReque
     remote = connection.remote_address
     host = str(remote[0]) if isinstance(remote, tuple) and remote else ""
     return ConnectRequest.from_http(request.path, request.headers.raw_items(), host)
+
+
+def _js_client(connection: ClientSocket, request: Request) -> Response:
+    body, etag = js_client()
+    if etag in (tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")):
+        response = connection.respond(304, "")
+        headers = WsHeaders(response.headers)
+        for name in ("Content-Type", "Content-Length"):
+            del headers[name]
+        response.headers = headers
+    else:
+        response = _response(connection, 200, body, "text/javascript; charset=utf-8")
+    response.headers["ETag"] = etag
+    response.headers["Cache-Control"] = JS_CACHE_CONTROL
+    return response
 
 
 def _response(connection: ClientSocket, status: int, body: bytes, content_type: str) -> Response:

@@ -52,14 +52,31 @@ class Page:
                 {
                     "id": call_id,
                     "method": "Runtime.evaluate",
-                    "params": {"expression": expression, "returnByValue": True},
+                    # a promise (an import(), a fetch) is awaited: its value is the answer
+                    "params": {"expression": expression, "returnByValue": True, "awaitPromise": True},
                 }
             )
         )
         while True:
             answer = json.loads(await self.devtools.recv())
             if answer.get("id") == call_id:
+                if "exceptionDetails" in answer["result"]:
+                    raise AssertionError(f"{expression}: {answer['result']['exceptionDetails']}")
                 return answer["result"]["result"].get("value")
+
+    async def text(self, element_id: str) -> str:
+        return str(await self.evaluate(f"document.getElementById({element_id!r})?.innerText") or "")
+
+    async def wait_text(self, element_id: str, wanted: str, timeout: float = 5.0) -> str:
+        """The element's text once it contains ``wanted`` (AssertionError with the last text if never)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + scaled(timeout)
+        while True:
+            text = await self.text(element_id)
+            if wanted in text or loop.time() > deadline:
+                assert wanted in text, f"#{element_id}: {text!r}, not {wanted!r}"
+                return text
+            await asyncio.sleep(0.05)
 
 
 def _targets(port: int) -> list[dict[str, Any]]:
@@ -125,30 +142,16 @@ async def test_the_demo_page_shows_chat_from_another_node(tmp_path: Path) -> Non
     node_b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"}, app=DEMO)
     browser, page = await open_page(tmp_path / "profile", f"http://127.0.0.1:{node_b.port}/")
     try:
-        status = ""
-        for _ in range(100):
-            status = await page.evaluate("document.getElementById('status').textContent") or ""
-            if status.startswith("connected as"):
-                break
-            await asyncio.sleep(0.05)
-        assert status.startswith("connected as node-b."), status  # the welcome frame, shown by the page
+        # the welcome frame, shown by the page
+        status = await page.wait_text("status", "connected as ")
+        assert status.startswith("connected as node-b."), status
+        # the node it is on (from the client id) and the backend (from the demo's "online" frame)
+        await page.wait_text("node", "node: node-b, backend: redis")
 
         ws, _ = await demo_client(node_a.port, "ann")  # admitted into the lobby with a token
-        online = ""
-        for _ in range(100):  # the page shows who is online: ann came in on the other node
-            online = await page.evaluate("document.getElementById('online').textContent") or ""
-            if "ann" in online:
-                break
-            await asyncio.sleep(0.05)
-        assert "ann" in online, online
+        await page.wait_text("online", "ann")  # the page shows who is online: ann came in on the other node
         await ws.send(orjson.dumps({"text": "hello from node-a", "name": "ann"}).decode())
-        log = ""
-        for _ in range(100):
-            log = await page.evaluate("document.getElementById('log').innerText") or ""
-            if "hello from node-a" in log:
-                break
-            await asyncio.sleep(0.05)
-        assert "ann @node-a: hello from node-a" in log, log
+        await page.wait_text("log", "ann @node-a: hello from node-a")
 
         # and the other way: the page's own form sends to everyone, on every node
         await page.evaluate(
