@@ -317,8 +317,8 @@ def delete_amqp_exchanges(url: str, prefix: str) -> None:
     asyncio.run(delete())
 
 
-def start_fanout(backend: str, mode: str, servers: int = 2, processes: int = 1) -> Starter:
-    """fanout nodes: ``servers`` commands, each ``fanout-node --processes <processes>``."""
+def start_fanout(backend: str, mode: str, commands: int = 2, processes: int = 1) -> Starter:
+    """fanout nodes: ``commands`` node commands, each ``fanout-node --processes <processes>``."""
 
     def start(
         args: argparse.Namespace, logs: Path, children: list[Child], cleanup: list[Callable[[], None]]
@@ -338,7 +338,7 @@ def start_fanout(backend: str, mode: str, servers: int = 2, processes: int = 1) 
             "FANOUT_LOG_LEVEL": "WARNING",
         }
         servers, ports = [], []
-        for i in range(servers):
+        for i in range(commands):
             port = free_port()
             node_env = clean_env(**env, FANOUT_PORT=str(port), FANOUT_NODE_ID=f"cmp{i}")
             node_env["PYTHONPATH"] += os.pathsep + str(HERE)  # for fanout_app
@@ -356,13 +356,13 @@ def start_fanout(backend: str, mode: str, servers: int = 2, processes: int = 1) 
             url,
             mode,
             namespace,
-            str(servers * processes),
+            str(commands * processes),
         ]
         publisher = Child("publisher", command, logs, clean_env())
         children.append(publisher)
         ready = publisher.expect("ready", 30)
-        if ready.get("nodes") != servers * processes:
-            raise RunFailed(f"the publisher sees {ready.get('nodes')} nodes, not {servers * processes}")
+        if ready.get("nodes") != commands * processes:
+            raise RunFailed(f"the publisher sees {ready.get('nodes')} nodes, not {commands * processes}")
         return Stack(servers, publisher, [f"ws://127.0.0.1:{p}" for p in ports], "ws", broker)
 
     return start
