@@ -4,7 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fanout ./fanout
 COPY node ./node
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[all]"
 ENV FANOUT_HOST=0.0.0.0 FANOUT_PORT=8765
 EXPOSE 8765
 STOPSIGNAL SIGTERM

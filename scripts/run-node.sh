@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/fanout-node ]; then
   "${PYTHON:-python3}" -m venv .venv
   # pip's build backend is chatty: keep its output for when it fails
   if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
-         .venv/bin/python -m pip install --quiet -e .; } >.venv/install.log 2>&1; then
+         .venv/bin/python -m pip install --quiet -e '.[all]'; } >.venv/install.log 2>&1; then
     cat .venv/install.log >&2
     exit 1
   fi

@@ -6,23 +6,44 @@ imports redis or aio_pika.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from ..config import BackendKind, Settings
+from ..exceptions import ConfigError
 from .base import Backend
 
 
 def create_backend(settings: Settings, *, inbox: str) -> Backend:
-    """A not-yet-connected backend of the kind ``settings`` names."""
+    """A not-yet-connected backend of the kind ``settings`` names.
+
+    Raises :class:`ConfigError` naming the extra to install when the backend's client library is not
+    installed (``pip install "fanout[redis]"`` / ``"fanout[amqp]"``).
+    """
     if settings.backend is BackendKind.MEMORY:
         from .memory import MemoryBackend
 
         return MemoryBackend(settings, inbox=inbox)
-    if settings.backend is BackendKind.REDIS:
-        from .redis import RedisBackend
+    with needs_extra(settings.backend.value):
+        if settings.backend is BackendKind.REDIS:
+            from .redis import RedisBackend
 
-        return RedisBackend(settings, inbox=inbox)
-    from .amqp import AmqpBackend
+            return RedisBackend(settings, inbox=inbox)
+        from .amqp import AmqpBackend
 
-    return AmqpBackend(settings, inbox=inbox)
+        return AmqpBackend(settings, inbox=inbox)
 
 
-__all__ = ["Backend", "create_backend"]
+@contextlib.contextmanager
+def needs_extra(extra: str) -> Iterator[None]:
+    """Turn a missing client library into a ConfigError that says which extra to install."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            "FANOUT_URL",
+            f"the {extra} backend needs {exc.name!r}, which is not installed: pip install 'fanout[{extra}]'",
+        ) from None
+
+
+__all__ = ["Backend", "create_backend", "needs_extra"]
