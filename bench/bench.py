@@ -244,7 +244,8 @@ async def bench_memory(url: str, connections: int, loop: str) -> None:
             node.terminate()
     print(
         f"memory {url.split('://')[0]} ({loop} loop): {connections:,} idle connections: "
-        f"node RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB = {(after - before) / connections:.2f} KiB per connection"
+        f"node RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB = "
+        f"{(after - before) / connections:.2f} KiB per connection"
     )
 
 
