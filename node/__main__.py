@@ -1,3 +1,3 @@
-from node.main import main
+from .main import main
 
 main()

@@ -45,13 +45,13 @@ Route = Callable[[ConnectRequest], Awaitable[HttpAnswer]]
 
 @functools.cache
 def demo_page() -> bytes:
-    return resources.files("node").joinpath("static/index.html").read_bytes()
+    return resources.files(__package__ or "node").joinpath("static/index.html").read_bytes()
 
 
 @functools.cache
 def js_client() -> tuple[bytes, str]:
     """``node/static/fanout.js`` and its ETag."""
-    body = resources.files("node").joinpath("static/fanout.js").read_bytes()
+    body = resources.files(__package__ or "node").joinpath("static/fanout.js").read_bytes()
     return body, '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from tests.support.nodes import ROOT
+
+_NOT_SOURCES = (".git", ".venv*", "build", "dist", "*.egg-info", "node_modules", "__pycache__", ".*_cache")
 
 
 def _run(*args: str | Path, cwd: Path) -> str:
@@ -17,15 +20,26 @@ def _run(*args: str | Path, cwd: Path) -> str:
 
 
 def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Path) -> None:
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", ROOT, cwd=tmp_path)
+    # built from a copy of the sources: setuptools keeps a build/ folder in the tree it builds
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
+    _run(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", source, cwd=tmp_path
+    )
     (wheel,) = (tmp_path / "dist").glob("fanout-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("fanout/py.typed", "node/py.typed", "node/static/index.html", "node/static/fanout.js"):
+    for expected in (
+        "fanout/py.typed",
+        "fanout_node/py.typed",
+        "fanout_node/static/index.html",
+        "fanout_node/static/fanout.js",
+    ):
         assert expected in names, expected
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "fanout = fanout.cli:main" in scripts and "fanout-node = node.main:main" in scripts
+    assert "fanout = fanout.cli:main" in scripts and "fanout-node = fanout_node.main:main" in scripts
+    assert not any(n.startswith("node/") for n in names)  # no generic top-level name taken
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
@@ -46,3 +60,9 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
     )
     out = _run(python, "-c", script, cwd=tmp_path)  # (not from the checkout: cwd is elsewhere)
     assert out.startswith("ConfigError") and "pip install 'fanout[amqp]'" in out, out
+    # the node: its extra, its console script, under its own name (no top-level `node` taken)
+    _run(python, "-m", "pip", "install", "-q", f"{wheel}[node]", cwd=tmp_path)
+    assert "SO_REUSEPORT" in _run(venv / "bin" / "fanout-node", "--help", cwd=tmp_path)
+    _run(python, "-c", "import fanout_node.app", cwd=tmp_path)
+    taken = subprocess.run([python, "-c", "import node"], cwd=tmp_path, capture_output=True, text=True)
+    assert taken.returncode != 0 and "No module named 'node'" in taken.stderr
