@@ -3,16 +3,18 @@
 Examples::
 
     fanout send-to-group lobby '{"text":"hi"}'
-    fanout send-by-flag user-42 hello --ack
-    fanout join node-a.x1.3 lobby
+    fanout --url redis://10.0.0.5:6379/0 --namespace chat send-by-flag user-42 hello --ack
+    fanout join node-a.x1.3 lobby --timeout 2
     fanout stats
 
-Data is sent verbatim as one text frame (``--binary``: as a binary frame; ``-`` reads stdin). Results
-are printed as JSON. Before any command the CLI listens for the nodes' heartbeats (at most 1.5
-intervals) and stops if none is heard in the namespace or if they use another mode or secret. Exit
-status: 0 done, 1 the cluster or backend failed (no live nodes, unreachable broker; message on
-stderr), 2 bad usage or configuration (including a mode or secret that does not match the nodes',
-and ``memory://``, which reaches no node from a shell).
+The global options (``--url``, ``--namespace``, ``--mode``, ``--timeout``) go before or after the
+command, and override FANOUT_URL, FANOUT_NAMESPACE and FANOUT_MODE. Data is sent verbatim as one text
+frame (``--binary``: as a binary frame; ``-`` reads stdin). Results are printed as JSON. Before any
+command the CLI listens for the nodes' heartbeats (at most 1.5 intervals) and stops if none is heard in
+the namespace or if they use another mode or secret. Exit status: 0 done, 1 the cluster or backend
+failed (no live nodes, unreachable broker; one line on stderr), 2 bad usage or configuration (including
+a bad argument such as a close code or bulk pairs, a mode or secret that does not match the nodes', and
+``memory://``, which reaches no node from a shell).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from .config import Settings
+from . import protocol
+from .config import Mode, Settings, backend_for_url, validate_name
 from .exceptions import ConfigError, FanoutError, PayloadError
 from .serverutil import ServerUtil
 
@@ -58,15 +63,115 @@ def _call(method: str, *fields: str) -> Action:
     return action
 
 
+#: what ``fanout --help`` says about the environment (every variable the CLI reads)
+ENVIRONMENT = """\
+environment (an option given on the command line wins):
+  FANOUT_URL                 the broker the nodes use: redis://..., redis+cluster://..., amqp://... (--url)
+  FANOUT_NAMESPACE           the nodes' namespace (--namespace; default fanout)
+  FANOUT_MODE                fanout or routing, as the nodes (--mode; default routing)
+  FANOUT_BACKEND             memory, redis or amqp (default: from the URL's scheme; ignored with --url)
+  FANOUT_SECRET              the nodes' shared signing key, if they use one
+  FANOUT_REPLAY_WINDOW       seconds a signed command stays valid (default 60)
+  FANOUT_HEARTBEAT_INTERVAL  the nodes' heartbeat interval (default 1)
+  FANOUT_QUERY_TIMEOUT       seconds to wait for the nodes (--timeout; default 5)
+  FANOUT_PUBLISH_TIMEOUT     seconds before an unreachable broker is reported (default 10)
+  FANOUT_MAX_MESSAGE         biggest command on the bus, bytes (default 8388608)
+  FANOUT_LOG_LEVEL           log level (default: WARNING for commands, INFO for worker)
+  FANOUT_WORKER_APP, FANOUT_WORKER_CONCURRENCY, FANOUT_WORKER_RETRIES, FANOUT_WORKER_PORT,
+  FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker (see docs/workers.md)
+
+exit status: 0 done, 1 the cluster or broker failed, 2 bad usage or configuration
+"""
+
+#: the global options and the variables they override
+_OVERRIDES = {"url": "FANOUT_URL", "namespace": "FANOUT_NAMESPACE", "mode": "FANOUT_MODE"}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fanout")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds greater than 0")
+    return value
+
+
+def _url(text: str) -> str:
+    try:
+        backend_for_url(text, "--url")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--url: ")) from None
+    return text
+
+
+def _namespace(text: str) -> str:
+    try:
+        return validate_name(text, "--namespace")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--namespace: ")) from None
+
+
+def _close_code(text: str) -> int:
+    try:
+        code = int(text)
+    except ValueError:
+        code = -1
+    if not protocol.is_sendable_close_code(code):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a close code a server may send (1000-1003, 1007-1014, 3000-4999)"
+        )
+    return code
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options accepted before and after the command (``default``: SUPPRESS on the commands, so
+    that one given before the command is not reset by the command's parser)."""
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument("--url", type=_url, default=default, help="the broker URL (FANOUT_URL)")
+    group.add_argument(
+        "--namespace", type=_namespace, default=default, help="the namespace (FANOUT_NAMESPACE)"
+    )
+    group.add_argument(
+        "--mode", choices=[m.value for m in Mode], default=default, help="the nodes' mode (FANOUT_MODE)"
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive,
+        default=default,
+        metavar="SECONDS",
+        help="seconds to wait for the nodes (FANOUT_QUERY_TIMEOUT)",
+    )
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
-    parser = argparse.ArgumentParser(prog="fanout", description="Push to fanout websocket nodes.")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for the nodes")
+    parser = argparse.ArgumentParser(
+        prog="fanout",
+        description="Push to fanout websocket nodes, and query them, from a shell.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     actions: dict[str, Action] = {}
 
     def command(name: str, help_text: str, action: Action) -> argparse.ArgumentParser:
         actions[name] = action
-        return sub.add_parser(name, help=help_text, description=help_text)
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     def send_kw(a: argparse.Namespace) -> dict[str, Any]:
         return {"exclude": a.exclude, "ack": a.ack, "timeout": a.timeout}
@@ -103,7 +208,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
             _closer(method),
         )
         p.add_argument("targets", nargs="+", metavar=metavar)
-        p.add_argument("--code", type=int, default=1000)
+        p.add_argument("--code", type=_close_code, default=1000)
         p.add_argument("--reason", default="")
         p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
     p = command(
@@ -112,7 +217,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
         lambda u, a: u.close_guests(a.older_than, a.data, a.code, a.reason, timeout=a.timeout),
     )
     p.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
-    p.add_argument("--code", type=int, default=1000)
+    p.add_argument("--code", type=_close_code, default=1000)
     p.add_argument("--reason", default="")
     p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
     for name, method, what in (
@@ -198,6 +303,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
             "on_open/on_message/on_close handlers. 'fanout worker dead-letters' lists the events parked "
             "after their handler kept failing; add --requeue to put them back on their shards."
         ),
+        parents=[common],
     )
     p.add_argument("what", nargs="?", choices=["run", "dead-letters"], default="run")
     p.add_argument("--app", help="the application object, module:attr (FANOUT_WORKER_APP)")
@@ -218,16 +324,21 @@ def _closer(method: str) -> Action:
 
 def _bulk(method: str) -> Action:
     async def action(util: ServerUtil, args: argparse.Namespace) -> Any:
-        raw = sys.stdin.read() if args.pairs == "-" else args.pairs
-        try:
-            pairs = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise PayloadError(f"pairs are not JSON: {exc}") from None
-        if not isinstance(pairs, list):
-            raise PayloadError("pairs must be a JSON list of [name, text] pairs")
-        await getattr(util, method)([tuple(pair) if isinstance(pair, list) else pair for pair in pairs])
+        await getattr(util, method)(args.pairs)  # parsed by _pairs before connecting
 
     return action
+
+
+def _pairs(text: str) -> list[Any]:
+    """The bulk commands' JSON list of [name, text] pairs (``-``: read from stdin)."""
+    raw = sys.stdin.read() if text == "-" else text
+    try:
+        pairs = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"pairs are not JSON: {exc}") from None
+    if not isinstance(pairs, list):
+        raise PayloadError("pairs must be a JSON list of [name, text] pairs")
+    return [tuple(pair) if isinstance(pair, list) else pair for pair in pairs]
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -259,12 +370,14 @@ async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> 
         return await action(util, args)
 
 
-async def _dead_letters(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def _dead_letters(
+    settings: Settings, environ: dict[str, str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     from .backends.eventlog import create_event_log
     from .events import decode
     from .worker import WorkerOptions
 
-    tier = create_event_log(settings, shards=WorkerOptions.from_env().shards, backlog=1)
+    tier = create_event_log(settings, shards=WorkerOptions.from_env(environ).shards, backlog=1)
     await tier.connect()
     try:
         out = []
@@ -285,27 +398,23 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> list[di
         await tier.close()
 
 
-def _worker(settings: Settings, args: argparse.Namespace) -> Any:
+def _worker(settings: Settings, environ: dict[str, str], args: argparse.Namespace) -> Any:
     """``fanout worker``: run one until SIGTERM/SIGINT (exit 0), or list/requeue dead letters."""
     if args.what == "dead-letters":
-        return asyncio.run(_dead_letters(settings, args))
-    import logging
-    import os
+        return asyncio.run(_dead_letters(settings, environ, args))
     import signal
 
     from .loading import load_app
     from .worker import Worker
 
-    spec = args.app or os.environ.get("FANOUT_WORKER_APP", "")
+    spec = args.app or environ.get("FANOUT_WORKER_APP", "")
     if not spec:
         raise ConfigError("FANOUT_WORKER_APP", "name the application with --app module:attr")
     app = load_app(spec, "FANOUT_WORKER_APP")
     overrides = {k: v for k, v in (("concurrency", args.concurrency), ("port", args.port)) if v is not None}
-    level = (os.environ.get("FANOUT_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> None:
-        worker = Worker.from_env(app, **overrides)
+        worker = Worker.from_env(app, environ, **overrides)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -320,21 +429,46 @@ def _worker(settings: Settings, args: argparse.Namespace) -> Any:
     return None
 
 
+def _configure_logging(environ: dict[str, str], worker: bool) -> None:
+    """One handler on the root logger, once. Below DEBUG, the libraries' own lines about a failed
+    connection are dropped: the error that follows reports it in one line (``fanout: ...``)."""
+    level = (environ.get("FANOUT_LOG_LEVEL") or ("INFO" if worker else "WARNING")).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(
+            "FANOUT_LOG_LEVEL", f"{level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    where = "%(asctime)s " if worker else "fanout: "
+    logging.basicConfig(level=level, format=where + "%(levelname)s %(name)s: %(message)s", force=True)
+    if level != "DEBUG":
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # its errors reach us as exceptions
+
+
 def main(argv: list[str] | None = None) -> None:
     parser, actions = _build_parser()
     args = parser.parse_args(argv)
+    environ = dict(os.environ)
+    for option, variable in _OVERRIDES.items():
+        if getattr(args, option, None) is not None:
+            environ[variable] = getattr(args, option)
+    if getattr(args, "url", None) is not None:
+        environ.pop("FANOUT_BACKEND", None)  # the URL's scheme names the backend
     try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"fanout: configuration error: {exc}", file=sys.stderr)
+        _configure_logging(environ, args.command == "worker")
+        settings = Settings.from_env(environ)
+        if args.command in ("send-bulk", "send-bulk-by-flag"):
+            args.pairs = _pairs(args.pairs)
+    except (ConfigError, PayloadError) as exc:
+        print(f"fanout: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
         if args.command == "worker":
-            result = _worker(settings, args)
+            result = _worker(settings, environ, args)
         else:
             result = asyncio.run(_run(settings, actions[args.command], args))
     except FanoutError as exc:
         print(f"fanout: {exc}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
+        # a bad argument (payload, close reason, id) is bad usage like a bad option
+        raise SystemExit(2 if isinstance(exc, ConfigError | PayloadError) else 1) from None
     if result is not None:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -2,7 +2,8 @@
 
 Reads the FANOUT_* variables (and ``--app/--host/--port``), configures logging and the event loop, runs
 one node until SIGTERM or SIGINT and shuts it down cleanly. A configuration error exits with status 2 and
-one line naming the variable; a backend that cannot be reached at start, with status 1 and one line.
+one line naming the variable; a backend that cannot be reached at start, or an address it cannot listen
+on (a port in use), with status 1 and one line.
 
 ``--processes N`` runs N node processes on one port (``SO_REUSEPORT``: the kernel spreads new
 connections over them), each a node of its own (node id ``<id>-<i>``), so one command uses a machine's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,6 +33,10 @@ from fanout.loading import load_app
 from .node import Node, NodeOptions, default_node_id
 
 log = logging.getLogger("fanout.node")
+
+
+class CannotListen(FanoutError):
+    """The node's address is taken (another node on the port), not this host's, or a privileged port."""
 
 
 def _configure_logging(level: str) -> None:
@@ -70,7 +76,13 @@ async def run(settings: Settings, options: NodeOptions, app: object | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    try:
+        await node.start()
+    except OSError as exc:  # the backend's errors are ours (FanoutError): this is the listening socket
+        with contextlib.suppress(Exception):
+            await node.backend.close()
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise CannotListen(f"cannot listen on {options.host}:{options.port}: {reason}") from None
     print(
         f"fanout node {node.options.node_id} on ws://{options.host}:{node.port}/ "
         f"({settings.backend.value}, {settings.mode.value} mode)",

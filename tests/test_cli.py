@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,82 @@ def test_cli_usage_errors_exit_2() -> None:
     assert result.returncode == 2 and "JSON object" in result.stderr
     result = run_module("fanout", "frobnicate", env=ENV)
     assert result.returncode == 2
+    # bad arguments are bad usage too, found before any broker is asked (no node runs in this namespace)
+    env = {**ENV, "FANOUT_NAMESPACE": unique_namespace()}
+    for args, error in (
+        ((), "required: COMMAND"),
+        (("count", "--timeout", "-1"), "--timeout"),
+        (("--timeout", "soon", "count"), "--timeout"),
+        (("count", "--mode", "both"), "--mode"),
+        (("count", "--url", "ftp://x"), "--url"),
+        (("--namespace", "no spaces", "count"), "--namespace"),
+        (("close", "x.y.1", "--code", "99999"), "close code"),
+        (("send-bulk", "not json"), "pairs are not JSON"),
+        (("send-bulk-by-flag", "{}"), "JSON list"),
+    ):
+        result = run_module("fanout", *args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert error in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    result = run_module("fanout", "count", env={**env, "FANOUT_LOG_LEVEL": "chatty"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "FANOUT_LOG_LEVEL" in result.stderr
+
+
+def test_cli_version_and_help() -> None:
+    result = run_module("fanout", "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"fanout {metadata.version('fanout')}"
+    result = run_module("fanout", "--help")
+    assert result.returncode == 0
+    for text in ("FANOUT_URL", "FANOUT_NAMESPACE", "FANOUT_MODE", "FANOUT_SECRET", "--url", "--version"):
+        assert text in result.stdout, text
+    result = run_module("fanout", "send-to-group", "--help")
+    assert result.returncode == 0 and "--url" in result.stdout and "--timeout" in result.stdout
+
+
+async def test_cli_global_options_before_or_after_the_command(tmp_path: Path) -> None:
+    namespace = unique_namespace()
+    node = start_node(tmp_path, {**ENV, "FANOUT_NAMESPACE": namespace})  # tests.apps.lobby: guests in lobby
+    ws, _ = await client(node.port)
+    url = ENV["FANOUT_URL"]
+    # the options win over the environment, which points elsewhere
+    env = {"FANOUT_URL": "redis://127.0.0.1:1/0", "FANOUT_NAMESPACE": "elsewhere", "FANOUT_BACKEND": "amqp"}
+    assert (
+        await fanout(env, "--url", url, "--namespace", namespace, "send-to-group", "lobby", "before") is None
+    )
+    assert await recv(ws) == "before"
+    after = ("--url", url, "--namespace", namespace, "--mode", "routing", "--timeout", "3", "--ack")
+    assert await fanout(env, "send-to-group", "lobby", "after", *after) == 1
+    assert await recv(ws) == "after"
+    mixed = ("--url", url, "count", "--namespace", namespace, "--timeout", "3")
+    assert await fanout(env, *mixed) == 1
+    # --mode reaches the cluster check: the nodes use routing mode
+    result = run_module(
+        "fanout", "--url", url, "count", "--namespace", namespace, "--mode", "fanout", env=env
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert await nothing_more(ws)
+    await ws.close()
+    assert node.terminate() == 0
+
+
+def test_node_port_in_use_is_one_line_and_status_1(tmp_path: Path) -> None:
+    env = {**ENV, "FANOUT_NAMESPACE": unique_namespace()}
+    first = start_node(tmp_path, env)
+    result = run_module("node", env={**env, "FANOUT_PORT": str(first.port)})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"fanout-node: cannot listen on 127.0.0.1:{first.port}: address already in use"
+    ]
+    first.wait_healthy()  # the first node is not disturbed
+    assert first.terminate() == 0
+
+
+def test_missing_amqp_vhost_is_one_readable_line() -> None:
+    vhost = f"nope-{uuid.uuid4().hex[:8]}"
+    env = {"FANOUT_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}", "FANOUT_NAMESPACE": unique_namespace()}
+    for module, args in (("fanout", ("count",)), ("node", ("--port", "0"))):
+        result = run_module(module, *args, env=env)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert f"the broker refused virtual host '{vhost}'" in lines[0], lines[0]
+        assert "InvalidFrameError" not in lines[0] and "guest:guest" not in lines[0]

@@ -146,6 +146,11 @@ _PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
 )
 
+
+class _VhostRefused(Exception):
+    """aiormq's InvalidFrameError "Expected one of ['Connection.OpenOk'], got <Connection.Close ...>"."""
+
+
 #: How aio-pika / aiormq errors become ours - the one table, first match wins: (their classes, our
 #: class, message). Every message goes through :meth:`AmqpBackend._error` (which names the backend
 #: without its password and takes the password out of the library's text).
@@ -161,6 +166,14 @@ _TRANSLATION: tuple[tuple[tuple[type[BaseException], ...], type[BackendError], s
         (aiormq.exceptions.ProbableAuthenticationError,),
         BackendError,
         "{where}: authentication refused: {exc!r}",
+    ),
+    (
+        # the broker answered Connection.Open with Connection.Close (RabbitMQ: 530 NOT_ALLOWED "vhost X not
+        # found" or "access to vhost X refused"); aiormq keeps only the frame's repr: see _error
+        (_VhostRefused,),
+        BackendError,
+        "{where}: the broker refused virtual host {vhost!r}: it does not exist, or this user may not use "
+        "it (rabbitmqctl add_vhost / set_permissions)",
     ),
     ((aio_pika.exceptions.DeliveryError,), BackendError, "{where}: the broker refused {what}: {exc!r}"),
     (_LINK_ERRORS, BackendUnavailable, "{where}: broker not reachable ({what}): {exc!r}"),
@@ -362,8 +375,12 @@ class AmqpBackend(Backend):
         """Our exception for a library one (see ``_TRANSLATION``), password taken out of the message."""
         if isinstance(exc, BackendError):
             return exc  # already ours (and already redacted)
+        text = str(exc)
+        refused = isinstance(exc, aiormq.exceptions.InvalidFrameError) and (
+            "Connection.OpenOk" in text and "Connection.Close" in text
+        )
         for classes, ours, template in _TRANSLATION:
-            if isinstance(exc, classes):
+            if isinstance(_VhostRefused() if refused else exc, classes):
                 text = template.format(
                     where=self.describe(),
                     what=what,
@@ -371,6 +388,7 @@ class AmqpBackend(Backend):
                     timeout=timeout,
                     exchange=self.exchange_name,
                     kind=self._exchange_type.value,
+                    vhost=(self._url.path[1:] or "/").replace("%2F", "/"),
                 )
                 error = ours(self.settings.redact(text))
                 error.__cause__ = exc
