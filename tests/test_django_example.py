@@ -1,0 +1,316 @@
+"""The Django + Celery example (examples/django/, docs/django.md) runs for real, as the guide tells a user to.
+
+A node process runs the example's node app (chat_node.py) on Redis; Django runs as ``manage.py runserver``;
+a Celery worker (``celery -A pushsite worker --pool=solo``) takes tasks from a queue of its own on Redis.
+The websocket clients do what the example page does in a browser: log in, get a token from Django's
+``/token``, connect to the node with it, and receive what ``POST /notify/<user>`` and the Celery task push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from http.cookiejar import CookieJar
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import pytest
+import redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from fanout import tokens
+from tests.support import free_port, scaled
+from tests.support.nodes import ROOT, NodeProcess, nothing_more, recv, start_node, unique_namespace
+
+EXAMPLE = ROOT / "examples" / "django"
+FANOUT_URL = "redis://127.0.0.1:6379/0"
+CELERY_DB = 9  # Celery's broker keys, all under a prefix of this run, deleted at the end
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return f"--- {self.name} ---\n" + self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(scaled(10))
+
+
+def spawn(name: str, args: list[str], env: Mapping[str, str], tmp_path: Path) -> Process:
+    """Run ``args`` in examples/django/ as the guide does, with the settings from ``env`` only."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "CELERY_", "PUSH_"))}
+    full_env.update({"PYTHONUNBUFFERED": "1", **env})
+    log_path = tmp_path / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(args, env=full_env, cwd=EXAMPLE, stdout=log_file, stderr=subprocess.STDOUT)
+    return Process(name, proc, log_path)
+
+
+class Browser:
+    """What the example page does over HTTP: a cookie jar (session, CSRF cookie) and form POSTs."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.jar = CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def csrf(self) -> str:
+        return next((cookie.value or "" for cookie in self.jar if cookie.name == "csrftoken"), "")
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = urlencode(form or {}).encode() if method == "POST" else None
+        headers = {"X-CSRFToken": self.csrf()} if method == "POST" else {}
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with self.opener.open(request, timeout=scaled(10)) as answer:
+                status, body, kind = answer.status, answer.read(), answer.headers.get_content_type()
+        except urllib.error.HTTPError as exc:
+            status, body, kind = exc.code, exc.read(), exc.headers.get_content_type()
+        return status, orjson.loads(body) if kind == "application/json" else body.decode()
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        return await asyncio.to_thread(self.request, "GET", path)
+
+    async def post(self, path: str, form: dict[str, str] | None = None) -> tuple[int, Any]:
+        return await asyncio.to_thread(self.request, "POST", path, form)
+
+    async def login(self, user: str) -> None:
+        status, page = await self.get("/")  # the page sets the CSRF cookie
+        assert status == 200 and "log in" in page
+        assert await self.post("/login", {"user": user}) == (200, {"user": user})
+
+    async def connect(self) -> tuple[ClientConnection, str]:
+        """The page's script: a token from /token, then the websocket to the node it names."""
+        status, issued = await self.get("/token")
+        assert status == 200, issued
+        ws = await connect(issued["url"] + "?token=" + issued["token"])
+        welcome = orjson.loads(await recv(ws))
+        assert welcome["type"] == "welcome", welcome
+        return ws, welcome["client_id"]
+
+
+@dataclass
+class Stack:
+    node: NodeProcess
+    django: Process
+    worker: Process
+    key: str
+    port: int
+    env: dict[str, str]
+
+    def logs(self) -> str:
+        return "\n".join([f"--- node ---\n{self.node.log()}", self.django.log(), self.worker.log()])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp_path = tmp_path_factory.mktemp("django")
+    namespace = unique_namespace("dj")
+    key = secrets.token_urlsafe(32)  # PUSH_TOKEN_KEY: Django signs with it, the node verifies with it
+    prefix = f"{namespace}:"
+    node = start_node(
+        tmp_path,
+        {
+            "FANOUT_URL": FANOUT_URL,
+            "FANOUT_NAMESPACE": namespace,
+            "PUSH_TOKEN_KEY": key,
+            "PYTHONPATH": str(EXAMPLE),
+        },
+        app="chat_node:app",
+        wait=False,
+    )
+    env = {
+        "FANOUT_URL": FANOUT_URL,
+        "FANOUT_NAMESPACE": namespace,
+        "PUSH_WEBSOCKET_URL": f"ws://127.0.0.1:{node.port}/",
+        "PUSH_TOKEN_KEY": key,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{CELERY_DB}",
+        "CELERY_QUEUE": f"{namespace}-push",
+        "CELERY_KEY_PREFIX": prefix,
+    }
+    port = free_port()
+    started: list[Process] = []
+    try:
+        django = spawn(
+            "django",
+            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+            env,
+            tmp_path,
+        )
+        started.append(django)
+        worker = spawn(
+            "celery",
+            [
+                *(sys.executable, "-m", "celery", "-A", "pushsite", "worker"),
+                *("--pool=solo", "--concurrency=1", "-Q", env["CELERY_QUEUE"], "--loglevel=INFO"),
+                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+            ],
+            env,
+            tmp_path,
+        )
+        started.append(worker)
+        stack = Stack(node, django, worker, key, port, env)
+        node.wait_healthy()
+        deadline = time.monotonic() + scaled(20)
+        while True:
+            assert django.proc.poll() is None and worker.proc.poll() is None, stack.logs()
+            try:
+                if Browser(port).request("GET", "/")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.1)
+        yield stack
+    finally:
+        try:
+            for process in reversed(started):
+                process.stop()
+            try:
+                node.terminate()
+            except subprocess.TimeoutExpired:
+                node.kill()
+        finally:
+            broker = redis.Redis(host="127.0.0.1", port=6379, db=CELERY_DB)
+            try:
+                left = list(broker.scan_iter(match=prefix + "*"))  # the queue, its binding, unacked...
+                if left:
+                    broker.delete(*left)
+            finally:
+                broker.close()
+
+
+async def test_a_django_view_pushes_to_the_users_websocket(stack: Stack) -> None:
+    ann, bob = Browser(stack.port), Browser(stack.port)
+    await ann.login("ann")
+    await bob.login("bob")
+    ann_ws, _ = await ann.connect()
+    bob_ws, _ = await bob.connect()
+    try:
+        status, answer = await bob.post("/notify/ann", {"text": "lunch?"})
+        assert (status, answer) == (200, {"reached": 1}), stack.logs()
+        assert orjson.loads(await recv(ann_ws)) == {"type": "notification", "from": "bob", "text": "lunch?"}
+        assert await nothing_more(bob_ws)
+        # a second tab of ann's gets her notifications too
+        ann_tab, _ = await ann.connect()
+        assert await ann.post("/notify/ann", {"text": "two tabs"}) == (200, {"reached": 2})
+        for ws in (ann_ws, ann_tab):
+            assert orjson.loads(await recv(ws)) == {"type": "notification", "from": "ann", "text": "two tabs"}
+        await ann_tab.close()
+        assert await bob.post("/notify/nobody", {"text": "?"}) == (200, {"reached": 0})
+    finally:
+        await ann_ws.close()
+        await bob_ws.close()
+
+
+async def test_a_celery_task_broadcasts_to_everyone(stack: Stack) -> None:
+    ann, bob = Browser(stack.port), Browser(stack.port)
+    await ann.login("ann")
+    await bob.login("bob")
+    clients = [(await ann.connect())[0], (await bob.connect())[0]]
+    try:
+        # the view calls broadcast.delay(); the worker process runs it and pushes with SyncServerUtil
+        assert await ann.post("/announce", {"text": "deploy at 5"}) == (202, {"queued": True})
+        for ws in clients:
+            try:
+                frame = await recv(ws, timeout=20)
+            except TimeoutError:
+                raise AssertionError(stack.logs()) from None
+            assert orjson.loads(frame) == {"type": "announcement", "text": "deploy at 5"}
+        assert "push.tasks.broadcast" in stack.worker.log_path.read_text(errors="replace")
+    finally:
+        for ws in clients:
+            await ws.close()
+
+
+async def django_shell(stack: Stack, tmp_path: Path, code: str) -> str:
+    """``python manage.py shell -c CODE`` in examples/django/; what it printed."""
+    shell = spawn(
+        f"shell-{time.monotonic_ns()}",
+        [sys.executable, "manage.py", "shell", "-c", code],
+        stack.env,
+        tmp_path,
+    )
+    try:
+        assert await asyncio.to_thread(shell.proc.wait, scaled(20)) == 0, shell.log()
+    finally:
+        shell.stop()
+    return shell.log_path.read_text(errors="replace").strip()
+
+
+async def test_the_publisher_and_the_task_from_a_django_shell(stack: Stack, tmp_path: Path) -> None:
+    """docs/django.md's one-liners: the project's SyncServerUtil and the task, from ``manage.py shell``."""
+    ann = Browser(stack.port)
+    await ann.login("ann")
+    ws, _ = await ann.connect()
+    try:
+        said = await django_shell(
+            stack,
+            tmp_path,
+            "from push.realtime import util; print(util.send_by_flag('ann', 'hi ann', ack=True))",
+        )
+        assert said.splitlines()[-1] == "1", said  # ack=True: connections reached
+        await django_shell(stack, tmp_path, "from push.tasks import broadcast; broadcast.delay('hi all')")
+        assert await recv(ws) == "hi ann"
+        assert orjson.loads(await recv(ws, timeout=20)) == {"type": "announcement", "text": "hi all"}
+    finally:
+        await ws.close()
+
+
+async def refused(url: str) -> tuple[int, str]:
+    with pytest.raises(InvalidStatus) as refusal:
+        await connect(url)
+    response = refusal.value.response
+    return response.status_code, response.body.decode(errors="replace")
+
+
+async def test_the_node_refuses_tokens_django_did_not_issue(stack: Stack) -> None:
+    ws_url = f"ws://127.0.0.1:{stack.node.port}/"
+    status, body = await refused(ws_url)  # no token
+    assert status == 401, body
+    forged = tokens.issue("another key", "ann")  # signed, but not with PUSH_TOKEN_KEY
+    status, body = await refused(ws_url + "?token=" + forged)
+    assert (status, "signature" in body) == (401, True), body
+    expired = tokens.issue(stack.key, "ann", ttl=60, now=time.time() - 3600)
+    status, body = await refused(ws_url + "?token=" + expired)
+    assert (status, "expired" in body) == (401, True), body
+
+    stranger = Browser(stack.port)
+    assert (await stranger.get("/token"))[0] == 403  # not logged in: no token
+    await stranger.get("/")
+    assert (await stranger.post("/notify/ann", {"text": "spam"}))[0] == 403
+    no_csrf = Browser(stack.port)
+    assert (await no_csrf.post("/login", {"user": "ann"}))[0] == 403  # Django's CSRF protection stays on
+
+
+def test_the_snippets_in_docs_django_md_are_the_example_s_code() -> None:
+    guide = (ROOT / "docs" / "django.md").read_text()
+    snippets = re.findall(r"```python\n# (examples/django/\S+)\n(.*?)```", guide, flags=re.S)
+    assert len(snippets) >= 5
+    for path, code in snippets:
+        assert code in (ROOT / path).read_text(), f"docs/django.md's snippet of {path} is not in the file"
+    for command in ("python -m fanout_node --app chat_node:app", "celery -A pushsite worker --pool=solo"):
+        assert command in guide
