@@ -48,9 +48,9 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":
         # websockets logs every connection and handshake at INFO: too much at scale; aiormq logs each
-        # lost link with a traceback at WARNING, while the backend already reports the outage in one line
+        # lost link (and each failed connect) itself, while the backend already reports it in one line
         logging.getLogger("websockets").setLevel(logging.WARNING)
-        logging.getLogger("aiormq").setLevel(logging.ERROR)
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -144,7 +144,9 @@ def _supervise(count: int, options: NodeOptions, argv: list[str]) -> int:
     children = []
     for index in range(count):
         env = {**os.environ, "FANOUT_NODE_ID": f"{base_id}-{index}"}
-        children.append(subprocess.Popen([sys.executable, "-m", "node", *child_argv], env=env))
+        # this package by its name here: ``node`` in a checkout, ``fanout_node`` installed
+        command = [sys.executable, "-m", __package__ or "node", *child_argv]
+        children.append(subprocess.Popen(command, env=env))
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
