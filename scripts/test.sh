@@ -26,14 +26,16 @@ wait_port() {
 
 # System tools the tests use, installed from Debian's packages when missing: redis-server/redis-cli
 # (throw-away servers and a local cluster), RabbitMQ, docker-compose (validates docker-compose.yml, no
-# engine needed), chromium (the demo page in a real browser) and php-cli with curl (the PHP example of the
-# HTTP API).
+# engine needed), chromium (the demo page in a real browser), php-cli with curl (the PHP example of the
+# HTTP API) and podman with runc and debootstrap (tests/test_containers.py builds and runs the images).
 missing=()
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server redis-tools)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v chromium >/dev/null || missing+=(chromium)
 { command -v php >/dev/null && php -m | grep -qx curl; } || missing+=(php-cli php-curl)
+command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null ||
+  missing+=(podman runc debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,7 +1,7 @@
 """docker-compose.yml: valid for every backend and mode, and its node services really form a cluster.
 
-There is no Docker engine here, so the node services run as local processes with the environment and
-command compose would give them (service host names pointed at the local brokers).
+Here the node services run as local processes with the environment compose would give them (service host
+names pointed at the local brokers); tests/test_containers.py runs the real images with podman.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from tests.support.nodes import (
 )
 
 LOCAL_HOSTS = {"redis://redis:": "redis://127.0.0.1:", "@rabbitmq:": "@127.0.0.1:"}
+#: the node services of each profile, and the broker service they depend on
+NODES = {"redis": ("node1", "node2", "node3"), "amqp": ("amqp-node1", "amqp-node2", "amqp-node3")}
+BROKERS = {"redis": "redis", "amqp": "rabbitmq"}
 
 
 def compose_config(env: dict[str, str]) -> dict[str, Any]:
@@ -50,32 +53,36 @@ def compose_config(env: dict[str, str]) -> dict[str, Any]:
 @pytest.mark.parametrize("backend", ["redis", "amqp"])
 @pytest.mark.parametrize("mode", ["routing", "fanout"])
 def test_compose_file_is_valid(backend: str, mode: str) -> None:
-    config = compose_config({"FANOUT_BACKEND": backend, "FANOUT_MODE": mode})
+    config = compose_config({"FANOUT_MODE": mode})
     services = config["services"]
-    assert {"redis", "rabbitmq", "node1", "node2", "node3", "lb"} <= set(services)
+    assert {"redis", "rabbitmq", "lb", *NODES["redis"], *NODES["amqp"]} <= set(services)
     assert [p["published"] for p in services["lb"]["ports"]] == [8080]
-    for name in ("node1", "node2", "node3"):
-        environment = services[name]["environment"]
+    assert "profiles" not in services["lb"] and "depends_on" not in services["lb"]  # starts with no node up
+    assert services[BROKERS[backend]]["profiles"] == [backend]
+    for number, name in enumerate(NODES[backend], 1):
+        service = services[name]
+        environment = service["environment"]
         assert (environment["FANOUT_BACKEND"], environment["FANOUT_MODE"]) == (backend, mode)
-        assert environment["FANOUT_NODE_ID"] == name
+        assert environment["FANOUT_NODE_ID"] == f"node{number}"
+        assert service["profiles"] == [backend]
+        assert service["depends_on"] == {BROKERS[backend]: {"condition": "service_healthy"}}
+        assert environment["FANOUT_URL"].startswith("redis://redis:" if backend == "redis" else "amqp://")
+        assert "fanout-nodes" in service["networks"]["default"]["aliases"]
 
 
 def _start_service(service: dict[str, Any], tmp_path: Path, name: str) -> NodeProcess:
     env = {k: str(v) for k, v in service["environment"].items()}
-    for key in ("COMPOSE_REDIS_URL", "COMPOSE_AMQP_URL"):
-        for remote, local in LOCAL_HOSTS.items():
-            env[key] = env[key].replace(remote, local)
+    for remote, local in LOCAL_HOSTS.items():
+        env["FANOUT_URL"] = env["FANOUT_URL"].replace(remote, local)
     port = free_port()
     env.update(FANOUT_HOST="127.0.0.1", FANOUT_PORT=str(port), FANOUT_HEARTBEAT_INTERVAL="0.5")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
     full_env.update(env)
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"  # fanout-node
-    script = service["command"][0].replace("$$", "$")  # compose un-escapes $$ when it runs the command
+    assert "entrypoint" not in service and "command" not in service  # the image's: fanout-node
     log_path = tmp_path / f"{name}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*service["entrypoint"], script], env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(["fanout-node"], env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     node = NodeProcess(port, full_env, proc, log_path)
     STARTED.append(node)
     node.wait_healthy()
@@ -86,13 +93,13 @@ def _start_service(service: dict[str, Any], tmp_path: Path, name: str) -> NodePr
 async def test_compose_node_services_form_a_cluster(backend: str, tmp_path: Path) -> None:
     assert shutil.which("fanout-node", path=str(Path(sys.executable).parent))
     namespace = unique_namespace()
-    config = compose_config({"FANOUT_BACKEND": backend, "FANOUT_NAMESPACE": namespace})
-    nodes = [_start_service(config["services"][n], tmp_path, n) for n in ("node1", "node2", "node3")]
+    config = compose_config({"FANOUT_NAMESPACE": namespace})
+    nodes = [_start_service(config["services"][n], tmp_path, n) for n in NODES[backend]]
     try:
         clients = [await demo_client(node.port) for node in nodes]  # the demo chat admits them to "lobby"
         for ws, _ in clients:
             assert orjson.loads(await recv(ws))["type"] == "online"  # who is online, first
-        url = nodes[0].env["COMPOSE_REDIS_URL" if backend == "redis" else "COMPOSE_AMQP_URL"]
+        url = nodes[0].env["FANOUT_URL"]
         async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5) as util:
             await asyncio.sleep(scaled(1))
             records = await util.get_nodes()
