@@ -254,7 +254,9 @@ class Worker:
             try:
                 await self._coordination.publish(naming.WORKERS, self._encode(Heartbeat(self._info())))
             except FanoutError as exc:
+                _reraise_cancel()
                 log.debug("worker heartbeat not published: %s", exc)
+            _reraise_cancel()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     def assigned(self) -> set[int]:
@@ -289,7 +291,9 @@ class Worker:
                         log.warning("worker %s lost its lease on shard %d", self.worker_id, shard)
                         self._drop(shard)
             except Exception as exc:  # the broker is away (or a bug): this loop must keep going
+                _reraise_cancel()
                 log.warning("worker %s: shard balancing failed (%r); retrying", self.worker_id, exc)
+            _reraise_cancel()  # (a client library may also swallow the cancellation of a call outright)
             await asyncio.sleep(0.25)
 
     def _take(self, shard: int) -> None:
@@ -343,6 +347,7 @@ class Worker:
         prefetch = self.options.prefetch
         delay = 0.1
         while True:
+            _reraise_cancel()
             room = prefetch - self._in_hand[shard]
             if room <= 0:
                 waiter = self._room.setdefault(shard, asyncio.Event())
@@ -352,6 +357,7 @@ class Worker:
             try:
                 deliveries = await self.tier.fetch(shard, self.worker_id, room, wait=1.0)
             except Exception as exc:  # the broker is away (or a bug): keep reading
+                _reraise_cancel()
                 log.warning("worker %s: reading shard %d failed (%r); retrying", self.worker_id, shard, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -496,6 +502,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         grace = 3 * self.settings.heartbeat_interval
         while True:
+            _reraise_cancel()
             await asyncio.sleep(1.0)
             live = self.util.live_nodes()
             if live is None or not self.leader():
@@ -514,6 +521,7 @@ class Worker:
                         del self._missing_since[instance]
                         log.warning("node %s lost: %d close events sent to the workers", instance, closed)
             except Exception as exc:  # the broker is away (or a bug): check again in a second
+                _reraise_cancel()
                 log.warning("node-lost check failed: %r", exc)
 
     # ------------------------------------------------------------------ health and metrics
@@ -666,3 +674,12 @@ def _lost_close(instance: str) -> Callable[[str, str | None], tuple[bytes, bytes
         return events_module.encode(event)
 
     return make
+
+
+def _reraise_cancel() -> None:
+    """In a loop that outlives broker errors: if this task is being cancelled (stop()), end it. A client
+    library may turn the cancellation of a call it was making into an error of its own; swallowing that
+    kept a cancelled loop running and ``stop()`` waiting for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

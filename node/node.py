@@ -355,8 +355,9 @@ class Node:
             await self._server.wait_closed()
         if self.events is not None:  # the close events of the clients just closed go out first
             await self.events.stop()
-        with contextlib.suppress(FanoutError):
-            await self.backend.publish(naming.HEARTBEAT, self._encode(Bye(self.instance)))
+        if self.backend.healthy:  # with the broker gone the goodbye cannot go: the heartbeats' end tells
+            with contextlib.suppress(FanoutError):
+                await self.backend.publish(naming.HEARTBEAT, self._encode(Bye(self.instance)))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -214,3 +214,22 @@ async def test_every_server_util_call_inside_a_node_process(tmp_path: Path) -> N
     assert await nothing_more(control_ws)
     await control_ws.close()
     assert node.terminate() == 0
+
+
+def test_a_node_stops_at_once_when_its_broker_is_gone(tmp_path: Path) -> None:
+    from tests.support.nodes import http_get
+    from tests.support.redis_servers import start_redis
+
+    redis = start_redis(tmp_path / "redis")
+    try:
+        node = start_node(tmp_path, {"FANOUT_URL": redis.url, "FANOUT_PUBLISH_TIMEOUT": "10"})
+        redis.kill()
+        deadline = time.monotonic() + scaled(10)
+        while http_get(node.port, "/healthz")[0] != 503:
+            assert time.monotonic() < deadline, "the node did not notice the broker was gone"
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert node.terminate() == 0
+        assert time.monotonic() - started < 3  # no goodbye that waits out the publish timeout
+    finally:
+        redis.stop()
