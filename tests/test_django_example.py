@@ -314,3 +314,35 @@ def test_the_snippets_in_docs_django_md_are_the_example_s_code() -> None:
         assert code in (ROOT / path).read_text(), f"docs/django.md's snippet of {path} is not in the file"
     for command in ("python -m fanout_node --app chat_node:app", "celery -A pushsite worker --pool=solo"):
         assert command in guide
+
+
+async def test_the_example_page_in_a_browser(stack: Stack, tmp_path: Path) -> None:
+    """docs/django.md's last step, in headless Chromium: log in on Django's page, which connects to the
+    node with Django's token; its notify form pushes to the tab through the view, its announce form
+    through the Celery task."""
+    from tests.test_demo_page import open_page
+
+    browser, page = await open_page(tmp_path / "profile", f"http://127.0.0.1:{stack.port}/")
+    try:
+        await page.wait_text("login", "log in")
+        await page.evaluate(
+            "document.querySelector('#login input[name=user]').value = 'carol';"
+            "document.getElementById('login').requestSubmit()"
+        )
+        await page.wait_text("state", "connected to ws://", timeout=10)
+        await page.evaluate(
+            "document.querySelector('#notify input[name=text]').value = 'from the browser';"
+            "document.getElementById('notify').requestSubmit()"
+        )
+        await page.wait_text("log", '{"type":"notification","from":"carol","text":"from the browser"}')
+        log = await page.wait_text("log", "POST /notify → ")
+        assert re.search(r'POST /notify → \{"reached": ?1\}', log), log  # the view's answer: one tab reached
+        await page.evaluate(
+            "document.querySelector('#announce input[name=text]').value = 'via celery';"
+            "document.getElementById('announce').requestSubmit()"
+        )
+        await page.wait_text("log", '{"type":"announcement","text":"via celery"}', timeout=10)
+    finally:
+        await page.devtools.close()
+        browser.terminate()
+        await browser.wait()
