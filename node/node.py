@@ -211,6 +211,11 @@ class NodeOptions:
         )
 
 
+def _acknowledged(command: Command) -> bool:
+    """Whether the publisher waits for this command's count of connections reached (``ack=True``)."""
+    return isinstance(command, Send | Close | SendBulk | CloseGuests) and command.request is not None
+
+
 #: most bus messages applied as one batch
 MAX_BATCH = 5000
 
@@ -560,7 +565,9 @@ class Node:
                 metrics.delivery_writes += metrics.frames_sent - frames_before
             else:
                 self.batching = False
-                if not burst:
+                # a reply that says "reached N" must not go out before the frames: an acknowledged
+                # command is written now, with whatever was held before it
+                if not burst or any(_acknowledged(command) for command in commands):
                     self.flush_dirty()
                 elif self.dirty and self._flush_timer is None:
                     self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush_dirty)

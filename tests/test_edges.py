@@ -424,3 +424,22 @@ async def test_set_session_from_the_bus_is_applied_in_place(make_node: MakeNode)
         await asyncio.sleep(0.01)
     assert node.table.sessions[cid] == {"a": 1}
     await ws.close()
+
+
+async def test_frames_held_by_the_write_delay_are_written_before_an_acknowledged_reply(
+    make_node: MakeNode,
+) -> None:
+    """``ack=True`` counts connections reached: the frames must be on the wire (not held in the node
+    for the write delay) when that answer goes out, or a node dying just then loses acknowledged sends."""
+    node = await make_node(write_delay=0.05)  # a long delay, so that holding would be seen
+    ws, cid = await client(node.port)
+    conn = node.table.get(cid)
+    assert conn is not None
+    async with ServerUtil(settings=node.settings) as util:
+        await util.join_group(cid, "g")
+        await util.send_to_group("g", "first")  # a burst: the next batch comes within the delay
+        reached = await util.send_to_group("g", "second", ack=True)
+        assert reached == 1
+        assert conn._pending is None  # written, not waiting in the node
+        assert [await recv(ws), await recv(ws)] == ["first", "second"]
+    await ws.close()
