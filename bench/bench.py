@@ -59,6 +59,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
 
 
+def _node_env(url: str, mode: str, **extra: str) -> dict[str, str]:
+    """A benchmark node's settings: a fresh namespace, the control app, quiet logs, then ``extra``."""
+    return {
+        "FANOUT_URL": url,
+        "FANOUT_MODE": mode,
+        "FANOUT_NAMESPACE": unique_namespace("bench"),
+        "FANOUT_APP": "tests.apps.control:app",
+        "FANOUT_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 async def bench_publish(url: str, count: int, concurrency: int, size: int) -> None:
     payload = "x" * size
     namespace = unique_namespace("bench")
@@ -92,16 +104,8 @@ async def bench_delivery(
     loop: str,
     write_delay: float,
 ) -> None:
-    namespace = unique_namespace("bench")
-    env = {
-        "FANOUT_URL": url,
-        "FANOUT_MODE": mode,
-        "FANOUT_NAMESPACE": namespace,
-        "FANOUT_APP": "tests.apps.control:app",
-        "FANOUT_LOG_LEVEL": "WARNING",
-        "FANOUT_EVENT_LOOP": loop,
-        "FANOUT_WRITE_DELAY": str(write_delay),
-    }
+    env = _node_env(url, mode, FANOUT_EVENT_LOOP=loop, FANOUT_WRITE_DELAY=str(write_delay))
+    namespace = env["FANOUT_NAMESPACE"]
     with tempfile.TemporaryDirectory() as tmp:
         procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bench{i}"}) for i in range(nodes)]
         try:
@@ -160,14 +164,8 @@ async def bench_delivery(
 async def bench_bulk(
     url: str, mode: str, nodes: int, clients: int, pairs: int, size: int, repeat: int
 ) -> None:
-    namespace = unique_namespace("bench")
-    env = {
-        "FANOUT_URL": url,
-        "FANOUT_MODE": mode,
-        "FANOUT_NAMESPACE": namespace,
-        "FANOUT_APP": "tests.apps.control:app",
-        "FANOUT_LOG_LEVEL": "WARNING",
-    }
+    env = _node_env(url, mode)
+    namespace = env["FANOUT_NAMESPACE"]
     calls: list[float] = []
     totals: list[float] = []
     cpus: list[float] = []
@@ -211,13 +209,10 @@ async def bench_bulk(
 async def bench_memory(url: str, connections: int, loop: str) -> None:
     from websockets.asyncio.client import connect
 
-    env = {
-        "FANOUT_URL": url,
-        "FANOUT_NAMESPACE": unique_namespace("bench"),
-        "FANOUT_ACCEPT_RATE": "0",
-        "FANOUT_LOG_LEVEL": "WARNING",
-        "FANOUT_EVENT_LOOP": loop,
-    }
+    # the lobby app (every guest joins "lobby"), as a chat would have its idle connections
+    env = _node_env(
+        url, "routing", FANOUT_APP="tests.apps.lobby:app", FANOUT_ACCEPT_RATE="0", FANOUT_EVENT_LOOP=loop
+    )
     with tempfile.TemporaryDirectory() as tmp:
         node = start_node(Path(tmp), env)  # tests.apps.lobby: every guest joins "lobby"
         try:

@@ -58,12 +58,10 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import queue
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -85,14 +83,11 @@ REQUIREMENTS = HERE / "requirements-peers.txt"
 WORKLOADS = ("group", "broadcast", "paced")
 REFERENCE = "socketio-node"
 
+sys.path.insert(0, str(ROOT))
+from bench.bench import cpu_seconds, machine  # noqa: E402
+from tests.support import free_port  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- processes
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids(pid: int) -> list[int]:
@@ -101,21 +96,6 @@ def child_pids(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def listener_pid(port: int) -> int | None:

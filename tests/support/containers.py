@@ -84,11 +84,19 @@ def env() -> dict[str, str]:
     return {**os.environ, "CONTAINERS_CONF": str(CONF)}
 
 
-def podman(
-    *args: str, check: bool = True, timeout: float = 120, extra_env: Mapping[str, str] | None = None
+def _run(
+    what: str,
+    command: Sequence[str],
+    args: Sequence[str],
+    *,
+    check: bool,
+    timeout: float,
+    extra_env: Mapping[str, str] | None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``command args`` from the repository with the podman settings; with ``check``, fail loudly."""
     result = subprocess.run(
-        ["podman", *args],
+        [*command, *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -96,9 +104,15 @@ def podman(
     )
     if check and result.returncode != 0:
         raise AssertionError(
-            f"podman {' '.join(args)} -> {result.returncode}\n{result.stdout}{result.stderr}"
+            f"{what} {' '.join(args)} -> {result.returncode}\n{result.stdout}{result.stderr}"
         )
     return result
+
+
+def podman(
+    *args: str, check: bool = True, timeout: float = 120, extra_env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return _run("podman", ["podman"], args, check=check, timeout=timeout, extra_env=extra_env)
 
 
 def missing_tools() -> list[str]:
@@ -182,19 +196,7 @@ def compose(
     ]
     for profile in profiles:
         command += ["--profile", profile]
-    result = subprocess.run(
-        [*command, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**env(), **(extra_env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"podman-compose {' '.join(args)} -> {result.returncode}\n{result.stdout}{result.stderr}"
-        )
-    return result
+    return _run("podman-compose", command, args, check=check, timeout=timeout, extra_env=extra_env)
 
 
 def leftovers(project: str) -> list[str]:
