@@ -1,17 +1,25 @@
-"""One client connection, as the node and the application see it.
+"""One client connection once its websocket is open: the node's and the application's view of it.
 
-A :class:`Connection` owns its output: frames are written straight to its transport, or, while the node
-applies a batch of bus commands, held in the connection's own pending list and written in one go when the
-batch ends (:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost.
-The transport's write buffer plus what is pending is the connection's send buffer; over the node's
+A :class:`Connection` is the asyncio protocol of its socket from the moment the handshake's 101 is
+written (:class:`~node.http.HttpConnection` hands the transport over), so one small object per client
+holds everything: no websocket library object, no task while the client is idle.
+
+It owns its output: frames are written straight to its transport, or, while the node applies a batch of
+bus commands, held in the connection's own pending list and written in one go when the batch ends
+(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. The
+transport's write buffer plus what is pending is the connection's send buffer; over the node's
 ``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded and
-other clients are unaffected.
+other clients are unaffected. A client that makes the node owe it more than that in automatic replies
+(pongs to a ping flood) without reading is cut off the same way.
 
-:class:`ClientSocket` is the websockets connection the node serves with: it tells its :class:`Connection`
-when the websocket leaves the OPEN state (so the per-frame path reads one plain attribute), and cuts off a
-client that makes the node owe it more than ``send_buffer`` bytes of automatic replies without reading
-them (a ping flood), cuts off one that sends more than ``early_limit`` bytes before its handshake is done
-(websockets would buffer them all), and counts handshakes cut short by the handshake timeout.
+It reads its input (:func:`~node.frames.read_frames`): control frames are answered at once; messages go
+to the connection's *lane*, a task that exists only while there is something to do (the opening, then
+messages in order, then the close) and runs the application's hooks one at a time. While more than
+``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
+A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009).
+
+Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
+or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
 """
 
 from __future__ import annotations
@@ -21,16 +29,25 @@ import logging
 import socket
 import struct
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
-
-import orjson
-from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
 
 from fanout.admission import ConnectRequest
 from fanout.serverutil import encode_payload, names
 
-from .frames import encode_frame
+from .frames import (
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ProtocolError,
+    encode_close,
+    encode_control,
+    encode_frame,
+    parse_close,
+    read_frames,
+)
 from .limits import TokenBucket
 
 if TYPE_CHECKING:
@@ -38,193 +55,67 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.node")
 
+#: seconds the node waits for a client's reply to its close frame before dropping the socket
+CLOSE_TIMEOUT = 10.0
+#: messages waiting in a connection's lane at which it stops reading, and at which it reads again
+INBOX_HIGH = 16
+INBOX_LOW = 4
+#: close code and reason when a client does not answer the keepalive ping in time
+KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
 
-#: a POST being answered: whatever else arrives on that connection is ignored
-_ANSWERING = bytearray()
-_API_TASKS: set[asyncio.Task[None]] = set()
-#: the most of a refused (too large) body that is read and dropped so that the client gets its 413
-_MAX_DISCARD = 64 << 20
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    411: "Length Required",
-    413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+# websocket states (an int each: the per-frame path compares plain attributes)
+OPEN, CLOSING, CLOSED = 1, 2, 3
 
 
-class ClientSocket(ServerConnection):
-    """The websockets server connection, with the hooks the node needs (see the module docstring)."""
-
-    #: set by the node once the client is admitted
-    fanout: Connection | None = None
-    #: what admission decided, for the handler: (request, Admit or None)
-    admission: tuple[ConnectRequest, Any] | None = None
-    #: called when the opening handshake is cut short (timeout)
-    on_handshake_timeout: Any = None
-    #: bytes a client may send before its handshake is done (websockets buffers them, unbounded)
-    early_limit: int = 1 << 20
-    #: called when a client is cut off for sending more than that before its handshake is done
-    on_handshake_flood: Any = None
-    #: answers ``POST`` requests (the HTTP API): ``async (path, authorization, body) -> (status, bytes)``
-    api: Any = None
-    #: biggest request body the API takes (bigger: 413)
-    api_max_body: int = 1 << 20
-    _early = 0
-    _post: bytearray | None = None  #: a POST request being read (the websocket library refuses bodies)
-    _discarding = 0  #: bytes of a refused body still to read and drop
-
-    def data_received(self, data: bytes) -> None:
-        conn = self.fanout
-        if self._post is not None or (conn is None and self._early == 0 and data.startswith(b"POST ")):
-            self._read_post(data)
-            return
-        if conn is None:
-            self._early += len(data)
-            if self._early > self.early_limit:
-                if self.on_handshake_flood is not None:
-                    self.on_handshake_flood()
-                self.transport.abort()
-                return
-            super().data_received(data)
-            return
-        super().data_received(data)
-        if self.protocol.state is not State.OPEN:
-            conn.open = False
-        elif self.transport.get_write_buffer_size() > conn.send_limit:
-            # what we owe (pongs to its pings) piles up because it does not read: cut it off
-            conn.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
-
-    def _read_post(self, data: bytes) -> None:
-        """Collect a POST request (head, then Content-Length bytes of body) and answer it, then close."""
-        if self._post is None:
-            self._post = bytearray()
-        if self._post is _ANSWERING:
-            self._discard_body(len(data))
-            return
-        self._post += data
-        head_end = self._post.find(b"\r\n\r\n")
-        if head_end < 0:
-            if len(self._post) > 64 * 1024:
-                self._answer_post(431, b'{"error":{"type":"BadRequest","message":"headers too large"}}')
-            return
-        lines = bytes(self._post[:head_end]).decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        path = parts[1] if len(parts) >= 2 else "/"
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0 or "chunked" in headers.get("transfer-encoding", ""):
-            self._answer_post(
-                411, b'{"error":{"type":"BadRequest","message":"a Content-Length is required"}}'
-            )
-            return
-        if length > self.api_max_body:
-            message = f"the body is over the limit of {self.api_max_body} bytes (FANOUT_API_MAX_BODY)"
-            # read and drop the rest of the body before closing (up to a bound), so the client gets the
-            # answer instead of a reset
-            self._discarding = length - (len(self._post) - head_end - 4)
-            self._answer_post(413, orjson.dumps({"error": {"type": "PayloadTooLarge", "message": message}}))
-            return
-        body = bytes(self._post[head_end + 4 : head_end + 4 + length])
-        if len(body) < length:
-            return  # more to come
-        self._post = _ANSWERING
-        if self.api is None:
-            self._answer_post(404, b'{"error":{"type":"NotFound","message":"no such endpoint"}}')
-            return
-
-        async def answer() -> None:
-            try:
-                status, answer_body = await self.api(path, headers.get("authorization"), body)
-            except Exception:
-                log.exception("HTTP API request failed")
-                status, answer_body = 500, b'{"error":{"type":"InternalError","message":"see the node log"}}'
-            self._answer_post(status, answer_body)
-
-        task = asyncio.ensure_future(answer())
-        _API_TASKS.add(task)
-        task.add_done_callback(_API_TASKS.discard)
-
-    def _discard_body(self, size: int) -> None:
-        self._discarding -= size
-        if self._discarding <= 0 and not self.transport.is_closing():
-            self.transport.close()
-
-    def _answer_post(self, status: int, body: bytes) -> None:
-        self._post = _ANSWERING
-        reason = _REASONS.get(status, "Error")
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: fanout\r\n"
-        )
-        if status == 401:
-            head += 'WWW-Authenticate: Bearer realm="fanout"\r\n'
-        if not self.transport.is_closing():
-            self.transport.write(head.encode() + b"\r\n" + body)
-            if not 0 < self._discarding <= _MAX_DISCARD:
-                self.transport.close()  # after the answer is written
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        conn = self.fanout
-        if conn is not None:
-            conn.open = False
-        super().connection_lost(exc)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-        except asyncio.CancelledError:
-            if self.on_handshake_timeout is not None and self._post is None:  # (not an API request)
-                self.on_handshake_timeout()
-            raise
-
-
-class Connection:
-    """A websocket client of this node: what application hooks receive."""
+class Connection(asyncio.Protocol):
+    """A websocket client of this node: what application hooks receive (and its socket's protocol)."""
 
     __slots__ = (
+        "_buffer",
+        "_close_timer",
+        "_closed",
+        "_fragments",
+        "_inbox",
+        "_lane",
         "_last_flag",
         "_last_groups",
         "_last_session",
+        "_need",
         "_pending",
         "_pending_bytes",
+        "_reading_paused",
         "_transport",
         "client_id",
+        "close_code",
+        "close_reason",
         "event_seq",
+        "forwarded",
         "node",
         "open",
         "opened_at",
+        "ping_sent",
         "rate",
         "request",
         "send_limit",
         "session_version",
-        "websocket",
+        "state",
     )
 
-    def __init__(self, node: Node, websocket: ClientSocket, client_id: str, request: ConnectRequest) -> None:
+    def __init__(
+        self, node: Node, transport: asyncio.Transport, client_id: str, request: ConnectRequest
+    ) -> None:
         self.node = node
-        self.websocket = websocket
         self.client_id = client_id
         #: the handshake request (path, query, headers, cookies, remote), as ``on_connect`` saw it
         self.request = request
         #: False from the moment the connection starts closing (or is cut off, or the client leaves)
         self.open = True
+        #: OPEN, CLOSING (close frame sent, waiting for the client's) or CLOSED (socket gone)
+        self.state = OPEN
         #: time.monotonic() when it was accepted (close_guests closes guests older than some age)
         self.opened_at = time.monotonic()
         self.send_limit = node.options.send_buffer
-        self._transport: asyncio.Transport = websocket.transport
+        self._transport = transport
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
         self._last_session: dict[str, Any] = {}
@@ -232,10 +123,27 @@ class Connection:
         self._last_groups: frozenset[str] = frozenset()
         #: events forwarded to the worker tier so far (each event's number among its connection's)
         self.event_seq = 0
+        #: whether the worker tier was told of this connection (it then gets its close event)
+        self.forwarded = False
         #: session changes applied from the bus (ServerUtil's set/update_session), for the worker tier
         self.session_version = 0
         rate = node.options.client_rate
         self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
+        #: the close code and reason the client sent (1006 and "" when it sent none: the link was lost)
+        self.close_code = 1006
+        self.close_reason = ""
+        #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
+        self.ping_sent = 0.0
+        # input: the start of a frame not complete yet and its size when known; a fragmented message
+        self._buffer: bytearray | None = None
+        self._need = 0
+        self._fragments: list[bytes] | None = None
+        # the lane (see the module docstring): messages waiting, the task, whether reading is paused
+        self._inbox: deque[str | bytes] | None = None
+        self._lane: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._closed: asyncio.Future[None] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- state the table owns, seen from here ------------------------------------------------
 
@@ -348,18 +256,31 @@ class Connection:
         return sent
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection (after the frames already sent); it leaves its groups and flag at once."""
+        """Close the connection (after the frames already sent); it leaves its groups and flag at once.
+        Returns once the socket is closed."""
         self.start_close(code, reason)
-        await self.websocket.wait_closed()
+        await self.wait_closed()
 
     def start_close(self, code: int = 1000, reason: str = "") -> None:
-        """Begin closing: flush what is pending, then the closing handshake runs in the background."""
+        """Begin closing: flush what is pending, send the close frame; the client's reply (or
+        CLOSE_TIMEOUT) ends it."""
         if not self.open:
             return
         self.flush()
         self.open = False
         self.node.forget(self)
-        self.node.spawn(self.websocket.close(code, reason), f"close {self.client_id}")
+        if self.state == OPEN:
+            self.state = CLOSING
+            self._transport.write(encode_close(code, reason))
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
+
+    async def wait_closed(self) -> None:
+        """Until the socket is closed."""
+        if self.state == CLOSED:
+            return
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._closed)
 
     async def join_group(self, *groups: str) -> None:
         await self.node.apply_change(self.node.table.join(self.client_id, names(groups, "groups")))
@@ -376,6 +297,164 @@ class Connection:
         change = self.node.table.unbind(self.client_id)
         self.node.flag_changed(self)
         await self.node.apply_change(change)
+
+    # -- input: the socket's protocol ---------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        if buffer is not None:  # the rest of a frame: wait until all of it is here
+            buffer += data
+            if len(buffer) < self._need:
+                return
+            data = bytes(buffer)
+            self._buffer = None
+        if self.state == CLOSED:
+            return
+        frames, used, self._need, error = read_frames(data, self.node.options.max_frame)
+        if used < len(data):
+            self._buffer = bytearray(data[used:])
+        for opcode, fin, payload in frames:
+            if opcode < OP_CLOSE:
+                self._data_frame(opcode, fin, payload)
+            elif opcode == OP_PING:
+                if self.state == OPEN:
+                    self._transport.write(encode_control(OP_PONG, payload))
+                    if self._transport.get_write_buffer_size() > self.send_limit:
+                        # what it owes (pongs to its pings) piles up because it does not read: cut it off
+                        self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
+            elif opcode == OP_PONG:
+                self.ping_sent = 0.0
+            else:
+                self._close_frame(payload)
+            if self.state != OPEN:
+                return  # nothing after a close (or a failure) counts
+        if error is not None:
+            self._fail(error.code, error.reason)
+
+    def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        fragments = self._fragments
+        if opcode == OP_CONT:
+            if fragments is None:
+                self._fail(1002, "unexpected continuation frame")
+                return
+            fragments.append(payload)
+            limit = self.node.options.max_frame
+            if sum(map(len, fragments)) - 1 > limit:
+                self._fail(1009, f"message exceeds the limit of {limit} bytes")
+                return
+            if not fin:
+                return
+            self._fragments = None
+            text = fragments[0] == b"t"
+            payload = b"".join(fragments[1:])
+        elif fragments is not None:
+            self._fail(1002, "a new message before the end of the fragmented one")
+            return
+        elif not fin:
+            self._fragments = [b"t" if opcode == OP_TEXT else b"b", payload]
+            return
+        else:
+            text = opcode == OP_TEXT
+        if text:
+            try:
+                message: str | bytes = payload.decode()
+            except UnicodeDecodeError:
+                self._fail(1007, "invalid UTF-8 in a text message")
+                return
+        else:
+            message = payload
+        if self.open:
+            self.node.received(self, message)
+
+    def queue(self, message: str | bytes) -> None:
+        """Hand a message to the lane (the node calls this when the application reads messages)."""
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
+        inbox.append(message)
+        if len(inbox) >= INBOX_HIGH and not self._reading_paused and self.state == OPEN:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        if self._lane is None:
+            self._lane = self.node.start_lane(self, None, opening=False)
+
+    def next_message(self) -> str | bytes | None:
+        """The lane's next message, or None when there is none (or the connection is no longer open)."""
+        inbox = self._inbox
+        if not inbox:
+            return None
+        if not self.open:
+            inbox.clear()
+            return None
+        message = inbox.popleft()
+        if self._reading_paused and len(inbox) <= INBOX_LOW and self.state == OPEN:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return message
+
+    def lane_done(self) -> bool:
+        """Called by the lane when it has nothing left: True if the connection is gone (the lane then
+        runs the close), else the lane ends and the next message starts another."""
+        if self.state == CLOSED:
+            return True
+        self._lane = None
+        return False
+
+    def _close_frame(self, payload: bytes) -> None:
+        try:
+            self.close_code, self.close_reason = parse_close(payload)
+        except ProtocolError as error:
+            self._fail(error.code, error.reason)
+            return
+        if self.state == OPEN:  # the client closes: echo its close frame after what is pending
+            self.flush()
+            self.open = False
+            self.node.forget(self)
+            self.state = CLOSING
+            self._transport.write(encode_control(OP_CLOSE, payload))
+        self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The client broke the protocol (or the keepalive): send the close code, close the socket."""
+        log.info("client %s: %s, closing with %d", self.client_id, reason, code)
+        self.open = False
+        self._pending = None
+        self._pending_bytes = 0
+        self.node.forget(self)
+        if self.state == OPEN:
+            self.state = CLOSING
+            self._transport.write(encode_close(code, reason))
+        self._transport.close()
+
+    def keepalive(self, now: float, ping: bytes, expect_pong: bool) -> None:
+        """Send the keepalive ping, unless one is still unanswered."""
+        if self.state == OPEN and not self.ping_sent:
+            self._transport.write(ping)
+            if expect_pong:
+                self.ping_sent = now
+
+    def pong_overdue(self, sent_by: float) -> None:
+        """Fail the connection if the ping sent at or before ``sent_by`` is still unanswered."""
+        if self.ping_sent and self.ping_sent <= sent_by and self.state == OPEN:
+            self._fail(*KEEPALIVE_CLOSE)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self.open = False
+        self._pending = None
+        self._pending_bytes = 0
+        self._buffer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self.node.lost(self)
+        if self._lane is None:  # no lane running: one runs the close
+            self._lane = self.node.start_lane(self, None, opening=False)
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"

@@ -1,4 +1,4 @@
-"""Server-to-client websocket frames, built once per command. Pure: no I/O.
+"""Websocket frames (RFC 6455): server frames built once per command, client frames read. Pure: no I/O.
 
 The node writes these bytes straight to every targeted connection's transport, so a broadcast to
 10,000 connections encodes its payload once, not 10,000 times. That is only correct because the node
@@ -9,6 +9,11 @@ opcode and payload (RFC 6455 section 5.2; server frames are never masked).
 from __future__ import annotations
 
 import struct
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets without its C extension
+    from websockets.utils import apply_mask
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -26,3 +31,103 @@ def encode_frame(payload: bytes, binary: bool = False) -> bytes:
     else:
         header = struct.pack("!BBQ", first, 127, length)
     return header + payload
+
+
+OP_CONT = 0x0
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_DATA_OPCODES = (OP_CONT, OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+#: close codes a peer may send (RFC 6455 section 7.4, and the IANA registry's 1012-1014)
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+class ProtocolError(Exception):
+    """The client broke the websocket protocol: the connection fails with ``code`` (1002, 1007, 1009)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def encode_control(opcode: int, payload: bytes = b"") -> bytes:
+    """A close, ping or pong frame (at most 125 bytes of payload)."""
+    return bytes((_FIN | opcode, len(payload))) + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """A close frame with its code and (UTF-8, at most 123 bytes) reason."""
+    raw = reason.encode()[:123].decode(errors="ignore").encode()  # cut at a character boundary
+    return encode_control(OP_CLOSE, struct.pack("!H", code) + raw)
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a client's close frame; 1005 when it has none."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolError(1002, "close frame too short")
+    (code,) = struct.unpack_from("!H", payload)
+    if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ProtocolError(1002, f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, "invalid UTF-8 in close reason") from None
+    return code, reason
+
+
+def read_frames(
+    data: bytes, max_size: int
+) -> tuple[list[tuple[int, bool, bytes]], int, int, ProtocolError | None]:
+    """The complete client frames at the start of ``data``: ``(frames, consumed, need, error)``.
+
+    Each frame is ``(opcode, fin, unmasked payload)``. ``consumed`` is how many bytes they took; when the
+    rest is the start of a frame whose header is complete, ``need`` is that frame's whole size (so the
+    caller waits for that many bytes before parsing again), else 0. A frame is refused as soon as its
+    header shows it is invalid: unmasked, reserved bits set, an unknown opcode, a fragmented or oversized
+    control frame (1002), or a payload over ``max_size`` (1009) - before its payload is read: ``error``
+    is then set, and ``frames`` holds the valid frames before it.
+    """
+    frames: list[tuple[int, bool, bytes]] = []
+    pos, end = 0, len(data)
+    while end - pos >= 2:
+        first, second = data[pos], data[pos + 1]
+        length = second & 0x7F
+        head = pos + 2
+        if length == 126:
+            if end - pos < 4:
+                break
+            (length,) = struct.unpack_from("!H", data, head)
+            head += 2
+        elif length == 127:
+            if end - pos < 10:
+                break
+            (length,) = struct.unpack_from("!Q", data, head)
+            head += 8
+        opcode = first & 0x0F
+        fin = bool(first & _FIN)
+        if first & 0x70:
+            return frames, pos, 0, ProtocolError(1002, "reserved bits must be 0")
+        if not second & 0x80:
+            return frames, pos, 0, ProtocolError(1002, "a client frame must be masked")
+        if opcode in _CONTROL_OPCODES:
+            if not fin:
+                return frames, pos, 0, ProtocolError(1002, "fragmented control frame")
+            if length > 125:
+                return frames, pos, 0, ProtocolError(1002, "control frame too long")
+        elif opcode not in _DATA_OPCODES:
+            return frames, pos, 0, ProtocolError(1002, f"invalid opcode {opcode}")
+        elif length > max_size:
+            too_big = f"frame of {length} bytes exceeds the limit of {max_size} bytes"
+            return frames, pos, 0, ProtocolError(1009, too_big)
+        frame_end = head + 4 + length
+        if frame_end > end:
+            return frames, pos, frame_end - pos, None
+        payload = data[head + 4 : frame_end]
+        frames.append((opcode, fin, apply_mask(payload, data[head : head + 4]) if length else payload))
+        pos = frame_end
+    return frames, pos, 0, None

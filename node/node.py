@@ -20,13 +20,7 @@ import socket
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
-
-import orjson
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers as WebsocketHeaders
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request
+from typing import Any
 
 from fanout import events as events_module
 from fanout import naming, protocol
@@ -71,10 +65,10 @@ from fanout.table import Change, ConnectionTable
 
 from .api import Api
 from .app import DemoChat
-from .connection import ClientSocket, Connection
+from .connection import CLOSE_TIMEOUT, Connection
 from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
-from .frames import encode_frame
-from .http import HttpSide
+from .frames import OP_PING, encode_control, encode_frame
+from .http import HttpConnection, HttpSide
 from .metrics import Metrics
 from .presence import Presence
 
@@ -219,8 +213,8 @@ def _acknowledged(command: Command) -> bool:
 #: most bus messages applied as one batch
 MAX_BATCH = 5000
 
-#: what a connection's websockets ``request`` becomes once its handshake is done (see _serve_client)
-_HANDSHAKE_DONE = Request("/", WebsocketHeaders())
+#: the keepalive ping (any pong answers it)
+_PING = encode_control(OP_PING, b"fanout")
 
 
 class Node:
@@ -264,7 +258,18 @@ class Node:
         self.http = HttpSide(self)
         self.started_at = time.time()
         self._client_ids = ClientIds(self.instance)
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        #: False until the node listens, and again once it stops (handshakes then get 503)
+        self.serving = False
+        #: sockets still in their HTTP request / handshake, and connections whose socket is open
+        self.handshaking: set[HttpConnection] = set()
+        self.live: set[Connection] = set()
+        #: bytes a client may send before its websocket is open: the request, and whatever frames a
+        #: client may send right after it (up to one big frame)
+        self.early_limit = options.max_frame + 64 * 1024
+        self._lanes: set[asyncio.Task[None]] = set()  #: the connections' lanes running now
+        self._on_message = getattr(self.app, "on_message", None)
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscription_lock = asyncio.Lock()
         self._arrived: list[bytes] = []  #: bus messages received and not applied yet
@@ -289,20 +294,17 @@ class Node:
             await self.events.start()
         if self.presence is not None:
             await self.presence.start()
-        self._server = await serve(
-            self._serve_client,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self),
             self.options.host,
             self.options.port,
-            process_request=self.http.process_request,
-            create_connection=self._socket_class(),
-            open_timeout=self.options.handshake_timeout,
-            max_size=self.options.max_frame,
-            ping_interval=self.options.ping_interval or None,
-            ping_timeout=self.options.ping_timeout or None,
-            compression=None,  # frames are encoded once for all clients (see node.frames)
-            server_header="fanout",
             reuse_port=self.options.reuse_port or None,
+            backlog=1024,
         )
+        self.serving = True
+        if self.options.ping_interval > 0:
+            self._keepalive_task = asyncio.create_task(self._keepalive(), name="keepalive")
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="heartbeats")
         await self._call_app("on_start", self)
         log.info(
@@ -312,32 +314,6 @@ class Node:
             self.options.host,
             self.port,
             self.backend.describe(),
-        )
-
-    def _socket_class(self) -> type[ClientSocket]:
-        """This node's websocket connection class: it counts handshakes cut short into our metrics."""
-
-        def timed_out() -> None:
-            self.metrics.handshake_timeouts += 1
-
-        def flooded() -> None:
-            self.metrics.handshake_floods += 1
-
-        async def api(path: str, authorization: str | None, body: bytes) -> tuple[int, bytes]:
-            status, answer = await self.api.handle(path, authorization, body)
-            return status, orjson.dumps(answer)
-
-        return type(
-            "NodeClientSocket",
-            (ClientSocket,),
-            {
-                "on_handshake_timeout": staticmethod(timed_out),
-                "on_handshake_flood": staticmethod(flooded),
-                "api": staticmethod(api),
-                "api_max_body": self.options.api_max_body,
-                # the request, and whatever frames a client may send right after it (up to one big frame)
-                "early_limit": self.options.max_frame + 64 * 1024,
-            },
         )
 
     @property
@@ -355,8 +331,22 @@ class Node:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.flush_dirty()
+        self.serving = False
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         if self._server is not None:
-            self._server.close(close_connections=True)  # 1001 going away
+            self._server.close()  # no new connections
+            for waiting in list(self.handshaking):
+                waiting.abort()
+            for conn in list(self.live):
+                conn.start_close(1001, "")  # going away
+            if self.live:
+                await asyncio.wait(
+                    [asyncio.ensure_future(conn.wait_closed()) for conn in list(self.live)],
+                    timeout=CLOSE_TIMEOUT + 1,
+                )
+            if self._lanes:  # their on_close hooks and close events
+                await asyncio.wait(list(self._lanes), timeout=CLOSE_TIMEOUT)
             await self._server.wait_closed()
         if self.events is not None:  # the close events of the clients just closed go out first
             await self.events.stop()
@@ -406,40 +396,81 @@ class Node:
 
     # ------------------------------------------------------------------ websocket side
 
-    async def _serve_client(self, server_connection: ServerConnection) -> None:
-        websocket = cast(ClientSocket, server_connection)  # serve() builds them with _socket_class()
-        request, admit = websocket.admission or (ConnectRequest("/"), None)
-        # the handshake is done: what websockets kept of it is ours now (conn.request), once; its
-        # connection only needs a request to be there (its first event was the request)
-        websocket.admission = None
-        websocket.request, websocket.response = _HANDSHAKE_DONE, None
-        conn = Connection(self, websocket, self._client_ids.next(), request)
-        forwarded = False  # whether the worker tier was told of this connection
+    def opened(
+        self, transport: asyncio.Transport, request: ConnectRequest, admit: Admit | None, early: bytes
+    ) -> None:
+        """A handshake's 101 is written: the socket is a :class:`Connection` from now on. ``early`` is
+        what the client sent after its request (its first frames)."""
+        conn = Connection(self, transport, self._client_ids.next(), request)
+        transport.set_protocol(conn)
         self.table.add(conn.client_id, conn)
-        websocket.fanout = conn
+        self.live.add(conn)
         self.metrics.connections_opened += 1
+        conn._lane = self.start_lane(conn, admit, opening=True)
+        if early:
+            conn.data_received(early)
+
+    def received(self, conn: Connection, message: str | bytes) -> None:
+        """A message from an open connection (in its order): rate-limited, then to its lane if the
+        application or the worker tier reads messages."""
+        self.metrics.client_messages += 1
+        rate = conn.rate
+        if rate is not None and not rate.take(asyncio.get_running_loop().time()):
+            self.metrics.rate_limit_closes += 1
+            conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
+            return
+        if self._on_message is not None or self._forwards_messages:
+            conn.queue(message)
+
+    @property
+    def _forwards_messages(self) -> bool:
+        return self.events is not None and EventKind.MESSAGE in self.events.kinds
+
+    def lost(self, conn: Connection) -> None:
+        """``conn``'s socket is closed (its lane then runs the close)."""
+        self.live.discard(conn)
+        self.forget(conn)
+
+    def start_lane(self, conn: Connection, admit: Admit | None, *, opening: bool) -> asyncio.Task[None]:
+        """Run ``conn``'s lane: its opening (when ``opening``), then its messages in order, then its close
+        once the socket is gone."""
+        task = asyncio.create_task(self._lane(conn, admit, opening), name=f"lane {conn.client_id}")
+        self._lanes.add(task)
+        task.add_done_callback(self._lanes.discard)
+        return task
+
+    async def _lane(self, conn: Connection, admit: Admit | None, opening: bool) -> None:
         try:
-            if admit is not None and not await self._admit(conn, admit):
+            if opening and not await self._opened(conn, admit):
+                conn.start_close(APP_ERROR_CLOSE, "application error")
+            while True:
+                message = conn.next_message()
+                if message is not None:
+                    await self._message(conn, message)
+                elif not conn.lane_done():
+                    return  # idle: the next message starts another lane
+                else:
+                    break  # the socket is gone
+        except Exception:  # a bug in the node: log it, close the client, keep serving
+            log.exception("client %s: lane failed", conn.client_id)
+            conn.start_close(APP_ERROR_CLOSE, "internal error")
+            if not conn.lane_done():
                 return
-            if self.options.welcome:
-                welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
-                if conn.push(welcome):
-                    self.metrics.count_frames(1, len(welcome))
-            if self.events is not None:
-                self.events.opened(conn)
-                forwarded = True
-            if not await self._call_app("on_open", conn):
-                await conn.close(APP_ERROR_CLOSE, "application error")
-                return
-            await self._read(conn, websocket)
-        except ConnectionClosed:
-            pass  # normal end of a connection
-        finally:
-            self.forget(conn)
-            self.metrics.connections_closed += 1
-            if forwarded and self.events is not None:
-                self.events.closed(conn, websocket.close_code, websocket.close_reason)
-            await self._call_app("on_close", conn)
+        await self._closed(conn)
+
+    async def _opened(self, conn: Connection, admit: Admit | None) -> bool:
+        """Admission's identity, the welcome frame, the worker tier's open event, ``on_open``. False if
+        the connection cannot go on (it is then closed)."""
+        if admit is not None and not await self._admit(conn, admit):
+            return True  # _admit closed it with its own code
+        if self.options.welcome:
+            welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
+            if conn.push(welcome):
+                self.metrics.count_frames(1, len(welcome))
+        if self.events is not None:
+            self.events.opened(conn)
+            conn.forwarded = True
+        return await self._call_app("on_open", conn)
 
     async def _admit(self, conn: Connection, admit: Admit) -> bool:
         """Apply the identity ``on_connect`` gave: session, flag, groups (subscriptions confirmed)."""
@@ -453,39 +484,46 @@ class Node:
                 await self.apply_change(table.join(conn.client_id, tuple(admit.groups)))
         except FanoutError as exc:
             log.warning("client %s: admission identity not applied: %s", conn.client_id, exc)
-            await conn.close(ADMIT_FAILED_CLOSE, "try again later")
+            conn.start_close(ADMIT_FAILED_CLOSE, "try again later")
             return False
         return True
 
-    async def _read(self, conn: Connection, websocket: ClientSocket) -> None:
-        rate = conn.rate
-        loop = asyncio.get_running_loop()
-        metrics = self.metrics
-        on_message = getattr(self.app, "on_message", None)
-        forwarder = (
-            self.events if self.events is not None and EventKind.MESSAGE in self.events.kinds else None
-        )
-        async for data in websocket:
-            metrics.client_messages += 1
-            if rate is not None and not rate.take(loop.time()):
-                metrics.rate_limit_closes += 1
-                await self._close_reading(conn, websocket, RATE_LIMIT_CLOSE, "message rate limit exceeded")
-                return
-            if forwarder is not None:
-                if not forwarder.has_room(conn):
-                    if forwarder.policy == "close":
-                        metrics.events_policy_closes += 1
-                        await self._close_reading(conn, websocket, TRY_AGAIN_LATER, "try again later")
-                        return
-                    await forwarder.wait_room(conn)  # pause: no more reads from this client meanwhile
-                forwarder.message(conn, data)
-            if on_message is not None:
-                await self._call_app("on_message", conn, data)
+    async def _message(self, conn: Connection, data: str | bytes) -> None:
+        forwarder = self.events if self._forwards_messages else None
+        if forwarder is not None:
+            if not forwarder.has_room(conn):
+                if forwarder.policy == "close":
+                    self.metrics.events_policy_closes += 1
+                    conn.start_close(TRY_AGAIN_LATER, "try again later")
+                    return
+                await forwarder.wait_room(conn)  # pause: meanwhile its lane fills and reading stops
+            forwarder.message(conn, data)
+        if self._on_message is not None:
+            await self._call_app("on_message", conn, data)
 
-    async def _close_reading(self, conn: Connection, websocket: ClientSocket, code: int, reason: str) -> None:
-        conn.start_close(code, reason)
-        async for _ in websocket:
-            pass  # websockets reads only while we consume: let the client's close reply through
+    async def _closed(self, conn: Connection) -> None:
+        self.forget(conn)
+        self.metrics.connections_closed += 1
+        if conn.forwarded and self.events is not None:
+            self.events.closed(conn, conn.close_code, conn.close_reason)
+        await self._call_app("on_close", conn)
+
+    async def _keepalive(self) -> None:
+        """Every FANOUT_PING_INTERVAL, a ping to each open connection; one not answered within
+        FANOUT_PING_TIMEOUT fails with 1011 (one task for the node, not one per connection)."""
+        interval, timeout = self.options.ping_interval, self.options.ping_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self.live):
+                conn.keepalive(now, _PING, timeout > 0)
+            if timeout > 0:
+                loop.call_later(timeout, self._pongs_overdue, now)
+
+    def _pongs_overdue(self, sent_by: float) -> None:
+        for conn in list(self.live):
+            conn.pong_overdue(sent_by)
 
     def forget(self, conn: Connection) -> None:
         """Take ``conn`` out of the table (idempotent) and drop subscriptions nobody needs now."""
