@@ -379,12 +379,10 @@ class Connection(asyncio.Protocol):
             self._lane = self.node.start_lane(self, None, opening=False)
 
     def next_message(self) -> str | bytes | None:
-        """The lane's next message, or None when there is none (or the connection is no longer open)."""
+        """The lane's next message, or None when there is none. A message received while the connection
+        was open is handled even if it closed since (its close comes after it)."""
         inbox = self._inbox
         if not inbox:
-            return None
-        if not self.open:
-            inbox.clear()
             return None
         message = inbox.popleft()
         if self._reading_paused and len(inbox) <= INBOX_LOW and self.state == OPEN:

@@ -47,9 +47,8 @@ def _configure_logging(level: str) -> None:
         )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":
-        # websockets logs every connection and handshake at INFO: too much at scale; aiormq logs each
-        # lost link (and each failed connect) itself, while the backend already reports it in one line
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+        # aiormq logs each lost link (and each failed connect) itself, while the backend already reports
+        # it in one line
         logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
 

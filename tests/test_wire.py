@@ -1,0 +1,317 @@
+"""The node's own websocket wire: client frames read bytes-in (checked against the frames websockets'
+client writes), and a real node spoken to over raw sockets: fragments, control frames, protocol errors
+and their close codes, the closing handshake, keepalive, and no task per idle connection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from node.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    encode_close,
+    parse_close,
+    read_frames,
+)
+from tests.conftest import MakeNode
+from tests.support import scaled
+from tests.support.nodes import client, recv
+
+WS_CONT, WS_TEXT, WS_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+WS_CLOSE, WS_PING = Opcode.CLOSE, Opcode.PING
+
+# -- bytes in -------------------------------------------------------------------------------------
+
+
+def client_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:
+    """A frame as websockets' client writes it (masked)."""
+    return Frame(opcode, payload, fin).serialize(mask=True, extensions=[])
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_frames_websockets_writes_are_read_back_whole_and_in_pieces(size: int) -> None:
+    payload = os.urandom(size)
+    data = client_frame(WS_BINARY, payload) + client_frame(WS_TEXT, b"next")
+    frames, used, need, error = read_frames(data, 1 << 20)
+    assert error is None and used == len(data) and need == 0
+    assert frames == [(OP_BINARY, True, payload), (OP_TEXT, True, b"next")]
+    # fed in pieces the way a socket delivers them: every prefix gives only the complete frames, and
+    # once its header is in, how many bytes the first frame needs in all
+    first = len(data) - len(client_frame(WS_TEXT, b"next"))
+    for cut in sorted({1, 2, 3, 9, 10, 13, 14, first - 1, first, first + 1}):
+        if cut >= len(data):
+            continue
+        frames, used, need, error = read_frames(data[:cut], 1 << 20)
+        assert error is None
+        if cut < first:
+            assert frames == [] and used == 0
+            header = 2 + (2 if 126 <= size < 65536 else 8 if size >= 65536 else 0)
+            assert need == (first if cut >= header else 0)
+        else:
+            assert frames == [(OP_BINARY, True, payload)] and used == first
+
+
+def test_control_and_continuation_frames() -> None:
+    data = (
+        client_frame(WS_TEXT, b"hel", fin=False)
+        + client_frame(WS_PING, b"are you there")
+        + client_frame(WS_CONT, b"lo", fin=True)
+        + client_frame(WS_CLOSE, struct.pack("!H", 1000) + b"done")
+    )
+    frames, used, _, error = read_frames(data, 100)
+    assert error is None and used == len(data)
+    assert frames == [
+        (OP_TEXT, False, b"hel"),
+        (OP_PING, True, b"are you there"),
+        (OP_CONT, True, b"lo"),
+        (OP_CLOSE, True, struct.pack("!H", 1000) + b"done"),
+    ]
+    assert parse_close(frames[3][2]) == (1000, "done")
+    assert parse_close(b"") == (1005, "")
+    assert parse_close(encode_close(4001, "é" * 70)[2:]) == (4001, "é" * 61)  # cut at a character
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (Frame(WS_TEXT, b"x").serialize(mask=False, extensions=[]), 1002),  # unmasked
+        (bytes((0xC1, 0x80)) + b"\0\0\0\0", 1002),  # RSV1 set (no extension was agreed)
+        (bytes((0x83, 0x80)) + b"\0\0\0\0", 1002),  # opcode 3 is reserved
+        (bytes((0x09, 0x80)) + b"\0\0\0\0", 1002),  # a ping without FIN
+        (bytes((0x89, 0xFE, 0x00, 0x7E)) + b"\0\0\0\0", 1002),  # a 126-byte ping
+        (bytes((0x82, 0xFF)) + struct.pack("!Q", 1 << 40), 1009),  # refused from its header alone
+    ],
+)
+def test_invalid_frames_are_refused_with_their_close_code(data: bytes, code: int) -> None:
+    good = client_frame(WS_TEXT, b"before")
+    frames, used, _, error = read_frames(good + data, 1 << 20)
+    assert frames == [(OP_TEXT, True, b"before")] and used == len(good)  # what came before counts
+    assert error is not None and error.code == code
+
+
+@pytest.mark.parametrize(("payload", "code"), [(b"\x03", 1002), (b"\x03\xe4", 1002), (b"\x03\xe8\xff", 1007)])
+def test_invalid_close_frames(payload: bytes, code: int) -> None:
+    with pytest.raises(Exception) as refused:
+        parse_close(payload)
+    assert getattr(refused.value, "code", None) == code
+
+
+# -- a real node over raw sockets -------------------------------------------------------------------
+
+uses_raw_sockets = pytest.mark.usefixtures("raw_sockets")
+
+
+_opened: list[asyncio.StreamWriter] = []
+
+
+@pytest.fixture
+async def raw_sockets() -> AsyncIterator[None]:
+    """Closes the raw sockets a test opened, in its loop."""
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+class RawClient:
+    """A websocket client written by hand, so that it can break the rules (or not answer pings)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        _opened.append(writer)
+
+    @classmethod
+    async def open(cls, port: int, first: bytes = b"", key: bool = True) -> tuple[RawClient, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + (b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n" if key else b"")
+            + b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        writer.write(head + first)  # frames in the same packet as the request
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(5))
+        return cls(reader, writer), response
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def frame(self) -> tuple[int, bytes]:
+        """The next server frame: (opcode, payload)."""
+        first, second = await asyncio.wait_for(self.reader.readexactly(2), scaled(5))
+        assert not second & 0x80, "server frames are not masked"
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await self.reader.readexactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
+        return first & 0x0F, await self.reader.readexactly(length)
+
+    async def closed_by_server(self) -> bool:
+        """True once the server closed the TCP connection."""
+        return await asyncio.wait_for(self.reader.read(), scaled(5)) == b""
+
+
+@uses_raw_sockets
+async def test_frames_right_after_the_request_fragments_and_pings_are_handled(make_node: MakeNode) -> None:
+    node = await make_node()
+    raw, response = await RawClient.open(node.port, first=client_frame(WS_BINARY, b"early"))
+    assert response.startswith(b"HTTP/1.1 101 ") and b"\r\nServer: fanout\r\n" in response
+    assert (await raw.frame())[0] == OP_TEXT  # the welcome
+    assert await raw.frame() == (OP_BINARY, b"echo:early")
+    raw.send(client_frame(WS_BINARY, b"frag", fin=False) + client_frame(WS_PING, b"p1"))
+    assert await raw.frame() == (OP_PONG, b"p1")  # a ping between fragments is answered at once
+    raw.send(client_frame(WS_CONT, b"ment", fin=False))
+    raw.send(client_frame(WS_CONT, b"ed", fin=True))
+    assert await raw.frame() == (OP_BINARY, b"echo:fragmented")
+    # a frame in tiny pieces
+    for byte in client_frame(WS_BINARY, b"x" * 300):
+        raw.send(bytes((byte,)))
+    assert await raw.frame() == (OP_BINARY, b"echo:" + b"x" * 300)
+    # the client closes: its close frame is echoed and the server closes the socket
+    raw.send(client_frame(WS_CLOSE, struct.pack("!H", 4321) + b"bye"))
+    assert await raw.frame() == (OP_CLOSE, struct.pack("!H", 4321) + b"bye")
+    assert await raw.closed_by_server()
+    assert len(node.table) == 0
+
+
+@uses_raw_sockets
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (client_frame(WS_TEXT, b"\xff\xfe"), 1007),  # not UTF-8
+        (Frame(WS_TEXT, b"x").serialize(mask=False, extensions=[]), 1002),  # unmasked
+        (client_frame(WS_CONT, b"x"), 1002),  # a continuation with nothing to continue
+        (client_frame(WS_BINARY, b"a", fin=False) + client_frame(WS_BINARY, b"b"), 1002),
+        (client_frame(WS_BINARY, b"x" * 2000), 1009),
+        (client_frame(WS_BINARY, b"x" * 600, fin=False) + client_frame(WS_CONT, b"x" * 600), 1009),
+        (client_frame(WS_CLOSE, b"\x03\xe8\xff"), 1007),  # a close reason that is not UTF-8
+    ],
+)
+async def test_a_protocol_error_fails_the_connection_with_its_code(
+    make_node: MakeNode, bad: bytes, code: int
+) -> None:
+    node = await make_node(max_frame=1000)
+    raw, _ = await RawClient.open(node.port)
+    await raw.frame()  # welcome
+    raw.send(bad)
+    opcode, payload = await raw.frame()
+    assert opcode == OP_CLOSE and struct.unpack_from("!H", payload)[0] == code
+    assert await raw.closed_by_server()
+    ws, _ = await client(node.port)  # the node keeps serving
+    await ws.close()
+
+
+@uses_raw_sockets
+async def test_handshakes_that_are_not_websocket_handshakes_get_an_http_error(make_node: MakeNode) -> None:
+    node = await make_node()
+    _, response = await RawClient.open(node.port, key=False)
+    assert response.startswith(b"HTTP/1.1 400 ")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    _opened.append(writer)
+    writer.write(b"NONSENSE\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), scaled(5))).startswith(b"HTTP/1.1 400 ")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    _opened.append(writer)
+    writer.write(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+    assert (await asyncio.wait_for(reader.read(), scaled(5))).startswith(b"HTTP/1.1 431 ")
+    writer.close()
+
+
+@uses_raw_sockets
+async def test_a_client_that_does_not_answer_pings_is_closed_with_1011(make_node: MakeNode) -> None:
+    node = await make_node(ping_interval=0.2, ping_timeout=0.3)
+    raw, _ = await RawClient.open(node.port)  # never answers a ping
+    well_behaved, _ = await client(node.port)  # websockets answers pings
+    await raw.frame()  # welcome
+    assert (await raw.frame())[0] == OP_PING
+    opcode, payload = await raw.frame()
+    assert opcode == OP_CLOSE and payload == struct.pack("!H", 1011) + b"keepalive ping timeout"
+    assert await raw.closed_by_server()
+    await asyncio.sleep(1.0)  # several rounds of pings: the answering client stays
+    await well_behaved.send(b"still here")
+    assert await recv(well_behaved) == b"echo:still here"
+    await well_behaved.close()
+
+
+@uses_raw_sockets
+async def test_a_client_that_does_not_answer_the_close_is_dropped_after_the_close_timeout(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.connection.CLOSE_TIMEOUT", 0.5)
+    node = await make_node()
+    raw, _ = await RawClient.open(node.port)
+    (_, welcome) = await raw.frame()
+    client_id = welcome.split(b'"client_id":"')[1].split(b'"')[0].decode()
+    assert await node.util.close(client_id, 4000, "go") == 1
+    assert await raw.frame() == (OP_CLOSE, struct.pack("!H", 4000) + b"go")
+    started = asyncio.get_running_loop().time()
+    # it never sends its close frame: the socket is dropped (reset) once the timeout is over
+    with contextlib.suppress(ConnectionResetError):
+        await asyncio.wait_for(raw.reader.read(), scaled(5))
+    assert 0.4 < asyncio.get_running_loop().time() - started < scaled(3)
+
+
+@uses_raw_sockets
+async def test_idle_connections_hold_no_task(make_node: MakeNode) -> None:
+    node = await make_node()
+    await asyncio.sleep(0.2)
+    before = len(asyncio.all_tasks())
+    clients = [(await RawClient.open(node.port))[0] for _ in range(200)]  # streams: no task of their own
+    for raw in clients:
+        await raw.frame()  # welcome
+    await asyncio.sleep(0.2)
+    assert len(node.table) == 200
+    assert len(asyncio.all_tasks()) == before  # not one task per connection
+    clients[0].send(client_frame(WS_BINARY, b"hi"))
+    assert await clients[0].frame() == (OP_BINARY, b"echo:hi")
+    await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) == before  # the lane ended with its last message
+    for raw in clients:
+        raw.send(client_frame(WS_CLOSE, struct.pack("!H", 1000)))
+    for raw in clients:
+        assert (await raw.frame())[0] == OP_CLOSE
+        assert await raw.closed_by_server()
+    await asyncio.sleep(0.1)
+    assert len(node.table) == 0 and not node.live
+
+
+class SlowRecorder:
+    """An application whose on_message takes a while, recording what it is given."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    async def on_message(self, conn: object, data: str | bytes) -> None:
+        await asyncio.sleep(0.02)
+        self.log.append(str(data))
+
+    async def on_close(self, conn: object) -> None:
+        self.log.append("close")
+
+
+@uses_raw_sockets
+async def test_messages_sent_before_the_close_are_all_handled_then_the_close(make_node: MakeNode) -> None:
+    app = SlowRecorder()
+    node = await make_node(app=app)
+    raw, _ = await RawClient.open(node.port)
+    await raw.frame()  # welcome
+    messages = b"".join(client_frame(WS_TEXT, b"m%d" % i) for i in range(20))  # more than INBOX_HIGH
+    raw.send(messages + client_frame(WS_CLOSE, struct.pack("!H", 1000)))
+    assert (await raw.frame())[0] == OP_CLOSE
+    for _ in range(100):
+        if "close" in app.log:
+            break
+        await asyncio.sleep(0.05)
+    assert app.log == [f"m{i}" for i in range(20)] + ["close"]
