@@ -46,8 +46,15 @@ from tests.support.redis_servers import start_cluster  # noqa: E402
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (from /proc)."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU time of a process so far, seconds (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def machine() -> str:

@@ -36,8 +36,10 @@ Each workload is a phase: the load generators are told how many messages each gr
 are read, the publisher is started, and the phase ends when every client has exactly what it should have
 (or once nothing has moved for ``--stall-timeout`` seconds: that is loss, and the run fails). **Server
 CPU-s per 100k deliveries** = user + system CPU of the server processes (``/proc/<pid>/stat``) over the
-phase, divided by the deliveries received, times 100,000. Also reported: deliveries/s (over the phase), the
-publisher's, the load generators' and the broker's CPU (the broker's includes anyone else using it), and
+phase, divided by the deliveries received, times 100,000. Also reported: the share of that CPU spent in
+the kernel (system time: mostly the socket writes, which on loopback also carry the receiving side's TCP
+work), deliveries/s (over the phase), the publisher's, the load generators' and the broker's CPU (the
+broker's includes anyone else using it), and
 for ``paced`` p50 / p99 latency. Every client must get every message meant for it, nothing twice, nothing of
 another group; any loss, extra, misrouted or late frame, or a dropped connection fails the run and is
 printed. Each (system, workload) cell is the median of ``--repeat`` (3) runs; repeats go round the systems,
@@ -84,7 +86,7 @@ WORKLOADS = ("group", "broadcast", "paced")
 REFERENCE = "socketio-node"
 
 sys.path.insert(0, str(ROOT))
-from bench.bench import cpu_seconds, machine  # noqa: E402
+from bench.bench import cpu_seconds, cpu_split, machine  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -154,6 +156,10 @@ class Child:
     def cpu(self) -> float:
         """This process's CPU, and its children's (``fanout-node --processes N`` runs N of them)."""
         return cpu_seconds(self.pid) + sum(cpu_seconds(pid) for pid in child_pids(self.pid))
+
+    def kernel_cpu(self) -> float:
+        """The system (kernel) part of :meth:`cpu`."""
+        return sum(cpu_split(pid)[1] for pid in (self.pid, *child_pids(self.pid)))
 
     def log_tail(self, lines: int = 15) -> str:
         self._log.flush()
@@ -429,6 +435,7 @@ class PhaseResult:
     seconds: float  #: from the publisher's start to the last delivery
     publish_seconds: float  #: the publisher's own time for its sends
     server_cpu: float
+    server_kernel: float  #: the part of server_cpu spent in the kernel (system time: mostly send())
     publisher_cpu: float
     load_cpu: float
     load_busiest: float  #: the busiest load generator's CPU share of one core over the phase
@@ -441,6 +448,10 @@ class PhaseResult:
     @property
     def per_100k(self) -> float:
         return self.server_cpu / self.deliveries * 100_000 if self.deliveries else float("nan")
+
+    @property
+    def kernel_share(self) -> float:
+        return self.server_kernel / self.server_cpu if self.server_cpu else float("nan")
 
     @property
     def rate(self) -> float:
@@ -543,6 +554,7 @@ class Bench:
         for load in loads:
             load.expect("phase", 10, pid)
         servers0 = sum(c.cpu() for c in stack.servers)
+        kernel0 = sum(c.kernel_cpu() for c in stack.servers)
         loads0 = [c.cpu() for c in loads]
         publisher0 = stack.publisher.cpu()
         broker0 = cpu_seconds(stack.broker_pid) if stack.broker_pid else None
@@ -586,6 +598,7 @@ class Bench:
                     moved = time.monotonic()
         seconds = time.monotonic() - start
         server_cpu = sum(c.cpu() for c in stack.servers) - servers0
+        server_kernel = sum(c.kernel_cpu() for c in stack.servers) - kernel0
         load_cpus = [c.cpu() - c0 for c, c0 in zip(loads, loads0, strict=True)]
         publisher_cpu = stack.publisher.cpu() - publisher0
         busy1, total1 = machine_busy()
@@ -621,6 +634,7 @@ class Bench:
             seconds=seconds,
             publish_seconds=float(published["seconds"]) if published else float("nan"),
             server_cpu=server_cpu,
+            server_kernel=server_kernel,
             publisher_cpu=publisher_cpu,
             load_cpu=sum(load_cpus),
             load_busiest=max(load_cpus) / seconds if seconds else 0.0,
@@ -635,7 +649,8 @@ class Bench:
         broker = f", broker {r.broker_cpu:.2f}" if r.broker_cpu is not None else ""
         print(
             f"  {workload:9} {r.deliveries:>9,} deliveries in {r.seconds:5.2f} s = {r.rate:>8,.0f}/s | "
-            f"server CPU {r.server_cpu:5.2f} s = {r.per_100k:.3f} CPU-s/100k | CPU s: publisher "
+            f"server CPU {r.server_cpu:5.2f} s = {r.per_100k:.3f} CPU-s/100k ({r.kernel_share:.0%} kernel)"
+            " | CPU s: publisher "
             f"{r.publisher_cpu:.2f}, load {r.load_cpu:.2f} (busiest {r.load_busiest:.0%} of a core){broker}"
             f" | machine {r.machine_busy:.0%} busy | latency p50 {r.p50:.1f} / p99 {r.p99:.1f} ms",
             flush=True,
@@ -700,6 +715,7 @@ def tables(
         "runs",
         "deliveries/s",
         "CPU-s/100k (runs)",
+        "server kernel share",
         "publisher CPU-s",
         "load CPU-s (busiest proc)",
         "broker CPU-s",
@@ -711,7 +727,7 @@ def tables(
         for workload in workloads:
             cell = cells[(system, workload)]
             if not cell.runs:
-                detail.append([system, workload, "0", "FAILED", "", "", "", "", "", ""])
+                detail.append([system, workload, "0", "FAILED", "", "", "", "", "", "", ""])
                 continue
             brokers = [r.broker_cpu for r in cell.runs if r.broker_cpu is not None]
             detail.append(
@@ -723,6 +739,7 @@ def tables(
                     f"{cell.median(lambda r: r.per_100k):.3f} ("
                     + ", ".join(f"{r.per_100k:.3f}" for r in cell.runs)
                     + ")",
+                    f"{cell.median(lambda r: r.kernel_share):.0%}",
                     f"{cell.median(lambda r: r.publisher_cpu):.2f}",
                     f"{cell.median(lambda r: r.load_cpu):.2f} ({cell.median(lambda r: r.load_busiest):.0%})",
                     f"{statistics.median(brokers):.2f}" if brokers else "-",
