@@ -347,7 +347,9 @@ class Node:
                 )
             if self._lanes:  # their on_close hooks and close events
                 await asyncio.wait(list(self._lanes), timeout=CLOSE_TIMEOUT)
-            await self._server.wait_closed()
+            # (uvloop's waits for every accepted socket: an API request still being answered, say)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT)
         if self.events is not None:  # the close events of the clients just closed go out first
             await self.events.stop()
         if self.backend.healthy:  # with the broker gone the goodbye cannot go: the heartbeats' end tells

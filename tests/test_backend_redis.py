@@ -215,6 +215,20 @@ async def test_concurrent_publishes_are_batched_and_keep_each_callers_order(
     assert elapsed < scaled(5)
 
 
+async def test_a_publish_written_directly_and_those_queued_behind_it_keep_their_order(
+    connect, shared_settings: Settings
+) -> None:
+    """An idle publisher's caller writes its PUBLISH itself; callers that come while it waits queue for
+    the flusher: on the wire the direct one comes first, then the queue in order."""
+    receiver, got = await connect(shared_settings)
+    sender, _ = await connect(shared_settings)
+    await receiver.subscribe([group("mixed")])
+    assert await sender.publish(group("mixed"), b"first") == 1  # the publishing connection is open now
+    results = await asyncio.gather(*(sender.publish(group("mixed"), b"%d" % i) for i in range(300)))
+    assert results == [1] * 300
+    assert await got.wait_for_count(301) == [b"first", *(b"%d" % i for i in range(300))]
+
+
 async def test_publish_before_connect_and_close_is_idempotent(shared_settings: Settings) -> None:
     from fanout.exceptions import NotConnected
 

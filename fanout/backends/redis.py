@@ -401,6 +401,7 @@ class RedisBackend(Backend):
         self._cluster: RedisCluster | None = None  #: cluster map (and SPUBLISH client in routing mode)
         self._outbox: deque[_Outgoing] = deque()
         self._inflight: list[_Outgoing] = []  #: the batch whose pipeline is on the wire
+        self._direct = 0  #: publishes written by their caller, not the flusher, still waiting for replies
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -827,6 +828,16 @@ class RedisBackend(Backend):
         """
         if self._handler is None or self._flusher is None:
             raise NotConnected("the redis backend is not connected")
+        publisher = self._publisher
+        if (
+            items
+            and publisher is not None
+            and publisher.alive
+            and not self._direct
+            and not self._outbox
+            and not self._inflight
+        ):
+            return await self._publish_direct(publisher, items)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int | None]] = []
         for address, message in items:
@@ -846,6 +857,35 @@ class RedisBackend(Backend):
             raise BackendUnavailable(
                 f"Redis did not take the publish within {self.settings.publish_timeout:g}s"
             ) from exc
+
+    async def _publish_direct(
+        self, publisher: PublishConnection, items: Sequence[tuple[Address, bytes]]
+    ) -> list[int | None]:
+        """Nothing is queued or on the wire: the caller writes its messages itself, which saves the two
+        task switches through the flusher (a third of an awaited publish's cost). Callers that come
+        meanwhile queue for the flusher, whose writes follow this one on the same connection, so the
+        order holds."""
+        self._direct += 1
+        try:
+            futures = publisher.send([pack_publish(self._channel(a), message) for a, message in items])
+            try:
+                async with asyncio.timeout(self.settings.publish_timeout):
+                    with contextlib.suppress(RedisConnectionError):  # read from every future below
+                        await futures[-1]  # replies come in order
+            except TimeoutError as exc:
+                publisher.close()  # a hung server: start afresh with the next publish
+                raise BackendUnavailable(
+                    f"Redis did not take the publish within {self.settings.publish_timeout:g}s"
+                ) from exc
+        finally:
+            self._direct -= 1
+        results: list[int | None] = []
+        for future in futures:
+            reply = future.exception() or future.result()
+            if isinstance(reply, Exception):
+                raise self._error(reply, "the publish")
+            results.append(int(cast(int, reply)))
+        return results
 
     async def _flush_loop(self) -> None:
         """Send everything queued since the last round trip in one pipeline, forever."""

@@ -127,9 +127,14 @@ class NodeProcess:
         raise AssertionError(f"no {field}")
 
     def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, and its exit status; a node that does not exit in time is killed (and that raises)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(scaled(timeout))
+        try:
+            return self.proc.wait(scaled(timeout))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         if self.proc.poll() is None:
