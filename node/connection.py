@@ -269,6 +269,9 @@ class Connection(asyncio.Protocol):
         self.flush()
         self.open = False
         self.node.forget(self)
+        if self._reading_paused:  # its close reply must get through (what else it sends is ignored)
+            self._reading_paused = False
+            self._transport.resume_reading()
         if self.state == OPEN:
             self.state = CLOSING
             self._transport.write(encode_close(code, reason))

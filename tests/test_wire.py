@@ -11,9 +11,12 @@ import os
 import struct
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
+from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
+from node.connection import Connection
 from node.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -315,3 +318,25 @@ async def test_messages_sent_before_the_close_are_all_handled_then_the_close(mak
             break
         await asyncio.sleep(0.05)
     assert app.log == [f"m{i}" for i in range(20)] + ["close"]
+
+
+class Slow:
+    """Takes its time with each message, so that a client's messages pile up in the lane."""
+
+    async def on_message(self, conn: Connection, data: str | bytes) -> None:
+        await asyncio.sleep(0.1)
+
+
+async def test_a_close_while_reading_is_paused_still_reads_the_clients_reply(make_node: MakeNode) -> None:
+    node = await make_node(app=Slow())
+    async with connect(f"ws://127.0.0.1:{node.port}/") as ws:
+        client_id = orjson.loads(await ws.recv())["client_id"]
+        for i in range(40):  # the lane's inbox fills: the node stops reading from this client
+            await ws.send(f"m{i}")
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        assert await node.util.close(client_id, 4000, "bye") == 1
+        await asyncio.wait_for(ws.wait_closed(), scaled(15))
+        assert ws.close_code == 4000
+        # well before the node's 10 s close timeout: it read the client's close reply
+        assert asyncio.get_running_loop().time() - started < scaled(2)
