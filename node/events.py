@@ -6,8 +6,9 @@ them: a shard at its backlog bound (``FANOUT_EVENTS_BACKLOG`` events waiting for
 the events stay in the outbox and are offered again, in order, until it has room; a broker outage is
 the same. Meanwhile the policy (``FANOUT_EVENTS_POLICY``) applies to the clients whose events cannot go:
 
-* ``pause`` (default): the node stops reading from a client while its shard is full or its own events
-  wait in the outbox (its frames stay in the kernel's buffers; TCP slows the client down);
+* ``pause`` (default): a client's messages wait in its lane while its shard is full or its own events
+  wait in the outbox, and once 16 wait the node stops reading from it (its frames stay in the kernel's
+  buffers; TCP slows the client down);
 * ``close``: such a client is closed with 1013 (try again later) when it sends.
 
 Clients of other shards, and clients that do not send, are not affected; nothing grows without bound:
