@@ -316,22 +316,24 @@ class Connection(asyncio.Protocol):
         frames, used, self._need, error = read_frames(data, self.node.options.max_frame)
         if used < len(data):
             self._buffer = bytearray(data[used:])
+        transport = self._transport
         for opcode, fin, payload in frames:
-            if opcode < OP_CLOSE:
+            if transport.is_closing():
+                return  # closed (a close answered, a failure, a cut-off): nothing after it counts
+            if opcode == OP_CLOSE:
+                self._close_frame(payload)
+            elif self.state != OPEN:
+                continue  # the node is closing: only the client's close reply matters now
+            elif opcode < OP_CLOSE:
                 self._data_frame(opcode, fin, payload)
             elif opcode == OP_PING:
-                if self.state == OPEN:
-                    self._transport.write(encode_control(OP_PONG, payload))
-                    if self._transport.get_write_buffer_size() > self.send_limit:
-                        # what it owes (pongs to its pings) piles up because it does not read: cut it off
-                        self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
-            elif opcode == OP_PONG:
+                transport.write(encode_control(OP_PONG, payload))
+                if transport.get_write_buffer_size() > self.send_limit:
+                    # what it owes (pongs to its pings) piles up because it does not read: cut it off
+                    self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
+            else:  # a pong: the keepalive ping is answered
                 self.ping_sent = 0.0
-            else:
-                self._close_frame(payload)
-            if self.state != OPEN:
-                return  # nothing after a close (or a failure) counts
-        if error is not None:
+        if error is not None and not transport.is_closing():
             self._fail(error.code, error.reason)
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:

@@ -267,6 +267,25 @@ async def test_a_client_that_does_not_answer_the_close_is_dropped_after_the_clos
 
 
 @uses_raw_sockets
+async def test_a_close_reply_behind_other_frames_ends_the_close_at_once(make_node: MakeNode) -> None:
+    node = await make_node()
+    raw, _ = await RawClient.open(node.port)
+    (_, welcome) = await raw.frame()
+    client_id = welcome.split(b'"client_id":"')[1].split(b'"')[0].decode()
+    assert await node.util.close(client_id, 4000, "go") == 1
+    assert (await raw.frame())[0] == OP_CLOSE
+    started = asyncio.get_running_loop().time()
+    # frames it had in flight, then its close reply, in one packet: the reply still ends the close
+    raw.send(
+        client_frame(WS_TEXT, b"late")
+        + client_frame(WS_PING, b"p")
+        + client_frame(WS_CLOSE, struct.pack("!H", 4000))
+    )
+    assert await raw.closed_by_server()
+    assert asyncio.get_running_loop().time() - started < scaled(2)  # not the 10 s close timeout
+
+
+@uses_raw_sockets
 async def test_idle_connections_hold_no_task(make_node: MakeNode) -> None:
     node = await make_node()
     await asyncio.sleep(0.2)
