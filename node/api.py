@@ -9,8 +9,8 @@ arguments, 404 unknown call, 413 body over ``FANOUT_API_MAX_BODY``, 504 ``QueryT
 ``BackendUnavailable`` / ``NoLiveNodes``, 502 another ``BackendError``, 500 anything else. The OpenAPI
 description is ``GET /api/openapi.json``.
 
-The requests are parsed by :class:`~node.connection.ClientSocket` (the websocket library refuses
-request bodies) and answered here, with the node's own ServerUtil.
+The requests are read by :class:`~node.http.HttpConnection` (websockets' request parser refuses
+bodies) and answered here, with the node's own ServerUtil.
 """
 
 from __future__ import annotations
