@@ -371,6 +371,10 @@ class Connection(asyncio.Protocol):
         if self.open:
             self.node.received(self, message)
 
+    def begin(self, admit: Any) -> None:
+        """Start the lane with the opening (``admit``: what ``on_connect`` returned)."""
+        self._lane = self.node.start_lane(self, admit, opening=True)
+
     def queue(self, message: str | bytes) -> None:
         """Hand a message to the lane (the node calls this when the application reads messages)."""
         inbox = self._inbox

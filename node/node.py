@@ -408,7 +408,7 @@ class Node:
         self.table.add(conn.client_id, conn)
         self.live.add(conn)
         self.metrics.connections_opened += 1
-        conn._lane = self.start_lane(conn, admit, opening=True)
+        conn.begin(admit)
         if early:
             conn.data_received(early)
 
