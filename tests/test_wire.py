@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
@@ -84,6 +88,40 @@ def test_control_and_continuation_frames() -> None:
     assert parse_close(frames[3][2]) == (1000, "done")
     assert parse_close(b"") == (1005, "")
     assert parse_close(encode_close(4001, "é" * 70)[2:]) == (4001, "é" * 61)  # cut at a character
+
+
+def _payload(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+frames_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.PONG]),
+        st.integers(0, 300) | st.integers(65530, 65540),  # both sides of the 16-bit length
+    ).map(lambda f: (f[0], _payload(min(f[1], 125) if f[0] in (Opcode.PING, Opcode.PONG) else f[1]))),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(frames=frames_strategy, cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=8))
+def test_any_frames_cut_anywhere_are_read_back_exactly(
+    frames: list[tuple[Opcode, bytes]], cuts: list[int]
+) -> None:
+    data = b"".join(client_frame(opcode, payload) for opcode, payload in frames)
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    got: list[tuple[int, bool, bytes]] = []
+    pending = b""
+    for start, end in itertools.pairwise(bounds):  # as Connection.data_received buffers
+        pending += data[start:end]
+        read, used, need, error = read_frames(pending, 1 << 20)
+        assert error is None
+        assert need == 0 or need > len(pending) - used
+        got += read
+        pending = pending[used:]
+    assert pending == b""
+    assert got == [(int(opcode), True, payload) for opcode, payload in frames]
 
 
 @pytest.mark.parametrize(
