@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from fanout.admission import ConnectRequest
+from fanout.admission import Admit, ConnectRequest
 from fanout.serverutil import encode_payload, names
 
 from .frames import (
@@ -75,6 +75,7 @@ class Connection(asyncio.Protocol):
         "_close_timer",
         "_closed",
         "_fragments",
+        "_fragments_text",
         "_inbox",
         "_lane",
         "_last_flag",
@@ -138,6 +139,7 @@ class Connection(asyncio.Protocol):
         self._buffer: bytearray | None = None
         self._need = 0
         self._fragments: list[bytes] | None = None
+        self._fragments_text = False  #: whether the fragmented message is text
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
         self._inbox: deque[str | bytes] | None = None
         self._lane: asyncio.Task[None] | None = None
@@ -267,15 +269,21 @@ class Connection(asyncio.Protocol):
         if not self.open:
             return
         self.flush()
-        self.open = False
-        self.node.forget(self)
         if self._reading_paused:  # its close reply must get through (what else it sends is ignored)
             self._reading_paused = False
             self._transport.resume_reading()
-        if self.state == OPEN:
-            self.state = CLOSING
-            self._transport.write(encode_close(code, reason))
+        if self._begin_close(encode_close(code, reason)):
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
+
+    def _begin_close(self, frame: bytes) -> bool:
+        """Leave the table, and send ``frame`` (a close frame) unless one was sent; True if it was sent."""
+        self.open = False
+        self.node.forget(self)
+        if self.state != OPEN:
+            return False
+        self.state = CLOSING
+        self._transport.write(frame)
+        return True
 
     async def wait_closed(self) -> None:
         """Until the socket is closed."""
@@ -344,19 +352,20 @@ class Connection(asyncio.Protocol):
                 return
             fragments.append(payload)
             limit = self.node.options.max_frame
-            if sum(map(len, fragments)) - 1 > limit:
+            if sum(map(len, fragments)) > limit:
                 self._fail(1009, f"message exceeds the limit of {limit} bytes")
                 return
             if not fin:
                 return
             self._fragments = None
-            text = fragments[0] == b"t"
-            payload = b"".join(fragments[1:])
+            text = self._fragments_text
+            payload = b"".join(fragments)
         elif fragments is not None:
             self._fail(1002, "a new message before the end of the fragmented one")
             return
         elif not fin:
-            self._fragments = [b"t" if opcode == OP_TEXT else b"b", payload]
+            self._fragments = [payload]
+            self._fragments_text = opcode == OP_TEXT
             return
         else:
             text = opcode == OP_TEXT
@@ -371,7 +380,7 @@ class Connection(asyncio.Protocol):
         if self.open:
             self.node.received(self, message)
 
-    def begin(self, admit: Any) -> None:
+    def begin(self, admit: Admit | None) -> None:
         """Start the lane with the opening (``admit``: what ``on_connect`` returned)."""
         self._lane = self.node.start_lane(self, admit, opening=True)
 
@@ -415,22 +424,15 @@ class Connection(asyncio.Protocol):
             return
         if self.state == OPEN:  # the client closes: echo its close frame after what is pending
             self.flush()
-            self.open = False
-            self.node.forget(self)
-            self.state = CLOSING
-            self._transport.write(encode_control(OP_CLOSE, payload))
+            self._begin_close(encode_control(OP_CLOSE, payload))
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
         """The client broke the protocol (or the keepalive): send the close code, close the socket."""
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
-        self.open = False
         self._pending = None
         self._pending_bytes = 0
-        self.node.forget(self)
-        if self.state == OPEN:
-            self.state = CLOSING
-            self._transport.write(encode_close(code, reason))
+        self._begin_close(encode_close(code, reason))
         self._transport.close()
 
     def keepalive(self, now: float, ping: bytes, expect_pong: bool) -> None:
@@ -444,9 +446,6 @@ class Connection(asyncio.Protocol):
         """Fail the connection if the ping sent at or before ``sent_by`` is still unanswered."""
         if self.ping_sent and self.ping_sent <= sent_by and self.state == OPEN:
             self._fail(*KEEPALIVE_CLOSE)
-
-    def eof_received(self) -> bool | None:
-        return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED

@@ -12,7 +12,7 @@ import struct
 
 try:
     from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - websockets without its C extension
+except ImportError:  # websockets built without its C extension: its pure-Python version
     from websockets.utils import apply_mask
 
 OP_TEXT = 0x1

@@ -23,10 +23,8 @@ accepts, :class:`~fanout.Reject` answers with its status, anything else with 500
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import hashlib
-import http
 import logging
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from importlib import resources
@@ -34,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from websockets.datastructures import Headers as WsHeaders
-from websockets.exceptions import HeaderLineTooLong, InvalidHeader, RequestLineTooLong, TooManyHeaders
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
@@ -193,6 +191,8 @@ def _response(connection: HttpConnection, status: int, body: bytes, content_type
     return response
 
 
+#: builds plain responses (``reject`` keeps no state)
+_RESPONSES = ServerProtocol()
 #: a POST being answered: whatever else arrives on that connection is ignored
 _ANSWERING = bytearray()
 #: the most of a refused (too large) body that is read and dropped so that the client gets its 413
@@ -227,18 +227,8 @@ class HttpConnection(asyncio.Protocol):
         self.node.handshaking.add(self)
 
     def respond(self, status: int, text: str) -> Response:
-        """A plain text response (``connection: close``)."""
-        status_ = http.HTTPStatus(status)
-        body = text.encode()
-        headers = WsHeaders(
-            [
-                ("Date", email.utils.formatdate(usegmt=True)),
-                ("Connection", "close"),
-                ("Content-Length", str(len(body))),
-                ("Content-Type", "text/plain; charset=utf-8"),
-            ]
-        )
-        return Response(status_.value, status_.phrase, headers, body)
+        """A plain text response (``Connection: close``), as websockets builds it."""
+        return _RESPONSES.reject(status, text)
 
     # -- reading the request
 
@@ -297,7 +287,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             await self._answer(request)
         except Exception:  # a bug: log it, drop this client, keep serving
-            log.exception("answering an HTTP request failed")
+            log.exception("opening a websocket failed")
             self._drop()
 
     async def _answer(self, request: Request) -> None:
@@ -312,7 +302,8 @@ class HttpConnection(asyncio.Protocol):
             if not self.node.serving:
                 response = self.respond(503, "the node is shutting down\n")
             else:
-                response = self._accept(request)
+                # the 101 for a valid websocket request, else its 400 or 426 (websockets' checks)
+                response = ServerProtocol(max_size=None).accept(request)
         response.headers["Server"] = "fanout"
         if response.status_code != 101:
             self._write(response)
@@ -324,14 +315,6 @@ class HttpConnection(asyncio.Protocol):
         early = b"".join(self._early or ())
         self._early = None
         self.node.opened(self.transport, connect_request, admit, early)
-
-    def _accept(self, request: Request) -> Response:
-        """The 101 for a valid websocket request (websockets' checks), else its 400 or 426."""
-        protocol = ServerProtocol(max_size=None)
-        try:
-            return protocol.accept(request)
-        except InvalidHeader as exc:  # pragma: no cover - accept() answers its own errors
-            return self.respond(400, f"{exc}\n")
 
     # -- HTTP API requests (POST)
 

@@ -269,6 +269,8 @@ class Node:
         self.early_limit = options.max_frame + 64 * 1024
         self._lanes: set[asyncio.Task[None]] = set()  #: the connections' lanes running now
         self._on_message = getattr(self.app, "on_message", None)
+        #: the worker tier when it takes message events, else None
+        self._forwarder = self.events if self.events and EventKind.MESSAGE in self.events.kinds else None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscription_lock = asyncio.Lock()
@@ -421,12 +423,8 @@ class Node:
             self.metrics.rate_limit_closes += 1
             conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
             return
-        if self._on_message is not None or self._forwards_messages:
+        if self._on_message is not None or self._forwarder is not None:
             conn.queue(message)
-
-    @property
-    def _forwards_messages(self) -> bool:
-        return self.events is not None and EventKind.MESSAGE in self.events.kinds
 
     def lost(self, conn: Connection) -> None:
         """``conn``'s socket is closed (its lane then runs the close)."""
@@ -443,8 +441,8 @@ class Node:
 
     async def _lane(self, conn: Connection, admit: Admit | None, opening: bool) -> None:
         try:
-            if opening and not await self._opened(conn, admit):
-                conn.start_close(APP_ERROR_CLOSE, "application error")
+            if opening:
+                await self._opened(conn, admit)
             while True:
                 message = conn.next_message()
                 if message is not None:
@@ -460,11 +458,11 @@ class Node:
                 return
         await self._closed(conn)
 
-    async def _opened(self, conn: Connection, admit: Admit | None) -> bool:
-        """Admission's identity, the welcome frame, the worker tier's open event, ``on_open``. False if
-        the connection cannot go on (it is then closed)."""
+    async def _opened(self, conn: Connection, admit: Admit | None) -> None:
+        """Admission's identity, the welcome frame, the worker tier's open event, ``on_open``; a
+        connection that cannot go on is closed (1013 identity not applied, 1011 ``on_open`` raised)."""
         if admit is not None and not await self._admit(conn, admit):
-            return True  # _admit closed it with its own code
+            return
         if self.options.welcome:
             welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
             if conn.push(welcome):
@@ -472,7 +470,8 @@ class Node:
         if self.events is not None:
             self.events.opened(conn)
             conn.forwarded = True
-        return await self._call_app("on_open", conn)
+        if not await self._call_app("on_open", conn):
+            conn.start_close(APP_ERROR_CLOSE, "application error")
 
     async def _admit(self, conn: Connection, admit: Admit) -> bool:
         """Apply the identity ``on_connect`` gave: session, flag, groups (subscriptions confirmed)."""
@@ -491,7 +490,7 @@ class Node:
         return True
 
     async def _message(self, conn: Connection, data: str | bytes) -> None:
-        forwarder = self.events if self._forwards_messages else None
+        forwarder = self._forwarder
         if forwarder is not None:
             if not forwarder.has_room(conn):
                 if forwarder.policy == "close":
