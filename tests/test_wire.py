@@ -294,7 +294,7 @@ async def test_a_client_that_does_not_answer_the_close_is_dropped_after_the_clos
     node = await make_node()
     raw, _ = await RawClient.open(node.port)
     (_, welcome) = await raw.frame()
-    client_id = welcome.split(b'"client_id":"')[1].split(b'"')[0].decode()
+    client_id = orjson.loads(welcome)["client_id"]
     assert await node.util.close(client_id, 4000, "go") == 1
     assert await raw.frame() == (OP_CLOSE, struct.pack("!H", 4000) + b"go")
     started = asyncio.get_running_loop().time()
@@ -309,7 +309,7 @@ async def test_a_close_reply_behind_other_frames_ends_the_close_at_once(make_nod
     node = await make_node()
     raw, _ = await RawClient.open(node.port)
     (_, welcome) = await raw.frame()
-    client_id = welcome.split(b'"client_id":"')[1].split(b'"')[0].decode()
+    client_id = orjson.loads(welcome)["client_id"]
     assert await node.util.close(client_id, 4000, "go") == 1
     assert (await raw.frame())[0] == OP_CLOSE
     started = asyncio.get_running_loop().time()
