@@ -59,7 +59,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns when handed the sync class
 
 from ..config import Mode, Settings
 from ..exceptions import BackendError, BackendUnavailable, NotConnected
