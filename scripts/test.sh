@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: creates .venv, installs fanout with its test tools,
-# starts Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) if they are not running, then runs
-# ruff, mypy --strict and pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k redis).
+# Runs the whole test suite on a fresh machine: makes .venv from requirements/test.lock (exact versions,
+# hash-checked; rebuilt when the lock changes), installs the system tools the tests use, starts Redis
+# (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) if they are not running, then runs ruff, mypy --strict and
+# pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k redis).
+#   scripts/test.sh --latest [pytest args]   the same in a fresh .venv-latest with the newest releases that
+#                                            pyproject.toml admits instead of the lock (finds drift early)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
+latest=0
+if [ "${1:-}" = "--latest" ]; then
+  latest=1
+  shift
 fi
-# pip's build backend is chatty: keep its output for when it fails
-if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
-       .venv/bin/python -m pip install --quiet -e '.[test]'; } >.venv/install.log 2>&1; then
-  cat .venv/install.log >&2
-  exit 1
-fi
+venv=.venv
+[ "$latest" = 1 ] && venv=.venv-latest
+. scripts/venv.sh
+ensure_venv
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -50,7 +52,7 @@ wait_port 6379
 wait_port 5672
 as_root rabbitmqctl await_startup >/dev/null
 
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-.venv/bin/mypy
-.venv/bin/pytest "$@"
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+"$venv/bin/mypy"
+"$venv/bin/pytest" "$@"
