@@ -2,8 +2,8 @@
 
 A library that warns in every process (redis-py 8.2 did, when handed its synchronous ``Retry`` by an asyncio
 client) teaches users to ignore output. The installed console scripts run here as a user runs them, with
-Python's default warning filters, against a real node on Redis, and every line they write to stderr must be one
-of fanout's: its log format, or its own ``fanout: …`` message.
+Python's default warning filters, against a real node on Redis, and every line they write to stderr must be
+one of fanout's: its log format, or its own ``fanout: …`` message.
 """
 
 from __future__ import annotations
