@@ -5,16 +5,19 @@
 # pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k redis).
 #   scripts/test.sh --latest [pytest args]   the same in a fresh .venv-latest with the newest releases that
 #                                            pyproject.toml admits instead of the lock (finds drift early)
+#   scripts/test.sh --lowest [pytest args]   the same in a fresh .venv-lowest with the oldest release of each
+#                                            runtime dependency pyproject.toml admits (checks the floors)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-latest=0
-if [ "${1:-}" = "--latest" ]; then
-  latest=1
-  shift
-fi
+flavour=locked
 venv=.venv
-[ "$latest" = 1 ] && venv=.venv-latest
+case ${1:-} in
+  --latest | --lowest)
+    flavour=${1#--}
+    venv=.venv-$flavour
+    shift ;;
+esac
 . scripts/venv.sh
 ensure_venv
 
