@@ -44,6 +44,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns when handed the sync class
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -59,7 +60,6 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns when handed the sync class
 
 from ..config import Mode, Settings
 from ..exceptions import BackendError, BackendUnavailable, NotConnected
