@@ -307,6 +307,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     )
     p.add_argument("what", nargs="?", choices=["run", "dead-letters"], default="run")
     p.add_argument("--app", help="the application object, module:attr (FANOUT_WORKER_APP)")
+    p.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="look for the application's module in DIR first (default: the current directory)",
+    )
     p.add_argument("--concurrency", type=int, help="connections handled at once (FANOUT_WORKER_CONCURRENCY)")
     p.add_argument("--port", type=int, help="serve /healthz and /metrics on this port (FANOUT_WORKER_PORT)")
     p.add_argument("--requeue", action="store_true", help="with dead-letters: put them back on their shards")
@@ -410,7 +416,7 @@ def _worker(settings: Settings, environ: dict[str, str], args: argparse.Namespac
     spec = args.app or environ.get("FANOUT_WORKER_APP", "")
     if not spec:
         raise ConfigError("FANOUT_WORKER_APP", "name the application with --app module:attr")
-    app = load_app(spec, "FANOUT_WORKER_APP")
+    app = load_app(spec, "FANOUT_WORKER_APP", app_dir=args.app_dir)
     overrides = {k: v for k, v in (("concurrency", args.concurrency), ("port", args.port)) if v is not None}
 
     async def run() -> None:

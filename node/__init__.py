@@ -1,8 +1,27 @@
-"""The fanout websocket node (``python -m node`` / ``fanout-node``)."""
+"""The fanout websocket node (``python -m node`` / ``fanout-node``).
+
+Its names are imported on first use: ``fanout-node`` installed without the ``[node]`` extra (no
+``websockets``) can then say which extra to install instead of failing in this package's import.
+"""
 
 from __future__ import annotations
 
-from .connection import Connection
-from .node import Node, NodeOptions
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .node import Node, NodeOptions
 
 __all__ = ["Connection", "Node", "NodeOptions"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "Connection":
+        from .connection import Connection
+
+        return Connection
+    if name in ("Node", "NodeOptions"):
+        from . import node
+
+        return getattr(node, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,12 @@ named with ``--app module:attr`` or ``FANOUT_APP`` (like GatewayWorker's Events 
 * ``on_close(conn)``: a client left (it has already left its groups and flag);
 * ``on_reconnect(node)``: the backend came back after an outage, subscriptions restored;
 * ``http_routes``: ``{path: async callable(request) -> (status, content type, body)}``, small GET
-  endpoints the node serves for the application (the demo's token endpoint is one).
+  endpoints the node serves for the application (the demo's token endpoint and page are two).
+
+A hook may also be a plain ``def``: it is called on the node's event loop (as python-socketio calls
+plain handlers), so it must be quick; whatever it returns that is awaitable is awaited. Blocking work
+belongs in a worker (``fanout worker``, where plain handlers run in a thread pool) or in
+``await asyncio.to_thread(...)`` inside an ``async def`` hook.
 
 ``conn.node.util`` is a :class:`fanout.ServerUtil` sharing the node's backend, for cluster-wide sends
 and queries from inside hooks. Clients can only join groups or bind flags if the application does it
@@ -22,9 +27,14 @@ for them: nothing is exposed to clients by default.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
+import inspect
 import os
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -35,11 +45,43 @@ from fanout.exceptions import FanoutError
 if TYPE_CHECKING:
     from .connection import Connection
 
+#: the hooks a node calls on its application
+HOOKS = ("on_connect", "on_open", "on_message", "on_close", "on_start", "on_stop", "on_reconnect")
+
 LOBBY = "lobby"
 MAX_CHAT_TEXT = 2000
 #: the demo's token key when FANOUT_DEMO_KEY is not set: the demo is not an authentication system
 DEMO_KEY = "fanout-demo-key"
 DEMO_TOKEN_TTL = 3600
+
+
+@functools.cache
+def demo_page() -> bytes:
+    """The demo's page, ``node/static/index.html``."""
+    return resources.files(__package__ or "node").joinpath("static/index.html").read_bytes()
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Call an application hook, ``async def`` or plain ``def``, and return its result."""
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def app_shape_warnings(app: object) -> list[str]:
+    """What looks wrong in an application's shape, to log at start: ``on_*`` attributes that are no
+    hook (a misspelt hook is never called), and no ``on_connect`` (every client is then a guest)."""
+    warnings = []
+    for name in sorted(n for n in dir(app) if n.startswith("on_") and n not in HOOKS):
+        close = difflib.get_close_matches(name, HOOKS, n=1)
+        hint = f" — did you mean {close[0]}?" if close else f" (the hooks: {', '.join(HOOKS)})"
+        warnings.append(f"the application's {name} is not a node hook and is never called{hint}")
+    if getattr(app, "on_connect", None) is None:
+        warnings.append(
+            "the application has no on_connect: every client is admitted as a guest (no flag, no groups)"
+        )
+    return warnings
 
 
 def _display_name(raw: object) -> str:
@@ -60,7 +102,10 @@ class DemoChat:
 
     def __init__(self, key: str | None = None) -> None:
         self.key = key or os.environ.get("FANOUT_DEMO_KEY") or DEMO_KEY
-        self.http_routes = {"/demo/token": self.token_endpoint}
+        self.http_routes = {"/demo/token": self.token_endpoint, "/": self.page, "/index.html": self.page}
+
+    async def page(self, request: ConnectRequest) -> tuple[int, str, bytes]:
+        return 200, "text/html; charset=utf-8", demo_page()
 
     async def token_endpoint(self, request: ConnectRequest) -> tuple[int, str, bytes]:
         name = _display_name(request.query.get("name", "guest"))

@@ -1,7 +1,8 @@
 """The node's HTTP side: its endpoints, and the gate every websocket handshake passes before the upgrade.
 
 Endpoints: ``GET /healthz`` (200 while the backend subscription is live, else 503), ``GET /metrics``
-(Prometheus text), ``GET /`` (the demo page), ``GET /fanout.js`` (the JS client, ``node/static/fanout.js``,
+(Prometheus text), ``GET /`` (a short status page; the demo chat's page when the application declares
+it in its routes, as the demo does), ``GET /fanout.js`` (the JS client, ``node/static/fanout.js``,
 with an ``ETag``: ``If-None-Match`` gets 304), and the small GET endpoints an application declares in
 ``http_routes`` (``{path: async callable(request) -> (status, content type, body)}``). ``HEAD`` gets the
 same status and headers with no body; other methods get 405.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import html
 import logging
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from importlib import resources
@@ -40,6 +42,7 @@ from websockets.streams import StreamReader
 from fanout.admission import Admit, ConnectRequest, Reject, origin_allowed
 
 from .api import openapi
+from .app import call_hook
 from .limits import TokenBucket
 from .metrics import render
 
@@ -51,11 +54,6 @@ log = logging.getLogger("fanout.node")
 #: what an application's ``http_routes`` handler returns: (status, content type, body)
 HttpAnswer = tuple[int, str, bytes]
 Route = Callable[[ConnectRequest], Awaitable[HttpAnswer]]
-
-
-@functools.cache
-def demo_page() -> bytes:
-    return resources.files(__package__ or "node").joinpath("static/index.html").read_bytes()
 
 
 @functools.cache
@@ -105,8 +103,6 @@ class HttpSide:
             return _response(
                 connection, 200, render(self._registry), "text/plain; version=0.0.4; charset=utf-8"
             )
-        if path in ("/", "/index.html"):
-            return _response(connection, 200, demo_page(), "text/html; charset=utf-8")
         if path == "/fanout.js":
             return _js_client(connection, request)
         if path == "/api/openapi.json" and node.options.api_key:
@@ -120,7 +116,29 @@ class HttpSide:
                 log.exception("application route %s failed", path)
                 return connection.respond(500, "internal error\n")
             return _response(connection, status, body, content_type)
+        if path in ("/", "/index.html"):
+            return _response(connection, 200, self._status_page(), "text/html; charset=utf-8")
         return connection.respond(404, "not found\n")
+
+    def _status_page(self) -> bytes:
+        """What ``GET /`` shows for an application without a page of its own: which node this is, and
+        where its endpoints are (the websocket is at any path but these)."""
+        node = self.node
+        rows = {
+            "node": node.options.node_id,
+            "backend": f"{node.settings.backend.value} ({'up' if node.backend.healthy else 'down'})",
+            "mode": node.settings.mode.value,
+            "namespace": node.settings.namespace,
+            "connections": str(len(node.table)),
+            "application": getattr(node.app, "__name__", None) or type(node.app).__qualname__,
+        }
+        cells = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows.items())
+        return (
+            "<!doctype html><meta charset=utf-8><title>fanout node</title>"
+            f"<h1>fanout node</h1><table>{cells}</table>"
+            '<p>Websocket clients connect here (ws://); <a href="/healthz">/healthz</a>, '
+            '<a href="/metrics">/metrics</a>, <a href="/fanout.js">/fanout.js</a> (the JS client).</p>'
+        ).encode()
 
     # ------------------------------------------------------------------ the gate
 
@@ -142,7 +160,7 @@ class HttpSide:
         admit: Any = None
         if on_connect is not None:
             try:
-                admit = await on_connect(connect_request)
+                admit = await call_hook(on_connect, connect_request)
             except Reject as reject:
                 metrics.admission_rejects[str(reject.status)] += 1
                 return connection.respond(reject.status, f"{reject.reason}\n")

@@ -64,7 +64,7 @@ from fanout.serverutil import ServerUtil
 from fanout.table import Change, ConnectionTable
 
 from .api import Api
-from .app import DemoChat
+from .app import DemoChat, call_hook
 from .connection import CLOSE_TIMEOUT, Connection
 from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
 from .frames import OP_PING, encode_control, encode_frame
@@ -541,7 +541,7 @@ class Node:
         if method is None:
             return True
         try:
-            await method(*args)
+            await call_hook(method, *args)
         except Exception:
             self.metrics.app_errors += 1
             log.exception("application hook %s failed", hook)

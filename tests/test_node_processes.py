@@ -10,6 +10,7 @@ from pathlib import Path
 from fanout import ServerUtil
 from tests.support import scaled
 from tests.support.nodes import client, recv, run_module, start_node, unique_namespace
+from tests.support.workers import wait_until
 
 URL = "redis://127.0.0.1:6379/0"
 
@@ -62,6 +63,33 @@ async def test_one_process_dying_stops_the_others_and_the_status_says_so(tmp_pat
         os.kill(int(children[0]), signal.SIGKILL)
         assert parent.proc.wait(timeout=scaled(15)) != 0
         assert "exited with status" in parent.log_path.read_text()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's new parent may never reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_the_processes_exit_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    ns = unique_namespace()
+    env = {"FANOUT_URL": URL, "FANOUT_NAMESPACE": ns, "FANOUT_NODE_ID": "orphans"}
+    parent = start_node(tmp_path, env, extra_args=["--processes", "2"])
+    async with ServerUtil(URL, namespace=ns, heartbeat_interval=0.5) as util:
+        await _nodes(util, 2)
+    children = [int(pid) for pid in _children(parent.proc.pid)]
+    assert len(children) == 2
+    parent.proc.send_signal(signal.SIGKILL)  # no chance to stop them itself
+    parent.proc.wait(timeout=scaled(5))
+    try:
+        wait_until(lambda: not any(_running(pid) for pid in children), 15, "the orphans to exit")
+    finally:
+        for pid in filter(_running, children):
+            os.kill(pid, signal.SIGKILL)
+    assert "Traceback" not in parent.log()  # they stopped as on SIGTERM
 
 
 def test_processes_need_a_fixed_port() -> None:

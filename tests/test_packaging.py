@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,3 +68,45 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
     _run(python, "-c", "import fanout_node.app", cwd=tmp_path)
     taken = subprocess.run([python, "-c", "import node"], cwd=tmp_path, capture_output=True, text=True)
     assert taken.returncode != 0 and "No module named 'node'" in taken.stderr
+
+
+def test_an_editable_publisher_install_is_quiet_typed_and_names_the_node_extra(tmp_path: Path) -> None:
+    # README's editable install (strict mode) of a copy of the checkout, with only the redis extra
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    (command,) = re.findall(
+        r"`(pip install -e path/to/fanout --config-settings editable_mode=strict)`", readme
+    )
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    args = [f"{source}[redis]" if word == "path/to/fanout" else word for word in shlex.split(command)]
+    built = subprocess.run(
+        [python, "-m", *args, "-v"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert built.returncode == 0, built.stdout
+    assert "would be ignored" not in built.stdout and "absent from the `packages`" not in built.stdout
+
+    elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing found through the current directory
+    elsewhere.mkdir()
+    # fanout-node without the [node] extra: one line naming it, status 2
+    node = subprocess.run([venv / "bin" / "fanout-node"], cwd=elsewhere, capture_output=True, text=True)
+    assert node.returncode == 2 and node.stdout == "", node.stdout + node.stderr
+    (line,) = node.stderr.strip().splitlines()
+    assert 'pip install "fanout[node]"' in line and "websockets" in line, line
+    # examples/chat's node app imports the installed package, not the checkout's node/
+    shutil.copytree(ROOT / "examples" / "chat", elsewhere / "examples" / "chat")
+    (elsewhere / "examples" / "__init__.py").touch()
+    loaded = "import examples.chat.node_app as m; print(m.app.__mro__[1].__module__)"
+    assert _run(python, "-c", loaded, cwd=elsewhere).strip() == "fanout_node.app"
+    # mypy, run outside the checkout, sees the editable install and its types
+    (elsewhere / "check.py").write_text(
+        "import fanout\n"
+        "from fanout_node.app import DemoChat\n\n\n"
+        "def notify(util: fanout.SyncServerUtil) -> int:\n"
+        '    return util.send_to_group("lobby", "hi", ack=True)\n\n\n'
+        "demo: DemoChat = DemoChat()\n"
+    )
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--python-executable", python, "check.py"]
+    assert "Success" in _run(*mypy, cwd=elsewhere)

@@ -7,7 +7,10 @@ Run a node with it::
         fanout-node --app examples.chat.node_app:app
 """
 
-from node.app import DemoChat
+try:
+    from fanout_node.app import DemoChat  # installed: pip install "fanout[node]"
+except ImportError:  # a checkout that is not installed, run as python -m node
+    from node.app import DemoChat
 
 
 class Admission(DemoChat):
