@@ -18,6 +18,9 @@ Topology (``<ns>`` the namespace, ``<k>`` the shard):
   requeues everything it had not acknowledged (``redelivered``). (Exclusive consumers would not do:
   quorum queues do not enforce them.)
 * **Dead letters**: queue ``<ns>.ev.dead`` (durable); listing gets every message and requeues them.
+* **Cleanup** (:meth:`AmqpEventLog.remove`): the queues of shards ``0 .. shards-1`` (the shard count it is
+  given: RabbitMQ cannot be asked for queues by name pattern over AMQP), the dead letters, the roster
+  stream and the exchange.
 * **Rosters**: stream ``<ns>.ev.roster`` (``x-queue-type: stream``, kept 10 minutes). Nodes append what
   changes (connection added / removed / flag changed) and, every 30 s, a snapshot of their whole roster,
   plus ``up`` at start and ``down`` at a clean stop. The leading worker reads the stream from 10 minutes
@@ -441,6 +444,27 @@ class AmqpEventLog(EventLog):
         )
         self._rosters.pop(instance, None)
         return len(roster)
+
+    # -- cleanup
+
+    @_bounded("remove the worker tier")
+    async def remove(self) -> list[str]:
+        await self._ensure()
+        assert self._connection is not None
+        removed = []
+        for name in [*(self.queue_name(k) for k in range(self.shards)), self.dead_name, self.roster_name]:
+            channel = await self._connection.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                continue  # (the broker closed that channel)
+            await channel.queue_delete(name)
+            await channel.close()
+            removed.append(name)
+        channel, _ = await self._ensure()
+        await channel.exchange_delete(self.exchange_name)
+        await self._drop_link()
+        return [*removed, self.exchange_name]
 
 
 def _frame(header: bytes, data: bytes) -> bytes:
