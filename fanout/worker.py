@@ -768,7 +768,6 @@ async def remove_event_tier(settings: Settings, shards: int, *, force: bool = Fa
             "--force (the events waiting, and those sent meanwhile, are lost)"
         )
     tier = create_event_log(settings, shards=shards, backlog=1)
-    await tier.connect()
     try:
         return await tier.remove()
     finally:

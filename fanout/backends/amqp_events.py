@@ -449,22 +449,27 @@ class AmqpEventLog(EventLog):
 
     @_bounded("remove the worker tier")
     async def remove(self) -> list[str]:
-        await self._ensure()
-        assert self._connection is not None
+        """On a link of its own (connecting declares the dead letters, the rosters and the exchange)."""
+        connection = await aio_pika.connect(self._url)
         removed = []
-        for name in [*(self.queue_name(k) for k in range(self.shards)), self.dead_name, self.roster_name]:
-            channel = await self._connection.channel()
-            try:
-                await channel.declare_queue(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                continue  # (the broker closed that channel)
-            await channel.queue_delete(name)
-            await channel.close()
-            removed.append(name)
-        channel, _ = await self._ensure()
-        await channel.exchange_delete(self.exchange_name)
-        await self._drop_link()
-        return [*removed, self.exchange_name]
+        try:
+            names = [*(self.queue_name(k) for k in range(self.shards)), self.dead_name, self.roster_name]
+            for name in [*names, self.exchange_name]:
+                channel = await connection.channel()  # one each: a missing name closes its channel
+                try:
+                    if name == self.exchange_name:
+                        await channel.declare_exchange(name, passive=True)
+                        await channel.exchange_delete(name)
+                    else:
+                        await channel.declare_queue(name, passive=True)
+                        await channel.queue_delete(name)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
+                await channel.close()
+                removed.append(name)
+        finally:
+            await connection.close()
+        return removed
 
 
 def _frame(header: bytes, data: bytes) -> bytes:

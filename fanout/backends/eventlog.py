@@ -138,7 +138,8 @@ class EventLog(abc.ABC):
     # -- cleanup (``fanout worker cleanup``)
     @abc.abstractmethod
     async def remove(self) -> list[str]:
-        """Delete the namespace's whole tier (events, leases, rosters, dead letters); the names removed."""
+        """Delete the namespace's whole tier (events, leases, rosters, dead letters); the names removed.
+        Called on a log that is not connected (then closed)."""
 
     @abc.abstractmethod
     async def close_lost(self, instance: str, make_close: Any) -> int: ...

@@ -376,6 +376,8 @@ class RedisEventLog(EventLog):
     # -- cleanup
 
     async def remove(self) -> list[str]:
+        if self._client is None:
+            await self.connect()
         client = self._client
 
         async def keys() -> list[str]:
