@@ -31,6 +31,7 @@ from .exceptions import (
 )
 from .serverutil import ServerUtil
 from .sync import SyncServerUtil
+from .worker import Worker, WorkerOptions
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,8 @@ __all__ = [
     "Settings",
     "SyncServerUtil",
     "UnsupportedVersion",
+    "Worker",
+    "WorkerOptions",
     "__version__",
     "tokens",
 ]

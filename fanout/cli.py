@@ -78,7 +78,7 @@ environment (an option given on the command line wins):
   FANOUT_MAX_MESSAGE         biggest command on the bus, bytes (default 8388608)
   FANOUT_LOG_LEVEL           log level (default: WARNING for commands, INFO for worker)
   FANOUT_WORKER_APP, FANOUT_WORKER_CONCURRENCY, FANOUT_WORKER_RETRIES, FANOUT_WORKER_PORT,
-  FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker (see docs/workers.md)
+  FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker, fanout workers (see docs/workers.md)
 
 exit status: 0 done, 1 the cluster or broker failed, 2 bad usage or configuration
 """
@@ -297,15 +297,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
 
     p = sub.add_parser(
         "worker",
-        help="run a business worker (fanout worker --app module:attr), or list its dead letters",
+        help="run a business worker (fanout worker --app module:attr), list its dead letters, or clean up",
         description=(
             "Run a business worker: client events (FANOUT_EVENTS on the nodes) are handed to the app's "
             "on_open/on_message/on_close handlers. 'fanout worker dead-letters' lists the events parked "
-            "after their handler kept failing; add --requeue to put them back on their shards."
+            "after their handler kept failing; add --requeue to put them back on their shards. "
+            "'fanout worker cleanup' deletes the namespace's event streams (or queues), leases, rosters "
+            "and dead letters; it refuses while a worker or a node forwarding events is live (--force)."
         ),
         parents=[common],
     )
-    p.add_argument("what", nargs="?", choices=["run", "dead-letters"], default="run")
+    p.add_argument("what", nargs="?", choices=["run", "dead-letters", "cleanup"], default="run")
     p.add_argument("--app", help="the application object, module:attr (FANOUT_WORKER_APP)")
     p.add_argument(
         "--app-dir",
@@ -316,6 +318,20 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     p.add_argument("--concurrency", type=int, help="connections handled at once (FANOUT_WORKER_CONCURRENCY)")
     p.add_argument("--port", type=int, help="serve /healthz and /metrics on this port (FANOUT_WORKER_PORT)")
     p.add_argument("--requeue", action="store_true", help="with dead-letters: put them back on their shards")
+    p.add_argument(
+        "--force", action="store_true", help="with cleanup: even while workers or nodes use the tier"
+    )
+    sub.add_parser(
+        "workers",
+        help="the live business workers, their shards and the events waiting in them",
+        description=(
+            "List the live business workers of the namespace (heard for 1.5 heartbeat intervals): id, host, "
+            "pid, FANOUT_EVENT_SHARDS, the shards each owns and the events waiting in them. Warns on stderr "
+            "about a shard count that differs from FANOUT_EVENT_SHARDS and about waiting events no live "
+            "worker owns."
+        ),
+        parents=[common],
+    )
     return parser, actions
 
 
@@ -405,9 +421,17 @@ async def _dead_letters(
 
 
 def _worker(settings: Settings, environ: dict[str, str], args: argparse.Namespace) -> Any:
-    """``fanout worker``: run one until SIGTERM/SIGINT (exit 0), or list/requeue dead letters."""
+    """``fanout worker``: run one until SIGTERM/SIGINT (exit 0), list/requeue dead letters, or clean up;
+    ``fanout workers``: list the live workers."""
+    from .worker import WorkerOptions, list_workers, remove_event_tier
+
+    shards = WorkerOptions.from_env(environ).shards
+    if args.command == "workers":
+        return asyncio.run(list_workers(settings, shards))
     if args.what == "dead-letters":
         return asyncio.run(_dead_letters(settings, environ, args))
+    if args.what == "cleanup":
+        return {"removed": asyncio.run(remove_event_tier(settings, shards, force=args.force))}
     import signal
 
     from .loading import load_app
@@ -468,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fanout: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        if args.command == "worker":
+        if args.command in ("worker", "workers"):
             result = _worker(settings, environ, args)
         else:
             result = asyncio.run(_run(settings, actions[args.command], args))

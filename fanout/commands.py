@@ -216,6 +216,8 @@ class NodeRecord(_NodeRecordKeys, total=False):
     """
 
     healthy: bool  #: a node's: whether its backend link is up
+    #: a node's that forwards client events (FANOUT_EVENTS), and a worker's: its FANOUT_EVENT_SHARDS
+    event_shards: int
     role: str  #: a worker's: ``"worker"``
     shards: list[int]  #: a worker's: the shards it owns
 

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -45,7 +47,7 @@ from . import events as events_module
 from . import naming, protocol
 from .backends import create_backend
 from .backends.eventlog import LEASE_TTL, Delivery, EventLog, create_event_log
-from .commands import Bye, Heartbeat, NodeInfo
+from .commands import Bye, Heartbeat, Json, NodeInfo
 from .config import Settings, env_number
 from .directory import NodeDirectory
 from .events import Event, EventKind
@@ -118,7 +120,7 @@ class Worker:
         self.options = options or WorkerOptions()
         self.worker_id = "w-" + new_boot_token()
         self.metrics = WorkerMetrics()
-        self.util = ServerUtil(settings=self.settings)
+        self.util: ServerUtil = _WorkerServerUtil(self, settings=self.settings)
         self.tier: EventLog = create_event_log(self.settings, shards=self.options.shards, backlog=1)
         self._peers = NodeDirectory()
         self._coordination = create_backend(self.settings, inbox=self.worker_id)
@@ -150,6 +152,9 @@ class Worker:
         #: client id -> (session version after our handlers' writes, the session they left)
         self._sessions: dict[str, tuple[int, dict[str, Any]]] = {}
         self._http: asyncio.Server | None = None
+        #: nodes and workers already reported for a FANOUT_EVENT_SHARDS that differs from ours
+        self._mismatched: set[str] = set()
+        self.started_at = time.time()
         self.started = False
 
     @classmethod
@@ -229,13 +234,22 @@ class Worker:
     # ------------------------------------------------------------------ who owns which shard
 
     def _info(self) -> NodeInfo:
+        """What this worker announces: ``connections`` counts the events in hand; ``shards`` are those it
+        owns, ``event_shards`` its FANOUT_EVENT_SHARDS (the nodes compare theirs)."""
         return NodeInfo(
             instance=self.worker_id,
             node_id=self.worker_id,
             connections=sum(self._in_hand.values()),
             ttl=3 * self.settings.heartbeat_interval,
-            started_at=time.time(),
-            extra={"role": "worker", "shards": sorted(self._owned)},
+            started_at=self.started_at,
+            host=socket.gethostname(),
+            port=self.options.port,
+            extra={
+                "role": "worker",
+                "shards": sorted(self._owned),
+                "event_shards": self.options.shards,
+                "pid": os.getpid(),
+            },
         )
 
     def _encode(self, command: Heartbeat | Bye) -> bytes:
@@ -246,8 +260,35 @@ class Worker:
         now = asyncio.get_running_loop().time()
         if isinstance(command, Heartbeat):
             self._peers.heard(command.node, now)
+            if command.node.instance != self.worker_id:
+                self._check_shards(command.node, "worker")
         elif isinstance(command, Bye):
             self._peers.gone(command.instance)
+
+    def _check_shards(self, peer: NodeInfo, role: str) -> None:
+        """Log once per node or worker whose FANOUT_EVENT_SHARDS differs from ours: events of the shards
+        one side has and the other has not would wait unhandled."""
+        theirs = peer.extra.get("event_shards")
+        if not isinstance(theirs, int) or theirs == self.options.shards or peer.instance in self._mismatched:
+            return
+        self._mismatched.add(peer.instance)
+        log.error(
+            "%s %s uses FANOUT_EVENT_SHARDS=%d, this worker %s uses %d: set the same FANOUT_EVENT_SHARDS "
+            "on every node and worker (until then the events of some shards are never handled)",
+            role,
+            peer.instance,
+            theirs,
+            self.worker_id,
+            self.options.shards,
+        )
+
+    def _check_nodes(self) -> None:
+        """Compare the shard count of every live node that forwards events with ours."""
+        nodes = self.util.live_node_infos()
+        if nodes is None:
+            return
+        for info in nodes.values():
+            self._check_shards(info, "node")
 
     async def _announce(self) -> None:
         while True:
@@ -405,32 +446,43 @@ class Worker:
         handler = getattr(self.app, f"on_{event.kind.value}", None)
         if handler is not None:
             plain = not inspect.iscoroutinefunction(handler)
-            event = _with_util(event, _EventUtil(self, event, self._sync if plain else self.util, plain))
-            for attempt in range(self.options.retries + 1):
-                started = time.perf_counter()
-                try:
-                    if plain:
-                        await asyncio.get_running_loop().run_in_executor(self._pool, handler, event)
-                    else:
-                        await handler(event)
-                except Exception as exc:
-                    self.metrics.handler_time.observe(time.perf_counter() - started)
-                    if attempt >= self.options.retries:
-                        log.error(
-                            "event %s failed %d times, parking it: %r", event.event_id, attempt + 1, exc
-                        )
-                        await self._park(item, f"{type(exc).__name__}: {exc}")
-                        return
-                    self.metrics.retried += 1
-                    log.warning("event %s failed (%r); retrying", event.event_id, exc)
-                    await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                    continue
-                self.metrics.handler_time.observe(time.perf_counter() - started)
-                break
+            event = replace(event, util=self._sync if plain else self.util)
+            # the handler's session writes are noted against this event (_WorkerServerUtil): in this task,
+            # in a plain handler's thread, and in the calls that thread makes on the loop (SyncServerUtil)
+            handling = _handling.set(event)
+            try:
+                if not await self._run_handler(item, event, handler, plain):
+                    return  # parked
+            finally:
+                _handling.reset(handling)
         self.metrics.handled[event.kind.value] += 1
         if event.kind is EventKind.CLOSE:
             self._sessions.pop(event.client_id, None)
         self._ack(item.delivery)
+
+    async def _run_handler(self, item: _Item, event: Event, handler: Any, plain: bool) -> bool:
+        """Run the handler, retried; False if it kept failing and the event was parked."""
+        for attempt in range(self.options.retries + 1):
+            started = time.perf_counter()
+            try:
+                if plain:
+                    context = contextvars.copy_context()
+                    await asyncio.get_running_loop().run_in_executor(self._pool, context.run, handler, event)
+                else:
+                    await handler(event)
+            except Exception as exc:
+                self.metrics.handler_time.observe(time.perf_counter() - started)
+                if attempt >= self.options.retries:
+                    log.error("event %s failed %d times, parking it: %r", event.event_id, attempt + 1, exc)
+                    await self._park(item, f"{type(exc).__name__}: {exc}")
+                    return False
+                self.metrics.retried += 1
+                log.warning("event %s failed (%r); retrying", event.event_id, exc)
+                await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                continue
+            self.metrics.handler_time.observe(time.perf_counter() - started)
+            break
+        return True
 
     def _fresh_session(self, event: Event) -> Event:
         """The event, with the session its handlers wrote last if the node made it before those writes.
@@ -498,12 +550,14 @@ class Worker:
         return bool(live) and min(live) == self.worker_id
 
     async def _watch_nodes(self) -> None:
-        """The leader closes, on the workers' side, the connections of nodes that died without a goodbye."""
+        """Every worker checks the nodes' shard count against its own; the leader closes, on the workers'
+        side, the connections of nodes that died without a goodbye."""
         loop = asyncio.get_running_loop()
         grace = 3 * self.settings.heartbeat_interval
         while True:
             _reraise_cancel()
             await asyncio.sleep(1.0)
+            self._check_nodes()
             live = self.util.live_nodes()
             if live is None or not self.leader():
                 continue
@@ -619,40 +673,138 @@ class Worker:
         return {shard: await self.tier.waiting(shard) for shard in range(self.options.shards)}
 
 
-def _with_util(event: Event, util: Any) -> Event:
-    return replace(event, util=util)
+# ---------------------------------------------------------------------- the tier from outside (the CLI)
 
 
-class _EventUtil:
-    """``event.util``: the worker's ServerUtil (or its blocking view), which also notes the session
-    writes a handler makes to its own connection (see :meth:`Worker._fresh_session`)."""
+async def hear_announcements(settings: Settings) -> tuple[dict[str, NodeInfo], dict[str, NodeInfo]]:
+    """The live nodes and the live workers of the namespace, ``(nodes, workers)`` by instance, as heard
+    from their heartbeats for 1.5 heartbeat intervals (every live one announces itself meanwhile)."""
+    loop = asyncio.get_running_loop()
+    receiver = Receiver(
+        secret=settings.secret,
+        namespace=settings.namespace,
+        max_message=settings.max_message,
+        replay_window=settings.replay_window,
+    )
+    nodes, workers = NodeDirectory(), NodeDirectory()
 
-    def __init__(self, worker: Worker, event: Event, util: Any, plain: bool) -> None:
-        self._worker, self._event, self._util, self._plain = worker, event, util, plain
+    def heard(raw: bytes) -> None:
+        command = receiver.take_one(raw, time.time())
+        if isinstance(command, Heartbeat):
+            worker = command.node.extra.get("role") == "worker"
+            (workers if worker else nodes).heard(command.node, loop.time())
+        elif isinstance(command, Bye):
+            nodes.gone(command.instance)
+            workers.gone(command.instance)
 
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._util, name)
-        if name not in ("set_session", "update_session"):
-            return attribute
-        merge = name == "update_session"
-        worker, event = self._worker, self._event
+    bus = create_backend(settings, inbox="listener-" + new_boot_token())
+    await bus.connect(heard)
+    try:
+        await bus.subscribe([naming.HEARTBEAT, naming.WORKERS])
+        await asyncio.sleep(1.5 * settings.heartbeat_interval)
+    finally:
+        await bus.close()
+    return nodes.live(loop.time()), workers.live(loop.time())
 
-        def note(client_id: str, data: dict[str, Any], found: Any) -> Any:
-            if found and client_id == event.client_id:
-                worker.wrote_session(event, data, merge)
-            return found
 
-        if self._plain:
+async def list_workers(settings: Settings, shards: int) -> list[dict[str, Json]]:
+    """``fanout workers``: each live worker with the shards it owns and the events waiting in them.
 
-            def call(client_id: str, data: dict[str, Any], **kwargs: Any) -> Any:
-                return note(client_id, data, attribute(client_id, data, **kwargs))
+    Logs a warning for a worker or node whose FANOUT_EVENT_SHARDS is not ``shards``, and for the shards
+    that hold events and that no live worker owns."""
+    nodes, workers = await hear_announcements(settings)
+    records: list[dict[str, Json]] = []
+    counts = {shards}
+    for info in [*nodes.values(), *workers.values()]:
+        theirs = info.extra.get("event_shards")
+        if isinstance(theirs, int) and theirs != shards:
+            role = "worker" if info.instance in workers else "node"
+            log.warning("%s %s uses FANOUT_EVENT_SHARDS=%d, not %d", role, info.instance, theirs, shards)
+            counts.add(theirs)
+    tier = create_event_log(settings, shards=max(counts), backlog=1)
+    await tier.connect()
+    try:
+        owned: set[int] = set()
+        for instance, info in sorted(workers.items()):
+            mine = [k for k in _int_list(info.extra.get("shards")) if k < tier.shards]
+            owned.update(mine)
+            backlog: dict[str, Json] = {str(k): await tier.waiting(k) for k in mine}
+            records.append(
+                {
+                    "worker_id": instance,
+                    "host": info.host,
+                    "pid": info.extra.get("pid"),
+                    "port": info.port,
+                    "started_at": info.started_at,
+                    "event_shards": info.extra.get("event_shards"),
+                    "shards": list(mine),
+                    "in_hand": info.connections,
+                    "backlog": backlog,
+                }
+            )
+        waiting = {k: await tier.waiting(k) for k in range(shards) if k not in owned}
+    finally:
+        await tier.close()
+    unowned = [k for k, n in waiting.items() if n]
+    if unowned:
+        log.warning(
+            "%d events wait in shards no live worker owns: %s",
+            sum(waiting.values()),
+            ", ".join(f"{k} ({waiting[k]})" for k in unowned),
+        )
+    return records
 
-            return call
 
-        async def acall(client_id: str, data: dict[str, Any], **kwargs: Any) -> Any:
-            return note(client_id, data, await attribute(client_id, data, **kwargs))
+async def remove_event_tier(settings: Settings, shards: int, *, force: bool = False) -> list[str]:
+    """``fanout worker cleanup``: delete the namespace's event streams or queues, leases, rosters and
+    dead letters; the names removed. Refuses (FanoutError) while a worker, or a node forwarding events,
+    is live, unless ``force``: their events would be lost."""
+    nodes, workers = await hear_announcements(settings)
+    users = sorted(workers) + sorted(i for i, info in nodes.items() if "event_shards" in info.extra)
+    if users and not force:
+        raise FanoutError(
+            f"the worker tier of namespace {settings.namespace!r} is in use by {len(users)} live "
+            f"worker(s) or node(s) forwarding events ({', '.join(users[:5])}): stop them first, or pass "
+            "--force (the events waiting, and those sent meanwhile, are lost)"
+        )
+    tier = create_event_log(settings, shards=shards, backlog=1)
+    try:
+        return await tier.remove()
+    finally:
+        await tier.close()
 
-        return acall
+
+def _int_list(value: object) -> list[int]:
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+#: the event whose handler is running (in its task, its thread, and the calls it makes through the util)
+_handling: contextvars.ContextVar[Event | None] = contextvars.ContextVar("fanout_worker_event", default=None)
+
+
+class _WorkerServerUtil(ServerUtil):
+    """The worker's ServerUtil: ``event.util`` itself for async handlers, and behind the SyncServerUtil of
+    plain ones. A session write a handler makes to its own connection is noted (see
+    :meth:`Worker._fresh_session`), so that the connection's next event carries it."""
+
+    def __init__(self, worker: Worker, *, settings: Settings) -> None:
+        super().__init__(settings=settings)
+        self._worker = worker
+
+    async def _session(
+        self,
+        what: str,
+        client_id: str,
+        data: dict[str, Json],
+        merge: bool,
+        wait: bool,
+        timeout: float | None,
+    ) -> bool | None:
+        found = await super()._session(what, client_id, data, merge, wait, timeout)
+        event = _handling.get()
+        if found and event is not None and client_id == event.client_id:
+            self._worker.wrote_session(event, data, merge)
+        return found
 
 
 def _unreadable(delivery: Delivery) -> Event:

@@ -13,6 +13,10 @@ the same. Meanwhile the policy (``FANOUT_EVENTS_POLICY``) applies to the clients
 
 Clients of other shards, and clients that do not send, are not affected; nothing grows without bound:
 per connection at most ``PER_CLIENT`` messages wait (then the client is paused), plus its open and close.
+
+The node also listens to the workers' announcements, to make a misconfigured tier visible: it logs an error
+once per worker whose ``FANOUT_EVENT_SHARDS`` differs from its own, and a warning once when events keep
+going to shards that no live worker has owned for ``LEASE_TTL`` plus 3 heartbeat intervals.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING
 
-from fanout import events
-from fanout.backends.eventlog import Appended, EventLog
+from fanout import events, naming
+from fanout.backends import create_backend
+from fanout.backends.eventlog import LEASE_TTL, Appended, EventLog
+from fanout.commands import Bye, Heartbeat, NodeInfo
+from fanout.directory import NodeDirectory
 from fanout.events import Event, EventKind
 from fanout.exceptions import FanoutError
+from fanout.receive import Receiver
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -65,6 +73,20 @@ class EventForwarder:
         self.paused = 0  #: clients waiting for room right now
         self._waiting_of: Counter[str] = Counter()  #: client id -> its message events in the outbox
         self._presence_seq = 0
+        settings = node.settings
+        #: the workers' announcements (who runs, which shards they own, their shard count)
+        self._workers_bus = create_backend(settings, inbox=f"{node.instance}.ev")
+        self._receiver = Receiver(
+            secret=settings.secret,
+            namespace=settings.namespace,
+            max_message=settings.max_message,
+            replay_window=settings.replay_window,
+        )
+        self.workers = NodeDirectory()
+        self._mismatched: set[str] = set()  #: workers reported for another FANOUT_EVENT_SHARDS
+        self._last_append: dict[int, float] = {}  #: shard -> loop time the broker last took an event of it
+        self.orphaned: set[int] = set()  #: shards reported as growing with no owner (until one appears)
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle
 
@@ -72,7 +94,10 @@ class EventForwarder:
         table = self.node.table
         self.log.roster_source = lambda: {cid: table.flag_of(cid) for cid in table.connections}
         await self.log.connect()
+        await self._workers_bus.connect(self._on_workers_bus)
+        await self._workers_bus.subscribe([naming.WORKERS])
         self._task = asyncio.create_task(self._flush_loop(), name="fanout-events")
+        self._watcher = asyncio.create_task(self._watch_owners(), name="fanout-events-owners")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Offer what is still waiting (close events of the clients just closed) for ``timeout``
@@ -81,9 +106,11 @@ class EventForwarder:
         while self.waiting() and asyncio.get_running_loop().time() < deadline:
             self._wake.set()
             await asyncio.sleep(0.05)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._workers_bus.close()
         if self.waiting():
             log.warning("%d client events not handed to the broker before stopping", self.waiting())
         else:
@@ -95,6 +122,79 @@ class EventForwarder:
 
     def waiting(self) -> int:
         return sum(len(box) for box in self._outbox.values())
+
+    # -- the workers, as they announce themselves
+
+    def _on_workers_bus(self, raw: bytes) -> None:
+        command = self._receiver.take_one(raw, time.time())
+        if isinstance(command, Heartbeat):
+            self.workers.heard(command.node, asyncio.get_running_loop().time())
+            self._check_shards(command.node)
+        elif isinstance(command, Bye):
+            self.workers.gone(command.instance)
+
+    def _check_shards(self, worker: NodeInfo) -> None:
+        theirs = worker.extra.get("event_shards")
+        if not isinstance(theirs, int) or theirs == self.shards or worker.instance in self._mismatched:
+            return
+        self._mismatched.add(worker.instance)
+        log.error(
+            "worker %s (host %s) uses FANOUT_EVENT_SHARDS=%d, this node %d: set the same "
+            "FANOUT_EVENT_SHARDS on every node and worker (until then the events of some shards are "
+            "never handled)",
+            worker.instance,
+            worker.host or "?",
+            theirs,
+            self.shards,
+        )
+
+    def owners(self) -> dict[int, str]:
+        """Shard -> the live worker that says it owns it."""
+        owned: dict[int, str] = {}
+        for instance, info in self.workers.live(asyncio.get_running_loop().time()).items():
+            shards = info.extra.get("shards")
+            for shard in shards if isinstance(shards, list) else ():
+                if isinstance(shard, int):
+                    owned[shard] = instance
+        return owned
+
+    async def _watch_owners(self) -> None:
+        """Warn once when events go to a shard that no live worker has owned for a while."""
+        loop = asyncio.get_running_loop()
+        interval = self.node.settings.heartbeat_interval
+        # a new worker listens 1.5 intervals before it takes shards; a dead one's lease runs LEASE_TTL
+        grace = LEASE_TTL + 3 * interval
+        unowned_since = dict.fromkeys(range(self.shards), loop.time())
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            live = self.workers.live(now)
+            self._mismatched &= live.keys()
+            owners = self.owners()
+            growing = []
+            for shard in range(self.shards):
+                if shard in owners:
+                    unowned_since.pop(shard, None)
+                    self.orphaned.discard(shard)
+                    continue
+                since = unowned_since.setdefault(shard, now)
+                took = self._last_append.get(shard, -1.0) > since or bool(self._outbox.get(shard))
+                if shard not in self.orphaned and now - since >= grace and took:
+                    growing.append(shard)
+            if growing:
+                self.orphaned.update(growing)
+                log.warning(
+                    "client events wait in shard%s %s and no live worker owns %s (%d live worker%s, owning "
+                    "shards %s of %d): start workers, with FANOUT_EVENT_SHARDS=%d as on this node",
+                    "s" if len(growing) > 1 else "",
+                    shard_ranges(growing),
+                    "them" if len(growing) > 1 else "it",
+                    len(live),
+                    "" if len(live) == 1 else "s",
+                    shard_ranges(sorted(owners)) or "none",
+                    self.shards,
+                    self.shards,
+                )
 
     # -- events from the node
 
@@ -243,6 +343,7 @@ class EventForwarder:
             if ok:
                 if item.header:
                     self.forwarded[_kind_of(item.header)] += 1
+                    self._last_append[item.shard] = asyncio.get_running_loop().time()
                 if item.roster is None:
                     left = self._waiting_of[item.client_id] - 1
                     if left > 0:
@@ -265,6 +366,20 @@ class EventForwarder:
     def full_shards(self) -> int:
         """Shards that refused events (full, or the broker away) and have not taken a batch since."""
         return len(self._full)
+
+
+def shard_ranges(shards: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (sorted shards)."""
+    parts: list[str] = []
+    start = previous = None
+    for shard in [*shards, None]:
+        if shard is not None and previous is not None and shard == previous + 1:
+            previous = shard
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = shard
+    return ", ".join(parts)
 
 
 def _kind_of(header: bytes) -> str:

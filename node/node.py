@@ -384,7 +384,11 @@ class Node:
             port=self.port,
             mode=self.settings.mode.value,
             signed=self.settings.secret is not None,
-            extra={"healthy": self.backend.healthy},
+            extra={
+                "healthy": self.backend.healthy,
+                # the workers compare their FANOUT_EVENT_SHARDS with it
+                **({"event_shards": self.events.shards} if self.events is not None else {}),
+            },
         )
 
     async def _heartbeats(self) -> None:

@@ -36,6 +36,8 @@ def test_fanout_exports() -> None:
         "Settings",
         "SyncServerUtil",
         "UnsupportedVersion",
+        "Worker",
+        "WorkerOptions",
         "__version__",
         "tokens",
     ]

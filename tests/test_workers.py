@@ -17,7 +17,8 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from fanout import ServerUtil
+import fanout
+from fanout import ServerUtil, SyncServerUtil
 from tests.apps.recording_worker import read_records
 from tests.support import scaled
 from tests.support.nodes import (
@@ -438,3 +439,170 @@ async def _outage(make_tier: Callable[..., Tier], url: str, cut: Any, restore: A
     for cid in ids:
         assert [r["data"] for r in per[cid] if r["kind"] == "message"] == [f"m{i}" for i in range(60)]
     print(f"{url.split(':')[0]}: {sent} messages sent across the outage, all handled in order")
+
+
+# --------------------------------------------------------------------------- a misconfigured tier is visible
+
+
+def _lines(process: NodeProcess, text: str) -> int:
+    return sum(text in line for line in process.log().splitlines())
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+async def test_a_shard_count_mismatch_is_logged_once_on_both_sides_and_listed(
+    broker: str, make_tier: Callable[..., Tier]
+) -> None:
+    """Nodes with N shards, a worker with N/2: both say so, once; the node names the shards nobody
+    reads, once; ``fanout workers`` and ``fanout nodes`` show the counts."""
+    tier = make_tier(broker)
+    shards = int(tier.env.get("FANOUT_EVENT_SHARDS", "16"))
+    node = tier.node()
+    worker = tier.worker(FANOUT_EVENT_SHARDS=str(shards // 2))
+    clients = [await client(node.port) for _ in range(40)]
+    for ws, _ in clients:
+        await ws.send("hello")
+    mismatch = f"uses FANOUT_EVENT_SHARDS={shards // 2}, this node {shards}"
+    await _until(lambda: _lines(node, mismatch) >= 1, 20, "the node's mismatch error")
+    await _until(
+        lambda: _lines(worker, f"uses FANOUT_EVENT_SHARDS={shards}, this worker") >= 1, 20, "the worker's"
+    )
+    await _until(lambda: _lines(node, "no live worker owns") >= 1, 30, "the node's unowned shards warning")
+    unowned = next(line for line in node.log().splitlines() if "no live worker owns" in line)
+    assert f"{shards // 2}-{shards - 1}" in unowned or f"shard {shards - 1}" in unowned, unowned
+
+    env = {k: v for k, v in tier.env.items() if k.startswith("FANOUT_")}
+    listed = run_module("fanout", "workers", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (record,) = orjson.loads(listed.stdout)
+    assert record["event_shards"] == shards // 2 and record["shards"] == list(range(shards // 2))
+    assert record["pid"] == worker.pid and set(record["backlog"]) == {str(k) for k in range(shards // 2)}
+    assert f"uses FANOUT_EVENT_SHARDS={shards // 2}, not {shards}" in listed.stderr
+    assert "events wait in shards no live worker owns" in listed.stderr
+    nodes = run_module("fanout", "nodes", env=env)
+    assert [n["event_shards"] for n in orjson.loads(nodes.stdout)] == [shards], nodes.stderr
+
+    for ws, _ in clients:  # more events, more heartbeats: no more lines
+        await ws.send("again")
+    await asyncio.sleep(scaled(3))
+    assert _lines(node, mismatch) == 1
+    assert _lines(worker, f"uses FANOUT_EVENT_SHARDS={shards}, this worker") == 1
+    assert _lines(node, "no live worker owns") == 1
+    for ws, _ in clients:
+        await ws.close()
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+async def test_fanout_workers_lists_the_workers_and_cleanup_removes_the_tier_once_stopped(
+    broker: str, make_tier: Callable[..., Tier]
+) -> None:
+    tier = make_tier(broker)
+    shards = int(tier.env.get("FANOUT_EVENT_SHARDS", "16"))
+    node = tier.node()
+    workers = [tier.worker(), tier.worker()]
+    ws, _cid = await client(node.port)
+    await ws.send("fail")  # parked after its retries: a dead letter
+    env = {k: v for k, v in tier.env.items() if k.startswith("FANOUT_")}
+    await _until(
+        lambda: orjson.loads(run_module("fanout", "worker", "dead-letters", env=env).stdout),
+        30,
+        "a dead letter",
+    )
+
+    def listed() -> list[dict[str, Any]]:
+        result = run_module("fanout", "workers", env=env)
+        assert result.returncode == 0, result.stderr
+        records: list[dict[str, Any]] = orjson.loads(result.stdout)
+        return records
+
+    await _until(lambda: sum(len(r["shards"]) for r in listed()) == shards, 30, "every shard owned")
+    records = listed()
+    assert sorted(r["pid"] for r in records) == sorted(w.pid for w in workers)
+    assert sorted(k for r in records for k in r["shards"]) == list(range(shards))
+    assert all(
+        r["event_shards"] == shards and set(r["backlog"]) == {str(k) for k in r["shards"]} for r in records
+    )
+
+    refused = run_module("fanout", "worker", "cleanup", env=env)
+    assert refused.returncode == 1 and "--force" in refused.stderr, refused.stderr
+    await ws.close()
+    for process in [*workers, node]:
+        assert process.terminate() == 0
+    cleaned = run_module("fanout", "worker", "cleanup", env=env)
+    assert cleaned.returncode == 0, cleaned.stderr
+    namespace = env["FANOUT_NAMESPACE"]
+    removed = orjson.loads(cleaned.stdout)["removed"]
+    if broker == "redis":
+        assert f"{namespace}:ev:dead" in removed and f"{{{namespace}:ev:0}}" in removed
+        import redis.asyncio as aioredis
+
+        async with aioredis.Redis.from_url(REDIS) as redis:
+            assert [k async for k in redis.scan_iter(match=f"*{namespace}*")] == []
+    else:
+        assert f"{namespace}.ev.dead" in removed and f"{namespace}.ev.0" in removed
+        connection = await aio_pika.connect(AMQP)
+        try:
+            for name in removed:
+                channel = await connection.channel()
+                with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                    if name.endswith(".ev"):
+                        await channel.declare_exchange(name, passive=True)
+                    else:
+                        await channel.declare_queue(name, passive=True)
+        finally:
+            await connection.close()
+    assert orjson.loads(run_module("fanout", "worker", "cleanup", env=env).stdout) == {"removed": []}
+
+
+# --------------------------------------------------------------------------- fanout.Worker, in process
+
+
+class _UtilProbe:
+    """Records what its handlers get as ``event.util``; the plain ``on_message`` writes the session."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def on_open(self, event: Any) -> None:
+        self.seen.append(
+            {"kind": "open", "util": type(event.util), "server_util": isinstance(event.util, ServerUtil)}
+        )
+
+    def on_message(self, event: Any) -> None:
+        assert isinstance(event.data, str)
+        written = event.util.update_session(event.client_id, {"n": int(event.data)})
+        self.seen.append(
+            {
+                "kind": "message",
+                "util": type(event.util),
+                "sync_server_util": isinstance(event.util, SyncServerUtil),
+                "session": event.session,
+                "written": written,
+            }
+        )
+
+    async def on_close(self, event: Any) -> None:
+        self.seen.append({"kind": "close", "session": event.session})
+
+
+async def test_fanout_worker_in_process_hands_its_handlers_the_real_util_types(tmp_path: Path) -> None:
+    namespace = unique_namespace("wk")
+    node = start_node(
+        tmp_path,
+        {"FANOUT_URL": REDIS, "FANOUT_NAMESPACE": namespace, "FANOUT_EVENTS": "open,message,close"},
+        app="tests.apps.quiet:app",
+    )
+    probe = _UtilProbe()
+    async with fanout.Worker(probe, REDIS, namespace=namespace, heartbeat_interval=0.5) as worker:
+        assert isinstance(worker.options, fanout.WorkerOptions)
+        ws, _cid = await client(node.port)
+        for n in range(1, 6):  # sent at once: each next event was made before the write before it
+            await ws.send(str(n))
+        await _until(lambda: len(probe.seen) == 6, 30, "the open and message events")
+        await ws.close()
+        await _until(lambda: any(s["kind"] == "close" for s in probe.seen), 30, "the close event")
+    assert node.terminate() == 0
+    opened, *messages, closed = probe.seen
+    assert opened == {"kind": "open", "util": type(worker.util), "server_util": True}
+    assert all(m["sync_server_util"] and m["util"] is SyncServerUtil and m["written"] for m in messages)
+    assert [m["session"] for m in messages] == [{}, {"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+    assert closed == {"kind": "close", "session": {"n": 5}}

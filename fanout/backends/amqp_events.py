@@ -18,6 +18,9 @@ Topology (``<ns>`` the namespace, ``<k>`` the shard):
   requeues everything it had not acknowledged (``redelivered``). (Exclusive consumers would not do:
   quorum queues do not enforce them.)
 * **Dead letters**: queue ``<ns>.ev.dead`` (durable); listing gets every message and requeues them.
+* **Cleanup** (:meth:`AmqpEventLog.remove`): the queues of shards ``0 .. shards-1`` (the shard count it is
+  given: RabbitMQ cannot be asked for queues by name pattern over AMQP), the dead letters, the roster
+  stream and the exchange.
 * **Rosters**: stream ``<ns>.ev.roster`` (``x-queue-type: stream``, kept 10 minutes). Nodes append what
   changes (connection added / removed / flag changed) and, every 30 s, a snapshot of their whole roster,
   plus ``up`` at start and ``down`` at a clean stop. The leading worker reads the stream from 10 minutes
@@ -441,6 +444,32 @@ class AmqpEventLog(EventLog):
         )
         self._rosters.pop(instance, None)
         return len(roster)
+
+    # -- cleanup
+
+    @_bounded("remove the worker tier")
+    async def remove(self) -> list[str]:
+        """On a link of its own (connecting declares the dead letters, the rosters and the exchange)."""
+        connection = await aio_pika.connect(self._url)
+        removed = []
+        try:
+            names = [*(self.queue_name(k) for k in range(self.shards)), self.dead_name, self.roster_name]
+            for name in [*names, self.exchange_name]:
+                channel = await connection.channel()  # one each: a missing name closes its channel
+                try:
+                    if name == self.exchange_name:
+                        await channel.declare_exchange(name, passive=True)
+                        await channel.exchange_delete(name)
+                    else:
+                        await channel.declare_queue(name, passive=True)
+                        await channel.queue_delete(name)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
+                await channel.close()
+                removed.append(name)
+        finally:
+            await connection.close()
+        return removed
 
 
 def _frame(header: bytes, data: bytes) -> bytes:

@@ -22,6 +22,8 @@ Worker side (a shard is handled by one worker at a time):
   :meth:`requeue` puts one back on its shard;
 * :meth:`lost_nodes` names the nodes with a roster that are not alive, and :meth:`close_lost` appends a
   close event (``node lost``) for each connection in such a roster, then forgets it.
+
+:meth:`remove` deletes a namespace's tier once its workers and nodes are stopped.
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def lost_nodes(self, live: set[str]) -> list[str]: ...
+
+    # -- cleanup (``fanout worker cleanup``)
+    @abc.abstractmethod
+    async def remove(self) -> list[str]:
+        """Delete the namespace's whole tier (events, leases, rosters, dead letters); the names removed.
+        Called on a log that is not connected (then closed)."""
 
     @abc.abstractmethod
     async def close_lost(self, instance: str, make_close: Any) -> int: ...

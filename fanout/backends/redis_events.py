@@ -10,6 +10,8 @@ shard's stream, roster and lease live on one node and change together in one scr
 * ``{<ns>:ev:<k>}:lease`` - the worker that owns the shard (``SET NX PX``, renewed by its owner);
 * ``<ns>:ev:nodes`` - the set of node instances that have rosters; ``<ns>:ev:dead`` - parked events.
 
+:meth:`RedisEventLog.remove` finds them with ``SCAN`` (every shard, whatever the shard count that made it).
+
 Appends go through one Lua script per shard: it refuses events once ``backlog`` events wait in the
 shard - delivered and not acknowledged, or not delivered yet (``XINFO GROUPS``: pending + lag) - (close
 events always go in: their client is gone, and there is at most one per connection), adds the others and
@@ -370,6 +372,30 @@ class RedisEventLog(EventLog):
                 )
         await self._call(client.srem(self._nodes_key, instance), "unregister a lost node")
         return closed
+
+    # -- cleanup
+
+    async def remove(self) -> list[str]:
+        if self._client is None:
+            await self.connect()
+        client = self._client
+
+        async def keys() -> list[str]:
+            # (on a cluster, redis-py scans every primary)
+            found = {_bytes(k).decode() async for k in client.scan_iter(match=self._pattern(), count=1000)}
+            for key in (self._nodes_key, self._dead_key):
+                if await client.exists(key):
+                    found.add(key)
+            return sorted(found)
+
+        names: list[str] = await self._call(keys(), "list the worker tier's keys")
+        for name in names:
+            await self._call(client.delete(name), "delete a key of the worker tier")
+        return names
+
+    def _pattern(self) -> str:
+        """Every shard's stream, lease and rosters: ``{<ns>:ev:*`` (a namespace has no glob characters)."""
+        return f"{{{self.settings.namespace}:ev:*"
 
 
 def _bytes(value: Any) -> bytes:
