@@ -395,7 +395,7 @@ async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> 
 async def _dead_letters(
     settings: Settings, environ: dict[str, str], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    from .backends.eventlog import create_event_log
+    from .backends import create_event_log
     from .events import decode
     from .worker import WorkerOptions
 

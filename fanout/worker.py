@@ -45,8 +45,8 @@ from typing import Any, Self
 
 from . import events as events_module
 from . import naming, protocol
-from .backends import create_backend
-from .backends.eventlog import LEASE_TTL, Delivery, EventLog, create_event_log
+from .backends import create_backend, create_event_log
+from .backends.eventlog import LEASE_TTL, Delivery, EventLog
 from .commands import Bye, Heartbeat, Json, NodeInfo
 from .config import Settings, env_number
 from .directory import NodeDirectory

@@ -25,8 +25,7 @@ from typing import Any
 from fanout import events as events_module
 from fanout import naming, protocol
 from fanout.admission import Admit, ConnectRequest
-from fanout.backends import create_backend
-from fanout.backends.eventlog import create_event_log
+from fanout.backends import create_backend, create_event_log
 from fanout.commands import (
     Bind,
     Bye,

@@ -62,6 +62,16 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
     )
     out = _run(python, "-c", script, cwd=tmp_path)  # (not from the checkout: cwd is elsewhere)
     assert out.startswith("ConfigError") and "pip install 'fanout[amqp]'" in out, out
+    # the same for the worker tier: its event log names the extra too
+    script = (
+        "import fanout\n"
+        "try:\n"
+        "    fanout.Worker(object(), 'amqp://guest:guest@127.0.0.1:5672/', namespace='pkg')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = _run(python, "-c", script, cwd=tmp_path)
+    assert out.startswith("ConfigError") and "pip install 'fanout[amqp]'" in out, out
     # the node: its extra, its console script, under its own name (no top-level `node` taken)
     _run(python, "-m", "pip", "install", "-q", f"{wheel}[node]", cwd=tmp_path)
     assert "SO_REUSEPORT" in _run(venv / "bin" / "fanout-node", "--help", cwd=tmp_path)

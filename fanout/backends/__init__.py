@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from ..config import BackendKind, Settings
 from ..exceptions import ConfigError
 from .base import Backend
+from .eventlog import EventLog
 
 
 def create_backend(settings: Settings, *, inbox: str) -> Backend:
@@ -34,6 +35,28 @@ def create_backend(settings: Settings, *, inbox: str) -> Backend:
         return AmqpBackend(settings, inbox=inbox)
 
 
+def create_event_log(settings: Settings, *, shards: int, backlog: int, node: str = "") -> EventLog:
+    """The worker tier's event log on the broker ``settings`` names (not yet connected).
+
+    Raises :class:`ConfigError` naming the extra to install when the broker's client library is not
+    installed, and when the backend is memory (it cannot reach another process).
+    """
+    if settings.backend is BackendKind.MEMORY:
+        raise ConfigError(
+            "FANOUT_EVENTS",
+            "business workers need a broker that keeps events until a worker handled them: "
+            "set FANOUT_URL to redis://... or amqp://... (memory:// cannot reach another process)",
+        )
+    with needs_extra(settings.backend.value):
+        if settings.backend is BackendKind.REDIS:
+            from .redis_events import RedisEventLog
+
+            return RedisEventLog(settings, shards=shards, backlog=backlog, node=node)
+        from .amqp_events import AmqpEventLog
+
+        return AmqpEventLog(settings, shards=shards, backlog=backlog, node=node)
+
+
 @contextlib.contextmanager
 def needs_extra(extra: str) -> Iterator[None]:
     """Turn a missing client library into a ConfigError that says which extra to install."""
@@ -46,4 +69,4 @@ def needs_extra(extra: str) -> Iterator[None]:
         ) from None
 
 
-__all__ = ["Backend", "create_backend", "needs_extra"]
+__all__ = ["Backend", "EventLog", "create_backend", "create_event_log", "needs_extra"]

@@ -33,8 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import BackendKind, Settings
-from ..exceptions import ConfigError
+from ..config import Settings
 
 #: how long a worker's claim on a shard lasts without renewal, seconds
 LEASE_TTL = 6.0
@@ -143,19 +142,3 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def close_lost(self, instance: str, make_close: Any) -> int: ...
-
-
-def create_event_log(settings: Settings, *, shards: int, backlog: int, node: str = "") -> EventLog:
-    if settings.backend is BackendKind.REDIS:
-        from .redis_events import RedisEventLog
-
-        return RedisEventLog(settings, shards=shards, backlog=backlog, node=node)
-    if settings.backend is BackendKind.AMQP:
-        from .amqp_events import AmqpEventLog
-
-        return AmqpEventLog(settings, shards=shards, backlog=backlog, node=node)
-    raise ConfigError(
-        "FANOUT_EVENTS",
-        "business workers need a broker that keeps events until a worker handled them: "
-        "set FANOUT_URL to redis://... or amqp://... (memory:// cannot reach another process)",
-    )
