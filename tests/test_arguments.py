@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import inspect
+import re
 import warnings
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -21,7 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from fanout import PayloadError, ServerUtil, SyncServerUtil, protocol
 from fanout.arguments import ARGUMENTS, accepts
 from fanout.sync import OPERATIONS
-from tests.support.nodes import NodeProcess, client, nothing_more, recv, start_node, unique_namespace
+from tests.support.nodes import ROOT, NodeProcess, client, nothing_more, recv, start_node, unique_namespace
 
 REDIS = "redis://127.0.0.1:6379/0"
 HB = 0.5
@@ -64,7 +66,12 @@ WRONG: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("send_by_flag", (["ann", 42], "hi"), {}, "send_by_flag: flags must be strings, got int 42"),
     ("send_to_group", (b"lobby", "hi"), {}, "send_to_group: groups must be strings, got bytes b'lobby'"),
     ("send_to_all", ("hi",), {"exclude": [None]}, "send_to_all: exclude must be strings, got NoneType None"),
-    ("send_to_all", ("hi",), {"ack": "yes"}, "send_to_all: ack must be a bool (true or false), got str 'yes'"),
+    (
+        "send_to_all",
+        ("hi",),
+        {"ack": "yes"},
+        "send_to_all: ack must be a bool (true or false), got str 'yes'",
+    ),
     (
         "get_connection_count",
         (),
@@ -82,7 +89,12 @@ WRONG: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("close_guests", (float("inf"),), {}, "close_guests: older_than must be a number of seconds >= 0"),
     ("send_bulk", ([("x.y.1", "a"), (9, "b")],), {}, "send_bulk: pairs must be (name, data) pairs"),
     ("set_session", ("x.y.1", ["not", "a", "dict"]), {}, "set_session: data must be a dict with string keys"),
-    ("get_client_ids_by_flags", ({"ann": 1},), {}, "get_client_ids_by_flags: flags must be strings, got dict"),
+    (
+        "get_client_ids_by_flags",
+        ({"ann": 1},),
+        {},
+        "get_client_ids_by_flags: flags must be strings, got dict",
+    ),
 ]
 
 
@@ -190,13 +202,31 @@ def test_dump_json_is_orjson_with_nan_refused() -> None:
         protocol.dump_json({"v": float("nan")}, None, "session data")
 
 
+async def test_the_guides_argument_errors_snippet_runs_as_printed(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = re.findall(r"```python\n(# prices\.py\n.*?)```", (ROOT / "docs" / "guide.md").read_text(), re.S)
+    assert len(blocks) == 1
+    (tmp_path / "prices.py").write_text(blocks[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, value in (("URL", REDIS), ("NAMESPACE", live.namespace), ("HEARTBEAT_INTERVAL", str(HB))):
+        monkeypatch.setenv(f"FANOUT_{name}", value)
+    prices = importlib.import_module("prices")
+    await prices.push_price(live.client_id, 42, Decimal("9.99"))
+    assert await recv(live.ws) == '{"price":"9.99"}'
+    assert capsys.readouterr().out == "send_by_flag: flags must be strings, got int 42\n"
+    assert await nothing_more(live.ws)
+
+
 # --------------------------------------------------------------------------- SyncServerUtil in async code
 
 
 async def test_sync_server_util_inside_a_running_loop_warns_once() -> None:
     sync = SyncServerUtil("memory://", in_process=True)
     try:
-        with pytest.warns(RuntimeWarning, match=r"inside a running event loop.*use fanout\.ServerUtil") as seen:
+        with pytest.warns(
+            RuntimeWarning, match=r"inside a running event loop.*use fanout\.ServerUtil"
+        ) as seen:
             with pytest.raises(PayloadError):
                 sync.flag_exists(42)  # type: ignore[arg-type]
         assert len(seen) == 1 and seen[0].filename == __file__  # points at the caller's line

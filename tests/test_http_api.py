@@ -175,7 +175,11 @@ async def test_a_wrong_argument_is_a_400_naming_it(nodes: list[NodeProcess]) -> 
         ("flag_exists", {"flag": 42}, "flag_exists: flag must be a string, got int 42"),
         ("exists", {"client_id": 42}, "exists: client_id must be a string, got int 42"),
         ("send_by_flag", {"flags": 42, "data": "x"}, "send_by_flag: flags must be strings, got int 42"),
-        ("send_by_flag", {"flags": ["ann", 4], "data": "x"}, "send_by_flag: flags must be strings, got int 4"),
+        (
+            "send_by_flag",
+            {"flags": ["ann", 4], "data": "x"},
+            "send_by_flag: flags must be strings, got int 4",
+        ),
         ("get_groups", {"timeout": "abc"}, "timeout must be a number of seconds > 0, got str 'abc'"),
         ("send_to_all", {"data": "x", "ack": "yes"}, "ack must be a bool (true or false), got str 'yes'"),
         ("get_group_count", {"grop": "lobby"}, "unknown field 'grop'; did you mean 'group'?"),
