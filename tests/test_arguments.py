@@ -224,11 +224,13 @@ async def test_the_guides_argument_errors_snippet_runs_as_printed(
 async def test_sync_server_util_inside_a_running_loop_warns_once() -> None:
     sync = SyncServerUtil("memory://", in_process=True)
     try:
-        with pytest.warns(
-            RuntimeWarning, match=r"inside a running event loop.*use fanout\.ServerUtil"
-        ) as seen:
-            with pytest.raises(PayloadError):
-                sync.flag_exists(42)  # type: ignore[arg-type]
+        with (
+            pytest.warns(
+                RuntimeWarning, match=r"inside a running event loop.*use fanout\.ServerUtil"
+            ) as seen,
+            pytest.raises(PayloadError),
+        ):
+            sync.flag_exists(42)  # type: ignore[arg-type]
         assert len(seen) == 1 and seen[0].filename == __file__  # points at the caller's line
         with warnings.catch_warnings():
             warnings.simplefilter("error")
