@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from . import protocol
+from .arguments import ARGUMENTS, Refused
 from .config import Mode, Settings, backend_for_url, validate_name
 from .exceptions import ConfigError, FanoutError, PayloadError
 from .serverutil import ServerUtil
@@ -98,14 +98,17 @@ def _version() -> str:
         return __version__
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds greater than 0")
-    return value
+def _checked(name: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option's type: its text converted, then checked against the calls' argument table."""
+    rule = ARGUMENTS[name]
+
+    def parse(text: str) -> Any:
+        try:
+            return rule.take(convert(text))
+        except (ValueError, Refused):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule.what}") from None
+
+    return parse
 
 
 def _url(text: str) -> str:
@@ -123,18 +126,6 @@ def _namespace(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--namespace: ")) from None
 
 
-def _close_code(text: str) -> int:
-    try:
-        code = int(text)
-    except ValueError:
-        code = -1
-    if not protocol.is_sendable_close_code(code):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a close code a server may send (1000-1003, 1007-1014, 3000-4999)"
-        )
-    return code
-
-
 def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     """The options accepted before and after the command (``default``: SUPPRESS on the commands, so
     that one given before the command is not reset by the command's parser)."""
@@ -148,7 +139,7 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
     group.add_argument(
         "--timeout",
-        type=_positive,
+        type=_checked("timeout", float),
         default=default,
         metavar="SECONDS",
         help="seconds to wait for the nodes (FANOUT_QUERY_TIMEOUT)",
@@ -208,17 +199,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
             _closer(method),
         )
         p.add_argument("targets", nargs="+", metavar=metavar)
-        p.add_argument("--code", type=_close_code, default=1000)
-        p.add_argument("--reason", default="")
+        p.add_argument("--code", type=_checked("code", int), default=1000)
+        p.add_argument("--reason", type=_checked("reason", str), default="")
         p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
     p = command(
         "close-guests",
         "close every connection with no flag open longer than --older-than seconds",
         lambda u, a: u.close_guests(a.older_than, a.data, a.code, a.reason, timeout=a.timeout),
     )
-    p.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
-    p.add_argument("--code", type=_close_code, default=1000)
-    p.add_argument("--reason", default="")
+    p.add_argument("--older-than", type=_checked("older_than", float), required=True, metavar="SECONDS")
+    p.add_argument("--code", type=_checked("code", int), default=1000)
+    p.add_argument("--reason", type=_checked("reason", str), default="")
     p.add_argument("--data", help="a last frame sent before the close (verbatim text)")
     for name, method, what in (
         ("send-bulk", "send_bulk", "client id"),
@@ -351,8 +342,9 @@ def _bulk(method: str) -> Action:
     return action
 
 
-def _pairs(text: str) -> list[Any]:
-    """The bulk commands' JSON list of [name, text] pairs (``-``: read from stdin)."""
+def _pairs(call: str, text: str) -> list[tuple[str, Any]]:
+    """The bulk commands' JSON list of [name, text] pairs (``-``: read from stdin), checked as ``call``
+    checks them."""
     raw = sys.stdin.read() if text == "-" else text
     try:
         pairs = orjson.loads(raw)
@@ -360,7 +352,8 @@ def _pairs(text: str) -> list[Any]:
         raise PayloadError(f"pairs are not JSON: {exc}") from None
     if not isinstance(pairs, list):
         raise PayloadError("pairs must be a JSON list of [name, text] pairs")
-    return [tuple(pair) if isinstance(pair, list) else pair for pair in pairs]
+    checked: list[tuple[str, Any]] = ARGUMENTS["pairs"].check(call, "pairs", pairs)
+    return checked
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -487,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         _configure_logging(environ, args.command == "worker")
         settings = Settings.from_env(environ)
         if args.command in ("send-bulk", "send-bulk-by-flag"):
-            args.pairs = _pairs(args.pairs)
+            args.pairs = _pairs(args.command.replace("-", "_"), args.pairs)
     except (ConfigError, PayloadError) as exc:
         print(f"fanout: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -259,6 +259,10 @@ def _pick_backend(
     return BackendKind.MEMORY
 
 
+#: how a value of each type env_number reads is named in its messages
+_KIND_NAMES: dict[Callable[[str], Any], str] = {int: "an integer", float: "a number"}
+
+
 def env_number(
     env: Mapping[str, str], name: str, default: _T, kind: Callable[[str], _T], *, positive: bool = False
 ) -> _T:
@@ -269,7 +273,7 @@ def env_number(
     try:
         value = kind(raw.strip())
     except ValueError:
-        raise ConfigError(name, f"{raw!r} is not a {getattr(kind, '__name__', 'number')}") from None
+        raise ConfigError(name, f"{raw!r} is not {_KIND_NAMES.get(kind, 'a number')}") from None
     if not math.isfinite(value):  # type: ignore[arg-type]
         raise ConfigError(name, f"{raw!r} must be a finite number")
     if value < 0 or (positive and value == 0):  # type: ignore[operator]

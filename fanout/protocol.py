@@ -20,8 +20,10 @@ encoder refuses what the decoder would refuse, so whatever one endpoint publishe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -279,6 +281,59 @@ def too_deep(value: Any) -> bool:
             return False
         level = below
     return True
+
+
+#: what the ``json_default`` of a ServerUtil is: orjson's ``default=``, called with each value orjson
+#: cannot encode itself (Decimal, a custom class) and returning one it can, or raising TypeError
+JsonDefault = Callable[[Any], Any]
+
+
+def dump_json(value: Any, default: JsonDefault | None = None, what: str = "data") -> bytes:
+    """``value`` as JSON text; ``default`` converts what orjson cannot encode by itself.
+
+    Raises:
+        PayloadError: something in ``value`` cannot be encoded, or it holds NaN or an infinity (JSON has
+            no such number: orjson would write ``null`` and the client would read another value).
+    """
+    found: list[Any] = []  # what ``default`` returned holding NaN or an infinity
+    try:
+        encoded = orjson.dumps(value, default=None if default is None else _watching(default, found))
+    except TypeError as exc:
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from None
+    # NaN and the infinities come out as null: look for them only when a null is there
+    if found or (b"null" in encoded and _non_finite(value) is not None):
+        culprit = found[0] if found else _non_finite(value)
+        raise PayloadError(f"{what} holds {culprit!r:.60}, which JSON cannot represent (NaN or an infinity)")
+    return encoded
+
+
+def _watching(default: JsonDefault, found: list[Any]) -> JsonDefault:
+    """``default``, also noting in ``found`` what it returns that holds NaN or an infinity."""
+
+    def watched(obj: Any) -> Any:
+        converted = default(obj)
+        if _non_finite(converted) is not None:
+            found.append(converted)
+        return converted
+
+    return watched
+
+
+def _non_finite(value: Any) -> Any:
+    """The first float NaN or infinity in ``value`` (dicts, lists, tuples, dataclasses), else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+    return None
 
 
 # --------------------------------------------------------------------------- decoding

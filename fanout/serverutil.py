@@ -29,6 +29,7 @@ from typing import Any, Self, TypeAlias, cast
 import orjson
 
 from . import naming, protocol, routing
+from .arguments import checked
 from .backends import Backend, create_backend
 from .commands import (
     Bind,
@@ -90,8 +91,9 @@ def names(value: Names, what: str) -> tuple[str, ...]:
     return items
 
 
-def encode_payload(data: object) -> tuple[bytes, bool]:
-    """``(payload, binary)``: str -> text frame, bytes-like -> binary frame, else JSON text frame."""
+def encode_payload(data: object, json_default: protocol.JsonDefault | None = None) -> tuple[bytes, bool]:
+    """``(payload, binary)``: str -> text frame, bytes-like -> binary frame, else JSON text frame
+    (``json_default`` converting what orjson cannot encode). Raises PayloadError, also for NaN/Infinity."""
     if isinstance(data, str):
         try:
             return data.encode("utf-8"), False
@@ -101,10 +103,7 @@ def encode_payload(data: object) -> tuple[bytes, bool]:
             ) from None
     if isinstance(data, bytes | bytearray | memoryview):
         return bytes(data), True
-    try:
-        return orjson.dumps(data), False
-    except TypeError as exc:
-        raise PayloadError(f"data is not str, bytes or JSON-serialisable: {exc}") from None
+    return protocol.dump_json(data, json_default), False
 
 
 @dataclass(slots=True)
@@ -128,6 +127,11 @@ class ServerUtil:
     ``ack=True`` to return how many connections it reached. Calls that wait take ``timeout=`` (seconds,
     default ``settings.query_timeout``) and queries take ``partial=True`` to accept the answers of the
     nodes that replied in time instead of raising :class:`QueryTimeout`.
+
+    Every argument is checked before anything is published (:mod:`fanout.arguments`): a wrong type or
+    value raises :class:`PayloadError`. ``json_default`` is orjson's ``default=``: called with each value
+    of a payload or session that orjson cannot encode (``Decimal``, your own classes), it returns one it
+    can (or raises ``TypeError``).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class ServerUtil:
         secret: str | bytes | None = None,
         settings: Settings | None = None,
         in_process: bool = False,
+        json_default: protocol.JsonDefault | None = None,
         **options: Any,
     ) -> None:
         self.settings = settings or Settings.create(
@@ -147,6 +152,7 @@ class ServerUtil:
         )
         #: the memory backend only reaches this process: used only when asked for (or a node runs here)
         self.in_process = in_process
+        self.json_default = json_default
         self.endpoint_id = "u-" + new_boot_token()
         self._backend: Backend | None = None
         self._owns_backend = True
@@ -168,9 +174,15 @@ class ServerUtil:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, *, in_process: bool = False) -> Self:
+    def from_env(
+        cls,
+        environ: dict[str, str] | None = None,
+        *,
+        in_process: bool = False,
+        json_default: protocol.JsonDefault | None = None,
+    ) -> Self:
         """A ServerUtil configured by the FANOUT_* environment variables (see the README)."""
-        return cls(settings=Settings.from_env(environ), in_process=in_process)
+        return cls(settings=Settings.from_env(environ), in_process=in_process, json_default=json_default)
 
     @classmethod
     def attached(
@@ -345,6 +357,7 @@ class ServerUtil:
             return None
         return self._directory.live(now)
 
+    @checked
     async def check_cluster(self, timeout: float | None = None) -> int:
         """Wait until the nodes are heard (at most 1.5 heartbeat intervals), then check that we fit them.
 
@@ -488,6 +501,7 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ sends
 
+    @checked
     async def send(
         self,
         client_ids: Names,
@@ -503,6 +517,7 @@ class ServerUtil:
             Target(TargetKind.CLIENTS, names(client_ids, "client_ids")), data, exclude, ack, timeout, partial
         )
 
+    @checked
     async def send_by_flag(
         self,
         flags: Names,
@@ -518,6 +533,7 @@ class ServerUtil:
             Target(TargetKind.FLAGS, names(flags, "flags")), data, exclude, ack, timeout, partial
         )
 
+    @checked
     async def send_to_group(
         self,
         groups: Names,
@@ -533,6 +549,7 @@ class ServerUtil:
             Target(TargetKind.GROUPS, names(groups, "groups")), data, exclude, ack, timeout, partial
         )
 
+    @checked
     async def send_to_all(
         self,
         data: object,
@@ -548,7 +565,7 @@ class ServerUtil:
     async def _send(
         self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
-        payload, binary = encode_payload(data)
+        payload, binary = encode_payload(data, self.json_default)
         command = Send(target, payload, binary, names(exclude, "exclude"))
         if ack:
             return await self._count("send", command, timeout, partial)
@@ -570,6 +587,7 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ closing connections
 
+    @checked
     async def close(
         self,
         client_ids: Names,
@@ -582,10 +600,9 @@ class ServerUtil:
     ) -> int | None:
         """Close these connections, wherever they live; ``data``, when given, is each one's last frame
         (sent before the close). Returns how many were closed (``wait=True``)."""
-        _check_close(code, reason)
         ids = names(client_ids, "client_ids")
         owners = routing.split_by_owner(ids)
-        last, binary = _last(data)
+        last, binary = _last(data, self.json_default)
         if not wait:
             await self._fire_and_forget(Close(Target.clients(*ids), code, reason, last=last, binary=binary))
             return None
@@ -604,6 +621,7 @@ class ServerUtil:
         )
         return sum(r for r in replies.values() if isinstance(r, int))
 
+    @checked
     async def close_by_flag(
         self,
         flags: Names,
@@ -616,14 +634,14 @@ class ServerUtil:
     ) -> int | None:
         """Close every connection bound to these flags (after ``data``, their last frame, when given).
         Returns how many were closed (``wait=True``)."""
-        _check_close(code, reason)
-        last, binary = _last(data)
+        last, binary = _last(data, self.json_default)
         command = Close(Target.flags(*names(flags, "flags")), code, reason, last=last, binary=binary)
         if not wait:
             await self._fire_and_forget(command)
             return None
         return await self._count("close_by_flag", command, timeout, False)
 
+    @checked
     async def close_guests(
         self,
         older_than: float,
@@ -636,10 +654,7 @@ class ServerUtil:
     ) -> int:
         """Close every connection of the cluster that has no flag and has been open longer than
         ``older_than`` seconds (after ``data``, its last frame, when given). Returns how many."""
-        _check_close(code, reason)
-        if not isinstance(older_than, int | float) or isinstance(older_than, bool) or older_than < 0:
-            raise PayloadError(f"older_than must be a number of seconds >= 0, got {older_than!r}")
-        last, binary = _last(data)
+        last, binary = _last(data, self.json_default)
         replies = await self._ask(
             "close_guests",
             [
@@ -657,10 +672,11 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ a payload per recipient
 
+    @checked
     async def send_bulk(self, pairs: Iterable[tuple[str, object]]) -> None:
         """A different payload per connection: ``pairs`` of (client id, data), each connection getting
         only its own, in order, all in one broker round (one publish per owning node in routing mode)."""
-        items = _bulk_items(pairs, "send_bulk")
+        items = _bulk_items(pairs, self.json_default)
         if self.settings.mode is Mode.FANOUT:
             await self._publish(self._bulk_commands(naming.ALL, TargetKind.CLIENTS, items))
             return
@@ -679,10 +695,11 @@ class ServerUtil:
             ]
         )
 
+    @checked
     async def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
         """A different payload per flag: ``pairs`` of (flag, data); every connection bound to a flag gets
         that flag's payloads, in order, all in one broker round (one publish per flag in routing mode)."""
-        items = _bulk_items(pairs, "send_bulk_by_flag")
+        items = _bulk_items(pairs, self.json_default)
         if self.settings.mode is Mode.FANOUT:
             await self._publish(self._bulk_commands(naming.ALL, TargetKind.FLAGS, items))
             return
@@ -744,6 +761,7 @@ class ServerUtil:
         replies = await self._ask(what, [(address, build, owner)], everyone=False, timeout=timeout)
         return replies.get(owner)
 
+    @checked
     async def join_group(
         self, client_id: str, groups: Names, *, wait: bool = True, timeout: float | None = None
     ) -> bool | None:
@@ -754,6 +772,7 @@ class ServerUtil:
         )
         return bool(found) if wait else None
 
+    @checked
     async def leave_group(
         self, client_id: str, groups: Names, *, wait: bool = True, timeout: float | None = None
     ) -> bool | None:
@@ -764,6 +783,7 @@ class ServerUtil:
         )
         return bool(found) if wait else None
 
+    @checked
     async def dissolve_group(
         self, group: str, *, wait: bool = True, timeout: float | None = None
     ) -> int | None:
@@ -780,6 +800,7 @@ class ServerUtil:
         )
         return sum(r for r in replies.values() if isinstance(r, int))
 
+    @checked
     async def bind(
         self,
         client_id: str,
@@ -796,6 +817,7 @@ class ServerUtil:
         )
         return bool(found) if wait else None
 
+    @checked
     async def unbind(self, client_id: str, *, wait: bool = True, timeout: float | None = None) -> bool | None:
         """Remove the connection's flag. True if the connection exists (``wait=True``)."""
         found = await self._on_owner("unbind", client_id, lambda r: Unbind(client_id, r), wait, timeout)
@@ -803,12 +825,14 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ sessions
 
+    @checked
     async def set_session(
         self, client_id: str, data: dict[str, Json], *, wait: bool = True, timeout: float | None = None
     ) -> bool | None:
         """Replace the connection's session dict. True if the connection exists (``wait=True``)."""
         return await self._session("set_session", client_id, data, False, wait, timeout)
 
+    @checked
     async def update_session(
         self, client_id: str, data: dict[str, Json], *, wait: bool = True, timeout: float | None = None
     ) -> bool | None:
@@ -824,12 +848,8 @@ class ServerUtil:
         wait: bool,
         timeout: float | None,
     ) -> bool | None:
-        if not isinstance(data, dict):
-            raise PayloadError(f"{what}: session data must be a dict, got {type(data).__name__}")
-        try:
-            orjson.dumps(data)
-        except TypeError as exc:
-            raise PayloadError(f"{what}: session data is not JSON-serialisable: {exc}") from None
+        # the session travels in the command's JSON header: as plain JSON, json_default applied
+        data = orjson.loads(protocol.dump_json(data, self.json_default, f"{what}: session data"))
         if protocol.too_deep(data):
             raise PayloadError(f"{what}: session data is nested deeper than {protocol.MAX_DEPTH} levels")
         found = await self._on_owner(
@@ -837,6 +857,7 @@ class ServerUtil:
         )
         return bool(found) if wait else None
 
+    @checked
     async def get_session(self, client_id: str, *, timeout: float | None = None) -> dict[str, Json]:
         """The connection's session dict; ``{}`` if it has none or does not exist."""
         found = await self._query_owner(QueryKind.SESSION, client_id, timeout)
@@ -871,69 +892,83 @@ class ServerUtil:
         )
         return list(replies.values())
 
+    @checked
     async def exists(self, client_id: str, *, timeout: float | None = None) -> bool:
         """Whether the connection is open somewhere in the cluster (``False`` for an unknown id)."""
         return bool(await self._query_owner(QueryKind.EXISTS, client_id, timeout))
 
+    @checked
     async def get_flag(self, client_id: str, *, timeout: float | None = None) -> str | None:
         """The flag the connection is bound to, or None."""
         found = await self._query_owner(QueryKind.FLAG_OF, client_id, timeout)
         return found if isinstance(found, str) else None
 
+    @checked
     async def flag_exists(self, flag: str, *, timeout: float | None = None, partial: bool = False) -> bool:
         """Whether any connection in the cluster is bound to ``flag``."""
         return any(await self._query_all(QueryKind.FLAG_EXISTS, flag, timeout, partial))
 
+    @checked
     async def get_client_ids_by_flag(
         self, flag: str, *, timeout: float | None = None, partial: bool = False
     ) -> list[str]:
         """Client ids of every connection bound to ``flag``."""
         return _concat(await self._query_all(QueryKind.FLAG_CLIENTS, flag, timeout, partial))
 
+    @checked
     async def get_connection_count(self, *, timeout: float | None = None, partial: bool = False) -> int:
         """Open connections in the whole cluster."""
         return _sum(await self._query_all(QueryKind.CONNECTIONS, "", timeout, partial))
 
+    @checked
     async def get_group_count(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> int:
         """Members of ``group`` in the whole cluster."""
         return _sum(await self._query_all(QueryKind.GROUP_COUNT, group, timeout, partial))
 
+    @checked
     async def get_group_client_ids(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> list[str]:
         """Client ids of every member of ``group``."""
         return _concat(await self._query_all(QueryKind.GROUP_CLIENTS, group, timeout, partial))
 
+    @checked
     async def get_groups(self, *, timeout: float | None = None, partial: bool = False) -> list[str]:
         """Every group with at least one member, sorted."""
         return sorted(set(_concat(await self._query_all(QueryKind.GROUPS, "", timeout, partial))))
 
+    @checked
     async def is_in_group(self, client_id: str, group: str, *, timeout: float | None = None) -> bool:
         """Whether the connection is a member of ``group``."""
         return bool(await self._query_owner(QueryKind.IN_GROUP, client_id, timeout, (group,)))
 
+    @checked
     async def get_group_flags(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> list[str]:
         """The distinct flags (users) among the members of ``group``, sorted."""
         return sorted(set(_concat(await self._query_all(QueryKind.GROUP_FLAGS, group, timeout, partial))))
 
+    @checked
     async def get_group_flag_count(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> int:
         """How many distinct flags (users) the members of ``group`` have."""
         return len(await self.get_group_flags(group, timeout=timeout, partial=partial))
 
+    @checked
     async def get_flags(self, *, timeout: float | None = None, partial: bool = False) -> list[str]:
         """Every flag bound anywhere in the cluster, sorted."""
         return sorted(set(_concat(await self._query_all(QueryKind.FLAGS, "", timeout, partial))))
 
+    @checked
     async def get_flag_count(self, *, timeout: float | None = None, partial: bool = False) -> int:
         """How many distinct flags are bound in the cluster."""
         return len(await self.get_flags(timeout=timeout, partial=partial))
 
+    @checked
     async def get_group_sessions(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> dict[str, dict[str, Json]]:
@@ -944,6 +979,7 @@ class ServerUtil:
                 out.update({k: v for k, v in answer.items() if isinstance(v, dict)})
         return out
 
+    @checked
     async def get_client_ids_by_flags(
         self, flags: Names, *, timeout: float | None = None, partial: bool = False
     ) -> dict[str, list[str]]:
@@ -958,6 +994,7 @@ class ServerUtil:
                             out[flag].extend(i for i in ids if isinstance(i, str))
         return {flag: sorted(ids) for flag, ids in out.items()}
 
+    @checked
     async def get_presence(
         self, group: str, *, timeout: float | None = None, partial: bool = False
     ) -> dict[str, int]:
@@ -970,6 +1007,7 @@ class ServerUtil:
                 )
         return dict(sorted(counts.items()))
 
+    @checked
     async def get_nodes(self, *, timeout: float | None = None, partial: bool = False) -> list[NodeRecord]:
         """A record per live node (``node_id``, ``instance``, ``connections``, ...), sorted by node id."""
         records = [
@@ -983,31 +1021,19 @@ class ServerUtil:
 # ---------------------------------------------------------------------- helpers
 
 
-def _last(data: object) -> tuple[bytes | None, bool]:
+def _last(data: object, json_default: protocol.JsonDefault | None) -> tuple[bytes | None, bool]:
     """A close's last frame: ``None`` for no data, else the payload as a send would make it."""
-    return (None, False) if data is None else encode_payload(data)
+    return (None, False) if data is None else encode_payload(data, json_default)
 
 
 _BULK_HEADER_ROOM = 1024  #: envelope, signature and the bulk header's fixed fields
 
 
-def _bulk_items(pairs: Iterable[tuple[str, object]], what: str) -> list[tuple[str, bytes, bool]]:
-    items = []
-    for pair in pairs:
-        if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[0], str):
-            raise PayloadError(f"{what}: each pair must be (name, data), got {pair!r:.60}")
-        payload, binary = encode_payload(pair[1])
-        items.append((pair[0], payload, binary))
-    return items
-
-
-def _check_close(code: int, reason: str) -> None:
-    if not isinstance(code, int) or not protocol.is_sendable_close_code(code):
-        raise PayloadError(
-            f"close code {code!r} is not one a server may send (1000-1003, 1007-1014, 3000-4999)"
-        )
-    if len(reason.encode()) > 123:
-        raise PayloadError("close reason is longer than 123 bytes (the websocket limit)")
+def _bulk_items(
+    pairs: Iterable[tuple[str, object]], json_default: protocol.JsonDefault | None
+) -> list[tuple[str, bytes, bool]]:
+    """The (name, data) pairs (checked by the call's arguments) with their data encoded."""
+    return [(name, *encode_payload(data, json_default)) for name, data in pairs]
 
 
 def _with_request(command: Send | Close, request: Request) -> Send | Close:

@@ -15,10 +15,12 @@ import asyncio
 import inspect
 import os
 import threading
+import warnings
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, overload
 
+from . import protocol
 from .commands import Json, NodeRecord
 from .config import Mode, Settings
 from .serverutil import Names, ServerUtil
@@ -47,6 +49,7 @@ class SyncServerUtil:
         secret: str | bytes | None = None,
         settings: Settings | None = None,
         in_process: bool = False,
+        json_default: protocol.JsonDefault | None = None,
         **options: Any,
     ) -> None:
         """The arguments of :class:`ServerUtil`, kept for the ServerUtil made on first use."""
@@ -58,6 +61,7 @@ class SyncServerUtil:
             secret=secret,
             settings=settings,
             in_process=in_process,
+            json_default=json_default,
             **options,
         )
         self._lock = threading.Lock()
@@ -66,10 +70,13 @@ class SyncServerUtil:
         self._thread: threading.Thread | None = None
         self._util: ServerUtil | None = None
         self._borrowed = False
+        self._warned_in_loop = False
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Self:
-        return cls(settings=Settings.from_env(environ))
+    def from_env(
+        cls, environ: dict[str, str] | None = None, *, json_default: protocol.JsonDefault | None = None
+    ) -> Self:
+        return cls(settings=Settings.from_env(environ), json_default=json_default)
 
     @classmethod
     def borrowing(cls, util: ServerUtil, loop: asyncio.AbstractEventLoop) -> Self:
@@ -140,8 +147,26 @@ class SyncServerUtil:
         **kwargs: _P.kwargs,
     ) -> _R:
         """Run ``method`` (a ServerUtil coroutine function) on the loop thread and wait for its result."""
+        if not self._warned_in_loop:
+            self._warn_in_running_loop(method.__name__)
         util, loop = self._ensure()
         return asyncio.run_coroutine_threadsafe(method(util, *args, **kwargs), loop).result()
+
+    def _warn_in_running_loop(self, call: str) -> None:
+        """Warn (once) when called from a coroutine: the call blocks that event loop until it returns
+        (Django's ``async_to_sync`` refuses outright; a warning keeps code that works working)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop runs in this thread: the blocking call is what is wanted
+        self._warned_in_loop = True
+        warnings.warn(
+            f"SyncServerUtil.{call}() called inside a running event loop blocks it until the call returns: "
+            f"in async code use fanout.ServerUtil instead (async with ServerUtil(...) as util: "
+            f"await util.{call}(...))",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------------ the operations, as in ServerUtil
 

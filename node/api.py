@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import hmac
 import inspect
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from fanout.arguments import accepts
 from fanout.exceptions import (
     BackendError,
     BackendUnavailable,
@@ -37,32 +39,8 @@ from fanout.exceptions import (
 if TYPE_CHECKING:
     from fanout.serverutil import ServerUtil
 
-#: JSON schema of each argument name the calls use
-_NAMES = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-ARGUMENTS: dict[str, dict[str, Any]] = {
-    "client_ids": _NAMES,
-    "flags": _NAMES,
-    "groups": _NAMES,
-    "exclude": _NAMES,
-    "client_id": {"type": "string"},
-    "flag": {"type": "string"},
-    "group": {"type": "string"},
-    "data": {"description": "a string is sent as a text frame, anything else as JSON text"},
-    "data_b64": {"type": "string", "description": "instead of data: base64 of a binary frame"},
-    "code": {"type": "integer"},
-    "reason": {"type": "string"},
-    "older_than": {"type": "number"},
-    "pairs": {
-        "type": "array",
-        "description": "[name, data] pairs, or {name, data} / {name, data_b64} objects",
-        "items": {"oneOf": [{"type": "array"}, {"type": "object"}]},
-    },
-    "ack": {"type": "boolean"},
-    "wait": {"type": "boolean"},
-    "replace": {"type": "boolean"},
-    "partial": {"type": "boolean"},
-    "timeout": {"type": "number"},
-}
+#: the one argument the API has that ServerUtil has not (the rest: fanout.arguments.ARGUMENTS)
+DATA_B64 = {"type": "string", "description": "instead of data: base64 of a binary frame"}
 
 #: the calls the API serves: every public ServerUtil operation
 CALLS = (
@@ -101,8 +79,6 @@ CALLS = (
     "get_presence",
     "get_nodes",
 )
-
-_SESSION = {"type": "object"}
 
 #: status of each FanoutError (the most specific class first)
 _STATUS: tuple[tuple[type[FanoutError], int], ...] = (
@@ -183,8 +159,10 @@ class Api:
             raise ApiError(400, "BadRequest", "the arguments are a JSON object")
         args = _decode(dict(args))
         method = getattr(self.util, name)
+        signature = inspect.signature(method)
+        _check_fields(name, args, signature)
         try:
-            bound = inspect.signature(method).bind(**args)
+            bound = signature.bind(**args)
         except TypeError as exc:
             raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
         try:
@@ -194,6 +172,21 @@ class Api:
             raise ApiError(status, type(exc).__name__, str(exc)) from None
         except (TypeError, ValueError) as exc:  # an argument of the wrong type
             raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
+
+
+def _check_fields(call: str, args: dict[str, Any], signature: inspect.Signature) -> None:
+    """Name a field the call does not take (with the likely one it was meant to be), then a missing one."""
+    fields = list(signature.parameters)
+    for given in args:
+        if given not in signature.parameters:
+            close = difflib.get_close_matches(given, fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"{call} takes {', '.join(fields) or 'none'}"
+            raise ApiError(400, "BadRequest", f"{call}: unknown field {given!r}; {hint}")
+    for field, parameter in signature.parameters.items():
+        if parameter.default is inspect.Parameter.empty and field not in args:
+            raise ApiError(
+                400, "BadRequest", f"{call}: missing field {field!r} ({accepts(call, field).what})"
+            )
 
 
 def _b64(value: Any) -> bytes:
@@ -254,14 +247,11 @@ def openapi(node_id: str) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         required: list[str] = []
         for parameter in list(inspect.signature(method).parameters.values())[1:]:
-            schema = dict(ARGUMENTS.get(parameter.name, {}))
-            if parameter.name in ("data",) and name in ("set_session", "update_session"):
-                schema = _SESSION
-            properties[parameter.name] = schema
+            properties[parameter.name] = dict(accepts(name, parameter.name).schema)
             if parameter.default is inspect.Parameter.empty:
                 required.append(parameter.name)
             if parameter.name == "data" and name not in ("set_session", "update_session"):
-                properties["data_b64"] = ARGUMENTS["data_b64"]
+                properties["data_b64"] = DATA_B64
         body: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
         if required:
             body["required"] = required

@@ -134,6 +134,10 @@ def test_cli_usage_errors_exit_2() -> None:
         (("close", "x.y.1", "--code", "99999"), "close code"),
         (("send-bulk", "not json"), "pairs are not JSON"),
         (("send-bulk-by-flag", "{}"), "JSON list"),
+        (("send-bulk", '[["x.y.1", "a"], [42, "b"]]'), "send_bulk: pairs must be (name, data) pairs"),
+        (("close-guests", "--older-than", "nan"), "--older-than: 'nan' is not a number of seconds >= 0"),
+        (("close-guests", "--older-than", "-1"), "--older-than"),
+        (("close", "x.y.1", "--reason", "r" * 124), "at most 123 bytes"),
     ):
         result = run_module("fanout", *args, env=env)
         assert result.returncode == 2, (args, result.stderr)

@@ -230,6 +230,11 @@ def test_env_number_allows_zero_unless_positive() -> None:
         env_number({"N": "0"}, "N", 5, int, positive=True)
 
 
+def test_env_number_names_the_kind_in_plain_english() -> None:
+    assert str(config_error(FANOUT_MAX_MESSAGE="1.5")) == "FANOUT_MAX_MESSAGE: '1.5' is not an integer"
+    assert str(config_error(FANOUT_QUERY_TIMEOUT="soon")) == "FANOUT_QUERY_TIMEOUT: 'soon' is not a number"
+
+
 @pytest.mark.parametrize(
     ("raw", "value"), [("1", True), ("Yes", True), ("on", True), ("0", False), ("off", False)]
 )

@@ -164,6 +164,39 @@ def test_status_codes(nodes: list[NodeProcess]) -> None:
     assert status == 413 and "FANOUT_API_MAX_BODY" in answer["error"]["message"]
 
 
+async def test_a_wrong_argument_is_a_400_naming_it(nodes: list[NodeProcess]) -> None:
+    """Checked from the calls' argument table before anything is published: not a 503 from a query the
+    nodes dropped, not an operator error, not "yes" taken as true; a typo'd field is named."""
+    ws, cid = await client(nodes[0].port)
+    port = nodes[1].port
+    assert await call(port, "bind", client_id=cid, flag="ann") is True
+    for name, args, message in (
+        ("get_group_count", {"group": 42}, "get_group_count: group must be a string, got int 42"),
+        ("flag_exists", {"flag": 42}, "flag_exists: flag must be a string, got int 42"),
+        ("exists", {"client_id": 42}, "exists: client_id must be a string, got int 42"),
+        ("send_by_flag", {"flags": 42, "data": "x"}, "send_by_flag: flags must be strings, got int 42"),
+        (
+            "send_by_flag",
+            {"flags": ["ann", 4], "data": "x"},
+            "send_by_flag: flags must be strings, got int 4",
+        ),
+        ("get_groups", {"timeout": "abc"}, "timeout must be a number of seconds > 0, got str 'abc'"),
+        ("send_to_all", {"data": "x", "ack": "yes"}, "ack must be a bool (true or false), got str 'yes'"),
+        ("get_group_count", {"grop": "lobby"}, "unknown field 'grop'; did you mean 'group'?"),
+        ("get_group_count", {}, "get_group_count: missing field 'group' (a string)"),
+    ):
+        status, answer = await asyncio.get_running_loop().run_in_executor(
+            None, post, port, f"/api/{name}", args
+        )
+        assert status == 400, (name, args, answer)
+        assert answer["error"]["type"] in ("PayloadError", "BadRequest")
+        assert message in answer["error"]["message"], (name, args, answer)
+    assert await nothing_more(ws)  # none of them sent anything
+    assert await call(port, "send_by_flag", flags="ann", data="x", ack=True, timeout=5) == 1
+    assert await recv(ws) == "x"
+    await ws.close()
+
+
 def test_the_api_is_off_without_a_key(tmp_path: Path) -> None:
     node = start_node(tmp_path, {"FANOUT_BACKEND": "memory"}, app="tests.apps.control:app")
     assert post(node.port, "/api/get_groups")[0] == 404

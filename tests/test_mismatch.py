@@ -66,8 +66,8 @@ async def test_memory_is_refused_outside_a_node_unless_asked_for() -> None:
     with pytest.raises(ConfigError, match="FANOUT_URL"):
         await ServerUtil.from_env({}).connect()
     sync = SyncServerUtil.from_env({})
-    with pytest.raises(ConfigError, match="in_process=True"):
-        sync.send_to_group("lobby", "hi")
+    with pytest.raises(ConfigError, match="in_process=True"):  # from a thread, as blocking code runs
+        await asyncio.get_running_loop().run_in_executor(None, sync.send_to_group, "lobby", "hi")
     async with ServerUtil("memory://", in_process=True) as util:  # asked for explicitly
         await util.send_to_all("to nobody, on purpose")
 

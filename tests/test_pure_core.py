@@ -24,6 +24,7 @@ PURE = [
     "tokens",
     "presence",
     "events",
+    "arguments",
 ]
 
 
