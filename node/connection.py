@@ -6,10 +6,12 @@ holds everything: no websocket library object, no task while the client is idle.
 
 It owns its output: frames are written straight to its transport, or, while the node applies a batch of
 bus commands, held in the connection's own pending list and written in one go when the batch ends
-(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. The
-transport's write buffer plus what is pending is the connection's send buffer; over the node's
-``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded and
-other clients are unaffected. A client that makes the node owe it more than that in automatic replies
+(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. Held
+frames are written early once they reach ``PENDING_FLUSH`` bytes (or half the send buffer), so what the
+node holds for its own batching stays small and never counts against the client. The transport's write
+buffer (written, not yet taken by the client) is the connection's send buffer; over the node's
+``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded
+(the send buffer plus at most ``PENDING_FLUSH`` held) and other clients are unaffected. A client that makes the node owe it more than that in automatic replies
 (pongs to a ping flood) without reading is cut off the same way.
 
 It reads its input (:func:`~node.frames.read_frames`): control frames are answered at once; messages go
@@ -57,6 +59,10 @@ log = logging.getLogger("fanout.node")
 
 #: seconds the node waits for a client's reply to its close frame before dropping the socket
 CLOSE_TIMEOUT = 10.0
+#: bytes of frames held for a batch at which they are written without waiting for the batch's end (or
+#: half the send buffer, when that is less): coalescing gains nothing past this, and what the node holds
+#: for its own batching never counts against a client (only what it has not taken does)
+PENDING_FLUSH = 64 * 1024
 #: messages waiting in a connection's lane at which it stops reading, and at which it reads again
 INBOX_HIGH = 16
 INBOX_LOW = 4
@@ -75,6 +81,7 @@ class Connection(asyncio.Protocol):
         "_close_timer",
         "_closed",
         "_fragments",
+        "_flush_at",
         "_fragments_text",
         "_inbox",
         "_lane",
@@ -119,6 +126,7 @@ class Connection(asyncio.Protocol):
         self._transport = transport
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
+        self._flush_at = min(PENDING_FLUSH, self.send_limit // 2)
         self._last_session: dict[str, Any] = {}
         self._last_flag: str | None = None
         self._last_groups: frozenset[str] = frozenset()
@@ -200,13 +208,17 @@ class Connection(asyncio.Protocol):
         """Queue one encoded frame; False if the connection is closing or was cut off as too slow."""
         if not self.open:
             return False
-        pending = self._pending
-        if self._transport.get_write_buffer_size() + self._pending_bytes > self.send_limit:
+        if self._transport.get_write_buffer_size() > self.send_limit:
             self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
+        pending = self._pending
         if pending is not None:  # frames are waiting (a batch, the write delay): this one goes after them
             pending.append(frame)
             self._pending_bytes += len(frame)
+            if self._pending_bytes >= self._flush_at:  # enough to fill a write: it need not wait
+                self._transport.write(b"".join(pending))
+                pending.clear()
+                self._pending_bytes = 0
         elif self.node.batching:
             self._pending = [frame]
             self._pending_bytes = len(frame)
@@ -222,7 +234,7 @@ class Connection(asyncio.Protocol):
             return
         self._pending = None
         self._pending_bytes = 0
-        if not self._transport.is_closing():
+        if pending and not self._transport.is_closing():  # empty when it was written early
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def cut_off(self, why: str, *, ping_flood: bool = False) -> None:
