@@ -11,14 +11,17 @@ frames are written early once they reach ``PENDING_FLUSH`` bytes (or half the se
 node holds for its own batching stays small and never counts against the client. The transport's write
 buffer (written, not yet taken by the client) is the connection's send buffer; over the node's
 ``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded
-(the send buffer plus at most ``PENDING_FLUSH`` held) and other clients are unaffected. A client that makes the node owe it more than that in automatic replies
-(pongs to a ping flood) without reading is cut off the same way.
+(the send buffer plus at most ``PENDING_FLUSH`` held) and other clients are unaffected. A client that
+makes the node owe it more than that in automatic replies (pongs to a ping flood) without reading is cut
+off the same way.
 
 It reads its input (:func:`~node.frames.read_frames`): control frames are answered at once; messages go
 to the connection's *lane*, a task that exists only while there is something to do (the opening, then
 messages in order, then the close) and runs the application's hooks one at a time. While more than
 ``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
-A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009).
+A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
+its close frame, half-closes the socket and discards what the client still sends until its EOF (or
+``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1).
 
 Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
 or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
@@ -69,8 +72,9 @@ INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
 
-# websocket states (an int each: the per-frame path compares plain attributes)
-OPEN, CLOSING, CLOSED = 1, 2, 3
+# websocket states (an int each: the per-frame path compares plain attributes); FAILED: the node sent
+# its close frame after a failure and half-closed, and discards what arrives until the client's EOF
+OPEN, CLOSING, FAILED, CLOSED = 1, 2, 3, 4
 
 
 class Connection(asyncio.Protocol):
@@ -80,8 +84,8 @@ class Connection(asyncio.Protocol):
         "_buffer",
         "_close_timer",
         "_closed",
-        "_fragments",
         "_flush_at",
+        "_fragments",
         "_fragments_text",
         "_inbox",
         "_lane",
@@ -324,6 +328,8 @@ class Connection(asyncio.Protocol):
     # -- input: the socket's protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.state >= FAILED:
+            return  # failed: what it sends is discarded until its EOF; or the socket is gone
         buffer = self._buffer
         if buffer is not None:  # the rest of a frame: wait until all of it is here
             buffer += data
@@ -331,15 +337,13 @@ class Connection(asyncio.Protocol):
                 return
             data = bytes(buffer)
             self._buffer = None
-        if self.state == CLOSED:
-            return
         frames, used, self._need, error = read_frames(data, self.node.options.max_frame)
         if used < len(data):
             self._buffer = bytearray(data[used:])
         transport = self._transport
         for opcode, fin, payload in frames:
-            if transport.is_closing():
-                return  # closed (a close answered, a failure, a cut-off): nothing after it counts
+            if self.state >= FAILED or transport.is_closing():
+                return  # failed, or closed (a close answered, a cut-off): nothing after it counts
             if opcode == OP_CLOSE:
                 self._close_frame(payload)
             elif self.state != OPEN:
@@ -353,7 +357,7 @@ class Connection(asyncio.Protocol):
                     self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
             else:  # a pong: the keepalive ping is answered
                 self.ping_sent = 0.0
-        if error is not None and not transport.is_closing():
+        if error is not None and self.state < FAILED and not transport.is_closing():
             self._fail(error.code, error.reason)
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
@@ -440,12 +444,26 @@ class Connection(asyncio.Protocol):
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol (or the keepalive): send the close code, close the socket."""
+        """The client broke the protocol (or the keepalive): send the close code, then half-close and
+        discard what it sends until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at
+        once with its bytes unread would make the kernel reset the connection, and a client that is
+        still writing would often lose the close frame, and with it the reason."""
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
         self._pending = None
         self._pending_bytes = 0
-        self._begin_close(encode_close(code, reason))
-        self._transport.close()
+        self._buffer = None
+        self._fragments = None
+        transport = self._transport
+        if self._begin_close(encode_close(code, reason)) and self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        self.state = FAILED
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()  # once the close frame is written; the client's EOF then closes it
+        else:
+            transport.close()
 
     def keepalive(self, now: float, ping: bytes, expect_pong: bool) -> None:
         """Send the keepalive ping, unless one is still unanswered."""

@@ -199,8 +199,10 @@ class RawClient:
         return first & 0x0F, await self.reader.readexactly(length)
 
     async def closed_by_server(self) -> bool:
-        """True once the server closed the TCP connection."""
-        return await asyncio.wait_for(self.reader.read(), scaled(5)) == b""
+        """True once the server closed the TCP connection (or half-closed it: the client then closes)."""
+        closed = await asyncio.wait_for(self.reader.read(), scaled(5)) == b""
+        self.writer.close()
+        return closed
 
 
 @uses_raw_sockets
@@ -397,3 +399,44 @@ async def test_a_close_while_reading_is_paused_still_reads_the_clients_reply(mak
         assert ws.close_code == 4000
         # well before the node's 10 s close timeout: it read the client's close reply
         assert asyncio.get_running_loop().time() - started < scaled(2)
+
+
+async def _oversized_frame_then_read(port: int) -> bytes:
+    """A client that writes a 16 MiB frame (over the node's limit) and reads only once it has written it
+    all, as an asyncio client whose write fails gives up without reading: when the node fails the
+    connection, the rest of the frame is still arriving. What it reads after the handshake."""
+    raw, _ = await RawClient.open(port)
+    raw.writer.transport.pause_reading()
+    size = 16 << 20
+    raw.send(bytes((0x82, 0xFF)) + struct.pack("!Q", size) + os.urandom(4) + bytes(size))
+    with contextlib.suppress(ConnectionError):  # the connection was reset under it
+        await asyncio.wait_for(raw.writer.drain(), scaled(10))
+    if raw.writer.transport.is_closing():
+        return b""  # a write that failed: what the kernel still held is lost with the transport
+    raw.writer.transport.resume_reading()
+    return await asyncio.wait_for(raw.reader.read(), scaled(10))
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while len(data) >= 2:
+        length, head = data[1] & 0x7F, 2
+        if length == 126:
+            (length,), head = struct.unpack_from("!H", data, 2), 4
+        frames.append((data[0] & 0x0F, data[head : head + length]))
+        data = data[head + length :]
+    return frames
+
+
+@uses_raw_sockets
+async def test_a_client_still_writing_when_the_node_fails_it_gets_the_close_frame(
+    make_node: MakeNode,
+) -> None:
+    node = await make_node(max_frame=1000)
+    for _ in range(20):  # the node half-closes and reads until the client's EOF: never a reset
+        got = await _oversized_frame_then_read(node.port)
+        closes = [payload for opcode, payload in _server_frames(got) if opcode == OP_CLOSE]
+        assert closes and struct.unpack_from("!H", closes[0])[0] == 1009, got[-200:]
+        _opened.pop().close()
+    await asyncio.sleep(0.1)
+    assert len(node.table) == 0 and not node.live
