@@ -46,6 +46,7 @@ from .frames import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    Fragments,
     ProtocolError,
     encode_close,
     encode_control,
@@ -71,6 +72,8 @@ INBOX_HIGH = 16
 INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
+#: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
+RATE_LIMIT_CLOSE = (1008, "rate limit exceeded")
 
 # websocket states (an int each: the per-frame path compares plain attributes); FAILED: the node sent
 # its close frame after a failure and half-closed, and discards what arrives until the client's EOF
@@ -86,7 +89,6 @@ class Connection(asyncio.Protocol):
         "_closed",
         "_flush_at",
         "_fragments",
-        "_fragments_text",
         "_inbox",
         "_lane",
         "_last_flag",
@@ -150,8 +152,7 @@ class Connection(asyncio.Protocol):
         # input: the start of a frame not complete yet and its size when known; a fragmented message
         self._buffer: bytearray | None = None
         self._need = 0
-        self._fragments: list[bytes] | None = None
-        self._fragments_text = False  #: whether the fragmented message is text
+        self._fragments: Fragments | None = None
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
         self._inbox: deque[str | bytes] | None = None
         self._lane: asyncio.Task[None] | None = None
@@ -341,6 +342,8 @@ class Connection(asyncio.Protocol):
         if used < len(data):
             self._buffer = bytearray(data[used:])
         transport = self._transport
+        rate = self.rate
+        now = asyncio.get_running_loop().time() if rate is not None else 0.0
         for opcode, fin, payload in frames:
             if self.state >= FAILED or transport.is_closing():
                 return  # failed, or closed (a close answered, a cut-off): nothing after it counts
@@ -348,6 +351,9 @@ class Connection(asyncio.Protocol):
                 self._close_frame(payload)
             elif self.state != OPEN:
                 continue  # the node is closing: only the client's close reply matters now
+            elif rate is not None and not rate.take(now):  # every frame counts, but its close
+                self.node.metrics.rate_limit_closes += 1
+                self.start_close(*RATE_LIMIT_CLOSE)
             elif opcode < OP_CLOSE:
                 self._data_frame(opcode, fin, payload)
             elif opcode == OP_PING:
@@ -366,22 +372,20 @@ class Connection(asyncio.Protocol):
             if fragments is None:
                 self._fail(1002, "unexpected continuation frame")
                 return
-            fragments.append(payload)
-            limit = self.node.options.max_frame
-            if sum(map(len, fragments)) > limit:
-                self._fail(1009, f"message exceeds the limit of {limit} bytes")
+            error = fragments.add(payload, self.node.options.max_frame)
+            if error is not None:
+                self._fail(error.code, error.reason)
                 return
             if not fin:
                 return
             self._fragments = None
-            text = self._fragments_text
-            payload = b"".join(fragments)
+            text = fragments.text
+            payload = fragments.message()
         elif fragments is not None:
             self._fail(1002, "a new message before the end of the fragmented one")
             return
         elif not fin:
-            self._fragments = [payload]
-            self._fragments_text = opcode == OP_TEXT
+            self._fragments = Fragments(payload, opcode == OP_TEXT)
             return
         else:
             text = opcode == OP_TEXT
