@@ -20,10 +20,10 @@ from tests.support.nodes import client, metrics, recv, start_node, unique_namesp
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SEND_BUFFER = 256 * 1024
 READERS, STALLED = 20, 20
-#: frames of 4 KiB in a burst, and bursts: 1 MiB at once is four times the send buffer but fits in
-#: what the kernel takes for a reading client; 8 MiB in all is more than the kernel takes for one that
-#: never reads (about 4 MiB on loopback), so those are cut off
-BURST, BURSTS = 250, 8
+#: frames of 4 KiB in a burst, and bursts: 640 KiB at once is more than twice the send buffer but fits
+#: in what the kernel takes for a client before it reads; 7.5 MiB in all is more than the kernel takes
+#: for one that never reads (about 4 MiB on loopback), so those are cut off
+BURST, BURSTS = 160, 12
 
 
 def _stalled_websocket(port: int) -> socket.socket:
