@@ -6,17 +6,22 @@ holds everything: no websocket library object, no task while the client is idle.
 
 It owns its output: frames are written straight to its transport, or, while the node applies a batch of
 bus commands, held in the connection's own pending list and written in one go when the batch ends
-(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. The
-transport's write buffer plus what is pending is the connection's send buffer; over the node's
-``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded and
-other clients are unaffected. A client that makes the node owe it more than that in automatic replies
-(pongs to a ping flood) without reading is cut off the same way.
+(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. Held
+frames are written early once they reach ``PENDING_FLUSH`` bytes (or half the send buffer), so what the
+node holds for its own batching stays small and never counts against the client. The transport's write
+buffer (written, not yet taken by the client) is the connection's send buffer; over the node's
+``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded
+(the send buffer plus at most ``PENDING_FLUSH`` held) and other clients are unaffected. A client that
+makes the node owe it more than that in automatic replies (pongs to a ping flood) without reading is cut
+off the same way.
 
 It reads its input (:func:`~node.frames.read_frames`): control frames are answered at once; messages go
 to the connection's *lane*, a task that exists only while there is something to do (the opening, then
 messages in order, then the close) and runs the application's hooks one at a time. While more than
 ``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
-A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009).
+A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
+its close frame, half-closes the socket and discards what the client still sends until its EOF (or
+``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1).
 
 Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
 or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
@@ -41,6 +46,7 @@ from .frames import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    Fragments,
     ProtocolError,
     encode_close,
     encode_control,
@@ -57,14 +63,21 @@ log = logging.getLogger("fanout.node")
 
 #: seconds the node waits for a client's reply to its close frame before dropping the socket
 CLOSE_TIMEOUT = 10.0
+#: bytes of frames held for a batch at which they are written without waiting for the batch's end (or
+#: half the send buffer, when that is less): coalescing gains nothing past this, and what the node holds
+#: for its own batching never counts against a client (only what it has not taken does)
+PENDING_FLUSH = 64 * 1024
 #: messages waiting in a connection's lane at which it stops reading, and at which it reads again
 INBOX_HIGH = 16
 INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
+#: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
+RATE_LIMIT_CLOSE = (1008, "rate limit exceeded")
 
-# websocket states (an int each: the per-frame path compares plain attributes)
-OPEN, CLOSING, CLOSED = 1, 2, 3
+# websocket states (an int each: the per-frame path compares plain attributes); FAILED: the node sent
+# its close frame after a failure and half-closed, and discards what arrives until the client's EOF
+OPEN, CLOSING, FAILED, CLOSED = 1, 2, 3, 4
 
 
 class Connection(asyncio.Protocol):
@@ -74,8 +87,8 @@ class Connection(asyncio.Protocol):
         "_buffer",
         "_close_timer",
         "_closed",
+        "_flush_at",
         "_fragments",
-        "_fragments_text",
         "_inbox",
         "_lane",
         "_last_flag",
@@ -119,6 +132,7 @@ class Connection(asyncio.Protocol):
         self._transport = transport
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
+        self._flush_at = min(PENDING_FLUSH, self.send_limit // 2)
         self._last_session: dict[str, Any] = {}
         self._last_flag: str | None = None
         self._last_groups: frozenset[str] = frozenset()
@@ -138,8 +152,7 @@ class Connection(asyncio.Protocol):
         # input: the start of a frame not complete yet and its size when known; a fragmented message
         self._buffer: bytearray | None = None
         self._need = 0
-        self._fragments: list[bytes] | None = None
-        self._fragments_text = False  #: whether the fragmented message is text
+        self._fragments: Fragments | None = None
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
         self._inbox: deque[str | bytes] | None = None
         self._lane: asyncio.Task[None] | None = None
@@ -200,13 +213,17 @@ class Connection(asyncio.Protocol):
         """Queue one encoded frame; False if the connection is closing or was cut off as too slow."""
         if not self.open:
             return False
-        pending = self._pending
-        if self._transport.get_write_buffer_size() + self._pending_bytes > self.send_limit:
+        if self._transport.get_write_buffer_size() > self.send_limit:
             self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
+        pending = self._pending
         if pending is not None:  # frames are waiting (a batch, the write delay): this one goes after them
             pending.append(frame)
             self._pending_bytes += len(frame)
+            if self._pending_bytes >= self._flush_at:  # enough to fill a write: it need not wait
+                self._transport.write(b"".join(pending))
+                pending.clear()
+                self._pending_bytes = 0
         elif self.node.batching:
             self._pending = [frame]
             self._pending_bytes = len(frame)
@@ -222,7 +239,7 @@ class Connection(asyncio.Protocol):
             return
         self._pending = None
         self._pending_bytes = 0
-        if not self._transport.is_closing():
+        if pending and not self._transport.is_closing():  # empty when it was written early
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def cut_off(self, why: str, *, ping_flood: bool = False) -> None:
@@ -312,6 +329,8 @@ class Connection(asyncio.Protocol):
     # -- input: the socket's protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.state >= FAILED:
+            return  # failed: what it sends is discarded until its EOF; or the socket is gone
         buffer = self._buffer
         if buffer is not None:  # the rest of a frame: wait until all of it is here
             buffer += data
@@ -319,19 +338,22 @@ class Connection(asyncio.Protocol):
                 return
             data = bytes(buffer)
             self._buffer = None
-        if self.state == CLOSED:
-            return
         frames, used, self._need, error = read_frames(data, self.node.options.max_frame)
         if used < len(data):
             self._buffer = bytearray(data[used:])
         transport = self._transport
+        rate = self.rate
+        now = asyncio.get_running_loop().time() if rate is not None else 0.0
         for opcode, fin, payload in frames:
-            if transport.is_closing():
-                return  # closed (a close answered, a failure, a cut-off): nothing after it counts
+            if self.state >= FAILED or transport.is_closing():
+                return  # failed, or closed (a close answered, a cut-off): nothing after it counts
             if opcode == OP_CLOSE:
                 self._close_frame(payload)
             elif self.state != OPEN:
                 continue  # the node is closing: only the client's close reply matters now
+            elif rate is not None and not rate.take(now):  # every frame counts, but its close
+                self.node.metrics.rate_limit_closes += 1
+                self.start_close(*RATE_LIMIT_CLOSE)
             elif opcode < OP_CLOSE:
                 self._data_frame(opcode, fin, payload)
             elif opcode == OP_PING:
@@ -341,7 +363,7 @@ class Connection(asyncio.Protocol):
                     self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
             else:  # a pong: the keepalive ping is answered
                 self.ping_sent = 0.0
-        if error is not None and not transport.is_closing():
+        if error is not None and self.state < FAILED and not transport.is_closing():
             self._fail(error.code, error.reason)
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
@@ -350,22 +372,20 @@ class Connection(asyncio.Protocol):
             if fragments is None:
                 self._fail(1002, "unexpected continuation frame")
                 return
-            fragments.append(payload)
-            limit = self.node.options.max_frame
-            if sum(map(len, fragments)) > limit:
-                self._fail(1009, f"message exceeds the limit of {limit} bytes")
+            error = fragments.add(payload, self.node.options.max_frame)
+            if error is not None:
+                self._fail(error.code, error.reason)
                 return
             if not fin:
                 return
             self._fragments = None
-            text = self._fragments_text
-            payload = b"".join(fragments)
+            text = fragments.text
+            payload = fragments.message()
         elif fragments is not None:
             self._fail(1002, "a new message before the end of the fragmented one")
             return
         elif not fin:
-            self._fragments = [payload]
-            self._fragments_text = opcode == OP_TEXT
+            self._fragments = Fragments(payload, opcode == OP_TEXT)
             return
         else:
             text = opcode == OP_TEXT
@@ -428,12 +448,26 @@ class Connection(asyncio.Protocol):
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol (or the keepalive): send the close code, close the socket."""
+        """The client broke the protocol (or the keepalive): send the close code, then half-close and
+        discard what it sends until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at
+        once with its bytes unread would make the kernel reset the connection, and a client that is
+        still writing would often lose the close frame, and with it the reason."""
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
         self._pending = None
         self._pending_bytes = 0
-        self._begin_close(encode_close(code, reason))
-        self._transport.close()
+        self._buffer = None
+        self._fragments = None
+        transport = self._transport
+        if self._begin_close(encode_close(code, reason)) and self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        self.state = FAILED
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()  # once the close frame is written; the client's EOF then closes it
+        else:
+            transport.close()
 
     def keepalive(self, now: float, ping: bytes, expect_pong: bool) -> None:
         """Send the keepalive ping, unless one is still unanswered."""

@@ -53,6 +53,38 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+#: most frames one fragmented message may have (as websockets' client and server); more fails the
+#: connection with 1009, like a message over the size limit
+MAX_FRAGMENTS = 4096
+
+
+class Fragments:
+    """A fragmented message being put back together: its size kept as it grows (no pass over the parts),
+    bounded in bytes and in frames, so the work per frame is constant whatever the client sends."""
+
+    __slots__ = ("parts", "size", "text")
+
+    def __init__(self, first: bytes, text: bool) -> None:
+        self.parts = [first]
+        self.size = len(first)
+        self.text = text  #: whether the message is text (its first frame's opcode)
+
+    def add(self, payload: bytes, max_size: int) -> ProtocolError | None:
+        """Add a continuation frame's payload; the error to fail the connection with when the message
+        is over ``max_size`` bytes or ``MAX_FRAGMENTS`` frames (1009), else None."""
+        self.size += len(payload)
+        if self.size > max_size:
+            return ProtocolError(1009, f"message exceeds the limit of {max_size} bytes")
+        if len(self.parts) >= MAX_FRAGMENTS:
+            return ProtocolError(1009, f"message in more than {MAX_FRAGMENTS} frames")
+        self.parts.append(payload)
+        return None
+
+    def message(self) -> bytes:
+        """The whole message's payload."""
+        return b"".join(self.parts)
+
+
 def encode_control(opcode: int, payload: bytes = b"") -> bytes:
     """A close, ping or pong frame (at most 125 bytes of payload)."""
     return bytes((_FIN | opcode, len(payload))) + payload

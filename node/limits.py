@@ -1,4 +1,4 @@
-"""Rate limits of a node: a token bucket per client (messages) and one per node (new connections). Pure."""
+"""Rate limits of a node: a token bucket per client (frames) and one per node (new connections). Pure."""
 
 from __future__ import annotations
 

@@ -73,8 +73,6 @@ from .presence import Presence
 
 log = logging.getLogger("fanout.node")
 
-#: close code for a client over FANOUT_CLIENT_RATE (policy violation)
-RATE_LIMIT_CLOSE = 1008
 #: close code when on_open raised (internal error)
 APP_ERROR_CLOSE = 1011
 #: close code when the identity Admit asked for could not be applied on the broker (try again later)
@@ -149,7 +147,7 @@ class NodeOptions:
     max_frame: int = 1024 * 1024  #: biggest frame a client may send; bigger ones close with 1009
     send_buffer: int = 1024 * 1024  #: bytes a connection may have waiting; over that it is cut off
     max_connections: int = 0  #: 0 = unlimited; over the limit, handshakes get HTTP 503
-    client_rate: float = 100.0  #: messages per second from one client (bursts of twice); 0 = no limit
+    client_rate: float = 100.0  #: frames per second from one client (bursts of twice); 0 = no limit
     #: seconds frames from the bus may wait so that later ones share their socket write; 0 = write at once
     write_delay: float = 0.001
     # -- the HTTP API
@@ -418,14 +416,9 @@ class Node:
             conn.data_received(early)
 
     def received(self, conn: Connection, message: str | bytes) -> None:
-        """A message from an open connection (in its order): rate-limited, then to its lane if the
-        application or the worker tier reads messages."""
+        """A message from an open connection (in its order; its frames were rate-limited as they were
+        read): to its lane if the application or the worker tier reads messages."""
         self.metrics.client_messages += 1
-        rate = conn.rate
-        if rate is not None and not rate.take(asyncio.get_running_loop().time()):
-            self.metrics.rate_limit_closes += 1
-            conn.start_close(RATE_LIMIT_CLOSE, "message rate limit exceeded")
-            return
         if self._on_message is not None or self._forwarder is not None:
             conn.queue(message)
 

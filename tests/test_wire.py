@@ -22,12 +22,14 @@ from websockets.frames import Frame, Opcode
 
 from node.connection import Connection
 from node.frames import (
+    MAX_FRAGMENTS,
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    Fragments,
     encode_close,
     parse_close,
     read_frames,
@@ -142,6 +144,29 @@ def test_invalid_frames_are_refused_with_their_close_code(data: bytes, code: int
     assert error is not None and error.code == code
 
 
+def test_a_fragmented_message_is_bounded_in_bytes_and_in_frames() -> None:
+    # 40,000 empty continuation frames after a first fragment: read as frames, each one is constant
+    # work for the message (its size is kept as it grows), and the 4097th frame fails it with 1009
+    data = client_frame(WS_TEXT, b"start", fin=False) + client_frame(WS_CONT, b"", fin=False) * 40_000
+    frames, used, _, error = read_frames(data, 1 << 20)
+    assert error is None and used == len(data) and len(frames) == 40_001
+    assert frames[1] == (OP_CONT, False, b"")
+    message = Fragments(frames[0][2], text=True)
+    errors = [message.add(payload, 1 << 20) for _, _, payload in frames[1:]]
+    failed_at = next(i for i, e in enumerate(errors) if e is not None)
+    assert failed_at == MAX_FRAGMENTS - 1  # the first fragment and 4095 more are a message's most
+    refused = errors[failed_at]
+    assert refused is not None and refused.code == 1009 and "4096 frames" in refused.reason
+    assert len(message.parts) == MAX_FRAGMENTS and message.size == 5
+    # bytes: the running size counts every fragment; a message may be exactly max_size
+    message = Fragments(b"ab", text=False)
+    assert message.add(b"cde", 10) is None and message.add(b"", 10) is None
+    assert message.add(b"fghij", 10) is None and message.size == 10
+    assert message.message() == b"abcdefghij" and not message.text
+    over = message.add(b"k", 10)
+    assert over is not None and over.code == 1009 and "limit of 10 bytes" in over.reason
+
+
 @pytest.mark.parametrize(("payload", "code"), [(b"\x03", 1002), (b"\x03\xe4", 1002), (b"\x03\xe8\xff", 1007)])
 def test_invalid_close_frames(payload: bytes, code: int) -> None:
     with pytest.raises(Exception) as refused:
@@ -199,8 +224,10 @@ class RawClient:
         return first & 0x0F, await self.reader.readexactly(length)
 
     async def closed_by_server(self) -> bool:
-        """True once the server closed the TCP connection."""
-        return await asyncio.wait_for(self.reader.read(), scaled(5)) == b""
+        """True once the server closed the TCP connection (or half-closed it: the client then closes)."""
+        closed = await asyncio.wait_for(self.reader.read(), scaled(5)) == b""
+        self.writer.close()
+        return closed
 
 
 @uses_raw_sockets
@@ -397,3 +424,80 @@ async def test_a_close_while_reading_is_paused_still_reads_the_clients_reply(mak
         assert ws.close_code == 4000
         # well before the node's 10 s close timeout: it read the client's close reply
         assert asyncio.get_running_loop().time() - started < scaled(2)
+
+
+async def _oversized_frame_then_read(port: int) -> bytes:
+    """A client that writes a 16 MiB frame (over the node's limit) and reads only once it has written it
+    all, as an asyncio client whose write fails gives up without reading: when the node fails the
+    connection, the rest of the frame is still arriving. What it reads after the handshake."""
+    raw, _ = await RawClient.open(port)
+    raw.writer.transport.pause_reading()
+    size = 16 << 20
+    raw.send(bytes((0x82, 0xFF)) + struct.pack("!Q", size) + os.urandom(4) + bytes(size))
+    with contextlib.suppress(ConnectionError):  # the connection was reset under it
+        await asyncio.wait_for(raw.writer.drain(), scaled(10))
+    if raw.writer.transport.is_closing():
+        return b""  # a write that failed: what the kernel still held is lost with the transport
+    raw.writer.transport.resume_reading()
+    return await asyncio.wait_for(raw.reader.read(), scaled(10))
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while len(data) >= 2:
+        length, head = data[1] & 0x7F, 2
+        if length == 126:
+            (length,), head = struct.unpack_from("!H", data, 2), 4
+        frames.append((data[0] & 0x0F, data[head : head + length]))
+        data = data[head + length :]
+    return frames
+
+
+@uses_raw_sockets
+async def test_a_client_still_writing_when_the_node_fails_it_gets_the_close_frame(
+    make_node: MakeNode,
+) -> None:
+    node = await make_node(max_frame=1000)
+    for _ in range(20):  # the node half-closes and reads until the client's EOF: never a reset
+        got = await _oversized_frame_then_read(node.port)
+        closes = [payload for opcode, payload in _server_frames(got) if opcode == OP_CLOSE]
+        assert closes and struct.unpack_from("!H", closes[0])[0] == 1009, got[-200:]
+        _opened.pop().close()
+    await asyncio.sleep(0.1)
+    assert len(node.table) == 0 and not node.live
+
+
+EMPTY_CONTINUATIONS = client_frame(WS_TEXT, b"x", fin=False) + client_frame(WS_CONT, b"", fin=False) * 40_000
+
+
+@uses_raw_sockets
+@pytest.mark.parametrize(
+    ("flood", "client_rate", "code", "reason"),
+    [
+        (EMPTY_CONTINUATIONS, 0, 1009, b"message in more than 4096 frames"),
+        (EMPTY_CONTINUATIONS, 100, 1008, b"rate limit exceeded"),
+        (client_frame(WS_PING, b"p") * 40_000, 100, 1008, b"rate limit exceeded"),
+    ],
+    ids=["continuations-no-rate-limit", "continuations", "pings"],
+)
+async def test_a_flood_of_small_frames_is_closed_and_others_are_served(
+    make_node: MakeNode, flood: bytes, client_rate: float, code: int, reason: bytes
+) -> None:
+    node = await make_node(client_rate=client_rate)
+    flooder, _ = await RawClient.open(node.port)
+    other, _ = await client(node.port)
+    await flooder.frame()  # welcome
+    # 40,000 empty continuation frames (240 KB): without a fragment cap, the rate limit counting frames
+    # and a running size, this held the node's loop for seconds; or as many pings
+    flooder.send(flood)
+    await other.send(b"still served")
+    pongs = 0
+    while (frame := await flooder.frame())[0] == OP_PONG:
+        pongs += 1
+    assert frame == (OP_CLOSE, struct.pack("!H", code) + reason)
+    assert pongs <= 2 * client_rate  # what the burst allows, then nothing more
+    flooder.send(client_frame(WS_CLOSE, struct.pack("!H", code)))  # its close reply
+    assert await flooder.closed_by_server()
+    assert await recv(other) == b"echo:still served"
+    assert node.metrics.rate_limit_closes == (1 if client_rate else 0)
+    await other.close()
