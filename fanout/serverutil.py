@@ -402,8 +402,10 @@ class ServerUtil:
     async def _publish(self, pairs: Sequence[tuple[Address, Command]]) -> list[int | None]:
         """Encode and publish ``pairs`` in one go (no other publish of ours can come in between).
 
-        Raises :class:`ConfigMismatch` if this publisher does not fit the nodes, :class:`NoLiveNodes` if
-        none is live in the namespace (after the first publish's wait, :meth:`_meet_nodes`).
+        Raises :class:`ConfigMismatch` before publishing if this publisher does not fit the nodes, and
+        :class:`NoLiveNodes` after it if no node is live in the namespace and the broker does not say one
+        received it (the first publish waits for the nodes' heartbeats first: :meth:`_meet_nodes`). The
+        publish goes first so that a broker that is down is reported as such, not as "no live nodes".
         """
         if not pairs:
             return []
@@ -411,8 +413,6 @@ class ServerUtil:
             await self._meet_nodes()
         live = self._directory.live(asyncio.get_running_loop().time())
         self._check_fit(live)
-        if not live and not self._in_node:
-            raise NoLiveNodes(self.settings.namespace, self.settings.where)
         items = []
         now = time.time()
         encode = self._encoder.encode
@@ -423,7 +423,10 @@ class ServerUtil:
                     f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
                 )
             items.append((address, message))
-        return await self.backend.publish_many(items)
+        counts = await self.backend.publish_many(items)
+        if not live and not self._in_node and not any(counts):
+            raise NoLiveNodes(self.settings.namespace, self.settings.where)
+        return counts
 
     def _new_request(self) -> Request:
         self._request_seq += 1
