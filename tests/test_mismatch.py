@@ -255,7 +255,9 @@ async def _until(condition: Callable[[], bool]) -> None:
     raise AssertionError("never happened")
 
 
-async def test_a_forged_heartbeat_cannot_block_the_publishers_of_an_unsigned_namespace(tmp_path: Path) -> None:
+async def test_a_forged_heartbeat_cannot_block_the_publishers_of_an_unsigned_namespace(
+    tmp_path: Path,
+) -> None:
     ns = unique_namespace("mh")
     node = _node(tmp_path, REDIS, ns)
     ws, cid = await client(node.port)

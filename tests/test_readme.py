@@ -49,7 +49,8 @@ async def test_the_readme_one_liner_raises_no_live_nodes_where_no_node_runs(tmp_
     script = tmp_path / "cron.py"
     script.write_text(f"from fanout import SyncServerUtil\n\n{one_liner}\n")
     ns = unique_namespace("readme")
-    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": ns, "FANOUT_HEARTBEAT_INTERVAL": "0.5"}
+    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": ns}
+    env["FANOUT_HEARTBEAT_INTERVAL"] = "0.5"  # the node's and the script's
 
     def run() -> subprocess.CompletedProcess[str]:  # a fresh process, as a cron job would be
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")} | env
