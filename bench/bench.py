@@ -6,7 +6,8 @@
     python bench/bench.py delivery --url redis://127.0.0.1:6379/0 --nodes 2 --clients 400 --messages 200
 
 ``publish``: ServerUtil publish rate, awaited one by one and with many concurrent callers (what the
-backend's pipelining buys). Nothing needs to listen.
+backend's pipelining buys). One idle node runs in the namespace (a send into a namespace with no live node
+raises NoLiveNodes); the group sent to has no member.
 
 ``bulk``: ``send_bulk`` of ``--pairs`` (client id, payload) pairs to ``--clients`` connections spread over
 ``--nodes`` node processes; reports the call's time (encoding and publishing) and the time until every
@@ -80,8 +81,18 @@ def _node_env(url: str, mode: str, **extra: str) -> dict[str, str]:
 
 async def bench_publish(url: str, count: int, concurrency: int, size: int) -> None:
     payload = "x" * size
-    namespace = unique_namespace("bench")
+    env = _node_env(url, "routing")
+    with tempfile.TemporaryDirectory() as tmp:
+        node = start_node(Path(tmp), env)
+        try:
+            await _publish_rates(url, env["FANOUT_NAMESPACE"], count, concurrency, payload)
+        finally:
+            node.terminate()
+
+
+async def _publish_rates(url: str, namespace: str, count: int, concurrency: int, payload: str) -> None:
     async with ServerUtil(url, namespace=namespace) as util:
+        await util.check_cluster()
         start = time.perf_counter()
         for _ in range(count):
             await util.send_to_group("bench", payload)
@@ -95,7 +106,7 @@ async def bench_publish(url: str, count: int, concurrency: int, size: int) -> No
         await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
         concurrent = (count // concurrency * concurrency) / (time.perf_counter() - start)
     print(
-        f"publish {url.split('://')[0]}: {size}-byte sends, sequential {sequential:,.0f}/s, "
+        f"publish {url.split('://')[0]}: {len(payload)}-byte sends, sequential {sequential:,.0f}/s, "
         f"{concurrency} concurrent callers {concurrent:,.0f}/s"
     )
 
@@ -257,7 +268,7 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("publish")
-    p.add_argument("--url", default="memory://")
+    p.add_argument("--url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--count", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--size", type=int, default=100)
@@ -295,12 +306,12 @@ def main() -> None:
         )
     args = parser.parse_args()
     if (
-        args.what in ("delivery", "bulk", "memory")
+        args.what in ("publish", "delivery", "bulk", "memory")
         and args.url.startswith("memory:")
         and not args.local_cluster
     ):
         parser.error(
-            "delivery needs a broker: the nodes run in other processes, which memory:// cannot reach"
+            f"{args.what} needs a broker: the nodes run in other processes, which memory:// cannot reach"
         )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"# {time.strftime('%Y-%m-%d')} on {machine()}, commit {commit.stdout.strip()}")

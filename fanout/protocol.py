@@ -66,6 +66,8 @@ MAX_DEPTH = 32
 MAX_NAMES = 100_000
 #: longest a heartbeat may claim a node stays alive without another one, seconds
 MAX_TTL = 60.0
+#: what a heartbeat's ``mode`` may say: a FANOUT_MODE, or nothing (the empty string)
+NODE_MODES = frozenset({"", "fanout", "routing"})
 
 
 class WrongNamespace(BadSignature):
@@ -125,6 +127,8 @@ def encode(command: Command, secret: bytes | None = None, envelope: Envelope = N
         header["s"] = envelope.seq
     if envelope.sent_at is not None:
         header["ts"] = round(envelope.sent_at * 1000)
+    if isinstance(command, Heartbeat) and command.node.signed and not secret:
+        raise PayloadError("a heartbeat saying its node signs must be signed itself")
     if secret:
         if envelope.namespace is None or envelope.sent_at is None or envelope.origin is None:
             raise PayloadError("a signed message needs an envelope with origin, time and namespace")
@@ -253,6 +257,8 @@ def _last_frame(header: dict[str, Any], last: bytes | None, binary: bool) -> byt
 def _node_to_json(info: NodeInfo) -> dict[str, Any]:
     if not 0 <= info.ttl <= MAX_TTL:
         raise PayloadError(f"heartbeat ttl {info.ttl} is outside 0..{MAX_TTL:g} seconds")
+    if info.mode not in NODE_MODES:
+        raise PayloadError(f"heartbeat mode {info.mode!r} is neither 'fanout' nor 'routing'")
     return {
         "instance": info.instance,
         "node_id": info.node_id,
@@ -398,6 +404,9 @@ def open_message(
         command = parser(header, data[newline + 1 :])
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {op!r} command: {exc!r}") from None
+    if isinstance(command, Heartbeat) and command.node.signed and sig_end == len(_PREFIX):
+        # a node that signs signs everything it sends: this one cannot be what it says
+        raise ProtocolError("an unsigned heartbeat saying its node signs")
     if secret:
         if envelope.namespace is None or envelope.sent_at is None or envelope.origin is None:
             raise BadSignature("signed message without its envelope (ns, ts, o, s)")
@@ -584,6 +593,9 @@ def _parse_node(value: Any) -> NodeInfo:
     ttl = _number(n["ttl"], "ttl")
     if not 0 <= ttl <= MAX_TTL:
         raise ValueError(f"ttl {ttl} is outside 0..{MAX_TTL:g} seconds")
+    mode = _str(n.get("mode", ""), "mode")
+    if mode not in NODE_MODES:
+        raise ValueError(f"mode {mode!r} is neither 'fanout' nor 'routing'")
     return NodeInfo(
         instance=_str(n["instance"], "instance"),
         node_id=_str(n["node_id"], "node_id"),
@@ -592,7 +604,7 @@ def _parse_node(value: Any) -> NodeInfo:
         started_at=_number(n.get("started_at", 0.0), "started_at"),
         host=_str(n.get("host", ""), "host"),
         port=_int(n.get("port", 0), "port"),
-        mode=_str(n.get("mode", ""), "mode"),
+        mode=mode,
         signed=_bool(n.get("signed", False), "signed"),
         extra=_json_in(_dict(n.get("extra", {}), "extra"), "extra"),
     )

@@ -12,6 +12,11 @@ Who must answer:
   every node and waits for every live node. How many must answer is known from the broker where it
   tells (Redis PUBLISH returns the receiver count) and otherwise from node heartbeats: a ServerUtil that
   has heard heartbeats for 1.5 intervals knows every live node.
+
+Whether this publisher fits the nodes at all (their mode, their secret) and whether any node runs in its
+namespace is known from the same heartbeats: a ServerUtil's first publish waits until it has heard a node
+that fits it, at most 1.5 heartbeat intervals, and every publish raises :class:`ConfigMismatch` or
+:class:`NoLiveNodes` rather than go where no node listens (see :meth:`ServerUtil.check`).
 """
 
 from __future__ import annotations
@@ -162,9 +167,12 @@ class ServerUtil:
         self._request_seq = 0
         self._encoder = protocol.Encoder(self.endpoint_id, self.settings.namespace, self.settings.secret)
         self._receiver = _receiver(self.settings)
-        #: (what differs from the live nodes, loop time until which it holds), from their heartbeats
-        self._mismatch: tuple[ConfigMismatch, float] | None = None
-        self._heard = asyncio.Event()  #: set by the first heartbeat heard (verified or not)
+        self._heard = asyncio.Event()  #: set by every heartbeat heard (verified or not)
+        #: True once a node that fits this publisher was heard, or it listened long enough to know none
+        #: runs: the first publish waits until then (:meth:`_meet_nodes`)
+        self._met = False
+        #: the node's own ServerUtil: that node is live, so nothing to wait for and never NoLiveNodes
+        self._in_node = False
 
     @property
     def dropped(self) -> Counter[str]:
@@ -197,6 +205,7 @@ class ServerUtil:
         util._encoder = encoder
         util._backend = backend
         util._owns_backend = False
+        util._met = util._in_node = True
         return util
 
     async def connect(self) -> None:
@@ -288,9 +297,6 @@ class ServerUtil:
             case Heartbeat():
                 self._directory.heard(command.node, now)
                 self._heard.set()
-                problem = self._differs(command.node)
-                if problem is not None:
-                    self._mismatch = (problem, now + command.node.ttl)
             case Bye():
                 self._directory.gone(command.instance)
                 for gather in self._pending.values():
@@ -301,7 +307,7 @@ class ServerUtil:
     # ------------------------------------------------------------------ does the cluster match us?
 
     def _differs(self, node: NodeInfo) -> ConfigMismatch | None:
-        """What about this publisher does not match ``node`` (from its verified heartbeat)."""
+        """What about this publisher does not match ``node`` (from its heartbeat)."""
         ns = self.settings.namespace
         if node.mode and node.mode != self.settings.mode.value:
             return ConfigMismatch(
@@ -320,16 +326,47 @@ class ServerUtil:
     def check(self) -> None:
         """Raise :class:`ConfigMismatch` if the nodes heard so far say this publisher does not fit them.
 
-        Every call does this before it publishes; it costs nothing while everything matches.
+        Every call does this before it publishes. With a secret, heartbeats are verified: any live node
+        whose mode differs is believed. Without one, anybody who can publish on the broker can publish a
+        heartbeat: the mismatch is raised only when no live node fits this publisher, so one forged
+        heartbeat cannot stop every publisher of the namespace while the real nodes fit it.
         """
-        if self._mismatch is not None:
-            problem, until = self._mismatch
-            if asyncio.get_running_loop().time() < until:
-                raise problem
-            self._mismatch = None
+        self._check_fit(self._directory.live(asyncio.get_running_loop().time()))
+
+    def _check_fit(self, live: dict[str, NodeInfo]) -> None:
+        misfits = [problem for info in live.values() if (problem := self._differs(info)) is not None]
+        if misfits and (self.settings.secret or len(misfits) == len(live)):
+            raise misfits[0]
         unverified = self._receiver.unverified_heartbeats
         if unverified:
             self._check_unverified(unverified)
+
+    def _fitting_node_heard(self, now: float) -> bool:
+        return any(self._differs(info) is None for info in self._directory.live(now).values())
+
+    async def _meet_nodes(self, wait: float | None = None) -> None:
+        """Listen until a node that fits this publisher is heard, or for ``wait`` seconds since this
+        ServerUtil subscribed to heartbeats (default 1.5 intervals: long enough to hear every live node).
+
+        A publisher that fits goes on at the first heartbeat of a node; one that does not, or a namespace
+        where no node runs, costs the whole wait, once: after it the heartbeats heard tell.
+        """
+        await self.watch_nodes()
+        loop = asyncio.get_running_loop()
+        assert self._listening_since is not None
+        deadline = self._listening_since + (1.5 * self.settings.heartbeat_interval if wait is None else wait)
+        while not self._fitting_node_heard(loop.time()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._heard.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._heard.wait()
+            except TimeoutError:
+                break
+        now = loop.time()
+        self._met = self._met or self._fitting_node_heard(now) or self._warm(now)
 
     def _check_unverified(self, unverified: dict[str, float]) -> None:
         horizon = time.time() - 3 * self.settings.heartbeat_interval
@@ -359,34 +396,36 @@ class ServerUtil:
 
     @checked
     async def check_cluster(self, timeout: float | None = None) -> int:
-        """Wait until the nodes are heard (at most 1.5 heartbeat intervals), then check that we fit them.
+        """Wait until a node that fits this publisher is heard (at most 1.5 heartbeat intervals, or
+        ``timeout`` seconds), then check that we fit them.
 
         Returns the number of live nodes. Raises :class:`ConfigMismatch` if this publisher's mode or
-        secret differs from theirs, :class:`NoLiveNodes` if none is heard in the namespace. The CLI calls
-        it before every command so that a wrong setting is reported rather than published into the void.
+        secret differs from theirs, :class:`NoLiveNodes` if none is heard in the namespace. Every first
+        publish does the same; the CLI calls it before every command, queries included.
         """
-        await self.watch_nodes()
-        loop = asyncio.get_running_loop()
-        assert self._listening_since is not None
-        wait = 1.5 * self.settings.heartbeat_interval if timeout is None else timeout
-        remaining = self._listening_since + wait - loop.time()
-        if remaining > 0 and not self._heard.is_set():
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._heard.wait()
-            except TimeoutError:
-                pass
-        self.check()
-        live = len(self._directory.live(loop.time()))
+        await self._meet_nodes(timeout)
+        live = self._directory.live(asyncio.get_running_loop().time())
+        self._check_fit(live)
         if not live:
             raise NoLiveNodes(self.settings.namespace, self.settings.where)
-        return live
+        return len(live)
 
     # ------------------------------------------------------------------ publishing
 
     async def _publish(self, pairs: Sequence[tuple[Address, Command]]) -> list[int | None]:
-        """Encode and publish ``pairs`` in one go (no other publish of ours can come in between)."""
-        self.check()
+        """Encode and publish ``pairs`` in one go (no other publish of ours can come in between).
+
+        Raises :class:`ConfigMismatch` before publishing if this publisher does not fit the nodes, and
+        :class:`NoLiveNodes` after it if no node is live in the namespace and the broker does not say one
+        received it (the first publish waits for the nodes' heartbeats first: :meth:`_meet_nodes`). The
+        publish goes first so that a broker that is down is reported as such, not as "no live nodes".
+        """
+        if not pairs:
+            return []
+        if not self._met:
+            await self._meet_nodes()
+        live = self._directory.live(asyncio.get_running_loop().time())
+        self._check_fit(live)
         items = []
         now = time.time()
         encode = self._encoder.encode
@@ -397,7 +436,10 @@ class ServerUtil:
                     f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
                 )
             items.append((address, message))
-        return await self.backend.publish_many(items) if items else []
+        counts = await self.backend.publish_many(items)
+        if not live and not self._in_node and not any(counts):
+            raise NoLiveNodes(self.settings.namespace, self.settings.where)
+        return counts
 
     def _new_request(self) -> Request:
         self._request_seq += 1

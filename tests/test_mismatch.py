@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
@@ -25,6 +26,7 @@ from fanout import (
     protocol,
 )
 from fanout.commands import Heartbeat, NodeInfo
+from fanout.protocol import Envelope
 from tests.support.nodes import (
     NodeProcess,
     client,
@@ -68,8 +70,9 @@ async def test_memory_is_refused_outside_a_node_unless_asked_for() -> None:
     sync = SyncServerUtil.from_env({})
     with pytest.raises(ConfigError, match="in_process=True"):  # from a thread, as blocking code runs
         await asyncio.get_running_loop().run_in_executor(None, sync.send_to_group, "lobby", "hi")
-    async with ServerUtil("memory://", in_process=True) as util:  # asked for explicitly
-        await util.send_to_all("to nobody, on purpose")
+    async with ServerUtil("memory://", in_process=True) as util:  # asked for explicitly...
+        with pytest.raises(NoLiveNodes):  # ...and yet no node runs in this process
+            await util.send_to_all("to nobody")
 
 
 # --------------------------------------------------------------------------- mode
@@ -137,6 +140,38 @@ async def test_a_publisher_with_another_secret_gets_config_mismatch(
     assert node.terminate() == 0
 
 
+# --------------------------------------------------------------------------- the first call
+
+
+@BROKERS
+@pytest.mark.parametrize(
+    ("node_env", "publisher", "setting"),
+    [
+        ({"FANOUT_MODE": "fanout"}, {"mode": "routing"}, "FANOUT_MODE"),
+        ({"FANOUT_SECRET": "s3cret"}, {}, "FANOUT_SECRET"),
+        ({"FANOUT_SECRET": "s3cret"}, {"secret": "other"}, "FANOUT_SECRET"),
+        ({}, {"secret": "s3cret"}, "FANOUT_SECRET"),
+    ],
+    ids=["mode", "nodes-sign-publisher-not", "different-secrets", "publisher-signs-nodes-not"],
+)
+async def test_the_first_call_of_a_publisher_that_does_not_fit_is_refused(
+    tmp_path: Path, url: str, node_env: dict[str, str], publisher: dict[str, str], setting: str
+) -> None:
+    ns = unique_namespace("m1")
+    node = _node(tmp_path, url, ns, **node_env)
+    ws, cid = await client(node.port)
+    with pytest.raises(ConfigMismatch, match=setting):  # AMQP refuses another mode already at connect
+        async with ServerUtil(url, namespace=ns, heartbeat_interval=HB, **publisher) as util:
+            await util.send(cid, "would be lost")  # no check_cluster() first: the send itself finds out
+    sync = SyncServerUtil(url, namespace=ns, heartbeat_interval=HB, **publisher)  # a one-shot script
+    with pytest.raises(ConfigMismatch, match=setting):
+        await asyncio.get_running_loop().run_in_executor(None, sync.send, cid, "would be lost")
+    sync.disconnect()
+    assert await nothing_more(ws)
+    await ws.close()
+    assert node.terminate() == 0
+
+
 # --------------------------------------------------------------------------- namespace
 
 
@@ -146,6 +181,8 @@ async def test_a_publisher_in_another_namespace_hears_no_live_nodes(tmp_path: Pa
     node = _node(tmp_path, url, ns)
     wrong = ns + "-typo"
     async with ServerUtil(url, namespace=wrong, heartbeat_interval=HB) as util:
+        with pytest.raises(NoLiveNodes, match=f"no live nodes in namespace '{wrong}'"):
+            await util.send_to_group("lobby", "into the void")  # a plain send, and the first call
         with pytest.raises(NoLiveNodes, match=f"no live nodes in namespace '{wrong}'"):
             await util.get_connection_count()
         with pytest.raises(NoLiveNodes):
@@ -195,6 +232,55 @@ async def test_a_forged_heartbeat_cannot_stall_amqp_queries(tmp_path: Path) -> N
         started = time.monotonic()
         assert await util.get_connection_count(timeout=5) == 1
         assert time.monotonic() - started < 1.5
+    await ws.close()
+    assert node.terminate() == 0
+
+
+# --------------------------------------------------------------------------- a forged heartbeat on Redis
+
+
+async def _redis_heartbeat(ns: str, raw: bytes) -> None:
+    r = aioredis.Redis.from_url(REDIS)
+    try:
+        await r.publish(f"{ns}:hb", raw)
+    finally:
+        await r.aclose()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("never happened")
+
+
+async def test_a_forged_heartbeat_cannot_block_the_publishers_of_an_unsigned_namespace(
+    tmp_path: Path,
+) -> None:
+    ns = unique_namespace("mh")
+    node = _node(tmp_path, REDIS, ns)
+    ws, cid = await client(node.port)
+    async with ServerUtil(REDIS, namespace=ns, heartbeat_interval=HB) as util:
+        assert await util.check_cluster() == 1
+        # values docs/protocol.md calls malformed: dropped and counted on arrival
+        ghost = {"instance": "ghost.x1", "node_id": "ghost", "connections": 0, "ttl": protocol.MAX_TTL}
+        await _redis_heartbeat(ns, b'v2;;{"op":"hb","node":%s}\n' % orjson.dumps({**ghost, "mode": "bogus"}))
+        unsigned_signer = {**ghost, "instance": "ghost.x2", "mode": "routing", "signed": True}
+        await _redis_heartbeat(ns, b'v2;;{"op":"hb","node":%s}\n' % orjson.dumps(unsigned_signer))
+        await _until(lambda: util.dropped["malformed"] == 2)
+        await util.send(cid, "still reaches")
+        assert await recv(ws) == "still reaches"
+        # well-formed lies (the other mode; a signature this publisher cannot check): the node that
+        # really runs fits this publisher, so they block nothing
+        other_mode = NodeInfo("ghost.x3", "ghost", 0, protocol.MAX_TTL, mode="fanout")
+        await _redis_heartbeat(ns, protocol.encode(Heartbeat(other_mode)))
+        signer = NodeInfo("ghost.x4", "ghost", 0, protocol.MAX_TTL, mode="routing", signed=True)
+        envelope = Envelope("ghost.x4", 1, time.time(), ns)
+        await _redis_heartbeat(ns, protocol.encode(Heartbeat(signer), b"not-theirs", envelope))
+        await _until(lambda: {"ghost.x3", "ghost.x4"} <= set(util.live_node_infos() or {}))
+        await util.send(cid, "and still")
+        assert await recv(ws) == "and still"
     await ws.close()
     assert node.terminate() == 0
 
@@ -256,6 +342,7 @@ async def test_a_captured_signed_command_cannot_be_replayed(tmp_path: Path) -> N
 async def test_a_command_signed_in_one_namespace_is_refused_in_another(tmp_path: Path) -> None:
     ns_a, ns_b = unique_namespace("ma"), unique_namespace("mb")
     secret = "shared-by-two-apps"
+    node_a = _node(tmp_path, REDIS, ns_a, FANOUT_SECRET=secret)
     node_b = _node(tmp_path, REDIS, ns_b, FANOUT_SECRET=secret)
     ws_b, _ = await client(node_b.port)
     tap = await _capture(ns_a, "all")
@@ -273,3 +360,4 @@ async def test_a_command_signed_in_one_namespace_is_refused_in_another(tmp_path:
         await tap.aclose()
     await ws_b.close()
     assert node_b.terminate() == 0
+    assert node_a.terminate() == 0

@@ -487,7 +487,8 @@ async def _publishes_again(util: ServerUtil) -> bool:
 async def test_redis_publish_while_down_raises_within_the_timeout(lab: Lab) -> None:
     server = lab.redis()
     ns = unique_namespace("pub")
-    async with ServerUtil(server.url, namespace=ns, publish_timeout=2) as util:
+    await lab.nodes({"FANOUT_URL": server.url, "FANOUT_NAMESPACE": ns}, 1)  # a send needs a live node
+    async with ServerUtil(server.url, namespace=ns, publish_timeout=2, heartbeat_interval=0.5) as util:
         await util.send_to_all("before")
         await asyncio.to_thread(server.kill)
         for send in (
@@ -509,7 +510,8 @@ async def test_amqp_publish_while_cut_raises_within_the_timeout(lab: Lab) -> Non
     proxy = lab.proxy()
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
     ns = unique_namespace("pub")
-    async with ServerUtil(url, namespace=ns, publish_timeout=2) as util:
+    (node,) = await lab.nodes({"FANOUT_URL": RABBIT_URL, "FANOUT_NAMESPACE": ns}, 1)  # not behind the proxy
+    async with ServerUtil(url, namespace=ns, publish_timeout=2, heartbeat_interval=0.5) as util:
         await util.send_to_all("before")
         await asyncio.to_thread(proxy.cut)
         for send in (lambda: util.send_to_all("during"), lambda: util.send_to_group("room", "during")):
@@ -521,6 +523,7 @@ async def test_amqp_publish_while_cut_raises_within_the_timeout(lab: Lab) -> Non
             assert isinstance(error, BackendUnavailable), repr(error)
         await asyncio.to_thread(proxy.restore)
         await eventually(lambda: _publishes_again(util), 15, "a publish after the link came back")
+    assert await asyncio.to_thread(node.terminate) == 0
     await eventually(lambda: _no_queues(ns), 10, f"no queue of {ns} left")
 
 

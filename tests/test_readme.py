@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.support.nodes import ROOT, client, nothing_more, recv, run_module, start_node
+from tests.support.nodes import ROOT, client, nothing_more, recv, run_module, start_node, unique_namespace
 from tests.support.redis_servers import start_redis
 
 README = (ROOT / "README.md").read_text()
@@ -40,6 +41,33 @@ async def test_the_readme_example_runs_against_a_real_node(tmp_path: Path) -> No
         assert node.terminate() == 0
     finally:
         redis.stop()
+
+
+async def test_the_readme_one_liner_raises_no_live_nodes_where_no_node_runs(tmp_path: Path) -> None:
+    one_liner = 'SyncServerUtil.from_env().send_to_group("lobby", "hi")'
+    assert f"`{one_liner}`" in README
+    script = tmp_path / "cron.py"
+    script.write_text(f"from fanout import SyncServerUtil\n\n{one_liner}\n")
+    ns = unique_namespace("readme")
+    env = {"FANOUT_URL": "redis://127.0.0.1:6379/0", "FANOUT_NAMESPACE": ns}
+    env["FANOUT_HEARTBEAT_INTERVAL"] = "0.5"  # the node's and the script's
+
+    def run() -> subprocess.CompletedProcess[str]:  # a fresh process, as a cron job would be
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")} | env
+        return subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=full_env
+        )
+
+    result = await asyncio.get_running_loop().run_in_executor(None, run)
+    assert result.returncode == 1
+    assert f"NoLiveNodes: no live nodes in namespace '{ns}'" in result.stderr, result.stderr
+    node = start_node(tmp_path, env)  # tests.apps.lobby: clients join "lobby"
+    ws, _client_id = await client(node.port)
+    result = await asyncio.get_running_loop().run_in_executor(None, run)
+    assert result.returncode == 0, result.stderr
+    assert await recv(ws) == "hi"
+    await ws.close()
+    assert node.terminate() == 0
 
 
 def test_the_readme_commands_are_what_ci_runs() -> None:
