@@ -147,9 +147,13 @@ def setup() -> dict[str, float]:
             capture_output=True,
             timeout=600,
         )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, env=env(), check=True, timeout=300)
-        tar.wait(60)
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            assert tar.stdout is not None
+            with tar.stdout:  # podman reads it; this process must not keep its end open
+                subprocess.run(
+                    ["podman", "import", "-", BASE], stdin=tar.stdout, env=env(), check=True, timeout=300
+                )
+            tar.wait(60)
         shutil.rmtree(rootfs, ignore_errors=True)
         timings["debootstrap base image"] = time.monotonic() - start
     for name, recipe in STAND_INS.items():
