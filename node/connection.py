@@ -21,7 +21,10 @@ messages in order, then the close) and runs the application's hooks one at a tim
 ``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
 A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
 its close frame, half-closes the socket and discards what the client still sends until its EOF (or
-``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1).
+``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages
+received before the error are handled first, as aiohttp does: while they wait in the lane (or one is
+being handled) the connection is FAILING - nothing more is read, but what the application sends still
+goes out - and the lane fails it once it has handled them.
 
 Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
 or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
@@ -75,9 +78,11 @@ KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
 #: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
 RATE_LIMIT_CLOSE = (1008, "rate limit exceeded")
 
-# websocket states (an int each: the per-frame path compares plain attributes); FAILED: the node sent
-# its close frame after a failure and half-closed, and discards what arrives until the client's EOF
-OPEN, CLOSING, FAILED, CLOSED = 1, 2, 3, 4
+# websocket states (an int each: the per-frame path compares plain attributes); FAILING: the client
+# broke the protocol and nothing more is read, but the messages received before are still being handled
+# (the lane then fails it); FAILED: the node sent its close frame after a failure and half-closed, and
+# discards what arrives until the client's EOF
+OPEN, CLOSING, FAILING, FAILED, CLOSED = 1, 2, 3, 4, 5
 
 
 class Connection(asyncio.Protocol):
@@ -87,6 +92,7 @@ class Connection(asyncio.Protocol):
         "_buffer",
         "_close_timer",
         "_closed",
+        "_failure",
         "_flush_at",
         "_fragments",
         "_inbox",
@@ -159,6 +165,8 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._closed: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        #: while FAILING: the close code and reason the connection fails with once the lane is done
+        self._failure: tuple[int, str] | None = None
 
     # -- state the table owns, seen from here ------------------------------------------------
 
@@ -255,6 +263,7 @@ class Connection(asyncio.Protocol):
         self.open = False
         self._pending = None
         self._pending_bytes = 0
+        self._failure = None
         self.node.forget(self)
         # Linger 0 makes the kernel discard its own send buffer and reset at once, instead of trickling
         # the backlog to a client that does not read (zero-window probing can take minutes).
@@ -285,6 +294,9 @@ class Connection(asyncio.Protocol):
         CLOSE_TIMEOUT) ends it."""
         if not self.open:
             return
+        if self.state == FAILING:  # the client broke the protocol: its input is not read any more
+            self._fail_now(code, reason)
+            return
         self.flush()
         if self._reading_paused:  # its close reply must get through (what else it sends is ignored)
             self._reading_paused = False
@@ -296,7 +308,7 @@ class Connection(asyncio.Protocol):
         """Leave the table, and send ``frame`` (a close frame) unless one was sent; True if it was sent."""
         self.open = False
         self.node.forget(self)
-        if self.state != OPEN:
+        if self.state != OPEN and self.state != FAILING:
             return False
         self.state = CLOSING
         self._transport.write(frame)
@@ -329,7 +341,7 @@ class Connection(asyncio.Protocol):
     # -- input: the socket's protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.state >= FAILED:
+        if self.state >= FAILING:
             return  # failed: what it sends is discarded until its EOF; or the socket is gone
         buffer = self._buffer
         if buffer is not None:  # the rest of a frame: wait until all of it is here
@@ -345,7 +357,7 @@ class Connection(asyncio.Protocol):
         rate = self.rate
         now = asyncio.get_running_loop().time() if rate is not None else 0.0
         for opcode, fin, payload in frames:
-            if self.state >= FAILED or transport.is_closing():
+            if self.state >= FAILING or transport.is_closing():
                 return  # failed, or closed (a close answered, a cut-off): nothing after it counts
             if opcode == OP_CLOSE:
                 self._close_frame(payload)
@@ -363,7 +375,7 @@ class Connection(asyncio.Protocol):
                     self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
             else:  # a pong: the keepalive ping is answered
                 self.ping_sent = 0.0
-        if error is not None and self.state < FAILED and not transport.is_closing():
+        if error is not None and self.state < FAILING and not transport.is_closing():
             self._fail(error.code, error.reason)
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
@@ -434,6 +446,8 @@ class Connection(asyncio.Protocol):
         if self.state == CLOSED:
             return True
         self._lane = None
+        if self._failure is not None:  # FAILING: the messages received before the error are handled
+            self._fail_now(*self._failure)
         return False
 
     def _close_frame(self, payload: bytes) -> None:
@@ -448,15 +462,24 @@ class Connection(asyncio.Protocol):
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol (or the keepalive): send the close code, then half-close and
-        discard what it sends until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at
-        once with its bytes unread would make the kernel reset the connection, and a client that is
-        still writing would often lose the close frame, and with it the reason."""
+        """The client broke the protocol (or the keepalive): fail the connection with ``code`` - once
+        the lane has handled the messages received before (FAILING until then), else now."""
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
-        self._pending = None
-        self._pending_bytes = 0
         self._buffer = None
         self._fragments = None
+        if self.state == OPEN and self._lane is not None:
+            self.state = FAILING
+            self._failure = (code, reason)
+            return
+        self._fail_now(code, reason)
+
+    def _fail_now(self, code: int, reason: str) -> None:
+        """Send what is pending and the close code, then half-close and discard what the client sends
+        until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at once with its bytes
+        unread would make the kernel reset the connection, and a client that is still writing would
+        often lose the close frame, and with it the reason."""
+        self._failure = None
+        self.flush()
         transport = self._transport
         if self._begin_close(encode_close(code, reason)) and self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)

@@ -281,6 +281,35 @@ async def test_a_protocol_error_fails_the_connection_with_its_code(
 
 
 @uses_raw_sockets
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (bytes((0xC2, 0x80)) + b"\0\0\0\0", 1002),  # RSV1 set: refused from its header
+        (client_frame(WS_CONT, b"x"), 1002),  # a continuation with nothing to continue
+        (client_frame(WS_TEXT, b"\xff\xfe"), 1007),  # not UTF-8
+        (client_frame(WS_CLOSE, b"\x03"), 1002),  # a close frame too short
+    ],
+    ids=["reserved-bit", "continuation", "utf-8", "close-frame"],
+)
+async def test_messages_received_before_a_protocol_error_are_handled_before_the_close(
+    make_node: MakeNode, error: bytes, code: int
+) -> None:
+    # Autobahn 3.2-4.2.5 and 5.15: valid messages, then the error, in one write. The messages reach the
+    # application and its replies go out, then the close frame; what follows the error is not read.
+    node = await make_node()
+    raw, _ = await RawClient.open(node.port)
+    await raw.frame()  # welcome
+    fragmented = client_frame(WS_BINARY, b"frag", fin=False) + client_frame(WS_CONT, b"mented")
+    raw.send(client_frame(WS_BINARY, b"one") + fragmented + error + client_frame(WS_BINARY, b"after"))
+    assert await raw.frame() == (OP_BINARY, b"echo:one")
+    assert await raw.frame() == (OP_BINARY, b"echo:fragmented")
+    opcode, payload = await raw.frame()
+    assert opcode == OP_CLOSE and struct.unpack_from("!H", payload)[0] == code
+    assert await raw.closed_by_server()
+    assert node.metrics.client_messages == 2
+
+
+@uses_raw_sockets
 async def test_handshakes_that_are_not_websocket_handshakes_get_an_http_error(make_node: MakeNode) -> None:
     node = await make_node()
     _, response = await RawClient.open(node.port, key=False)
