@@ -44,13 +44,10 @@ from fanout.admission import Admit, ConnectRequest
 from fanout.serverutil import encode_payload, names
 
 from .frames import (
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    CloseCode,
     Fragments,
-    ProtocolError,
+    Opcode,
+    WebsocketError,
     encode_close,
     encode_control,
     encode_frame,
@@ -74,15 +71,18 @@ PENDING_FLUSH = 64 * 1024
 INBOX_HIGH = 16
 INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
-KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
+KEEPALIVE_CLOSE = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 #: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
-RATE_LIMIT_CLOSE = (1008, "rate limit exceeded")
+RATE_LIMIT_CLOSE = (CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
 # websocket states (an int each: the per-frame path compares plain attributes); FAILING: the client
 # broke the protocol and nothing more is read, but the messages received before are still being handled
 # (the lane then fails it); FAILED: the node sent its close frame after a failure and half-closed, and
 # discards what arrives until the client's EOF
 OPEN, CLOSING, FAILING, FAILED, CLOSED = 1, 2, 3, 4, 5
+
+# the opcodes the per-frame path compares (aliases of the members: as fast as plain ints)
+_CONT, _TEXT, _CLOSE, _PING, _PONG = Opcode.CONT, Opcode.TEXT, Opcode.CLOSE, Opcode.PING, Opcode.PONG
 
 
 class Connection(asyncio.Protocol):
@@ -151,7 +151,7 @@ class Connection(asyncio.Protocol):
         rate = node.options.client_rate
         self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
         #: the close code and reason the client sent (1006 and "" when it sent none: the link was lost)
-        self.close_code = 1006
+        self.close_code: int = CloseCode.ABNORMAL_CLOSURE
         self.close_reason = ""
         #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
         self.ping_sent = 0.0
@@ -283,13 +283,13 @@ class Connection(asyncio.Protocol):
             self.node.metrics.count_frames(1, len(frame))
         return sent
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close the connection (after the frames already sent); it leaves its groups and flag at once.
         Returns once the socket is closed."""
         self.start_close(code, reason)
         await self.wait_closed()
 
-    def start_close(self, code: int = 1000, reason: str = "") -> None:
+    def start_close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Begin closing: flush what is pending, send the close frame; the client's reply (or
         CLOSE_TIMEOUT) ends it."""
         if not self.open:
@@ -359,17 +359,17 @@ class Connection(asyncio.Protocol):
         for opcode, fin, payload in frames:
             if self.state >= FAILING or transport.is_closing():
                 return  # failed, or closed (a close answered, a cut-off): nothing after it counts
-            if opcode == OP_CLOSE:
+            if opcode == _CLOSE:
                 self._close_frame(payload)
             elif self.state != OPEN:
                 continue  # the node is closing: only the client's close reply matters now
             elif rate is not None and not rate.take(now):  # every frame counts, but its close
                 self.node.metrics.rate_limit_closes += 1
                 self.start_close(*RATE_LIMIT_CLOSE)
-            elif opcode < OP_CLOSE:
+            elif opcode < _CLOSE:
                 self._data_frame(opcode, fin, payload)
-            elif opcode == OP_PING:
-                transport.write(encode_control(OP_PONG, payload))
+            elif opcode == _PING:
+                transport.write(encode_control(_PONG, payload))
                 if transport.get_write_buffer_size() > self.send_limit:
                     # what it owes (pongs to its pings) piles up because it does not read: cut it off
                     self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
@@ -380,9 +380,9 @@ class Connection(asyncio.Protocol):
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         fragments = self._fragments
-        if opcode == OP_CONT:
+        if opcode == _CONT:
             if fragments is None:
-                self._fail(1002, "unexpected continuation frame")
+                self._fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
                 return
             error = fragments.add(payload, self.node.options.max_frame)
             if error is not None:
@@ -394,18 +394,18 @@ class Connection(asyncio.Protocol):
             text = fragments.text
             payload = fragments.message()
         elif fragments is not None:
-            self._fail(1002, "a new message before the end of the fragmented one")
+            self._fail(CloseCode.PROTOCOL_ERROR, "a new message before the end of the fragmented one")
             return
         elif not fin:
-            self._fragments = Fragments(payload, opcode == OP_TEXT)
+            self._fragments = Fragments(payload, opcode == _TEXT)
             return
         else:
-            text = opcode == OP_TEXT
+            text = opcode == _TEXT
         if text:
             try:
                 message: str | bytes = payload.decode()
             except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8 in a text message")
+                self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
                 return
         else:
             message = payload
@@ -453,12 +453,12 @@ class Connection(asyncio.Protocol):
     def _close_frame(self, payload: bytes) -> None:
         try:
             self.close_code, self.close_reason = parse_close(payload)
-        except ProtocolError as error:
+        except WebsocketError as error:
             self._fail(error.code, error.reason)
             return
         if self.state == OPEN:  # the client closes: echo its close frame after what is pending
             self.flush()
-            self._begin_close(encode_control(OP_CLOSE, payload))
+            self._begin_close(encode_control(_CLOSE, payload))
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:

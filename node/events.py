@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fanout.node.events")
 
 POLICIES = ("pause", "close")
-#: close code for a client whose events the tier cannot take (policy ``close``)
-TRY_AGAIN_LATER = 1013
 _RETRY = 0.2  #: seconds before a refused shard is offered its events again
 _BATCH = 500  #: most events per append
 #: message events one client may have waiting in the outbox before it is paused
