@@ -81,8 +81,9 @@ RATE_LIMIT_CLOSE = (CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 # discards what arrives until the client's EOF
 OPEN, CLOSING, FAILING, FAILED, CLOSED = 1, 2, 3, 4, 5
 
-# the opcodes the per-frame path compares (aliases of the members: as fast as plain ints)
-_CONT, _TEXT, _CLOSE, _PING, _PONG = Opcode.CONT, Opcode.TEXT, Opcode.CLOSE, Opcode.PING, Opcode.PONG
+# the opcodes the per-frame path compares, as plain ints (see node.frames)
+_CONT, _TEXT, _CLOSE = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.CLOSE)
+_PING, _PONG = int(Opcode.PING), int(Opcode.PONG)
 
 
 class Connection(asyncio.Protocol):

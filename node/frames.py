@@ -6,9 +6,9 @@ serves without extensions (no permessage-deflate): a server frame is then fully 
 opcode and payload (RFC 6455 section 5.2; server frames are never masked).
 
 Opcodes and close codes are :class:`Opcode` and :class:`CloseCode` (IntEnums: their members are ints
-on the wire and in comparisons). The per-frame paths compare opcodes through module-level aliases of
-the members (``_TEXT = Opcode.TEXT``): as fast as a plain int, where ``Opcode.TEXT`` is an attribute
-lookup on the enum class each time.
+on the wire and in comparisons). The per-frame paths compare opcodes with module-level plain ints taken
+from the enum (``_TEXT = int(Opcode.TEXT)``): ``Opcode.TEXT`` is an attribute lookup on the enum class
+each time, and a member is not the cached small int a frame's opcode is (``in`` then compares by value).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class CloseCode(IntEnum):
     BAD_GATEWAY = 1014
 
 
-_CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
-_CLOSE, _PING, _PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+_CONT, _TEXT, _BINARY = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.BINARY)
+_CLOSE, _PING, _PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
 _FIN = 0x80
 
 
