@@ -242,7 +242,7 @@ class Node:
                 settings, shards=options.event_shards, backlog=options.events_backlog, node=self.instance
             )
             self.events = EventForwarder(self, options.events, event_log, policy=options.events_policy)
-        self.api = Api(self.util, options.api_key, options.api_max_body)
+        self.api = Api(self.util, options.api_key)
         patterns = compile_patterns(options.presence)
         #: presence for the groups FANOUT_PRESENCE names, or None
         self.presence = Presence(self, patterns, options.presence_debounce) if patterns else None
