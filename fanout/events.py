@@ -88,10 +88,6 @@ class Event:
     change: str | None = None
     util: Any = None
 
-    @property
-    def shard_key(self) -> str:
-        return self.client_id
-
 
 def event_id(client_id: str, seq: int) -> str:
     return f"{client_id}:{seq}"

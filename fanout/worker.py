@@ -668,10 +668,6 @@ class Worker:
         registry.register(_Collector())
         return generate_latest(registry).decode()
 
-    async def backlog(self) -> dict[int, int]:
-        """Events waiting in each shard (stored and not acknowledged)."""
-        return {shard: await self.tier.waiting(shard) for shard in range(self.options.shards)}
-
 
 # ---------------------------------------------------------------------- the tier from outside (the CLI)
 

@@ -104,12 +104,9 @@ class ApiError(Exception):
 class Api:
     """Answers API requests for one node (``key`` None: the API is off)."""
 
-    def __init__(self, util: ServerUtil, key: str | None, max_body: int) -> None:
+    def __init__(self, util: ServerUtil, key: str | None) -> None:
         self.util = util
         self.key = key
-        self.max_body = max_body
-        self.requests = 0
-        self.failures = 0
 
     def authorized(self, authorization: str | None) -> bool:
         if self.key is None or not authorization or not authorization.startswith("Bearer "):
@@ -118,7 +115,6 @@ class Api:
 
     async def handle(self, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
         """``(status, JSON answer)`` for ``POST path``."""
-        self.requests += 1
         try:
             if self.key is None or not path.startswith("/api/"):
                 raise ApiError(404, "NotFound", "no such endpoint (is FANOUT_API_KEY set?)")
@@ -135,7 +131,6 @@ class Api:
                 return 200, {"result": await self._batch(args)}
             return 200, {"result": await self.call(name, args)}
         except ApiError as exc:
-            self.failures += 1
             return exc.status, exc.body()
 
     async def _batch(self, calls: Any) -> list[dict[str, Any]]:
@@ -148,7 +143,6 @@ class Api:
                     raise ApiError(400, "BadRequest", 'each batch entry is {"call": ..., "args": {...}}')
                 out.append({"result": await self.call(item["call"], item.get("args", {}))})
             except ApiError as exc:
-                self.failures += 1
                 out.append({**exc.body(), "status": exc.status})
         return out
 

@@ -21,7 +21,10 @@ messages in order, then the close) and runs the application's hooks one at a tim
 ``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
 A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
 its close frame, half-closes the socket and discards what the client still sends until its EOF (or
-``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1).
+``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages
+received before the error are handled first, as aiohttp does: while they wait in the lane (or one is
+being handled) the connection is FAILING - nothing more is read, but what the application sends still
+goes out - and the lane fails it once it has handled them.
 
 Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
 or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
@@ -41,13 +44,10 @@ from fanout.admission import Admit, ConnectRequest
 from fanout.serverutil import encode_payload, names
 
 from .frames import (
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    CloseCode,
     Fragments,
-    ProtocolError,
+    Opcode,
+    WebsocketError,
     encode_close,
     encode_control,
     encode_frame,
@@ -71,13 +71,19 @@ PENDING_FLUSH = 64 * 1024
 INBOX_HIGH = 16
 INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
-KEEPALIVE_CLOSE = (1011, "keepalive ping timeout")
+KEEPALIVE_CLOSE = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 #: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
-RATE_LIMIT_CLOSE = (1008, "rate limit exceeded")
+RATE_LIMIT_CLOSE = (CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
-# websocket states (an int each: the per-frame path compares plain attributes); FAILED: the node sent
-# its close frame after a failure and half-closed, and discards what arrives until the client's EOF
-OPEN, CLOSING, FAILED, CLOSED = 1, 2, 3, 4
+# websocket states (an int each: the per-frame path compares plain attributes); FAILING: the client
+# broke the protocol and nothing more is read, but the messages received before are still being handled
+# (the lane then fails it); FAILED: the node sent its close frame after a failure and half-closed, and
+# discards what arrives until the client's EOF
+OPEN, CLOSING, FAILING, FAILED, CLOSED = 1, 2, 3, 4, 5
+
+# the opcodes the per-frame path compares, as plain ints (see node.frames)
+_CONT, _TEXT, _CLOSE = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.CLOSE)
+_PING, _PONG = int(Opcode.PING), int(Opcode.PONG)
 
 
 class Connection(asyncio.Protocol):
@@ -87,6 +93,7 @@ class Connection(asyncio.Protocol):
         "_buffer",
         "_close_timer",
         "_closed",
+        "_failure",
         "_flush_at",
         "_fragments",
         "_inbox",
@@ -145,7 +152,7 @@ class Connection(asyncio.Protocol):
         rate = node.options.client_rate
         self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
         #: the close code and reason the client sent (1006 and "" when it sent none: the link was lost)
-        self.close_code = 1006
+        self.close_code: int = CloseCode.ABNORMAL_CLOSURE
         self.close_reason = ""
         #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
         self.ping_sent = 0.0
@@ -159,6 +166,8 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._closed: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        #: while FAILING: the close code and reason the connection fails with once the lane is done
+        self._failure: tuple[int, str] | None = None
 
     # -- state the table owns, seen from here ------------------------------------------------
 
@@ -255,6 +264,7 @@ class Connection(asyncio.Protocol):
         self.open = False
         self._pending = None
         self._pending_bytes = 0
+        self._failure = None
         self.node.forget(self)
         # Linger 0 makes the kernel discard its own send buffer and reset at once, instead of trickling
         # the backlog to a client that does not read (zero-window probing can take minutes).
@@ -274,16 +284,19 @@ class Connection(asyncio.Protocol):
             self.node.metrics.count_frames(1, len(frame))
         return sent
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close the connection (after the frames already sent); it leaves its groups and flag at once.
         Returns once the socket is closed."""
         self.start_close(code, reason)
         await self.wait_closed()
 
-    def start_close(self, code: int = 1000, reason: str = "") -> None:
+    def start_close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Begin closing: flush what is pending, send the close frame; the client's reply (or
         CLOSE_TIMEOUT) ends it."""
         if not self.open:
+            return
+        if self.state == FAILING:  # the client broke the protocol: its input is not read any more
+            self._fail_now(code, reason)
             return
         self.flush()
         if self._reading_paused:  # its close reply must get through (what else it sends is ignored)
@@ -296,7 +309,7 @@ class Connection(asyncio.Protocol):
         """Leave the table, and send ``frame`` (a close frame) unless one was sent; True if it was sent."""
         self.open = False
         self.node.forget(self)
-        if self.state != OPEN:
+        if self.state != OPEN and self.state != FAILING:
             return False
         self.state = CLOSING
         self._transport.write(frame)
@@ -329,7 +342,7 @@ class Connection(asyncio.Protocol):
     # -- input: the socket's protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.state >= FAILED:
+        if self.state >= FAILING:
             return  # failed: what it sends is discarded until its EOF; or the socket is gone
         buffer = self._buffer
         if buffer is not None:  # the rest of a frame: wait until all of it is here
@@ -345,32 +358,32 @@ class Connection(asyncio.Protocol):
         rate = self.rate
         now = asyncio.get_running_loop().time() if rate is not None else 0.0
         for opcode, fin, payload in frames:
-            if self.state >= FAILED or transport.is_closing():
+            if self.state >= FAILING or transport.is_closing():
                 return  # failed, or closed (a close answered, a cut-off): nothing after it counts
-            if opcode == OP_CLOSE:
+            if opcode == _CLOSE:
                 self._close_frame(payload)
             elif self.state != OPEN:
                 continue  # the node is closing: only the client's close reply matters now
             elif rate is not None and not rate.take(now):  # every frame counts, but its close
                 self.node.metrics.rate_limit_closes += 1
                 self.start_close(*RATE_LIMIT_CLOSE)
-            elif opcode < OP_CLOSE:
+            elif opcode < _CLOSE:
                 self._data_frame(opcode, fin, payload)
-            elif opcode == OP_PING:
-                transport.write(encode_control(OP_PONG, payload))
+            elif opcode == _PING:
+                transport.write(encode_control(_PONG, payload))
                 if transport.get_write_buffer_size() > self.send_limit:
                     # what it owes (pongs to its pings) piles up because it does not read: cut it off
                     self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
             else:  # a pong: the keepalive ping is answered
                 self.ping_sent = 0.0
-        if error is not None and self.state < FAILED and not transport.is_closing():
+        if error is not None and self.state < FAILING and not transport.is_closing():
             self._fail(error.code, error.reason)
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         fragments = self._fragments
-        if opcode == OP_CONT:
+        if opcode == _CONT:
             if fragments is None:
-                self._fail(1002, "unexpected continuation frame")
+                self._fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
                 return
             error = fragments.add(payload, self.node.options.max_frame)
             if error is not None:
@@ -382,18 +395,18 @@ class Connection(asyncio.Protocol):
             text = fragments.text
             payload = fragments.message()
         elif fragments is not None:
-            self._fail(1002, "a new message before the end of the fragmented one")
+            self._fail(CloseCode.PROTOCOL_ERROR, "a new message before the end of the fragmented one")
             return
         elif not fin:
-            self._fragments = Fragments(payload, opcode == OP_TEXT)
+            self._fragments = Fragments(payload, opcode == _TEXT)
             return
         else:
-            text = opcode == OP_TEXT
+            text = opcode == _TEXT
         if text:
             try:
                 message: str | bytes = payload.decode()
             except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8 in a text message")
+                self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
                 return
         else:
             message = payload
@@ -434,29 +447,40 @@ class Connection(asyncio.Protocol):
         if self.state == CLOSED:
             return True
         self._lane = None
+        if self._failure is not None:  # FAILING: the messages received before the error are handled
+            self._fail_now(*self._failure)
         return False
 
     def _close_frame(self, payload: bytes) -> None:
         try:
             self.close_code, self.close_reason = parse_close(payload)
-        except ProtocolError as error:
+        except WebsocketError as error:
             self._fail(error.code, error.reason)
             return
         if self.state == OPEN:  # the client closes: echo its close frame after what is pending
             self.flush()
-            self._begin_close(encode_control(OP_CLOSE, payload))
+            self._begin_close(encode_control(_CLOSE, payload))
         self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol (or the keepalive): send the close code, then half-close and
-        discard what it sends until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at
-        once with its bytes unread would make the kernel reset the connection, and a client that is
-        still writing would often lose the close frame, and with it the reason."""
+        """The client broke the protocol (or the keepalive): fail the connection with ``code`` - once
+        the lane has handled the messages received before (FAILING until then), else now."""
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
-        self._pending = None
-        self._pending_bytes = 0
         self._buffer = None
         self._fragments = None
+        if self.state == OPEN and self._lane is not None:
+            self.state = FAILING
+            self._failure = (code, reason)
+            return
+        self._fail_now(code, reason)
+
+    def _fail_now(self, code: int, reason: str) -> None:
+        """Send what is pending and the close code, then half-close and discard what the client sends
+        until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at once with its bytes
+        unread would make the kernel reset the connection, and a client that is still writing would
+        often lose the close frame, and with it the reason."""
+        self._failure = None
+        self.flush()
         transport = self._transport
         if self._begin_close(encode_close(code, reason)) and self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)

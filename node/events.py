@@ -37,14 +37,11 @@ from fanout.exceptions import FanoutError
 from fanout.receive import Receiver
 
 if TYPE_CHECKING:
-    from .connection import Connection
-    from .node import Node
+    from .surfaces import EventsHost, ForwardedClient
 
 log = logging.getLogger("fanout.node.events")
 
 POLICIES = ("pause", "close")
-#: close code for a client whose events the tier cannot take (policy ``close``)
-TRY_AGAIN_LATER = 1013
 _RETRY = 0.2  #: seconds before a refused shard is offered its events again
 _BATCH = 500  #: most events per append
 #: message events one client may have waiting in the outbox before it is paused
@@ -55,7 +52,7 @@ class EventForwarder:
     """Per-shard outboxes in front of the event log (see the module docstring)."""
 
     def __init__(
-        self, node: Node, kinds: frozenset[EventKind], event_log: EventLog, *, policy: str = "pause"
+        self, node: EventsHost, kinds: frozenset[EventKind], event_log: EventLog, *, policy: str = "pause"
     ) -> None:
         self.node = node
         self.kinds = kinds
@@ -198,10 +195,10 @@ class EventForwarder:
 
     # -- events from the node
 
-    def shard(self, conn: Connection) -> int:
+    def shard(self, conn: ForwardedClient) -> int:
         return events.shard_of(conn.client_id, self.shards)
 
-    def _event(self, conn: Connection, kind: EventKind, **fields: object) -> Event:
+    def _event(self, conn: ForwardedClient, kind: EventKind, **fields: object) -> Event:
         conn.event_seq += 1
         flag, groups = conn.identity()
         return Event(
@@ -218,7 +215,7 @@ class EventForwarder:
             **fields,  # type: ignore[arg-type]
         )
 
-    def _put(self, conn: Connection, event: Event | None, roster: str | None) -> None:
+    def _put(self, conn: ForwardedClient, event: Event | None, roster: str | None) -> None:
         header, data = events.encode(event) if event is not None else (b"", b"")
         item = Appended(self.shard(conn), header, data, conn.client_id, roster, conn.identity()[0])
         self._outbox.setdefault(item.shard, deque()).append(item)
@@ -226,18 +223,18 @@ class EventForwarder:
             self._waiting_of[conn.client_id] += 1
         self._wake.set()
 
-    def opened(self, conn: Connection) -> None:
+    def opened(self, conn: ForwardedClient) -> None:
         """The connection is open (admitted, welcomed): it joins the roster, with an open event."""
         event = None
         if EventKind.OPEN in self.kinds:
             event = self._event(conn, EventKind.OPEN, request=conn.request.to_json())
         self._put(conn, event, "add")
 
-    def message(self, conn: Connection, data: str | bytes) -> None:
+    def message(self, conn: ForwardedClient, data: str | bytes) -> None:
         if EventKind.MESSAGE in self.kinds:
             self._put(conn, self._event(conn, EventKind.MESSAGE, data=data), None)
 
-    def closed(self, conn: Connection, code: int | None, reason: str | None) -> None:
+    def closed(self, conn: ForwardedClient, code: int | None, reason: str | None) -> None:
         """The connection is gone: it leaves the roster, with a close event (never refused)."""
         event = None
         if EventKind.CLOSE in self.kinds:
@@ -266,13 +263,13 @@ class EventForwarder:
         self._waiting_of[lane] += 1
         self._wake.set()
 
-    def flag_changed(self, conn: Connection) -> None:
+    def flag_changed(self, conn: ForwardedClient) -> None:
         """Keep the roster's flag current: a lost node's close events carry it."""
         self._put(conn, None, "flag")
 
     # -- back-pressure
 
-    def has_room(self, conn: Connection) -> bool:
+    def has_room(self, conn: ForwardedClient) -> bool:
         """Whether another message event of ``conn`` may be made now."""
         if self._waiting_of[conn.client_id] >= PER_CLIENT:
             return False  # its previous messages are not taken yet
@@ -282,7 +279,7 @@ class EventForwarder:
         until = self._full.get(shard)
         return until is not None and asyncio.get_running_loop().time() < until
 
-    async def wait_room(self, conn: Connection) -> None:
+    async def wait_room(self, conn: ForwardedClient) -> None:
         """Wait until ``conn`` may send another message (policy ``pause``)."""
         shard = self.shard(conn)
         self.paused += 1

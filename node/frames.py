@@ -4,25 +4,62 @@ The node writes these bytes straight to every targeted connection's transport, s
 10,000 connections encodes its payload once, not 10,000 times. That is only correct because the node
 serves without extensions (no permessage-deflate): a server frame is then fully determined by its
 opcode and payload (RFC 6455 section 5.2; server frames are never masked).
+
+Opcodes and close codes are :class:`Opcode` and :class:`CloseCode` (IntEnums: their members are ints
+on the wire and in comparisons). The per-frame paths compare opcodes with module-level plain ints taken
+from the enum (``_TEXT = int(Opcode.TEXT)``): ``Opcode.TEXT`` is an attribute lookup on the enum class
+each time, and a member is not the cached small int a frame's opcode is (``in`` then compares by value).
 """
 
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # websockets built without its C extension: its pure-Python version
     from websockets.utils import apply_mask
 
-OP_TEXT = 0x1
-OP_BINARY = 0x2
+
+class Opcode(IntEnum):
+    """A frame's opcode (RFC 6455 section 5.2)."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseCode(IntEnum):
+    """Close codes (RFC 6455 section 7.4.1 and the IANA registry's 1012-1014), named as websockets does."""
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS_RCVD = 1005  #: never sent: what a close frame without a code means
+    ABNORMAL_CLOSURE = 1006  #: never sent: the connection was lost without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+
+
+_CONT, _TEXT, _BINARY = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.BINARY)
+_CLOSE, _PING, _PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
 _FIN = 0x80
 
 
 def encode_frame(payload: bytes, binary: bool = False) -> bytes:
     """One unfragmented, unmasked data frame carrying ``payload``."""
-    first = _FIN | (OP_BINARY if binary else OP_TEXT)
+    first = _FIN | (_BINARY if binary else _TEXT)
     length = len(payload)
     if length < 126:
         header = bytes((first, length))
@@ -33,21 +70,20 @@ def encode_frame(payload: bytes, binary: bool = False) -> bytes:
     return header + payload
 
 
-OP_CONT = 0x0
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-_DATA_OPCODES = (OP_CONT, OP_TEXT, OP_BINARY)
-_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+_DATA_OPCODES = (_CONT, _TEXT, _BINARY)
+_CONTROL_OPCODES = (_CLOSE, _PING, _PONG)
 
-#: close codes a peer may send (RFC 6455 section 7.4, and the IANA registry's 1012-1014)
-_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+#: close codes a peer may send (besides 3000-4999): all but those that mean no code was sent
+_VALID_CLOSE_CODES = frozenset(CloseCode) - {CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE}
 
 
-class ProtocolError(Exception):
-    """The client broke the websocket protocol: the connection fails with ``code`` (1002, 1007, 1009)."""
+class WebsocketError(Exception):
+    """The client broke the websocket protocol: the connection fails with ``code`` (1002, 1007, 1009).
 
-    def __init__(self, code: int, reason: str) -> None:
+    (Not :class:`fanout.exceptions.WebsocketError`, which is a bus command that cannot be decoded.)
+    """
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -69,14 +105,14 @@ class Fragments:
         self.size = len(first)
         self.text = text  #: whether the message is text (its first frame's opcode)
 
-    def add(self, payload: bytes, max_size: int) -> ProtocolError | None:
+    def add(self, payload: bytes, max_size: int) -> WebsocketError | None:
         """Add a continuation frame's payload; the error to fail the connection with when the message
         is over ``max_size`` bytes or ``MAX_FRAGMENTS`` frames (1009), else None."""
         self.size += len(payload)
         if self.size > max_size:
-            return ProtocolError(1009, f"message exceeds the limit of {max_size} bytes")
+            return WebsocketError(CloseCode.MESSAGE_TOO_BIG, f"message exceeds the limit of {max_size} bytes")
         if len(self.parts) >= MAX_FRAGMENTS:
-            return ProtocolError(1009, f"message in more than {MAX_FRAGMENTS} frames")
+            return WebsocketError(CloseCode.MESSAGE_TOO_BIG, f"message in more than {MAX_FRAGMENTS} frames")
         self.parts.append(payload)
         return None
 
@@ -93,28 +129,28 @@ def encode_control(opcode: int, payload: bytes = b"") -> bytes:
 def encode_close(code: int, reason: str = "") -> bytes:
     """A close frame with its code and (UTF-8, at most 123 bytes) reason."""
     raw = reason.encode()[:123].decode(errors="ignore").encode()  # cut at a character boundary
-    return encode_control(OP_CLOSE, struct.pack("!H", code) + raw)
+    return encode_control(_CLOSE, struct.pack("!H", code) + raw)
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
     """The code and reason of a client's close frame; 1005 when it has none."""
     if not payload:
-        return 1005, ""
+        return CloseCode.NO_STATUS_RCVD, ""
     if len(payload) == 1:
-        raise ProtocolError(1002, "close frame too short")
+        raise WebsocketError(CloseCode.PROTOCOL_ERROR, "close frame too short")
     (code,) = struct.unpack_from("!H", payload)
     if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
-        raise ProtocolError(1002, f"invalid close code {code}")
+        raise WebsocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
-        raise ProtocolError(1007, "invalid UTF-8 in close reason") from None
+        raise WebsocketError(CloseCode.INVALID_DATA, "invalid UTF-8 in close reason") from None
     return code, reason
 
 
 def read_frames(
     data: bytes, max_size: int
-) -> tuple[list[tuple[int, bool, bytes]], int, int, ProtocolError | None]:
+) -> tuple[list[tuple[int, bool, bytes]], int, int, WebsocketError | None]:
     """The complete client frames at the start of ``data``: ``(frames, consumed, need, error)``.
 
     Each frame is ``(opcode, fin, unmasked payload)``. ``consumed`` is how many bytes they took; when the
@@ -143,19 +179,19 @@ def read_frames(
         opcode = first & 0x0F
         fin = bool(first & _FIN)
         if first & 0x70:
-            return frames, pos, 0, ProtocolError(1002, "reserved bits must be 0")
+            return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
         if not second & 0x80:
-            return frames, pos, 0, ProtocolError(1002, "a client frame must be masked")
+            return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "a client frame must be masked")
         if opcode in _CONTROL_OPCODES:
             if not fin:
-                return frames, pos, 0, ProtocolError(1002, "fragmented control frame")
+                return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
             if length > 125:
-                return frames, pos, 0, ProtocolError(1002, "control frame too long")
+                return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "control frame too long")
         elif opcode not in _DATA_OPCODES:
-            return frames, pos, 0, ProtocolError(1002, f"invalid opcode {opcode}")
+            return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, f"invalid opcode {opcode}")
         elif length > max_size:
             too_big = f"frame of {length} bytes exceeds the limit of {max_size} bytes"
-            return frames, pos, 0, ProtocolError(1009, too_big)
+            return frames, pos, 0, WebsocketError(CloseCode.MESSAGE_TOO_BIG, too_big)
         frame_end = head + 4 + length
         if frame_end > end:
             return frames, pos, frame_end - pos, None

@@ -65,19 +65,13 @@ from fanout.table import Change, ConnectionTable
 from .api import Api
 from .app import DemoChat, call_hook
 from .connection import CLOSE_TIMEOUT, Connection
-from .events import POLICIES, TRY_AGAIN_LATER, EventForwarder
-from .frames import OP_PING, encode_control, encode_frame
+from .events import POLICIES, EventForwarder
+from .frames import CloseCode, Opcode, encode_control, encode_frame
 from .http import HttpConnection, HttpSide
 from .metrics import Metrics
 from .presence import Presence
 
 log = logging.getLogger("fanout.node")
-
-#: close code when on_open raised (internal error)
-APP_ERROR_CLOSE = 1011
-#: close code when the identity Admit asked for could not be applied on the broker (try again later)
-ADMIT_FAILED_CLOSE = 1013
-
 
 #: most items (list entries, object keys) in one reply: a bigger answer goes in several (see _pages)
 REPLY_PAGE = 5000
@@ -211,7 +205,7 @@ def _acknowledged(command: Command) -> bool:
 MAX_BATCH = 5000
 
 #: the keepalive ping (any pong answers it)
-_PING = encode_control(OP_PING, b"fanout")
+_PING = encode_control(Opcode.PING, b"fanout")
 
 
 class Node:
@@ -248,7 +242,7 @@ class Node:
                 settings, shards=options.event_shards, backlog=options.events_backlog, node=self.instance
             )
             self.events = EventForwarder(self, options.events, event_log, policy=options.events_policy)
-        self.api = Api(self.util, options.api_key, options.api_max_body)
+        self.api = Api(self.util, options.api_key)
         patterns = compile_patterns(options.presence)
         #: presence for the groups FANOUT_PRESENCE names, or None
         self.presence = Presence(self, patterns, options.presence_debounce) if patterns else None
@@ -338,7 +332,7 @@ class Node:
             for waiting in list(self.handshaking):
                 waiting.abort()
             for conn in list(self.live):
-                conn.start_close(1001, "")  # going away
+                conn.start_close(CloseCode.GOING_AWAY, "")
             if self.live:
                 await asyncio.wait(
                     [asyncio.ensure_future(conn.wait_closed()) for conn in list(self.live)],
@@ -449,7 +443,7 @@ class Node:
                     break  # the socket is gone
         except Exception:  # a bug in the node: log it, close the client, keep serving
             log.exception("client %s: lane failed", conn.client_id)
-            conn.start_close(APP_ERROR_CLOSE, "internal error")
+            conn.start_close(CloseCode.INTERNAL_ERROR, "internal error")
             if not conn.lane_done():
                 return
         await self._closed(conn)
@@ -467,7 +461,7 @@ class Node:
             self.events.opened(conn)
             conn.forwarded = True
         if not await self._call_app("on_open", conn):
-            conn.start_close(APP_ERROR_CLOSE, "application error")
+            conn.start_close(CloseCode.INTERNAL_ERROR, "application error")
 
     async def _admit(self, conn: Connection, admit: Admit) -> bool:
         """Apply the identity ``on_connect`` gave: session, flag, groups (subscriptions confirmed)."""
@@ -481,7 +475,7 @@ class Node:
                 await self.apply_change(table.join(conn.client_id, tuple(admit.groups)))
         except FanoutError as exc:
             log.warning("client %s: admission identity not applied: %s", conn.client_id, exc)
-            conn.start_close(ADMIT_FAILED_CLOSE, "try again later")
+            conn.start_close(CloseCode.TRY_AGAIN_LATER, "try again later")
             return False
         return True
 
@@ -491,7 +485,7 @@ class Node:
             if not forwarder.has_room(conn):
                 if forwarder.policy == "close":
                     self.metrics.events_policy_closes += 1
-                    conn.start_close(TRY_AGAIN_LATER, "try again later")
+                    conn.start_close(CloseCode.TRY_AGAIN_LATER, "try again later")
                     return
                 await forwarder.wait_room(conn)  # pause: meanwhile its lane fills and reading stops
             forwarder.message(conn, data)

@@ -26,7 +26,7 @@ from fanout.exceptions import FanoutError, MessageTooLarge
 from fanout.presence import Pair, PresenceState
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .surfaces import PresenceHost
 
 log = logging.getLogger("fanout.node.presence")
 
@@ -37,7 +37,7 @@ SEEDED_BEFORE = 10.0
 
 
 class Presence:
-    def __init__(self, node: Node, patterns: re.Pattern[str], debounce: float) -> None:
+    def __init__(self, node: PresenceHost, patterns: re.Pattern[str], debounce: float) -> None:
         self.node = node
         self.patterns = patterns
         self.state = PresenceState(debounce)

@@ -18,18 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
+from websockets.frames import Opcode as WsOpcode
 
 from node.connection import Connection
 from node.frames import (
     MAX_FRAGMENTS,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    CloseCode,
     Fragments,
+    Opcode,
     encode_close,
     parse_close,
     read_frames,
@@ -38,13 +35,13 @@ from tests.conftest import MakeNode
 from tests.support import scaled
 from tests.support.nodes import client, recv
 
-WS_CONT, WS_TEXT, WS_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
-WS_CLOSE, WS_PING = Opcode.CLOSE, Opcode.PING
+WS_CONT, WS_TEXT, WS_BINARY = WsOpcode.CONT, WsOpcode.TEXT, WsOpcode.BINARY
+WS_CLOSE, WS_PING = WsOpcode.CLOSE, WsOpcode.PING
 
 # -- bytes in -------------------------------------------------------------------------------------
 
 
-def client_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:
+def client_frame(opcode: WsOpcode, payload: bytes, fin: bool = True) -> bytes:
     """A frame as websockets' client writes it (masked)."""
     return Frame(opcode, payload, fin).serialize(mask=True, extensions=[])
 
@@ -55,7 +52,7 @@ def test_frames_websockets_writes_are_read_back_whole_and_in_pieces(size: int) -
     data = client_frame(WS_BINARY, payload) + client_frame(WS_TEXT, b"next")
     frames, used, need, error = read_frames(data, 1 << 20)
     assert error is None and used == len(data) and need == 0
-    assert frames == [(OP_BINARY, True, payload), (OP_TEXT, True, b"next")]
+    assert frames == [(Opcode.BINARY, True, payload), (Opcode.TEXT, True, b"next")]
     # fed in pieces the way a socket delivers them: every prefix gives only the complete frames, and
     # once its header is in, how many bytes the first frame needs in all
     first = len(data) - len(client_frame(WS_TEXT, b"next"))
@@ -69,7 +66,7 @@ def test_frames_websockets_writes_are_read_back_whole_and_in_pieces(size: int) -
             header = 2 + (2 if 126 <= size < 65536 else 8 if size >= 65536 else 0)
             assert need == (first if cut >= header else 0)
         else:
-            assert frames == [(OP_BINARY, True, payload)] and used == first
+            assert frames == [(Opcode.BINARY, True, payload)] and used == first
 
 
 def test_control_and_continuation_frames() -> None:
@@ -82,10 +79,10 @@ def test_control_and_continuation_frames() -> None:
     frames, used, _, error = read_frames(data, 100)
     assert error is None and used == len(data)
     assert frames == [
-        (OP_TEXT, False, b"hel"),
-        (OP_PING, True, b"are you there"),
-        (OP_CONT, True, b"lo"),
-        (OP_CLOSE, True, struct.pack("!H", 1000) + b"done"),
+        (Opcode.TEXT, False, b"hel"),
+        (Opcode.PING, True, b"are you there"),
+        (Opcode.CONT, True, b"lo"),
+        (Opcode.CLOSE, True, struct.pack("!H", 1000) + b"done"),
     ]
     assert parse_close(frames[3][2]) == (1000, "done")
     assert parse_close(b"") == (1005, "")
@@ -98,9 +95,9 @@ def _payload(size: int) -> bytes:
 
 frames_strategy = st.lists(
     st.tuples(
-        st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.PONG]),
+        st.sampled_from([WsOpcode.TEXT, WsOpcode.BINARY, WsOpcode.PING, WsOpcode.PONG]),
         st.integers(0, 300) | st.integers(65530, 65540),  # both sides of the 16-bit length
-    ).map(lambda f: (f[0], _payload(min(f[1], 125) if f[0] in (Opcode.PING, Opcode.PONG) else f[1]))),
+    ).map(lambda f: (f[0], _payload(min(f[1], 125) if f[0] in (WsOpcode.PING, WsOpcode.PONG) else f[1]))),
     min_size=1,
     max_size=6,
 )
@@ -109,7 +106,7 @@ frames_strategy = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(frames=frames_strategy, cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=8))
 def test_any_frames_cut_anywhere_are_read_back_exactly(
-    frames: list[tuple[Opcode, bytes]], cuts: list[int]
+    frames: list[tuple[WsOpcode, bytes]], cuts: list[int]
 ) -> None:
     data = b"".join(client_frame(opcode, payload) for opcode, payload in frames)
     bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
@@ -140,8 +137,16 @@ def test_any_frames_cut_anywhere_are_read_back_exactly(
 def test_invalid_frames_are_refused_with_their_close_code(data: bytes, code: int) -> None:
     good = client_frame(WS_TEXT, b"before")
     frames, used, _, error = read_frames(good + data, 1 << 20)
-    assert frames == [(OP_TEXT, True, b"before")] and used == len(good)  # what came before counts
-    assert error is not None and error.code == code
+    assert frames == [(Opcode.TEXT, True, b"before")] and used == len(good)  # what came before counts
+    assert error is not None and error.code is CloseCode(code)
+
+
+def test_opcodes_and_close_codes_have_one_name_each() -> None:
+    assert len(Opcode.__members__) == len(Opcode) == 6
+    assert len(CloseCode.__members__) == len(CloseCode)  # no aliases (1013 had two names)
+    assert [int(code) for code in CloseCode] == [*range(1000, 1004), *range(1005, 1015)]
+    assert parse_close(b"")[0] is CloseCode.NO_STATUS_RCVD
+    assert {opcode for opcode, _, _ in read_frames(client_frame(WS_PING, b"") * 2, 10)[0]} == {Opcode.PING}
 
 
 def test_a_fragmented_message_is_bounded_in_bytes_and_in_frames() -> None:
@@ -150,7 +155,7 @@ def test_a_fragmented_message_is_bounded_in_bytes_and_in_frames() -> None:
     data = client_frame(WS_TEXT, b"start", fin=False) + client_frame(WS_CONT, b"", fin=False) * 40_000
     frames, used, _, error = read_frames(data, 1 << 20)
     assert error is None and used == len(data) and len(frames) == 40_001
-    assert frames[1] == (OP_CONT, False, b"")
+    assert frames[1] == (Opcode.CONT, False, b"")
     message = Fragments(frames[0][2], text=True)
     errors = [message.add(payload, 1 << 20) for _, _, payload in frames[1:]]
     failed_at = next(i for i, e in enumerate(errors) if e is not None)
@@ -235,20 +240,20 @@ async def test_frames_right_after_the_request_fragments_and_pings_are_handled(ma
     node = await make_node()
     raw, response = await RawClient.open(node.port, first=client_frame(WS_BINARY, b"early"))
     assert response.startswith(b"HTTP/1.1 101 ") and b"\r\nServer: fanout\r\n" in response
-    assert (await raw.frame())[0] == OP_TEXT  # the welcome
-    assert await raw.frame() == (OP_BINARY, b"echo:early")
+    assert (await raw.frame())[0] == Opcode.TEXT  # the welcome
+    assert await raw.frame() == (Opcode.BINARY, b"echo:early")
     raw.send(client_frame(WS_BINARY, b"frag", fin=False) + client_frame(WS_PING, b"p1"))
-    assert await raw.frame() == (OP_PONG, b"p1")  # a ping between fragments is answered at once
+    assert await raw.frame() == (Opcode.PONG, b"p1")  # a ping between fragments is answered at once
     raw.send(client_frame(WS_CONT, b"ment", fin=False))
     raw.send(client_frame(WS_CONT, b"ed", fin=True))
-    assert await raw.frame() == (OP_BINARY, b"echo:fragmented")
+    assert await raw.frame() == (Opcode.BINARY, b"echo:fragmented")
     # a frame in tiny pieces
     for byte in client_frame(WS_BINARY, b"x" * 300):
         raw.send(bytes((byte,)))
-    assert await raw.frame() == (OP_BINARY, b"echo:" + b"x" * 300)
+    assert await raw.frame() == (Opcode.BINARY, b"echo:" + b"x" * 300)
     # the client closes: its close frame is echoed and the server closes the socket
     raw.send(client_frame(WS_CLOSE, struct.pack("!H", 4321) + b"bye"))
-    assert await raw.frame() == (OP_CLOSE, struct.pack("!H", 4321) + b"bye")
+    assert await raw.frame() == (Opcode.CLOSE, struct.pack("!H", 4321) + b"bye")
     assert await raw.closed_by_server()
     assert len(node.table) == 0
 
@@ -274,10 +279,39 @@ async def test_a_protocol_error_fails_the_connection_with_its_code(
     await raw.frame()  # welcome
     raw.send(bad)
     opcode, payload = await raw.frame()
-    assert opcode == OP_CLOSE and struct.unpack_from("!H", payload)[0] == code
+    assert opcode == Opcode.CLOSE and struct.unpack_from("!H", payload)[0] == code
     assert await raw.closed_by_server()
     ws, _ = await client(node.port)  # the node keeps serving
     await ws.close()
+
+
+@uses_raw_sockets
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (bytes((0xC2, 0x80)) + b"\0\0\0\0", 1002),  # RSV1 set: refused from its header
+        (client_frame(WS_CONT, b"x"), 1002),  # a continuation with nothing to continue
+        (client_frame(WS_TEXT, b"\xff\xfe"), 1007),  # not UTF-8
+        (client_frame(WS_CLOSE, b"\x03"), 1002),  # a close frame too short
+    ],
+    ids=["reserved-bit", "continuation", "utf-8", "close-frame"],
+)
+async def test_messages_received_before_a_protocol_error_are_handled_before_the_close(
+    make_node: MakeNode, error: bytes, code: int
+) -> None:
+    # Autobahn 3.2-4.2.5 and 5.15: valid messages, then the error, in one write. The messages reach the
+    # application and its replies go out, then the close frame; what follows the error is not read.
+    node = await make_node()
+    raw, _ = await RawClient.open(node.port)
+    await raw.frame()  # welcome
+    fragmented = client_frame(WS_BINARY, b"frag", fin=False) + client_frame(WS_CONT, b"mented")
+    raw.send(client_frame(WS_BINARY, b"one") + fragmented + error + client_frame(WS_BINARY, b"after"))
+    assert await raw.frame() == (Opcode.BINARY, b"echo:one")
+    assert await raw.frame() == (Opcode.BINARY, b"echo:fragmented")
+    opcode, payload = await raw.frame()
+    assert opcode == Opcode.CLOSE and struct.unpack_from("!H", payload)[0] == code
+    assert await raw.closed_by_server()
+    assert node.metrics.client_messages == 2
 
 
 @uses_raw_sockets
@@ -303,9 +337,9 @@ async def test_a_client_that_does_not_answer_pings_is_closed_with_1011(make_node
     raw, _ = await RawClient.open(node.port)  # never answers a ping
     well_behaved, _ = await client(node.port)  # websockets answers pings
     await raw.frame()  # welcome
-    assert (await raw.frame())[0] == OP_PING
+    assert (await raw.frame())[0] == Opcode.PING
     opcode, payload = await raw.frame()
-    assert opcode == OP_CLOSE and payload == struct.pack("!H", 1011) + b"keepalive ping timeout"
+    assert opcode == Opcode.CLOSE and payload == struct.pack("!H", 1011) + b"keepalive ping timeout"
     assert await raw.closed_by_server()
     await asyncio.sleep(1.0)  # several rounds of pings: the answering client stays
     await well_behaved.send(b"still here")
@@ -323,7 +357,7 @@ async def test_a_client_that_does_not_answer_the_close_is_dropped_after_the_clos
     (_, welcome) = await raw.frame()
     client_id = orjson.loads(welcome)["client_id"]
     assert await node.util.close(client_id, 4000, "go") == 1
-    assert await raw.frame() == (OP_CLOSE, struct.pack("!H", 4000) + b"go")
+    assert await raw.frame() == (Opcode.CLOSE, struct.pack("!H", 4000) + b"go")
     started = asyncio.get_running_loop().time()
     # it never sends its close frame: the socket is dropped (reset) once the timeout is over
     with contextlib.suppress(ConnectionResetError):
@@ -338,7 +372,7 @@ async def test_a_close_reply_behind_other_frames_ends_the_close_at_once(make_nod
     (_, welcome) = await raw.frame()
     client_id = orjson.loads(welcome)["client_id"]
     assert await node.util.close(client_id, 4000, "go") == 1
-    assert (await raw.frame())[0] == OP_CLOSE
+    assert (await raw.frame())[0] == Opcode.CLOSE
     started = asyncio.get_running_loop().time()
     # frames it had in flight, then its close reply, in one packet: the reply still ends the close
     raw.send(
@@ -362,13 +396,13 @@ async def test_idle_connections_hold_no_task(make_node: MakeNode) -> None:
     assert len(node.table) == 200
     assert len(asyncio.all_tasks()) == before  # not one task per connection
     clients[0].send(client_frame(WS_BINARY, b"hi"))
-    assert await clients[0].frame() == (OP_BINARY, b"echo:hi")
+    assert await clients[0].frame() == (Opcode.BINARY, b"echo:hi")
     await asyncio.sleep(0.05)
     assert len(asyncio.all_tasks()) == before  # the lane ended with its last message
     for raw in clients:
         raw.send(client_frame(WS_CLOSE, struct.pack("!H", 1000)))
     for raw in clients:
-        assert (await raw.frame())[0] == OP_CLOSE
+        assert (await raw.frame())[0] == Opcode.CLOSE
         assert await raw.closed_by_server()
     await asyncio.sleep(0.1)
     assert len(node.table) == 0 and not node.live
@@ -396,7 +430,7 @@ async def test_messages_sent_before_the_close_are_all_handled_then_the_close(mak
     await raw.frame()  # welcome
     messages = b"".join(client_frame(WS_TEXT, b"m%d" % i) for i in range(20))  # more than INBOX_HIGH
     raw.send(messages + client_frame(WS_CLOSE, struct.pack("!H", 1000)))
-    assert (await raw.frame())[0] == OP_CLOSE
+    assert (await raw.frame())[0] == Opcode.CLOSE
     for _ in range(100):
         if "close" in app.log:
             break
@@ -460,7 +494,7 @@ async def test_a_client_still_writing_when_the_node_fails_it_gets_the_close_fram
     node = await make_node(max_frame=1000)
     for _ in range(20):  # the node half-closes and reads until the client's EOF: never a reset
         got = await _oversized_frame_then_read(node.port)
-        closes = [payload for opcode, payload in _server_frames(got) if opcode == OP_CLOSE]
+        closes = [payload for opcode, payload in _server_frames(got) if opcode == Opcode.CLOSE]
         assert closes and struct.unpack_from("!H", closes[0])[0] == 1009, got[-200:]
         _opened.pop().close()
     await asyncio.sleep(0.1)
@@ -492,9 +526,9 @@ async def test_a_flood_of_small_frames_is_closed_and_others_are_served(
     flooder.send(flood)
     await other.send(b"still served")
     pongs = 0
-    while (frame := await flooder.frame())[0] == OP_PONG:
+    while (frame := await flooder.frame())[0] == Opcode.PONG:
         pongs += 1
-    assert frame == (OP_CLOSE, struct.pack("!H", code) + reason)
+    assert frame == (Opcode.CLOSE, struct.pack("!H", code) + reason)
     assert pongs <= 2 * client_rate  # what the burst allows, then nothing more
     flooder.send(client_frame(WS_CLOSE, struct.pack("!H", code)))  # its close reply
     assert await flooder.closed_by_server()

@@ -246,9 +246,6 @@ class AmqpEventLog(EventLog):
             await self._roster(records)
         return taken
 
-    async def set_flag(self, shard: int, client_id: str, flag: str | None) -> None:
-        await self.append([Appended(shard, b"", b"", client_id, "flag", flag)])
-
     async def _roster(self, records: list[dict[str, Any]]) -> None:
         channel, _ = await self._ensure()
         body = orjson.dumps({"n": self.node, "r": records, "ts": time.time()})

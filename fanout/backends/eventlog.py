@@ -98,9 +98,6 @@ class EventLog(abc.ABC):
     async def append(self, items: Sequence[Appended]) -> list[bool]: ...
 
     @abc.abstractmethod
-    async def set_flag(self, shard: int, client_id: str, flag: str | None) -> None: ...
-
-    @abc.abstractmethod
     async def leave(self) -> None: ...
 
     # -- worker side

@@ -202,9 +202,6 @@ class RedisEventLog(EventLog):
             out.append(index < taken[item.shard])
         return out
 
-    async def set_flag(self, shard: int, client_id: str, flag: str | None) -> None:
-        await self.append([Appended(shard, b"", b"", client_id, "flag", flag)])
-
     async def leave(self) -> None:
         client = self._client
         for shard in range(self.shards):
