@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .node import Node, NodeOptions
+    from .node import Node
+    from .options import NodeOptions
 
 __all__ = ["Connection", "Node", "NodeOptions"]
 
@@ -20,8 +21,12 @@ def __getattr__(name: str) -> object:
         from .connection import Connection
 
         return Connection
-    if name in ("Node", "NodeOptions"):
-        from . import node
+    if name == "Node":
+        from .node import Node
 
-        return getattr(node, name)
+        return Node
+    if name == "NodeOptions":
+        from .options import NodeOptions
+
+        return NodeOptions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

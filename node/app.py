@@ -29,12 +29,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import inspect
 import os
 import re
-from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -59,14 +57,6 @@ DEMO_TOKEN_TTL = 3600
 def demo_page() -> bytes:
     """The demo's page, ``node/static/index.html``."""
     return resources.files(__package__ or "node").joinpath("static/index.html").read_bytes()
-
-
-async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
-    """Call an application hook, ``async def`` or plain ``def``, and return its result."""
-    result = hook(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
 
 
 def app_shape_warnings(app: object) -> list[str]:

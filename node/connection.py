@@ -4,7 +4,7 @@ A :class:`Connection` is the asyncio protocol of its socket from the moment the 
 written (:class:`~node.http.HttpConnection` hands the transport over), so one small object per client
 holds everything: no websocket library object, no task while the client is idle.
 
-It owns its output: frames are written straight to its transport, or, while the node applies a batch of
+It owns its output: frames are written straight to its transport, or, while the hub applies a batch of
 bus commands, held in the connection's own pending list and written in one go when the batch ends
 (:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. Held
 frames are written early once they reach ``PENDING_FLUSH`` bytes (or half the send buffer), so what the
@@ -54,10 +54,11 @@ from .frames import (
     parse_close,
     read_frames,
 )
+from .lanes import INBOX_HIGH, INBOX_LOW
 from .limits import TokenBucket
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .surfaces import AppNode, ConnectionHub, ConnectionLanes, Flushable
 
 log = logging.getLogger("fanout.node")
 
@@ -67,9 +68,6 @@ CLOSE_TIMEOUT = 10.0
 #: half the send buffer, when that is less): coalescing gains nothing past this, and what the node holds
 #: for its own batching never counts against a client (only what it has not taken does)
 PENDING_FLUSH = 64 * 1024
-#: messages waiting in a connection's lane at which it stops reading, and at which it reads again
-INBOX_HIGH = 16
-INBOX_LOW = 4
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 #: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
@@ -111,6 +109,8 @@ class Connection(asyncio.Protocol):
         "close_reason",
         "event_seq",
         "forwarded",
+        "hub",
+        "lanes",
         "node",
         "open",
         "opened_at",
@@ -123,9 +123,18 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(
-        self, node: Node, transport: asyncio.Transport, client_id: str, request: ConnectRequest
+        self,
+        node: AppNode,
+        hub: ConnectionHub[Connection],
+        lanes: ConnectionLanes[Connection],
+        transport: asyncio.Transport,
+        client_id: str,
+        request: ConnectRequest,
     ) -> None:
+        #: the node, as the application sees it (``conn.node.util``: cluster-wide sends and queries)
         self.node = node
+        self.hub = hub  #: the table and membership changes
+        self.lanes = lanes  #: where its messages and its end go
         self.client_id = client_id
         #: the handshake request (path, query, headers, cookies, remote), as ``on_connect`` saw it
         self.request = request
@@ -178,38 +187,38 @@ class Connection(asyncio.Protocol):
         After the connection left the table (in ``on_close``), the last session it had; reading it
         then does not bring it back into the table.
         """
-        session = self.node.table.sessions.get(self.client_id)
+        session = self.hub.table.sessions.get(self.client_id)
         return self._last_session if session is None else session
 
     @session.setter
     def session(self, value: dict[str, Any]) -> None:
-        if self.client_id in self.node.table:
-            self.node.table.sessions[self.client_id] = value
+        if self.client_id in self.hub.table:
+            self.hub.table.sessions[self.client_id] = value
         else:
             self._last_session = value
 
     def keep_last_state(self) -> None:
         """Called as the connection leaves the table: remember its session (for ``on_close``) and its
         flag and groups (for its close event)."""
-        table = self.node.table
+        table = self.hub.table
         self._last_session = table.sessions.get(self.client_id) or {}
         self._last_flag = table.flag_of(self.client_id)
         self._last_groups = table.groups_of(self.client_id)
 
     def identity(self) -> tuple[str | None, frozenset[str]]:
         """Flag and groups now, or, once the connection left the table, the last it had."""
-        table = self.node.table
+        table = self.hub.table
         if self.client_id in table:
             return table.flag_of(self.client_id), table.groups_of(self.client_id)
         return self._last_flag, self._last_groups
 
     @property
     def groups(self) -> frozenset[str]:
-        return self.node.table.groups_of(self.client_id)
+        return self.hub.table.groups_of(self.client_id)
 
     @property
     def flag(self) -> str | None:
-        return self.node.table.flag_of(self.client_id)
+        return self.hub.table.flag_of(self.client_id)
 
     @property
     def buffered(self) -> int:
@@ -218,8 +227,10 @@ class Connection(asyncio.Protocol):
 
     # -- output ---------------------------------------------------------------------------------
 
-    def push(self, frame: bytes) -> bool:
-        """Queue one encoded frame; False if the connection is closing or was cut off as too slow."""
+    def push(self, frame: bytes, batch: list[Flushable] | None = None) -> bool:
+        """Write one encoded frame, or, with the hub's ``batch`` (the connections holding frames of the
+        batch being applied), hold it until the hub's ``flush`` (joining ``batch`` with the first frame
+        it holds); False if the connection is closing or was cut off as too slow."""
         if not self.open:
             return False
         if self._transport.get_write_buffer_size() > self.send_limit:
@@ -233,10 +244,10 @@ class Connection(asyncio.Protocol):
                 self._transport.write(b"".join(pending))
                 pending.clear()
                 self._pending_bytes = 0
-        elif self.node.batching:
+        elif batch is not None:
             self._pending = [frame]
             self._pending_bytes = len(frame)
-            self.node.dirty.append(self)
+            batch.append(self)
         else:
             self._transport.write(frame)
         return True
@@ -256,7 +267,7 @@ class Connection(asyncio.Protocol):
         if not self.open and self._transport.is_closing():
             return
         log.warning("client %s: %s, disconnecting", self.client_id, why)
-        metrics = self.node.metrics
+        metrics = self.hub.metrics
         if ping_flood:
             metrics.ping_flood_disconnects += 1
         else:
@@ -265,7 +276,7 @@ class Connection(asyncio.Protocol):
         self._pending = None
         self._pending_bytes = 0
         self._failure = None
-        self.node.forget(self)
+        self.hub.forget(self)
         # Linger 0 makes the kernel discard its own send buffer and reset at once, instead of trickling
         # the backlog to a client that does not read (zero-window probing can take minutes).
         sock = self._transport.get_extra_info("socket")
@@ -281,7 +292,7 @@ class Connection(asyncio.Protocol):
         frame = encode_frame(payload, binary)
         sent = self.push(frame)
         if sent:
-            self.node.metrics.count_frames(1, len(frame))
+            self.hub.metrics.count_frames(1, len(frame))
         return sent
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
@@ -308,7 +319,7 @@ class Connection(asyncio.Protocol):
     def _begin_close(self, frame: bytes) -> bool:
         """Leave the table, and send ``frame`` (a close frame) unless one was sent; True if it was sent."""
         self.open = False
-        self.node.forget(self)
+        self.hub.forget(self)
         if self.state != OPEN and self.state != FAILING:
             return False
         self.state = CLOSING
@@ -324,20 +335,20 @@ class Connection(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
     async def join_group(self, *groups: str) -> None:
-        await self.node.apply_change(self.node.table.join(self.client_id, names(groups, "groups")))
+        await self.hub.apply_change(self.hub.table.join(self.client_id, names(groups, "groups")))
 
     async def leave_group(self, *groups: str) -> None:
-        await self.node.apply_change(self.node.table.leave(self.client_id, names(groups, "groups")))
+        await self.hub.apply_change(self.hub.table.leave(self.client_id, names(groups, "groups")))
 
     async def bind(self, flag: str) -> None:
-        change = self.node.table.bind(self.client_id, flag)
-        self.node.flag_changed(self)
-        await self.node.apply_change(change)
+        change = self.hub.table.bind(self.client_id, flag)
+        self.hub.flag_changed(self)
+        await self.hub.apply_change(change)
 
     async def unbind(self) -> None:
-        change = self.node.table.unbind(self.client_id)
-        self.node.flag_changed(self)
-        await self.node.apply_change(change)
+        change = self.hub.table.unbind(self.client_id)
+        self.hub.flag_changed(self)
+        await self.hub.apply_change(change)
 
     # -- input: the socket's protocol ---------------------------------------------------------
 
@@ -365,7 +376,7 @@ class Connection(asyncio.Protocol):
             elif self.state != OPEN:
                 continue  # the node is closing: only the client's close reply matters now
             elif rate is not None and not rate.take(now):  # every frame counts, but its close
-                self.node.metrics.rate_limit_closes += 1
+                self.hub.metrics.rate_limit_closes += 1
                 self.start_close(*RATE_LIMIT_CLOSE)
             elif opcode < _CLOSE:
                 self._data_frame(opcode, fin, payload)
@@ -411,11 +422,11 @@ class Connection(asyncio.Protocol):
         else:
             message = payload
         if self.open:
-            self.node.received(self, message)
+            self.lanes.received(self, message)
 
     def begin(self, admit: Admit | None) -> None:
         """Start the lane with the opening (``admit``: what ``on_connect`` returned)."""
-        self._lane = self.node.start_lane(self, admit, opening=True)
+        self._lane = self.lanes.start_lane(self, admit, opening=True)
 
     def queue(self, message: str | bytes) -> None:
         """Hand a message to the lane (the node calls this when the application reads messages)."""
@@ -427,7 +438,7 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             self._transport.pause_reading()
         if self._lane is None:
-            self._lane = self.node.start_lane(self, None, opening=False)
+            self._lane = self.lanes.start_lane(self, None, opening=False)
 
     def next_message(self) -> str | bytes | None:
         """The lane's next message, or None when there is none. A message received while the connection
@@ -516,9 +527,9 @@ class Connection(asyncio.Protocol):
             self._close_timer = None
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
-        self.node.lost(self)
+        self.lanes.lost(self)
         if self._lane is None:  # no lane running: one runs the close
-            self._lane = self.node.start_lane(self, None, opening=False)
+            self._lane = self.lanes.start_lane(self, None, opening=False)
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.node.events")
 
-POLICIES = ("pause", "close")
 _RETRY = 0.2  #: seconds before a refused shard is offered its events again
 _BATCH = 500  #: most events per append
 #: message events one client may have waiting in the outbox before it is paused

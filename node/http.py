@@ -42,12 +42,12 @@ from websockets.streams import StreamReader
 from fanout.admission import Admit, ConnectRequest, Reject, origin_allowed
 
 from .api import openapi
-from .app import call_hook
+from .lanes import call_hook
 from .limits import TokenBucket
 from .metrics import render
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .surfaces import HttpHost
 
 log = logging.getLogger("fanout.node")
 
@@ -70,7 +70,7 @@ JS_CACHE_CONTROL = "public, max-age=300"
 class HttpSide:
     """Answers a node's HTTP requests and admits (or refuses) its websocket clients."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: HttpHost) -> None:
         self.node = node
         self._registry = node.metrics.registry()
         rate = node.options.accept_rate
@@ -221,8 +221,9 @@ _API_ERROR = b'{"error":{"type":"InternalError","message":"see the node log"}}'
 class HttpConnection(asyncio.Protocol):
     """A socket before its websocket opens (see the module docstring)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, side: HttpSide) -> None:
+        self.side = side
+        self.node = side.node
         self.transport: asyncio.Transport | None = None
         self.remote_address: Any = None
         self._reader = StreamReader()
@@ -310,7 +311,7 @@ class HttpConnection(asyncio.Protocol):
 
     async def _answer(self, request: Request) -> None:
         try:
-            response = await self.node.http.process_request(self, request)
+            response = await self.side.process_request(self, request)
         except Exception:
             log.exception("answering an HTTP request failed")
             response = self.respond(500, "internal error\n")

@@ -35,7 +35,7 @@ from fanout.exceptions import ConfigError, FanoutError
 from fanout.loading import load_app
 
 if TYPE_CHECKING:  # imported in main(), once the [node] extra is known to be installed
-    from .node import NodeOptions
+    from .options import NodeOptions
 
 log = logging.getLogger("fanout.node")
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if args.supervisor is not None:
         _die_with_parent()
-    from .node import NodeOptions
+    from .options import NodeOptions
 
     environ = dict(os.environ)
     if args.url is not None:
@@ -238,7 +238,7 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, supervisor: int, stop: asynci
 
 def _supervise(count: int, options: NodeOptions, argv: list[str]) -> int:
     """Run ``count`` node processes on one port until a signal or until one of them exits."""
-    from .node import default_node_id
+    from .options import default_node_id
 
     base_id = options.node_id or default_node_id()
     child_argv = [*_without_processes(argv), "--reuse-port", "--supervisor", str(os.getpid())]

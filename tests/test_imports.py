@@ -14,11 +14,6 @@ from fanout.backends.base import Backend
 from fanout.backends.eventlog import EventLog
 from tests.support.nodes import ROOT
 
-#: the one circle left in node/: the connection and the HTTP side type their ``node`` as the Node, which
-#: builds them (and the demo app types its hooks' connection). The rebuild of issue 16 hands them what
-#: they use instead; until then no other module may join it, and no other circle may appear.
-NODE_CIRCLE = frozenset({"node.app", "node.connection", "node.http", "node.node"})
-
 
 def _trees(*folders: str) -> dict[str, tuple[Path, ast.Module]]:
     """Every module under ``folders`` by its dotted name, with its parsed source."""
@@ -102,10 +97,9 @@ def test_no_import_circle_in_fanout_and_its_backends() -> None:
     assert circles(import_graph(_trees("fanout"))) == []
 
 
-def test_no_import_circle_in_the_node_but_the_one_left_for_the_rebuild() -> None:
+def test_no_import_circle_in_the_node() -> None:
     # the whole of fanout/ and node/: a circle could pass through fanout's modules too
-    found = circles(import_graph(_trees("fanout", "node")))
-    assert all(circle <= NODE_CIRCLE for circle in found), found
+    assert circles(import_graph(_trees("fanout", "node"))) == []
 
 
 @pytest.mark.parametrize("contract", [EventLog, Backend], ids=lambda c: c.__name__)

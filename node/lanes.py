@@ -1,0 +1,192 @@
+"""The lanes: each connection's messages and the application's hooks, in order, one at a time.
+
+A connection's *lane* is a task that exists only while there is something to do: the opening (the
+identity ``on_connect`` gave, the welcome frame, the worker tier's open event, ``on_open``), then the
+messages the client sent, in order (the worker tier's message event, ``on_message``), then, once the
+socket is gone, the close (the close event, ``on_close``). An idle connection has no task: the lane ends
+when it has nothing left, and the next message starts another.
+
+The connection keeps the messages waiting for its lane (its inbox): over ``INBOX_HIGH`` of them it stops
+reading its socket (TCP then slows the client down), and reads again once its lane is down to
+``INBOX_LOW``. The lanes see a connection through :class:`~node.surfaces.LaneConnection` and reach the
+table through the hub (:class:`~node.surfaces.ConnectionHub`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from fanout.events import EventKind
+from fanout.exceptions import FanoutError
+
+from .frames import CloseCode, encode_frame
+from .surfaces import LaneConnection
+
+if TYPE_CHECKING:
+    from fanout.admission import Admit
+
+    from .events import EventForwarder
+    from .metrics import Metrics
+    from .surfaces import ConnectionHub
+
+log = logging.getLogger("fanout.node")
+
+#: messages waiting in a connection's lane at which it stops reading, and at which it reads again
+INBOX_HIGH = 16
+INBOX_LOW = 4
+
+C = TypeVar("C", bound=LaneConnection)
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Call an application hook, ``async def`` or plain ``def``, and return its result."""
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class Lanes(Generic[C]):
+    """Runs the lanes of a node's connections (``C``: the connection type)."""
+
+    def __init__(
+        self,
+        *,
+        app: Any,
+        hub: ConnectionHub[C],
+        metrics: Metrics,
+        events: EventForwarder | None,
+        welcome: bool,
+    ) -> None:
+        self.app = app
+        self.hub = hub
+        self.metrics = metrics
+        self.events = events
+        self.welcome = welcome
+        #: connections whose socket is open (closing ones included)
+        self.live: set[C] = set()
+        self._running: set[asyncio.Task[None]] = set()  #: the lanes running now
+        self._on_message = getattr(app, "on_message", None)
+        #: the worker tier when it takes message events, else None
+        self._forwarder = events if events is not None and EventKind.MESSAGE in events.kinds else None
+
+    def received(self, conn: C, message: str | bytes) -> None:
+        """A message from an open connection (in its order; its frames were rate-limited as they were
+        read): to its lane if the application or the worker tier reads messages."""
+        self.metrics.client_messages += 1
+        if self._on_message is not None or self._forwarder is not None:
+            conn.queue(message)
+
+    def lost(self, conn: C) -> None:
+        """``conn``'s socket is closed (its lane then runs the close)."""
+        self.live.discard(conn)
+        self.hub.forget(conn)
+
+    def start_lane(self, conn: C, admit: Admit | None, *, opening: bool) -> asyncio.Task[None]:
+        """Run ``conn``'s lane: its opening (when ``opening``), then its messages in order, then its close
+        once the socket is gone."""
+        task = asyncio.create_task(self._lane(conn, admit, opening), name=f"lane {conn.client_id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def close_all(self, timeout: float) -> None:
+        """Close every connection with 1001 (going away), and wait for their sockets to close (up to
+        ``timeout`` and a second: the close handshake's own timeout ends them), then for their lanes to
+        run their on_close hooks and close events (up to ``timeout``)."""
+        for conn in list(self.live):
+            conn.start_close(CloseCode.GOING_AWAY, "")
+        if self.live:
+            await asyncio.wait(
+                [asyncio.ensure_future(conn.wait_closed()) for conn in list(self.live)], timeout=timeout + 1
+            )
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=timeout)
+
+    async def _lane(self, conn: C, admit: Admit | None, opening: bool) -> None:
+        try:
+            if opening:
+                await self._opened(conn, admit)
+            while True:
+                message = conn.next_message()
+                if message is not None:
+                    await self._message(conn, message)
+                elif not conn.lane_done():
+                    return  # idle: the next message starts another lane
+                else:
+                    break  # the socket is gone
+        except Exception:  # a bug in the node: log it, close the client, keep serving
+            log.exception("client %s: lane failed", conn.client_id)
+            conn.start_close(CloseCode.INTERNAL_ERROR, "internal error")
+            if not conn.lane_done():
+                return
+        await self._closed(conn)
+
+    async def _opened(self, conn: C, admit: Admit | None) -> None:
+        """Admission's identity, the welcome frame, the worker tier's open event, ``on_open``; a
+        connection that cannot go on is closed (1013 identity not applied, 1011 ``on_open`` raised)."""
+        if admit is not None and not await self._admit(conn, admit):
+            return
+        if self.welcome:
+            welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
+            if conn.push(welcome):
+                self.metrics.count_frames(1, len(welcome))
+        if self.events is not None:
+            self.events.opened(conn)
+            conn.forwarded = True
+        if not await self.call_app("on_open", conn):
+            conn.start_close(CloseCode.INTERNAL_ERROR, "application error")
+
+    async def _admit(self, conn: C, admit: Admit) -> bool:
+        """Apply the identity ``on_connect`` gave: session, flag, groups (subscriptions confirmed)."""
+        hub, table = self.hub, self.hub.table
+        if admit.session is not None:
+            table.sessions[conn.client_id] = dict(admit.session)
+        try:
+            if admit.flag is not None:
+                await hub.apply_change(table.bind(conn.client_id, admit.flag))
+            if admit.groups:
+                await hub.apply_change(table.join(conn.client_id, tuple(admit.groups)))
+        except FanoutError as exc:
+            log.warning("client %s: admission identity not applied: %s", conn.client_id, exc)
+            conn.start_close(CloseCode.TRY_AGAIN_LATER, "try again later")
+            return False
+        return True
+
+    async def _message(self, conn: C, data: str | bytes) -> None:
+        forwarder = self._forwarder
+        if forwarder is not None:
+            if not forwarder.has_room(conn):
+                if forwarder.policy == "close":
+                    self.metrics.events_policy_closes += 1
+                    conn.start_close(CloseCode.TRY_AGAIN_LATER, "try again later")
+                    return
+                await forwarder.wait_room(conn)  # pause: meanwhile its lane fills and reading stops
+            forwarder.message(conn, data)
+        if self._on_message is not None:
+            await self.call_app("on_message", conn, data)
+
+    async def _closed(self, conn: C) -> None:
+        self.hub.forget(conn)
+        self.metrics.connections_closed += 1
+        if conn.forwarded and self.events is not None:
+            self.events.closed(conn, conn.close_code, conn.close_reason)
+        await self.call_app("on_close", conn)
+
+    async def call_app(self, hook: str, *args: Any) -> bool:
+        """Run an application hook; False if it raised (logged and counted: an app bug must not take
+        the node down)."""
+        method = getattr(self.app, hook, None)
+        if method is None:
+            return True
+        try:
+            await call_hook(method, *args)
+        except Exception:
+            self.metrics.app_errors += 1
+            log.exception("application hook %s failed", hook)
+            return False
+        return True
