@@ -76,7 +76,8 @@ def read_records(directory: Path) -> list[dict[str, Any]]:
     """Every record of every worker process, in handling order (by time)."""
     records = []
     for path in directory.glob("*.jsonl"):
-        for line in path.read_bytes().splitlines():
+        # a worker may be writing its next line right now: only whole lines (ending in a newline) count
+        for line in path.read_bytes().split(b"\n")[:-1]:
             if line.strip():
                 records.append(orjson.loads(line))
     return sorted(records, key=lambda r: r["t"])
