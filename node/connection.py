@@ -15,20 +15,16 @@ buffer (written, not yet taken by the client) is the connection's send buffer; o
 makes the node owe it more than that in automatic replies (pongs to a ping flood) without reading is cut
 off the same way.
 
-It feeds what it reads to its :class:`~node.wire.Wire` (the websocket protocol, sans I/O) and acts on
-what comes out: the wire's replies (pongs, close frames) are written after what is pending; messages go
-to the connection's *lane*, a task that exists only while there is something to do (the opening, then
-messages in order, then the close) and runs the application's hooks one at a time. While more than
-``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
-A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
-its close frame, half-closes the socket and discards what the client still sends until its EOF (or
-``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages
-received before the error are handled first, as aiohttp does: while they wait in the lane (or one is
-being handled) the wire is FAILING - nothing more is read, but what the application sends still goes
-out - and the lane fails it once it has handled them.
-
-Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
-or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
+It feeds what it reads to its :class:`~node.wire.Wire` (the websocket protocol, sans I/O), writes the
+wire's replies (pongs, close frames) after what is pending, and queues messages to its *lane*, a task
+that exists only while there is something to do (the opening, messages in order, the close) and runs
+the application's hooks one at a time; over ``INBOX_HIGH`` waiting, reading stops (TCP slows the
+client). A protocol error fails the connection with its close code (1002, 1007, 1009): the close frame,
+a half-close, and what the client still sends discarded until its EOF (or ``CLOSE_TIMEOUT``), so that
+the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages received before the error are
+handled first, as aiohttp does: meanwhile the wire is FAILING (nothing more is read; what the
+application sends still goes out), and the lane fails it once it has handled them. Closing: the
+node's close frame, then the socket closed at the client's reply (or after ``CLOSE_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from fanout.admission import Admit, ConnectRequest
 from fanout.serverutil import encode_payload, names
 
-from .frames import CloseCode, encode_frame
+from .frames import CloseCode, Frame, encode_frame
 from .limits import TokenBucket
 from .wire import Signal, State, Wire
 
@@ -84,6 +80,7 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_transport",
         "client_id",
+        "deflate",
         "event_seq",
         "forwarded",
         "node",
@@ -97,7 +94,12 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(
-        self, node: Node, transport: asyncio.Transport, client_id: str, request: ConnectRequest
+        self,
+        node: Node,
+        transport: asyncio.Transport,
+        client_id: str,
+        request: ConnectRequest,
+        deflate: int = 0,
     ) -> None:
         self.node = node
         self.client_id = client_id
@@ -124,7 +126,9 @@ class Connection(asyncio.Protocol):
         rate = node.options.client_rate
         bucket = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
         #: its websocket protocol: frames, fragments, the closing handshake, its state
-        self.wire = Wire(node.options.max_frame, bucket)
+        self.wire = Wire(node.options.max_frame, bucket, deflate > 0)
+        #: permessage-deflate: the window bits its compressed messages may use (0: not negotiated)
+        self.deflate = deflate
         #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
         self.ping_sent = 0.0
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
@@ -194,10 +198,13 @@ class Connection(asyncio.Protocol):
 
     # -- output ---------------------------------------------------------------------------------
 
-    def push(self, frame: bytes) -> bool:
-        """Queue one encoded frame; False if the connection is closing or was cut off as too slow."""
+    def push(self, frame: Frame) -> bool:
+        """Queue one encoded frame (compressed if the client negotiated permessage-deflate); False if the
+        connection is closing or was cut off as too slow."""
         if not self.open:
             return False
+        if self.deflate:
+            frame = frame.deflated(self.deflate)
         if self._transport.get_write_buffer_size() > self.send_limit:
             self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
@@ -218,8 +225,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def _write(self, data: bytes) -> None:
-        """Write ``data`` (control frames: pongs, pings, close frames) after what is pending - so that a
-        frame sent before a close is never lost."""
+        """Write control frames (pongs, pings, close) after what is pending: none is lost to a close."""
         self.flush()
         self._transport.write(data)
 
@@ -288,15 +294,11 @@ class Connection(asyncio.Protocol):
     def _closing(self) -> None:
         """The node's close frame is sent: leave the table, read the client's reply even if reading was
         paused (what else it sends is ignored), drop the socket if no reply comes in CLOSE_TIMEOUT."""
-        self._leave()
+        self.open = False
+        self.node.forget(self)
         self._resume_reading()
         if self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
-
-    def _leave(self) -> None:
-        """No longer open: out of the table (its groups and flag), no more frames to it."""
-        self.open = False
-        self.node.forget(self)
 
     async def wait_closed(self) -> None:
         """Until the socket is closed."""
@@ -340,7 +342,8 @@ class Connection(asyncio.Protocol):
             elif event == Signal.PONG:
                 self.ping_sent = 0.0
             elif event == Signal.CLOSE:  # the client's close frame (echoed when it was not a reply)
-                self._leave()
+                self.open = False
+                self.node.forget(self)
                 self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
             elif event == Signal.FAILED:
                 self._failed()

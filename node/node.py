@@ -133,6 +133,7 @@ class NodeOptions:
     # -- application
     app: str = ""  #: "module:attr"; the demo chat when empty
     welcome: bool = True  #: send {"type":"welcome","client_id":...} on connect
+    compression: bool = True  #: accept permessage-deflate offers (node/deflate.py)
     # -- admission
     allowed_origins: frozenset[str] | None = None  #: browser origins accepted; None = any
     accept_rate: float = 500.0  #: new connections per second (bursts of as many); 0 = no limit
@@ -173,6 +174,7 @@ class NodeOptions:
             port=port,
             app=env.get("FANOUT_APP", ""),
             welcome=env_flag(env, "FANOUT_WELCOME", True),
+            compression=env_flag(env, "FANOUT_COMPRESSION", True),
             allowed_origins=_origins(env.get("FANOUT_ALLOWED_ORIGINS") or "*"),
             accept_rate=env_number(env, "FANOUT_ACCEPT_RATE", 500.0, float),
             handshake_timeout=env_number(env, "FANOUT_HANDSHAKE_TIMEOUT", 10.0, float, positive=True),
@@ -396,11 +398,17 @@ class Node:
     # ------------------------------------------------------------------ websocket side
 
     def opened(
-        self, transport: asyncio.Transport, request: ConnectRequest, admit: Admit | None, early: bytes
+        self,
+        transport: asyncio.Transport,
+        request: ConnectRequest,
+        admit: Admit | None,
+        early: bytes,
+        deflate: int = 0,
     ) -> None:
         """A handshake's 101 is written: the socket is a :class:`Connection` from now on. ``early`` is
-        what the client sent after its request (its first frames)."""
-        conn = Connection(self, transport, self._client_ids.next(), request)
+        what the client sent after its request (its first frames); ``deflate`` the window bits of its
+        permessage-deflate (0: none)."""
+        conn = Connection(self, transport, self._client_ids.next(), request, deflate)
         transport.set_protocol(conn)
         self.table.add(conn.client_id, conn)
         self.live.add(conn)

@@ -5,7 +5,9 @@ received to :meth:`Wire.receive_data`, then takes :meth:`Wire.data_to_send` (pon
 write after the frames it holds) and :meth:`Wire.events_received`: the client's messages (``str`` for
 text, ``bytes`` for binary) and :class:`Signal` members, in the order the frames came. Frames are read
 with :func:`~node.frames.read_frames`; a fragmented message is put back together (:class:`Fragments`,
-bounded in bytes and frames), a text message is checked for UTF-8, pings are answered, a client's close
+bounded in bytes and frames), a compressed one (permessage-deflate, when negotiated) inflated with a
+fresh decompressor and at most ``max_size`` bytes (a deflate bomb fails with 1009), a text message is
+checked for UTF-8, pings are answered, a client's close
 frame is echoed. Every frame but a close counts against the client's rate (a :class:`TokenBucket`, the
 clock passed in): over it, the wire starts the close with 1008.
 
@@ -17,9 +19,12 @@ Imports no asyncio: tests/test_wire.py drives it with bytes.
 
 from __future__ import annotations
 
+import zlib
 from enum import IntEnum
 
+from .deflate import inflate
 from .frames import (
+    COMPRESSED,
     CloseCode,
     Fragments,
     Opcode,
@@ -59,6 +64,7 @@ Event = str | bytes | Signal
 _OPEN, _CLOSING, _FAILING = int(State.OPEN), int(State.CLOSING), int(State.FAILING)
 _CONT, _TEXT, _CLOSE = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.CLOSE)
 _PING, _PONG = int(Opcode.PING), int(Opcode.PONG)
+_OPCODE, _COMPRESSED_TEXT = 0x0F, _TEXT | COMPRESSED
 _NO_FAILURE = (int(CloseCode.ABNORMAL_CLOSURE), "")  # one tuple for every wire, not one each
 _NO_EVENTS: list[Event] = []  # never appended to: events_received's answer when there was none
 
@@ -74,14 +80,17 @@ class Wire:
         "_output",
         "close_code",
         "close_reason",
+        "deflate",
         "failure",
         "max_size",
         "rate",
         "state",
     )
 
-    def __init__(self, max_size: int, rate: TokenBucket | None = None) -> None:
+    def __init__(self, max_size: int, rate: TokenBucket | None = None, deflate: bool = False) -> None:
         self.state = State.OPEN
+        #: whether permessage-deflate was negotiated: a message's first frame may then have RSV1 set
+        self.deflate = deflate
         #: biggest message (and frame) the client may send, bytes; bigger ones fail with 1009
         self.max_size = max_size
         #: the client's frame rate, or None for no limit
@@ -157,7 +166,7 @@ class Wire:
                 return
             data = bytes(buffer)
             self._buffer = None
-        frames, used, self._need, error = read_frames(data, self.max_size)
+        frames, used, self._need, error = read_frames(data, self.max_size, self.deflate)
         if used < len(data):
             self._buffer = bytearray(data[used:])
         rate = self.rate
@@ -177,8 +186,10 @@ class Wire:
                 self._data_frame(opcode, fin, payload)
             elif opcode == _PING:
                 self._send(encode_control(_PONG, payload))
-            else:
+            elif opcode == _PONG:
                 self._event(Signal.PONG)
+            else:  # the first frame of a compressed message: opcode | COMPRESSED
+                self._data_frame(opcode, fin, payload)
         if error is not None and self.state < _FAILING:
             self._protocol_error(error.code, error.reason)
 
@@ -195,16 +206,30 @@ class Wire:
             if not fin:
                 return
             self._fragments = None
-            text = fragments.text
+            text, compressed = fragments.text, fragments.compressed
             payload = fragments.message()
         elif fragments is not None:
             self._protocol_error(CloseCode.PROTOCOL_ERROR, "a new message before the fragmented one ended")
             return
         elif not fin:
-            self._fragments = Fragments(payload, opcode == _TEXT)
+            self._fragments = Fragments(payload, opcode & _OPCODE == _TEXT, opcode > _CLOSE)
             return
         else:
             text = opcode == _TEXT
+            compressed = opcode > _CLOSE
+            if compressed:
+                text = opcode == _COMPRESSED_TEXT
+        if compressed:
+            try:
+                inflated = inflate(payload, self.max_size)
+            except zlib.error:
+                self._protocol_error(CloseCode.INVALID_DATA, "invalid compressed data")
+                return
+            if inflated is None:
+                too_big = f"message exceeds the limit of {self.max_size} bytes once inflated"
+                self._protocol_error(CloseCode.MESSAGE_TOO_BIG, too_big)
+                return
+            payload = inflated
         if text:
             try:
                 self._event(payload.decode())
