@@ -387,6 +387,18 @@ def test_wire_10_a_message_in_fragments_of_every_size() -> None:
         assert feed(data, chunk=8192).events == [whole]
 
 
+@pytest.mark.parametrize("step", [64, 256])
+def test_wire_9_a_big_message_in_small_fragments_is_read(step: int) -> None:
+    # as Autobahn 9.3.1-9.4.2 (4 MiB in 64-byte frames: 65,536 of them); here 1 MiB, 16,384 frames: more
+    # than MAX_FRAGMENTS, but each holds 64 bytes or more
+    message = _payload(1 << 20)
+    data = b"".join(
+        client_frame(WS_BINARY if i == 0 else WS_CONT, message[i : i + step], fin=i + step >= len(message))
+        for i in range(0, len(message), step)
+    )
+    assert feed(data, max_size=1 << 20, chunk=65536).events == [message]
+
+
 def test_wire_the_fragment_flood_and_the_rate_limit() -> None:
     assert feed(EMPTY_CONTINUATIONS).failed_with() == 1009
     assert "4096 frames" in feed(EMPTY_CONTINUATIONS).wire.failure[1]
