@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import orjson  # noqa: E402
+
 from fanout import ServerUtil  # noqa: E402
+from node.frames import encode_frame  # noqa: E402
 from tests.support.nodes import client, metrics, start_node, unique_namespace  # noqa: E402
 from tests.support.redis_servers import start_cluster  # noqa: E402
 
@@ -121,8 +124,16 @@ async def bench_delivery(
     rate: float,
     loop: str,
     write_delay: float,
+    compression: bool,
+    json: bool,
 ) -> None:
-    env = _node_env(url, mode, FANOUT_EVENT_LOOP=loop, FANOUT_WRITE_DELAY=str(write_delay))
+    env = _node_env(
+        url,
+        mode,
+        FANOUT_EVENT_LOOP=loop,
+        FANOUT_WRITE_DELAY=str(write_delay),
+        FANOUT_COMPRESSION="1" if compression else "0",
+    )
     namespace = env["FANOUT_NAMESPACE"]
     with tempfile.TemporaryDirectory() as tmp:
         procs = [start_node(Path(tmp), {**env, "FANOUT_NODE_ID": f"bench{i}"}) for i in range(nodes)]
@@ -142,7 +153,7 @@ async def bench_delivery(
                         latencies.append(time.monotonic() - float(frame[:20]))
 
                 readers = [asyncio.create_task(reader(ws)) for ws, _ in conns]
-                pad = "x" * max(0, size - 21)
+                pad = json_document(size - 21) if json else "x" * max(0, size - 21)
                 cpu_before = sum(cpu_seconds(p.pid) for p in procs)
                 start = time.perf_counter()
                 for i in range(messages):
@@ -170,13 +181,34 @@ async def bench_delivery(
         f"delivery {url.split('://')[0]} {mode} ({loop} loop, write delay {write_delay * 1000:g} ms): "
         f"{nodes} nodes, {clients} clients, "
         f"{messages} x {size} B "
-        f"group sends{f' at {rate:g}/s' if rate else ''}: {delivered:,} frames in {elapsed:.2f}s = "
+        f"{'JSON ' if json else ''}group sends{f' at {rate:g}/s' if rate else ''}, "
+        f"compression {'on' if compression else 'off'} ({_frame_sizes(size, json, compression)}): "
+        f"{delivered:,} frames in {elapsed:.2f}s = "
         f"{delivered / elapsed:,.0f} frames/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
         f"node CPU {node_cpu / delivered * 1e6:.2f} us per frame; "
         f"node memory {(rss_full - rss_empty) / clients:.1f} KiB per connection; "
         f"coalescing: {frames / max(writes, 1):.1f} frames per write, "
         f"{commands / max(batches, 1):.1f} bus commands per batch"
     )
+
+
+def json_document(size: int) -> str:
+    """A JSON document of ``size`` characters: chat messages, as a push carries them."""
+    items: list[dict[str, object]] = []
+    while len(orjson.dumps(items)) < size - 80:
+        n = len(items)
+        items.append({"id": 1000 + n, "user": f"user{n * 7 % 13}", "text": f"message {n} in the room"})
+    text = orjson.dumps(items).decode()
+    return text[:-2] + ',"pad":"' + "y" * max(0, size - len(text) - 9) + '"}]'
+
+
+def _frame_sizes(size: int, json: bool, compression: bool) -> str:
+    """Bytes of one frame on the wire, as the node sends it (plain, or its permessage-deflate variant)."""
+    payload = (
+        f"{time.monotonic():<20.6f} " + (json_document(size - 21) if json else "x" * (size - 21))
+    ).encode()
+    frame = encode_frame(payload)
+    return f"{len(frame)} B frames" + (f", {len(frame.deflated(15))} B deflated" if compression else "")
 
 
 async def bench_bulk(
@@ -292,6 +324,8 @@ def main() -> None:
     b.add_argument("--size", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3)
     d.add_argument("--write-delay", type=float, default=0.0, help="the nodes' FANOUT_WRITE_DELAY, seconds")
+    d.add_argument("--compression", type=int, choices=[0, 1], default=1, help="the nodes' FANOUT_COMPRESSION")
+    d.add_argument("--json", action="store_true", help="payloads: JSON chat messages instead of x's")
     m = sub.add_parser("memory")
     m.add_argument("--url", default="redis://127.0.0.1:6379/0")
     m.add_argument("--connections", type=int, default=10_000)
@@ -344,6 +378,8 @@ def run(args: argparse.Namespace) -> None:
                 args.rate,
                 args.loop,
                 args.write_delay,
+                bool(args.compression),
+                args.json,
             )
         )
 

@@ -15,19 +15,16 @@ buffer (written, not yet taken by the client) is the connection's send buffer; o
 makes the node owe it more than that in automatic replies (pongs to a ping flood) without reading is cut
 off the same way.
 
-It reads its input (:func:`~node.frames.read_frames`): control frames are answered at once; messages go
-to the connection's *lane*, a task that exists only while there is something to do (the opening, then
-messages in order, then the close) and runs the application's hooks one at a time. While more than
-``INBOX_HIGH`` messages wait in the lane, the connection stops reading (TCP slows the client down).
-A protocol error fails the connection with the RFC 6455 close code (1002, 1007, 1009): the node sends
-its close frame, half-closes the socket and discards what the client still sends until its EOF (or
-``CLOSE_TIMEOUT``), so that the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages
-received before the error are handled first, as aiohttp does: while they wait in the lane (or one is
-being handled) the connection is FAILING - nothing more is read, but what the application sends still
-goes out - and the lane fails it once it has handled them.
-
-Closing: the node sends its close frame, and closes the socket when the client's close frame comes back
-or after ``CLOSE_TIMEOUT`` seconds; a client's close frame is echoed and the socket closed.
+It feeds what it reads to its :class:`~node.wire.Wire` (the websocket protocol, sans I/O), writes the
+wire's replies (pongs, close frames) after what is pending, and queues messages to its *lane*, a task
+that exists only while there is something to do (the opening, messages in order, the close) and runs
+the application's hooks one at a time; over ``INBOX_HIGH`` waiting, reading stops (TCP slows the
+client). A protocol error fails the connection with its close code (1002, 1007, 1009): the close frame,
+a half-close, and what the client still sends discarded until its EOF (or ``CLOSE_TIMEOUT``), so that
+the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages received before the error are
+handled first, as aiohttp does: meanwhile the wire is FAILING (nothing more is read; what the
+application sends still goes out), and the lane fails it once it has handled them. Closing: the
+node's close frame, then the socket closed at the client's reply (or after ``CLOSE_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -43,19 +40,10 @@ from typing import TYPE_CHECKING, Any
 from fanout.admission import Admit, ConnectRequest
 from fanout.serverutil import encode_payload, names
 
-from .frames import (
-    CloseCode,
-    Fragments,
-    Opcode,
-    WebsocketError,
-    encode_close,
-    encode_control,
-    encode_frame,
-    parse_close,
-    read_frames,
-)
+from .frames import CloseCode, Frame, encode_frame
 from .lanes import INBOX_HIGH, INBOX_LOW
 from .limits import TokenBucket
+from .wire import Signal, State, Wire
 
 if TYPE_CHECKING:
     from .surfaces import AppNode, ConnectionHub, ConnectionLanes, Flushable
@@ -70,43 +58,27 @@ CLOSE_TIMEOUT = 10.0
 PENDING_FLUSH = 64 * 1024
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-#: close code and reason for a client over FANOUT_CLIENT_RATE (policy violation)
-RATE_LIMIT_CLOSE = (CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-
-# websocket states (an int each: the per-frame path compares plain attributes); FAILING: the client
-# broke the protocol and nothing more is read, but the messages received before are still being handled
-# (the lane then fails it); FAILED: the node sent its close frame after a failure and half-closed, and
-# discards what arrives until the client's EOF
-OPEN, CLOSING, FAILING, FAILED, CLOSED = 1, 2, 3, 4, 5
-
-# the opcodes the per-frame path compares, as plain ints (see node.frames)
-_CONT, _TEXT, _CLOSE = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.CLOSE)
-_PING, _PONG = int(Opcode.PING), int(Opcode.PONG)
 
 
 class Connection(asyncio.Protocol):
     """A websocket client of this node: what application hooks receive (and its socket's protocol)."""
 
     __slots__ = (
-        "_buffer",
         "_close_timer",
         "_closed",
-        "_failure",
         "_flush_at",
-        "_fragments",
+        "_gone",
         "_inbox",
         "_lane",
         "_last_flag",
         "_last_groups",
         "_last_session",
-        "_need",
         "_pending",
         "_pending_bytes",
         "_reading_paused",
         "_transport",
         "client_id",
-        "close_code",
-        "close_reason",
+        "deflate",
         "event_seq",
         "forwarded",
         "hub",
@@ -115,11 +87,10 @@ class Connection(asyncio.Protocol):
         "open",
         "opened_at",
         "ping_sent",
-        "rate",
         "request",
         "send_limit",
         "session_version",
-        "state",
+        "wire",
     )
 
     def __init__(
@@ -130,6 +101,7 @@ class Connection(asyncio.Protocol):
         transport: asyncio.Transport,
         client_id: str,
         request: ConnectRequest,
+        deflate: int = 0,
     ) -> None:
         #: the node, as the application sees it (``conn.node.util``: cluster-wide sends and queries)
         self.node = node
@@ -140,8 +112,6 @@ class Connection(asyncio.Protocol):
         self.request = request
         #: False from the moment the connection starts closing (or is cut off, or the client leaves)
         self.open = True
-        #: OPEN, CLOSING (close frame sent, waiting for the client's) or CLOSED (socket gone)
-        self.state = OPEN
         #: time.monotonic() when it was accepted (close_guests closes guests older than some age)
         self.opened_at = time.monotonic()
         self.send_limit = node.options.send_buffer
@@ -159,24 +129,30 @@ class Connection(asyncio.Protocol):
         #: session changes applied from the bus (ServerUtil's set/update_session), for the worker tier
         self.session_version = 0
         rate = node.options.client_rate
-        self.rate = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
-        #: the close code and reason the client sent (1006 and "" when it sent none: the link was lost)
-        self.close_code: int = CloseCode.ABNORMAL_CLOSURE
-        self.close_reason = ""
+        bucket = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
+        #: its websocket protocol: frames, fragments, the closing handshake, its state
+        self.wire = Wire(node.options.max_frame, bucket, deflate > 0)
+        #: permessage-deflate: the window bits its compressed messages may use (0: not negotiated)
+        self.deflate = deflate
         #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
         self.ping_sent = 0.0
-        # input: the start of a frame not complete yet and its size when known; a fragmented message
-        self._buffer: bytearray | None = None
-        self._need = 0
-        self._fragments: Fragments | None = None
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
         self._inbox: deque[str | bytes] | None = None
         self._lane: asyncio.Task[None] | None = None
         self._reading_paused = False
         self._closed: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        #: while FAILING: the close code and reason the connection fails with once the lane is done
-        self._failure: tuple[int, str] | None = None
+        self._gone = False  #: the socket is closed
+
+    @property
+    def close_code(self) -> int:
+        """The close code the client sent (1006 when it sent none: the link was lost)."""
+        return self.wire.close_code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason the client sent ("" when none)."""
+        return self.wire.close_reason
 
     # -- state the table owns, seen from here ------------------------------------------------
 
@@ -227,12 +203,15 @@ class Connection(asyncio.Protocol):
 
     # -- output ---------------------------------------------------------------------------------
 
-    def push(self, frame: bytes, batch: list[Flushable] | None = None) -> bool:
-        """Write one encoded frame, or, with the hub's ``batch`` (the connections holding frames of the
-        batch being applied), hold it until the hub's ``flush`` (joining ``batch`` with the first frame
-        it holds); False if the connection is closing or was cut off as too slow."""
+    def push(self, frame: Frame, batch: list[Flushable] | None = None) -> bool:
+        """Write one encoded frame (compressed if the client negotiated permessage-deflate), or, with the
+        hub's ``batch`` (the connections holding frames of the batch being applied), hold it until the
+        hub's ``flush`` (joining ``batch`` with the first frame it holds); False if the connection is
+        closing or was cut off as too slow."""
         if not self.open:
             return False
+        if self.deflate:
+            frame = frame.deflated(self.deflate)
         if self._transport.get_write_buffer_size() > self.send_limit:
             self.cut_off(f"send buffer over {self.send_limit} bytes")
             return False
@@ -251,6 +230,11 @@ class Connection(asyncio.Protocol):
         else:
             self._transport.write(frame)
         return True
+
+    def _write(self, data: bytes) -> None:
+        """Write control frames (pongs, pings, close) after what is pending: none is lost to a close."""
+        self.flush()
+        self._transport.write(data)
 
     def flush(self) -> None:
         """Write what is pending (frames held during a batch or the write delay) in one write."""
@@ -275,7 +259,7 @@ class Connection(asyncio.Protocol):
         self.open = False
         self._pending = None
         self._pending_bytes = 0
-        self._failure = None
+        self.wire.discard()
         self.hub.forget(self)
         # Linger 0 makes the kernel discard its own send buffer and reset at once, instead of trickling
         # the backlog to a client that does not read (zero-window probing can take minutes).
@@ -302,33 +286,30 @@ class Connection(asyncio.Protocol):
         await self.wait_closed()
 
     def start_close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
-        """Begin closing: flush what is pending, send the close frame; the client's reply (or
+        """Begin closing: send the close frame after what is pending; the client's reply (or
         CLOSE_TIMEOUT) ends it."""
         if not self.open:
             return
-        if self.state == FAILING:  # the client broke the protocol: its input is not read any more
+        wire = self.wire
+        if wire.state == State.FAILING:  # the client broke the protocol: its input is not read any more
             self._fail_now(code, reason)
             return
-        self.flush()
-        if self._reading_paused:  # its close reply must get through (what else it sends is ignored)
-            self._reading_paused = False
-            self._transport.resume_reading()
-        if self._begin_close(encode_close(code, reason)):
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
+        if wire.send_close(code, reason):
+            self._write(wire.data_to_send())
+        self._closing()
 
-    def _begin_close(self, frame: bytes) -> bool:
-        """Leave the table, and send ``frame`` (a close frame) unless one was sent; True if it was sent."""
+    def _closing(self) -> None:
+        """The node's close frame is sent: leave the table, read the client's reply even if reading was
+        paused (what else it sends is ignored), drop the socket if no reply comes in CLOSE_TIMEOUT."""
         self.open = False
         self.hub.forget(self)
-        if self.state != OPEN and self.state != FAILING:
-            return False
-        self.state = CLOSING
-        self._transport.write(frame)
-        return True
+        self._resume_reading()
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._transport.abort)
 
     async def wait_closed(self) -> None:
         """Until the socket is closed."""
-        if self.state == CLOSED:
+        if self._gone:
             return
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
@@ -353,76 +334,29 @@ class Connection(asyncio.Protocol):
     # -- input: the socket's protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.state >= FAILING:
-            return  # failed: what it sends is discarded until its EOF; or the socket is gone
-        buffer = self._buffer
-        if buffer is not None:  # the rest of a frame: wait until all of it is here
-            buffer += data
-            if len(buffer) < self._need:
-                return
-            data = bytes(buffer)
-            self._buffer = None
-        frames, used, self._need, error = read_frames(data, self.node.options.max_frame)
-        if used < len(data):
-            self._buffer = bytearray(data[used:])
-        transport = self._transport
-        rate = self.rate
-        now = asyncio.get_running_loop().time() if rate is not None else 0.0
-        for opcode, fin, payload in frames:
-            if self.state >= FAILING or transport.is_closing():
-                return  # failed, or closed (a close answered, a cut-off): nothing after it counts
-            if opcode == _CLOSE:
-                self._close_frame(payload)
-            elif self.state != OPEN:
-                continue  # the node is closing: only the client's close reply matters now
-            elif rate is not None and not rate.take(now):  # every frame counts, but its close
-                self.hub.metrics.rate_limit_closes += 1
-                self.start_close(*RATE_LIMIT_CLOSE)
-            elif opcode < _CLOSE:
-                self._data_frame(opcode, fin, payload)
-            elif opcode == _PING:
-                transport.write(encode_control(_PONG, payload))
-                if transport.get_write_buffer_size() > self.send_limit:
-                    # what it owes (pongs to its pings) piles up because it does not read: cut it off
-                    self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
-            else:  # a pong: the keepalive ping is answered
+        wire = self.wire
+        wire.receive_data(data, asyncio.get_running_loop().time() if wire.rate is not None else 0.0)
+        output = wire.data_to_send()
+        if output:
+            self._write(output)
+            if wire.state == State.OPEN and self._transport.get_write_buffer_size() > self.send_limit:
+                # what it owes (pongs to its pings) piles up because it does not read: cut it off
+                self.cut_off("owes too many automatic replies (ping flood?)", ping_flood=True)
+        for event in wire.events_received():
+            if not isinstance(event, Signal):
+                if self.open:
+                    self.lanes.received(self, event)
+            elif event == Signal.PONG:
                 self.ping_sent = 0.0
-        if error is not None and self.state < FAILING and not transport.is_closing():
-            self._fail(error.code, error.reason)
-
-    def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        fragments = self._fragments
-        if opcode == _CONT:
-            if fragments is None:
-                self._fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
-                return
-            error = fragments.add(payload, self.node.options.max_frame)
-            if error is not None:
-                self._fail(error.code, error.reason)
-                return
-            if not fin:
-                return
-            self._fragments = None
-            text = fragments.text
-            payload = fragments.message()
-        elif fragments is not None:
-            self._fail(CloseCode.PROTOCOL_ERROR, "a new message before the end of the fragmented one")
-            return
-        elif not fin:
-            self._fragments = Fragments(payload, opcode == _TEXT)
-            return
-        else:
-            text = opcode == _TEXT
-        if text:
-            try:
-                message: str | bytes = payload.decode()
-            except UnicodeDecodeError:
-                self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
-                return
-        else:
-            message = payload
-        if self.open:
-            self.lanes.received(self, message)
+            elif event == Signal.CLOSE:  # the client's close frame (echoed when it was not a reply)
+                self.open = False
+                self.hub.forget(self)
+                self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
+            elif event == Signal.FAILED:
+                self._failed()
+            elif self.open:  # RATE_LIMITED: the wire queued its close frame (written above)
+                self.hub.metrics.rate_limit_closes += 1
+                self._closing()
 
     def begin(self, admit: Admit | None) -> None:
         """Start the lane with the opening (``admit``: what ``on_connect`` returned)."""
@@ -434,7 +368,7 @@ class Connection(asyncio.Protocol):
         if inbox is None:
             inbox = self._inbox = deque()
         inbox.append(message)
-        if len(inbox) >= INBOX_HIGH and not self._reading_paused and self.state == OPEN:
+        if len(inbox) >= INBOX_HIGH and not self._reading_paused and self.wire.state == State.OPEN:
             self._reading_paused = True
             self._transport.pause_reading()
         if self._lane is None:
@@ -447,42 +381,28 @@ class Connection(asyncio.Protocol):
         if not inbox:
             return None
         message = inbox.popleft()
-        if self._reading_paused and len(inbox) <= INBOX_LOW and self.state == OPEN:
-            self._reading_paused = False
-            self._transport.resume_reading()
+        if len(inbox) <= INBOX_LOW and self.wire.state == State.OPEN:
+            self._resume_reading()
         return message
 
     def lane_done(self) -> bool:
         """Called by the lane when it has nothing left: True if the connection is gone (the lane then
         runs the close), else the lane ends and the next message starts another."""
-        if self.state == CLOSED:
+        if self._gone:
             return True
         self._lane = None
-        if self._failure is not None:  # FAILING: the messages received before the error are handled
-            self._fail_now(*self._failure)
+        if self.wire.state == State.FAILING:  # the messages received before the error are handled: fail now
+            self._fail_now(*self.wire.failure)
         return False
 
-    def _close_frame(self, payload: bytes) -> None:
-        try:
-            self.close_code, self.close_reason = parse_close(payload)
-        except WebsocketError as error:
-            self._fail(error.code, error.reason)
-            return
-        if self.state == OPEN:  # the client closes: echo its close frame after what is pending
-            self.flush()
-            self._begin_close(encode_control(_CLOSE, payload))
-        self._transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
-
-    def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol (or the keepalive): fail the connection with ``code`` - once
-        the lane has handled the messages received before (FAILING until then), else now."""
+    def _failed(self) -> None:
+        """The wire failed (a protocol error, or the keepalive): close with its code - once the lane has
+        handled the messages received before (FAILING until then: nothing more is read, but what the
+        application sends still goes out), else now."""
+        code, reason = self.wire.failure
         log.info("client %s: %s, closing with %d", self.client_id, reason, code)
-        self._buffer = None
-        self._fragments = None
-        if self.state == OPEN and self._lane is not None:
-            self.state = FAILING
-            self._failure = (code, reason)
-            return
+        if self.wire.state == State.FAILING and self._lane is not None:
+            return  # lane_done fails it
         self._fail_now(code, reason)
 
     def _fail_now(self, code: int, reason: str) -> None:
@@ -490,38 +410,40 @@ class Connection(asyncio.Protocol):
         until its EOF (or CLOSE_TIMEOUT), then close (RFC 6455 7.1.1). Closing at once with its bytes
         unread would make the kernel reset the connection, and a client that is still writing would
         often lose the close frame, and with it the reason."""
-        self._failure = None
+        wire, transport = self.wire, self._transport
         self.flush()
-        transport = self._transport
-        if self._begin_close(encode_close(code, reason)) and self._close_timer is None:
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
-        self.state = FAILED
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        if wire.send_close(code, reason):
+            self._write(wire.data_to_send())
+        self._closing()
         if transport.can_write_eof():
             transport.write_eof()  # once the close frame is written; the client's EOF then closes it
         else:
             transport.close()
 
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
     def keepalive(self, now: float, ping: bytes, expect_pong: bool) -> None:
         """Send the keepalive ping, unless one is still unanswered."""
-        if self.state == OPEN and not self.ping_sent:
-            self._transport.write(ping)
+        if self.wire.state == State.OPEN and not self.ping_sent:
+            self._write(ping)
             if expect_pong:
                 self.ping_sent = now
 
     def pong_overdue(self, sent_by: float) -> None:
         """Fail the connection if the ping sent at or before ``sent_by`` is still unanswered."""
-        if self.ping_sent and self.ping_sent <= sent_by and self.state == OPEN:
-            self._fail(*KEEPALIVE_CLOSE)
+        if self.ping_sent and self.ping_sent <= sent_by and self.wire.state == State.OPEN:
+            self.wire.fail(*KEEPALIVE_CLOSE)
+            self._failed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = CLOSED
+        self._gone = True
         self.open = False
+        self.wire.discard()
         self._pending = None
         self._pending_bytes = 0
-        self._buffer = None
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None

@@ -1,9 +1,11 @@
 """Websocket frames (RFC 6455): server frames built once per command, client frames read. Pure: no I/O.
 
 The node writes these bytes straight to every targeted connection's transport, so a broadcast to
-10,000 connections encodes its payload once, not 10,000 times. That is only correct because the node
-serves without extensions (no permessage-deflate): a server frame is then fully determined by its
-opcode and payload (RFC 6455 section 5.2; server frames are never masked).
+10,000 connections encodes its payload once, not 10,000 times. That is only correct because a server
+frame is fully determined by its opcode and payload (RFC 6455 section 5.2; server frames are never
+masked) - and, with permessage-deflate, by the window it may use: the node negotiates it without
+context takeover (:mod:`node.deflate`), so a compressed frame depends on no connection either, and a
+:class:`Frame` keeps its compressed variants next to it, built once, for every connection that wants one.
 
 Opcodes and close codes are :class:`Opcode` and :class:`CloseCode` (IntEnums: their members are ints
 on the wire and in comparisons). The per-frame paths compare opcodes with module-level plain ints taken
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+
+from . import deflate
 
 try:
     from websockets.speedups import apply_mask
@@ -54,20 +58,45 @@ class CloseCode(IntEnum):
 
 _CONT, _TEXT, _BINARY = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.BINARY)
 _CLOSE, _PING, _PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
-_FIN = 0x80
+_FIN, _RSV1 = 0x80, 0x40
 
 
-def encode_frame(payload: bytes, binary: bool = False) -> bytes:
+class Frame(bytes):
+    """A server data frame (unfragmented, unmasked), built once per command and written as it is to every
+    connection it goes to - or, to a connection that negotiated permessage-deflate, its compressed
+    variant (:meth:`deflated`), built the first time one needs it and shared as well."""
+
+    def deflated(self, bits: int) -> Frame:
+        """This frame for a connection whose compressed messages may use a ``bits``-bit window: its
+        payload compressed and RSV1 set, or the frame itself when its payload is under
+        ``deflate.MIN_SIZE`` bytes or would not shrink."""
+        variants: dict[int, Frame] | None = self.__dict__.get("variants")
+        if variants is None:
+            variants = self.__dict__["variants"] = {}
+        elif bits in variants:
+            return variants[bits]
+        length = self[1]
+        head = 2 if length < 126 else 4 if length == 126 else 10
+        frame = self
+        if len(self) - head >= deflate.MIN_SIZE:
+            data = deflate.compress(self[head:], bits)
+            if len(data) < len(self) - head:
+                frame = Frame(_header(self[0] | _RSV1, len(data)) + data)
+        variants[bits] = frame
+        return frame
+
+
+def encode_frame(payload: bytes, binary: bool = False) -> Frame:
     """One unfragmented, unmasked data frame carrying ``payload``."""
-    first = _FIN | (_BINARY if binary else _TEXT)
-    length = len(payload)
+    return Frame(_header(_FIN | (_BINARY if binary else _TEXT), len(payload)) + payload)
+
+
+def _header(first: int, length: int) -> bytes:
     if length < 126:
-        header = bytes((first, length))
-    elif length < 65536:
-        header = struct.pack("!BBH", first, 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 127, length)
-    return header + payload
+        return bytes((first, length))
+    if length < 65536:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
 
 
 _DATA_OPCODES = (_CONT, _TEXT, _BINARY)
@@ -89,30 +118,36 @@ class WebsocketError(Exception):
         self.reason = reason
 
 
-#: most frames one fragmented message may have (as websockets' client and server); more fails the
-#: connection with 1009, like a message over the size limit
+#: most frames one fragmented message may have (as websockets' client and server), plus one for every
+#: ``FRAGMENT_BYTES`` bytes it holds: small fragments of a big message are fine (Autobahn 9.3.1 sends
+#: 4 MiB in 64-byte frames), a flood of empty ones is not; more fails the connection with 1009, like a
+#: message over the size limit
 MAX_FRAGMENTS = 4096
+FRAGMENT_BYTES = 64
 
 
 class Fragments:
     """A fragmented message being put back together: its size kept as it grows (no pass over the parts),
     bounded in bytes and in frames, so the work per frame is constant whatever the client sends."""
 
-    __slots__ = ("parts", "size", "text")
+    __slots__ = ("compressed", "parts", "size", "text")
 
-    def __init__(self, first: bytes, text: bool) -> None:
+    def __init__(self, first: bytes, text: bool, compressed: bool = False) -> None:
         self.parts = [first]
         self.size = len(first)
         self.text = text  #: whether the message is text (its first frame's opcode)
+        self.compressed = compressed  #: whether it is compressed (its first frame's RSV1)
 
     def add(self, payload: bytes, max_size: int) -> WebsocketError | None:
         """Add a continuation frame's payload; the error to fail the connection with when the message
-        is over ``max_size`` bytes or ``MAX_FRAGMENTS`` frames (1009), else None."""
+        is over ``max_size`` bytes or ``MAX_FRAGMENTS`` frames (plus one per ``FRAGMENT_BYTES`` bytes)
+        (1009), else None."""
         self.size += len(payload)
         if self.size > max_size:
             return WebsocketError(CloseCode.MESSAGE_TOO_BIG, f"message exceeds the limit of {max_size} bytes")
-        if len(self.parts) >= MAX_FRAGMENTS:
-            return WebsocketError(CloseCode.MESSAGE_TOO_BIG, f"message in more than {MAX_FRAGMENTS} frames")
+        most = MAX_FRAGMENTS + self.size // FRAGMENT_BYTES
+        if len(self.parts) >= most:
+            return WebsocketError(CloseCode.MESSAGE_TOO_BIG, f"message in more than {most} frames")
         self.parts.append(payload)
         return None
 
@@ -148,8 +183,13 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     return code, reason
 
 
+#: added to a frame's opcode by :func:`read_frames` when its RSV1 bit is set: the first frame of a
+#: message compressed with permessage-deflate
+COMPRESSED = _RSV1
+
+
 def read_frames(
-    data: bytes, max_size: int
+    data: bytes, max_size: int, compression: bool = False
 ) -> tuple[list[tuple[int, bool, bytes]], int, int, WebsocketError | None]:
     """The complete client frames at the start of ``data``: ``(frames, consumed, need, error)``.
 
@@ -158,7 +198,8 @@ def read_frames(
     caller waits for that many bytes before parsing again), else 0. A frame is refused as soon as its
     header shows it is invalid: unmasked, reserved bits set, an unknown opcode, a fragmented or oversized
     control frame (1002), or a payload over ``max_size`` (1009) - before its payload is read: ``error``
-    is then set, and ``frames`` holds the valid frames before it.
+    is then set, and ``frames`` holds the valid frames before it. With ``compression`` (permessage-deflate
+    was negotiated), RSV1 may be set on a message's first frame: its opcode is then ``| COMPRESSED``.
     """
     frames: list[tuple[int, bool, bytes]] = []
     pos, end = 0, len(data)
@@ -178,7 +219,8 @@ def read_frames(
             head += 8
         opcode = first & 0x0F
         fin = bool(first & _FIN)
-        if first & 0x70:
+        reserved = first & 0x70
+        if reserved and (reserved != _RSV1 or not compression or not _CONT < opcode < _CLOSE):
             return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
         if not second & 0x80:
             return frames, pos, 0, WebsocketError(CloseCode.PROTOCOL_ERROR, "a client frame must be masked")
@@ -196,6 +238,8 @@ def read_frames(
         if frame_end > end:
             return frames, pos, frame_end - pos, None
         payload = data[head + 4 : frame_end]
-        frames.append((opcode, fin, apply_mask(payload, data[head : head + 4]) if length else payload))
+        frames.append(
+            (opcode | reserved, fin, apply_mask(payload, data[head : head + 4]) if length else payload)
+        )
         pos = frame_end
     return frames, pos, 0, None

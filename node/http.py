@@ -41,6 +41,7 @@ from websockets.streams import StreamReader
 
 from fanout.admission import Admit, ConnectRequest, Reject, origin_allowed
 
+from . import deflate
 from .api import openapi
 from .lanes import call_hook
 from .limits import TokenBucket
@@ -327,13 +328,17 @@ class HttpConnection(asyncio.Protocol):
         if response.status_code != 101:
             self._write(response)
             return
+        offers = request.headers.get_all("Sec-WebSocket-Extensions")
+        bits, answer = (offers and self.node.options.compression and deflate.negotiate(offers)) or (0, "")
+        if bits:
+            response.headers["Sec-WebSocket-Extensions"] = answer
         self._finish()
         self.transport.write(response.serialize())
         connect_request, admit = self.admission or (ConnectRequest("/"), None)
         self.admission = None
         early = b"".join(self._early or ())
         self._early = None
-        self.node.opened(self.transport, connect_request, admit, early)
+        self.node.opened(self.transport, connect_request, admit, early, bits)
 
     # -- HTTP API requests (POST)
 

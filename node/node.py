@@ -225,11 +225,17 @@ class Node:
     # ------------------------------------------------------------------ websocket side
 
     def opened(
-        self, transport: asyncio.Transport, request: ConnectRequest, admit: Admit | None, early: bytes
+        self,
+        transport: asyncio.Transport,
+        request: ConnectRequest,
+        admit: Admit | None,
+        early: bytes,
+        deflate: int = 0,
     ) -> None:
         """A handshake's 101 is written: the socket is a :class:`Connection` from now on. ``early`` is
-        what the client sent after its request (its first frames)."""
-        conn = Connection(self, self.hub, self.lanes, transport, self._client_ids.next(), request)
+        what the client sent after its request (its first frames); ``deflate`` the window bits of its
+        permessage-deflate (0: none)."""
+        conn = Connection(self, self.hub, self.lanes, transport, self._client_ids.next(), request, deflate)
         transport.set_protocol(conn)
         self.table.add(conn.client_id, conn)
         self.lanes.live.add(conn)

@@ -63,6 +63,7 @@ class NodeOptions:
     # -- application
     app: str = ""  #: "module:attr"; the demo chat when empty
     welcome: bool = True  #: send {"type":"welcome","client_id":...} on connect
+    compression: bool = True  #: accept permessage-deflate offers (node/deflate.py)
     # -- admission
     allowed_origins: frozenset[str] | None = None  #: browser origins accepted; None = any
     accept_rate: float = 500.0  #: new connections per second (bursts of as many); 0 = no limit
@@ -103,6 +104,7 @@ class NodeOptions:
             port=port,
             app=env.get("FANOUT_APP", ""),
             welcome=env_flag(env, "FANOUT_WELCOME", True),
+            compression=env_flag(env, "FANOUT_COMPRESSION", True),
             allowed_origins=_origins(env.get("FANOUT_ALLOWED_ORIGINS") or "*"),
             accept_rate=env_number(env, "FANOUT_ACCEPT_RATE", 500.0, float),
             handshake_timeout=env_number(env, "FANOUT_HANDSHAKE_TIMEOUT", 10.0, float, positive=True),

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fanout.table import Change, ConnectionTable
 
     from .api import Api
+    from .frames import Frame
     from .metrics import Metrics
     from .options import NodeOptions
 
@@ -102,7 +103,7 @@ class Outlet(ForwardedClient, Protocol):
     @property
     def opened_at(self) -> float: ...
 
-    def push(self, frame: bytes, batch: list[Flushable] | None = None) -> bool: ...
+    def push(self, frame: Frame, batch: list[Flushable] | None = None) -> bool: ...
 
     def flush(self) -> None: ...
 
@@ -122,7 +123,7 @@ class LaneConnection(ForwardedClient, Protocol):
     @property
     def close_reason(self) -> str: ...
 
-    def push(self, frame: bytes, batch: list[Flushable] | None = None) -> bool: ...
+    def push(self, frame: Frame, batch: list[Flushable] | None = None) -> bool: ...
 
     def start_close(self, code: int = ..., reason: str = ...) -> None: ...
 
@@ -205,5 +206,10 @@ class HttpHost(AppNode, Protocol):
     def handshaking(self) -> set[Any]: ...
 
     def opened(
-        self, transport: asyncio.Transport, request: ConnectRequest, admit: Admit | None, early: bytes
+        self,
+        transport: asyncio.Transport,
+        request: ConnectRequest,
+        admit: Admit | None,
+        early: bytes,
+        deflate: int = 0,
     ) -> None: ...

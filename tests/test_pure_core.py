@@ -59,3 +59,12 @@ def test_a_memory_only_user_never_imports_the_broker_clients() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_nodes_websocket_wire_imports_no_asyncio() -> None:
+    probe = "import sys\nimport node.wire\nprint('asyncio' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

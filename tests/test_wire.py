@@ -31,6 +31,8 @@ from node.frames import (
     parse_close,
     read_frames,
 )
+from node.limits import TokenBucket
+from node.wire import Event, Signal, State, Wire
 from tests.conftest import MakeNode
 from tests.support import scaled
 from tests.support.nodes import client, recv
@@ -177,6 +179,238 @@ def test_invalid_close_frames(payload: bytes, code: int) -> None:
     with pytest.raises(Exception) as refused:
         parse_close(payload)
     assert getattr(refused.value, "code", None) == code
+
+
+# -- the wire (node.wire.Wire), bytes in: a counterpart of every Autobahn category 1-10 ----------------
+
+
+def feed(data: bytes, *, max_size: int = 1 << 20, chunk: int = 0, wire: Wire | None = None) -> Fed:
+    """Feed ``data`` to a wire (in ``chunk``-byte pieces when given): its events and the frames it sends."""
+    wire = wire or Wire(max_size)
+    events: list[Event] = []
+    sent = b""
+    for start in range(0, len(data), chunk or len(data) or 1):
+        wire.receive_data(data[start : start + chunk] if chunk else data)
+        events += wire.events_received()
+        sent += wire.data_to_send()
+    return Fed(wire, events, _server_frames(sent))
+
+
+class Fed:
+    def __init__(self, wire: Wire, events: list[Event], sent: list[tuple[int, bytes]]) -> None:
+        self.wire, self.events, self.sent = wire, events, sent
+
+    def failed_with(self) -> int:
+        """The close code the wire failed with (it sent nothing: the close waits for send_close)."""
+        assert self.events[-1] is Signal.FAILED and self.wire.state is State.FAILING, self.events
+        assert not [opcode for opcode, _ in self.sent if opcode == Opcode.CLOSE]
+        return self.wire.failure[0]
+
+
+def raw_frame(first: int, payload: bytes) -> bytes:
+    """A frame of under 126 bytes with any first byte (flags and opcode), masked with a zero key."""
+    return bytes((first, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return struct.pack("!H", code) + reason
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+@pytest.mark.parametrize("chunk", [0, 1, 1000])
+def test_wire_1_framing_text_and_binary_messages_of_every_length_class(size: int, chunk: int) -> None:
+    if chunk == 1 and size > 1000:
+        chunk = 997  # byte by byte for the small ones; a prime stride for the big ones
+    text = ("*" * size).encode()
+    data = client_frame(WS_TEXT, text) + client_frame(WS_BINARY, _payload(size))
+    fed = feed(data, chunk=chunk)
+    assert fed.events == ["*" * size, _payload(size)] and fed.sent == []
+    assert fed.wire.state is State.OPEN
+
+
+def test_wire_2_pings_and_pongs() -> None:
+    ping = client_frame(WS_PING, b"\x00\xff" * 62 + b"!")  # 125 bytes of binary payload: the most
+    fed = feed(ping + client_frame(WsOpcode.PONG, b"unsolicited") + client_frame(WS_PING, b""))
+    assert fed.sent == [(Opcode.PONG, b"\x00\xff" * 62 + b"!"), (Opcode.PONG, b"")]
+    assert fed.events == [Signal.PONG]  # an unsolicited pong is no error: the keepalive hears it
+    # 10 pings in one read: 10 pongs, in order
+    fed = feed(b"".join(client_frame(WS_PING, b"%d" % i) for i in range(10)))
+    assert fed.sent == [(Opcode.PONG, b"%d" % i) for i in range(10)]
+    # a ping of 126 bytes fails the connection, before any pong (2.5)
+    assert feed(bytes((0x89, 0xFE, 0x00, 0x7E)) + b"\0" * 130).failed_with() == 1002
+    # a ping after the client's close frame is not answered (2.10-2.11 close first)
+    fed = feed(client_frame(WS_CLOSE, close_payload(1000)) + client_frame(WS_PING, b"late"))
+    assert fed.sent == [(Opcode.CLOSE, close_payload(1000))] and fed.events == [Signal.CLOSE]
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("opcode", [WS_TEXT, WS_BINARY, WS_PING])
+def test_wire_3_reserved_bits_fail_after_what_came_before(rsv: int, opcode: WsOpcode) -> None:
+    bad = bytearray(client_frame(opcode, b"x"))
+    bad[0] |= rsv << 4
+    fed = feed(client_frame(WS_TEXT, b"before") + bytes(bad) + client_frame(WS_TEXT, b"after"))
+    assert fed.events[0] == "before" and fed.failed_with() == 1002
+    assert "after" not in fed.events
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+def test_wire_4_reserved_opcodes_fail(opcode: int) -> None:
+    bad = bytes((0x80 | opcode, 0x80)) + b"\0\0\0\0"
+    fed = feed(client_frame(WS_TEXT, b"before") + bad + client_frame(WS_PING, b"after"))
+    assert fed.events[0] == "before" and fed.failed_with() == 1002 and fed.sent == []
+
+
+def test_wire_5_fragmentation() -> None:
+    # fragments, with pings between them: the pongs at once, the message when its last fragment is in
+    data = (
+        client_frame(WS_TEXT, b"frag", fin=False)
+        + client_frame(WS_PING, b"1")
+        + client_frame(WS_CONT, b"men", fin=False)
+        + client_frame(WsOpcode.PONG, b"")
+        + client_frame(WS_CONT, b"ted", fin=True)
+    )
+    for chunk in (0, 1, 5):
+        fed = feed(data, chunk=chunk)
+        assert fed.events == [Signal.PONG, "fragmented"] and fed.sent == [(Opcode.PONG, b"1")]
+    binary = client_frame(WS_BINARY, b"\x00", fin=False) + client_frame(WS_CONT, b"\x01", fin=True)
+    assert feed(binary).events == [b"\x00\x01"]
+    # a continuation with nothing to continue, from the first frame or after a whole message (5.9-5.13)
+    assert feed(client_frame(WS_CONT, b"x", fin=True)).failed_with() == 1002
+    assert feed(client_frame(WS_TEXT, b"a") + client_frame(WS_CONT, b"x", fin=False)).failed_with() == 1002
+    # a new message before the fragmented one ended (5.18)
+    fed = feed(client_frame(WS_TEXT, b"a", fin=False) + client_frame(WS_TEXT, b"b", fin=True))
+    assert fed.failed_with() == 1002 and fed.events == [Signal.FAILED]
+    # a fragmented ping (5.3-5.5) or close
+    assert feed(raw_frame(WS_PING, b"p")).failed_with() == 1002  # FIN not set
+    assert feed(raw_frame(WS_CLOSE, close_payload(1000))).failed_with() == 1002
+
+
+VALID_UTF8 = "κόσμε-\U0001f600-\u00e9".encode()
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [
+        b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited",
+        b"\xff",
+        b"\xc0\xaf",
+        b"\xf4\x90\x80\x80",
+    ],
+)
+def test_wire_6_utf8_is_checked_per_message_whatever_the_fragments(invalid: bytes) -> None:
+    for cut in range(len(VALID_UTF8) + 1):  # a character split between two fragments is no error
+        data = client_frame(WS_TEXT, VALID_UTF8[:cut], fin=False) + client_frame(WS_CONT, VALID_UTF8[cut:])
+        assert feed(data).events == [VALID_UTF8.decode()]
+    assert feed(client_frame(WS_TEXT, invalid)).failed_with() == 1007
+    fed = feed(client_frame(WS_TEXT, invalid[:1], fin=False) + client_frame(WS_CONT, invalid[1:]))
+    assert fed.failed_with() == 1007
+    assert feed(client_frame(WS_BINARY, invalid)).events == [invalid]  # binary is not text
+    assert feed(client_frame(WS_CLOSE, close_payload(1000, invalid))).failed_with() == 1007
+
+
+@pytest.mark.parametrize(
+    "code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
+)
+def test_wire_7_a_client_close_is_echoed_and_nothing_after_it_counts(code: int) -> None:
+    close = client_frame(WS_CLOSE, close_payload(code, b"bye"))
+    fed = feed(client_frame(WS_TEXT, b"last") + close + client_frame(WS_TEXT, b"after") + close)
+    assert fed.events == ["last", Signal.CLOSE] and fed.sent == [(Opcode.CLOSE, close_payload(code, b"bye"))]
+    assert fed.wire.state is State.CLOSED and (fed.wire.close_code, fed.wire.close_reason) == (code, "bye")
+    fed = feed(client_frame(WS_TEXT, b"more"), wire=fed.wire)
+    assert fed.events == [] and fed.sent == []
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+def test_wire_7_invalid_close_codes_fail_with_1002(code: int) -> None:
+    assert feed(client_frame(WS_CLOSE, close_payload(code))).failed_with() == 1002
+
+
+def test_wire_7_close_without_code_and_the_nodes_own_close() -> None:
+    fed = feed(client_frame(WS_CLOSE, b""))
+    assert fed.sent == [(Opcode.CLOSE, b"")] and fed.wire.close_code == 1005  # echoed as it came
+    assert feed(client_frame(WS_CLOSE, b"\x03")).failed_with() == 1002  # one byte: no code
+    # the node closes: CLOSING; what the client sends meanwhile is ignored, its close reply ends it
+    wire = Wire(1 << 20)
+    assert wire.send_close(4000, "bye") and wire.state is State.CLOSING and not wire.send_close(1000)
+    assert _server_frames(wire.data_to_send()) == [(Opcode.CLOSE, close_payload(4000, b"bye"))]
+    fed = feed(client_frame(WS_TEXT, b"x") + client_frame(WS_PING, b"p"), wire=wire)
+    assert fed.events == [] and fed.sent == [] and wire.state is State.CLOSING
+    fed = feed(client_frame(WS_CLOSE, close_payload(4000)), wire=wire)
+    assert fed.events == [Signal.CLOSE] and fed.sent == [] and wire.state is State.CLOSED  # no echo
+
+
+def test_wire_failing_waits_for_the_owner_then_discards_everything() -> None:
+    # the messages before the error come out first; the close frame waits for send_close (the owner
+    # lets its application handle those messages first), and nothing more is read
+    fed = feed(
+        client_frame(WS_TEXT, b"one") + client_frame(WS_BINARY, b"two") + bytes((0x83, 0x80)) + b"\0" * 4
+    )
+    assert fed.events[:2] == ["one", b"two"] and fed.failed_with() == 1002
+    assert feed(client_frame(WS_PING, b"p") + client_frame(WS_TEXT, b"x"), wire=fed.wire).events == []
+    assert fed.wire.send_close(*fed.wire.failure) and fed.wire.state is State.CLOSED
+    assert _server_frames(fed.wire.data_to_send())[0] == (
+        Opcode.CLOSE,
+        close_payload(1002, b"invalid opcode 3"),
+    )
+    # a protocol error while the node's own close is under way: CLOSED at once, no second close frame
+    wire = Wire(1 << 20)
+    wire.send_close(1001)
+    wire.data_to_send()
+    fed = feed(bytes((0x83, 0x80)) + b"\0" * 4, wire=wire)
+    assert fed.events == [Signal.FAILED] and wire.state is State.CLOSED and not wire.send_close(1002)
+
+
+def test_wire_9_limits_big_messages_and_many_messages() -> None:
+    size = 4 << 20
+    big = _payload(size)
+    fed = feed(client_frame(WS_BINARY, big), max_size=size, chunk=65536)  # read as a socket gives it
+    assert fed.events == [big]
+    # one byte over: refused from the frame's header, before its payload arrives
+    header = client_frame(WS_BINARY, big + b"!")[:14]
+    assert feed(header, max_size=size).failed_with() == 1009
+    # over the limit only in all: the fragments add up
+    parts = client_frame(WS_BINARY, big[: size // 2], fin=False) + client_frame(WS_CONT, big[: size // 2 + 1])
+    assert feed(parts, max_size=size).failed_with() == 1009
+    many = b"".join(client_frame(WS_TEXT, b"m%d" % i) for i in range(1000))
+    assert feed(many, chunk=4096).events == [f"m{i}" for i in range(1000)]
+
+
+def test_wire_10_a_message_in_fragments_of_every_size() -> None:
+    message = _payload(65536)
+    for step in (1, 64, 1000, 65535):  # as 10.1.1's client fragments 64 KiB (1 byte fragments: a cap)
+        pieces = [message[i : i + step] for i in range(0, len(message), step)][: MAX_FRAGMENTS - 1]
+        whole = b"".join(pieces)
+        data = b"".join(
+            client_frame(WS_BINARY if i == 0 else WS_CONT, piece, fin=i == len(pieces) - 1)
+            for i, piece in enumerate(pieces)
+        )
+        assert feed(data, chunk=8192).events == [whole]
+
+
+@pytest.mark.parametrize("step", [64, 256])
+def test_wire_9_a_big_message_in_small_fragments_is_read(step: int) -> None:
+    # as Autobahn 9.3.1-9.4.2 (4 MiB in 64-byte frames: 65,536 of them); here 1 MiB, 16,384 frames: more
+    # than MAX_FRAGMENTS, but each holds 64 bytes or more
+    message = _payload(1 << 20)
+    data = b"".join(
+        client_frame(WS_BINARY if i == 0 else WS_CONT, message[i : i + step], fin=i + step >= len(message))
+        for i in range(0, len(message), step)
+    )
+    assert feed(data, max_size=1 << 20, chunk=65536).events == [message]
+
+
+def test_wire_the_fragment_flood_and_the_rate_limit() -> None:
+    assert feed(EMPTY_CONTINUATIONS).failed_with() == 1009
+    assert "4096 frames" in feed(EMPTY_CONTINUATIONS).wire.failure[1]
+    # with a rate limit (100 frames/s, bursts of 200): 200 frames, then the node's close (1008);
+    # the client's close reply still counts
+    wire = Wire(1 << 20, TokenBucket(100, 200, 0.0))
+    fed = feed(client_frame(WS_PING, b"p") * 1000, wire=wire)
+    assert fed.sent == [(Opcode.PONG, b"p")] * 200 + [
+        (Opcode.CLOSE, close_payload(1008, b"rate limit exceeded"))
+    ]
+    assert fed.events == [Signal.RATE_LIMITED] and wire.state is State.CLOSING
+    assert feed(client_frame(WS_CLOSE, close_payload(1008)), wire=wire).events == [Signal.CLOSE]
 
 
 # -- a real node over raw sockets -------------------------------------------------------------------
