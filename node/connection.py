@@ -1,30 +1,21 @@
 """One client connection once its websocket is open: the node's and the application's view of it.
 
-A :class:`Connection` is the asyncio protocol of its socket from the moment the handshake's 101 is
-written (:class:`~node.http.HttpConnection` hands the transport over), so one small object per client
-holds everything: no websocket library object, no task while the client is idle.
+A :class:`Connection` is its socket's asyncio protocol from the handshake's 101 on (handed over by
+:class:`~node.http.HttpConnection`): one small object per client, no task while the client is idle.
 
-It owns its output: frames are written straight to its transport, or, while the hub applies a batch of
-bus commands, held in the connection's own pending list and written in one go when the batch ends
-(:meth:`Connection.flush`) - also before a close, so a frame sent before a close is never lost. Held
-frames are written early once they reach ``PENDING_FLUSH`` bytes (or half the send buffer), so what the
-node holds for its own batching stays small and never counts against the client. The transport's write
-buffer (written, not yet taken by the client) is the connection's send buffer; over the node's
-``send_buffer`` bytes the client is not keeping up and is cut off (TCP reset), so memory stays bounded
-(the send buffer plus at most ``PENDING_FLUSH`` held) and other clients are unaffected. A client that
-makes the node owe it more than that in automatic replies (pongs to a ping flood) without reading is cut
-off the same way.
+It owns its output: frames go straight to its transport or, while the hub applies a batch, into its own
+pending list, written in one go at the batch's end (:meth:`Connection.flush`), before any control frame
+(so nothing sent before a close is lost), or early at ``PENDING_FLUSH`` bytes. The transport's write
+buffer (written, not yet taken) is the client's send buffer: over ``send_buffer`` bytes, or owing that
+much in pongs to a ping flood, the client is cut off (TCP reset), so memory stays bounded.
 
 It feeds what it reads to its :class:`~node.wire.Wire` (the websocket protocol, sans I/O), writes the
-wire's replies (pongs, close frames) after what is pending, and queues messages to its *lane*, a task
-that exists only while there is something to do (the opening, messages in order, the close) and runs
-the application's hooks one at a time; over ``INBOX_HIGH`` waiting, reading stops (TCP slows the
-client). A protocol error fails the connection with its close code (1002, 1007, 1009): the close frame,
-a half-close, and what the client still sends discarded until its EOF (or ``CLOSE_TIMEOUT``), so that
-the close frame is not lost to a TCP reset (RFC 6455 7.1.1). Messages received before the error are
-handled first, as aiohttp does: meanwhile the wire is FAILING (nothing more is read; what the
-application sends still goes out), and the lane fails it once it has handled them. Closing: the
-node's close frame, then the socket closed at the client's reply (or after ``CLOSE_TIMEOUT``).
+wire's replies after what is pending, and queues messages to its *lane* (:mod:`node.lanes`: the
+opening, messages in order, the close; a task only while there is work); over ``INBOX_HIGH`` waiting,
+reading stops. A protocol error (1002, 1007, 1009) sends the close frame, half-closes, and discards what
+the client still sends until its EOF (or ``CLOSE_TIMEOUT``), so the close frame is not lost to a reset
+(RFC 6455 7.1.1); messages received before the error are handled first (the wire is FAILING meanwhile).
+Closing: the node's close frame, then the socket closed at the client's reply (or ``CLOSE_TIMEOUT``).
 """
 
 from __future__ import annotations

@@ -38,12 +38,13 @@ from .app import DemoChat
 from .connection import CLOSE_TIMEOUT, Connection
 from .events import EventForwarder
 from .frames import Opcode, encode_control
-from .http import HttpConnection, HttpSide
+from .http import HttpConnection
 from .hub import Hub
 from .lanes import Lanes
 from .metrics import Metrics
 from .options import NodeOptions, default_node_id
 from .presence import Presence
+from .routes import HttpSide
 
 log = logging.getLogger("fanout.node")
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import inspect
 import os
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -158,7 +159,11 @@ def test_status_codes(nodes: list[NodeProcess]) -> None:
     assert post(port, "/api/send", {"client_ids": "x", "data_b64": "not base64!"})[0] == 400
     assert post(port, "/api/send", raw=b"{not json")[0] == 400
     assert post(port, "/api/close", {"client_ids": "x", "code": 1005})[0] == 400  # not a sendable code
-    status, answer = post(port, "/api/get_connection_count", {"timeout": 0.000001})
+    os.kill(nodes[1].pid, signal.SIGSTOP)  # a live node that cannot answer: the query must time out
+    try:
+        status, answer = post(port, "/api/get_connection_count", {"timeout": 0.2})
+    finally:
+        os.kill(nodes[1].pid, signal.SIGCONT)
     assert status == 504 and answer["error"]["type"] == "QueryTimeout"
     status, answer = post(port, "/api/send_to_all", raw=orjson.dumps({"data": "x" * (2 << 20)}))
     assert status == 413 and "FANOUT_API_MAX_BODY" in answer["error"]["message"]

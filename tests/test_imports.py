@@ -112,3 +112,13 @@ def test_every_method_of_a_contract_is_used(contract: type) -> None:
     }
     public = {name for name in vars(contract) if not name.startswith("_")}
     assert public - used == set()
+
+
+#: the node's parts stay small enough to read whole: a file past this is doing two jobs
+NODE_FILE_LINES = 450
+
+
+def test_no_file_of_the_node_is_over_its_size() -> None:
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "node").glob("*.py")}
+    assert len(sizes) > 10
+    assert {name: n for name, n in sizes.items() if n > NODE_FILE_LINES} == {}
