@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from base64 import b64encode
-from os import urandom
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.nodes import client, nothing_more, recv, run_module, scaled, start_node
+from tests.support.nodes import client, nothing_more, recv, run_module, scaled, stalled_websocket, start_node
 
 MEMORY = {"FANOUT_BACKEND": "memory", "FANOUT_APP": "tests.apps.control:app"}
 
@@ -77,26 +74,10 @@ def test_unreachable_backend_fails_fast_with_a_clear_message() -> None:
     assert time.monotonic() - started < scaled(15)
 
 
-def _raw_websocket(port: int) -> socket.socket:
-    """A client that completes the handshake and then never reads: the slowest client there is."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = b64encode(urandom(16)).decode()
-    sock.sendall(
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += sock.recv(1)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
-
-
 async def test_slow_client_is_disconnected_and_memory_stays_bounded(tmp_path: Path) -> None:
     node = start_node(tmp_path, {**MEMORY, "FANOUT_SEND_BUFFER": str(1024 * 1024)})
     fast, _ = await client(node.port)
-    slow = _raw_websocket(node.port)
+    slow = stalled_websocket(node.port)
     others = [await client(node.port) for _ in range(2)]
     for ws, _ in [(fast, ""), *others]:
         await ws.send('{"pace": true}')

@@ -7,15 +7,12 @@ batch, while clients that never read are cut off and the node's memory stays bou
 from __future__ import annotations
 
 import asyncio
-import socket
-from base64 import b64encode
-from os import urandom
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection
 
 from fanout import ServerUtil
-from tests.support.nodes import client, metrics, recv, start_node, unique_namespace
+from tests.support.nodes import client, metrics, recv, stalled_websocket, start_node, unique_namespace
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SEND_BUFFER = 256 * 1024
@@ -24,22 +21,6 @@ READERS, STALLED = 20, 20
 #: in what the kernel takes for a client before it reads; 7.5 MiB in all is more than the kernel takes
 #: for one that never reads (about 4 MiB on loopback), so those are cut off
 BURST, BURSTS = 160, 12
-
-
-def _stalled_websocket(port: int) -> socket.socket:
-    """A client that completes the handshake and then never reads."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = b64encode(urandom(16)).decode()
-    sock.sendall(
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += sock.recv(1)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
 
 
 async def test_readers_get_a_burst_whole_and_only_clients_that_never_read_are_cut_off(
@@ -51,7 +32,7 @@ async def test_readers_get_a_burst_whole_and_only_clients_that_never_read_are_cu
         {"FANOUT_URL": REDIS_URL, "FANOUT_NAMESPACE": ns, "FANOUT_SEND_BUFFER": str(SEND_BUFFER)},
     )  # the lobby app: every client is in the group "lobby"
     readers = [(await client(node.port))[0] for _ in range(READERS)]
-    stalled = [_stalled_websocket(node.port) for _ in range(STALLED)]
+    stalled = [stalled_websocket(node.port) for _ in range(STALLED)]
     async with ServerUtil(REDIS_URL, namespace=ns, heartbeat_interval=0.5) as util:
         for _ in range(100):
             if await util.get_group_count("lobby") == READERS + STALLED:
