@@ -64,6 +64,14 @@ class Send:
     request: Request | None = None
     #: set when one send is published on several addresses, so a node that gets it twice applies it once
     dedupe_id: str | None = None
+    #: the payload is JSON (the publisher's data was not a ``str``): a ``fanout.v1`` envelope carries it
+    #: as a JSON value rather than as a JSON string
+    json: bool = False
+    #: a send to history streams: its id, the same in every stream it is stored in (fanout/history.py)
+    sid: str | None = None
+    #: its positions, ``{stream: (epoch, offset)}``: given by the store, read from the bus's positions
+    #: line (never part of the signed message)
+    positions: dict[str, tuple[str, int]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

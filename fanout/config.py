@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
+from .history import MAX_HISTORY_SIZE, Policy
 
 _T = TypeVar("_T")
 
@@ -160,6 +161,20 @@ class Settings:
     # -- limits
     #: biggest encoded command accepted on the bus (bigger ones are refused / dropped)
     max_message: int = 8 * 1024 * 1024
+    # -- continuity (docs/continuity.md)
+    #: targets whose sends are kept and recoverable: ``group:<pattern>``, ``flag:<pattern>``, ``all``
+    history: str = ""
+    #: targets whose latest message a newcomer gets at once (same patterns; implies history)
+    cache: str = ""
+    #: entries kept per stream, and seconds they are kept after the stream's last send
+    history_size: int = 100
+    history_ttl: float = 300.0
+    #: where history, resume records and idempotency keys live ("" = the backend's Redis)
+    history_url: str = ""
+    #: seconds a dropped client may come back and resume
+    resume_ttl: float = 120.0
+    #: most entries one stream replays on a resume
+    recovery_max: int = 1000
 
     def __post_init__(self) -> None:
         validate_url(self.backend, self.url)
@@ -169,6 +184,7 @@ class Settings:
                 raise ConfigError(name, "must be a positive number of seconds")
         if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
             raise ConfigError("heartbeat_interval", f"must be at most {MAX_HEARTBEAT_INTERVAL:g} seconds")
+        _check_continuity(self)
 
     def __repr__(self) -> str:
         secret = "set" if self.secret else "unset"
@@ -228,10 +244,48 @@ class Settings:
             heartbeat_interval=_heartbeat_interval(env),
             replay_window=env_number(env, "FANOUT_REPLAY_WINDOW", 60.0, float, positive=True),
             max_message=env_number(env, "FANOUT_MAX_MESSAGE", 8 * 1024 * 1024, int, positive=True),
+            history=env.get("FANOUT_HISTORY", ""),
+            cache=env.get("FANOUT_CACHE", ""),
+            history_size=env_number(env, "FANOUT_HISTORY_SIZE", 100, int, positive=True),
+            history_ttl=env_number(env, "FANOUT_HISTORY_TTL", 300.0, float, positive=True),
+            history_url=env.get("FANOUT_HISTORY_URL", ""),
+            resume_ttl=env_number(env, "FANOUT_RESUME_TTL", 120.0, float, positive=True),
+            recovery_max=env_number(env, "FANOUT_RECOVERY_MAX", 1000, int, positive=True),
         )
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    @property
+    def policy(self) -> Policy:
+        """Which targets keep a history and which are cache targets (``FANOUT_HISTORY``, ``FANOUT_CACHE``)."""
+        return Policy(self.history, self.cache)
+
+
+def _check_continuity(settings: Settings) -> None:
+    """FANOUT_HISTORY*/CACHE/RESUME*: the patterns parse, the numbers are in range, and history has a
+    store (the Redis backend, FANOUT_HISTORY_URL, or the memory backend's process)."""
+    policy = Policy(settings.history, settings.cache)  # raises ConfigError for a bad pattern
+    if not 1 <= settings.history_size <= MAX_HISTORY_SIZE:
+        raise ConfigError("FANOUT_HISTORY_SIZE", f"must be between 1 and {MAX_HISTORY_SIZE}")
+    for name, value in (
+        ("FANOUT_HISTORY_TTL", settings.history_ttl),
+        ("FANOUT_RESUME_TTL", settings.resume_ttl),
+    ):
+        if not value > 0:
+            raise ConfigError(name, "must be a positive number of seconds")
+    if settings.recovery_max < 1:
+        raise ConfigError("FANOUT_RECOVERY_MAX", "must be a positive number of entries")
+    if settings.history_url:
+        kind = backend_for_url(settings.history_url, "FANOUT_HISTORY_URL")
+        if kind is not BackendKind.REDIS:
+            raise ConfigError("FANOUT_HISTORY_URL", "must be a redis://, rediss:// or redis+cluster:// URL")
+        validate_url(kind, settings.history_url, "FANOUT_HISTORY_URL")
+    elif policy.enabled and settings.backend is BackendKind.AMQP:
+        raise ConfigError(
+            "FANOUT_HISTORY",
+            "history needs a store: set FANOUT_HISTORY_URL to a Redis (the amqp backend keeps no history)",
+        )
 
 
 def _heartbeat_interval(env: Mapping[str, str]) -> float:

@@ -55,6 +55,7 @@ from .commands import (
     Unbind,
 )
 from .exceptions import BadSignature, MessageTooLarge, PayloadError, ProtocolError, UnsupportedVersion
+from .history import split_positions
 
 VERSION = 2
 _PREFIX = b"v2;"
@@ -180,6 +181,10 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header = _targeted("send", cmd)
             if cmd.binary:
                 header["bin"] = True
+            elif cmd.json:
+                header["j"] = True
+            if cmd.sid is not None:
+                header["sid"] = cmd.sid
             payload = cmd.payload
         case Close():
             header = _targeted("close", cmd)
@@ -376,6 +381,12 @@ def open_message(
     """
     if max_size is not None and len(data) > max_size:
         raise MessageTooLarge(f"message of {len(data)} bytes exceeds the maximum of {max_size}")
+    positions, data = split_positions(data)
+    if positions is not None:
+        message = open_message(data, secret, None, namespace)
+        if not isinstance(message.command, Send) or message.command.sid is None:
+            raise ProtocolError("a positions line in front of something other than a stored send")
+        return Message(dataclasses.replace(message.command, positions=positions), message.envelope)
     if not data.startswith(_PREFIX):
         if data[:1] == b"v" and b";" in data[:12]:
             raise UnsupportedVersion(f"unsupported wire version {data[: data.index(b';')]!r}")
@@ -517,6 +528,8 @@ def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
         exclude=_strs(h.get("x", []), "x"),
         request=_req(h),
         dedupe_id=_opt_str(h.get("mid"), "mid"),
+        json=_bool(h.get("j", False), "j"),
+        sid=_opt_str(h.get("sid"), "sid"),
     )
 
 

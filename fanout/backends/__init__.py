@@ -13,6 +13,7 @@ from ..config import BackendKind, Settings
 from ..exceptions import ConfigError
 from .base import Backend
 from .eventlog import EventLog
+from .store import HistoryStore
 
 
 def create_backend(settings: Settings, *, inbox: str) -> Backend:
@@ -57,6 +58,24 @@ def create_event_log(settings: Settings, *, shards: int, backlog: int, node: str
         return AmqpEventLog(settings, shards=shards, backlog=backlog, node=node)
 
 
+def create_store(settings: Settings) -> HistoryStore | None:
+    """The continuity store (history, resume records; not yet connected): ``FANOUT_HISTORY_URL``'s Redis,
+    else the Redis backend's own Redis (which then publishes history sends itself, in the script that
+    appends them), else, for the memory backend, the process; None for AMQP without a history URL."""
+    if settings.history_url or settings.backend is BackendKind.REDIS:
+        with needs_extra("redis"):
+            from .store_redis import RedisStore
+
+            if settings.history_url:
+                return RedisStore(settings, url=settings.history_url, publishes=False)
+            return RedisStore(settings, url=settings.url, publishes=True)
+    if settings.backend is BackendKind.MEMORY:
+        from .store import MemoryStore
+
+        return MemoryStore(settings)
+    return None
+
+
 @contextlib.contextmanager
 def needs_extra(extra: str) -> Iterator[None]:
     """Turn a missing client library into a ConfigError that says which extra to install."""
@@ -69,4 +88,12 @@ def needs_extra(extra: str) -> Iterator[None]:
         ) from None
 
 
-__all__ = ["Backend", "EventLog", "create_backend", "create_event_log", "needs_extra"]
+__all__ = [
+    "Backend",
+    "EventLog",
+    "HistoryStore",
+    "create_backend",
+    "create_event_log",
+    "create_store",
+    "needs_extra",
+]

@@ -1,0 +1,234 @@
+"""The continuity store's contract: streams (history), resume records; one implementation per place.
+
+A store is where continuity's state lives (docs/continuity.md): per stream an append-only log of sends
+with its epoch and top offset, and the resume records of connections. :func:`create_store` picks it:
+the Redis backend's own Redis, ``FANOUT_HISTORY_URL`` (any backend), or, for the memory backend, the
+process (:class:`MemoryStore`). The AMQP backend without ``FANOUT_HISTORY_URL`` has none (no resume
+token in the welcome; history settings are refused at start).
+
+The store:
+
+* ``append(streams, send, publish)``: gives the send the next offset of each stream, stores it in each
+  (trimmed to ``history_size`` entries, kept ``history_ttl`` after the stream's last send; epoch and top
+  offset kept :data:`~fanout.history.META_TTL`), and returns its positions. When :attr:`publishes` is
+  true (the store is the bus: the Redis backend's own Redis, the memory hub), it also publishes each
+  ``(address, message)`` of ``publish`` with the positions line in front, **atomically with the append**
+  (on Redis: in the same script); otherwise the caller publishes them afterwards, with
+  :func:`~fanout.history.attach_positions` (appended *before* published: a send that was stored but not
+  delivered live is still recoverable).
+* ``positions(streams)``: the current (epoch, top offset) of each stream, creating the epoch of a stream
+  that has none yet (so a position handed to a client stays valid when the first send comes).
+* ``read(stream, since, limit)``: a :class:`~fanout.history.Page`: the entries after ``since`` (oldest
+  first, at most ``limit``), or without ``since`` the latest ``limit``.
+* ``remove(stream)``: forget its entries and epoch (the next send starts a new epoch).
+* resume records (opaque bytes, keyed by an unguessable token): ``save_resume(token, flag, record, ttl)``
+  writes or overwrites; ``keep_resume(tokens, ttl)`` extends those still there; ``claim_resume(token,
+  flag)`` takes the record if it exists and was saved with that flag (``None`` = guest), deleting it in
+  the same step (single use), else None; ``drop_resume(token)`` deletes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..config import Settings
+from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_epoch
+from ..naming import Address
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSend:
+    """What a send puts in each of its streams."""
+
+    sid: str
+    payload: bytes
+    binary: bool = False
+    json: bool = False
+    exclude: tuple[str, ...] = ()
+
+
+class HistoryStore(abc.ABC):
+    """See the module docstring."""
+
+    #: whether ``append`` publishes the messages it is given itself, atomically with the append
+    publishes: bool = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect (fail fast: BackendUnavailable when the store is not there)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect; idempotent."""
+
+    @abc.abstractmethod
+    async def append(
+        self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
+    ) -> Positions: ...
+
+    @abc.abstractmethod
+    async def positions(self, streams: Iterable[str]) -> Positions: ...
+
+    @abc.abstractmethod
+    async def read(self, stream: str, since: int | None = None, limit: int = 100) -> Page: ...
+
+    @abc.abstractmethod
+    async def remove(self, stream: str) -> None: ...
+
+    @abc.abstractmethod
+    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def claim_resume(self, token: str, flag: str | None) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def drop_resume(self, token: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- in the process
+
+
+@dataclass
+class _Stream:
+    epoch: str
+    offset: int = 0
+    entries: list[Entry] = field(default_factory=list)
+    last_send: float = 0.0  #: monotonic time of the last append
+    touched: float = 0.0  #: monotonic time of the last append or position read (the epoch's life)
+
+
+class _Memory:
+    """The state every MemoryStore of one memory URL in one process shares (as MemoryHub does)."""
+
+    _shared: dict[str, _Memory] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.streams: dict[str, _Stream] = {}
+        self.resume: dict[str, tuple[str | None, bytes, float]] = {}  #: token -> (flag, record, expires)
+
+    @classmethod
+    def named(cls, key: str) -> _Memory:
+        with cls._shared_lock:
+            memory = cls._shared.get(key)
+            if memory is None:
+                memory = cls._shared[key] = _Memory()
+            return memory
+
+
+class MemoryStore(HistoryStore):
+    """The memory backend's store: in this process, shared by every endpoint on the same memory URL."""
+
+    publishes = True
+
+    def __init__(self, settings: Settings, hub: object | None = None) -> None:
+        super().__init__(settings)
+        self._memory = _Memory.named(f"{settings.url}|{settings.namespace}")
+        from .memory import MemoryHub
+
+        self._hub = MemoryHub.named(settings.url) if hub is None else hub
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _stream(self, name: str, now: float) -> _Stream:
+        """The live stream ``name``: a new epoch if it never existed or its epoch expired."""
+        stream = self._memory.streams.get(name)
+        if stream is not None and now - stream.touched > max(META_TTL, self.settings.history_ttl):
+            stream = None
+        if stream is None:
+            stream = self._memory.streams[name] = _Stream(new_epoch(), touched=now)
+        if stream.entries and now - stream.last_send > self.settings.history_ttl:
+            stream.entries.clear()  # expired: offsets go on, the entries are gone
+        return stream
+
+    async def append(
+        self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
+    ) -> Positions:
+        now = time.monotonic()
+        size = self.settings.history_size
+        with self._memory.lock:
+            found = [(name, self._stream(name, now)) for name in streams]
+            offsets = {}
+            for name, stream in found:
+                stream.offset += 1
+                stream.last_send = stream.touched = now
+                offsets[name] = stream.offset
+            for name, stream in found:
+                others = {s: o for s, o in offsets.items() if s != name}
+                stream.entries.append(
+                    Entry(stream.offset, send.sid, send.payload, send.binary, send.json, send.exclude, others)
+                )
+                del stream.entries[:-size]
+            positions = {name: (stream.epoch, stream.offset) for name, stream in found}
+            for address, message in publish:
+                self._hub.publish(address, attach_positions(message, positions))  # type: ignore[attr-defined]
+        return positions
+
+    async def positions(self, streams: Iterable[str]) -> Positions:
+        now = time.monotonic()
+        with self._memory.lock:
+            found = {name: self._stream(name, now) for name in streams}
+            for stream in found.values():
+                stream.touched = now
+            return {name: (stream.epoch, stream.offset) for name, stream in found.items()}
+
+    async def read(self, stream: str, since: int | None = None, limit: int = 100) -> Page:
+        now = time.monotonic()
+        with self._memory.lock:
+            found = self._stream(stream, now)
+            entries = found.entries
+            first = entries[0].offset if entries else found.offset + 1
+            if since is None:
+                chosen = entries[-limit:] if limit > 0 else []
+            else:
+                chosen = [e for e in entries if e.offset > since][:limit]
+            return Page(found.epoch, found.offset, tuple(chosen), first)
+
+    async def remove(self, stream: str) -> None:
+        with self._memory.lock:
+            self._memory.streams.pop(stream, None)
+
+    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None:
+        with self._memory.lock:
+            self._memory.resume[token] = (flag, record, time.monotonic() + ttl)
+
+    async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
+        until = time.monotonic() + ttl
+        with self._memory.lock:
+            for token in tokens:
+                found = self._memory.resume.get(token)
+                if found is not None:
+                    self._memory.resume[token] = (found[0], found[1], until)
+
+    async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
+        with self._memory.lock:
+            found = self._memory.resume.get(token)
+            if found is None or found[2] < time.monotonic():
+                self._memory.resume.pop(token, None)
+                return None
+            if found[0] != flag:
+                return None
+            del self._memory.resume[token]
+            return found[1]
+
+    async def drop_resume(self, token: str) -> None:
+        with self._memory.lock:
+            self._memory.resume.pop(token, None)
+
+
+__all__ = ["HistoryStore", "MemoryStore", "StoredSend"]
