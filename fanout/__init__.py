@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import tokens
 from .admission import Admit, ConnectRequest, Reject
 from .commands import NodeRecord
@@ -32,6 +34,9 @@ from .exceptions import (
 from .serverutil import ServerUtil
 from .sync import SyncServerUtil
 from .worker import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    from .client import Client as Client
 
 __version__ = "0.1.0"
 
@@ -63,3 +68,13 @@ __all__ = [
     "__version__",
     "tokens",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``fanout.Client``: the websocket client (fanout/client.py), imported only when used, so a publisher
+    that never uses it never imports the ``websockets`` library."""
+    if name == "Client":
+        from .client import Client
+
+        return Client
+    raise AttributeError(f"module 'fanout' has no attribute {name!r}")
