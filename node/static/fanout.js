@@ -14,9 +14,24 @@
 // message rate) and the application codes 4000-4999 mean "don't come back"; every other code (1001 going
 // away, 1006 connection lost or handshake refused, 1011 server error, 1012 restart, 1013 try again
 // later, ...) means reconnect.
+//
+// Recovery (`recover: true`, SPEC "Continuity"): the client asks for the `fanout.v1` subprotocol, keeps
+// the welcome's resume token and its position ({epoch, offset}) in every history stream, and after every
+// reconnection (to any URL of the list) sends `resume` as its first frame: the node replays what was
+// missed, in order, once, then answers `resumed`, handed to `onResumed({ recovered, streams })`; when
+// `recovered` is false, something may be missing: reload the page's state from the application. 3010
+// (the node lost track of a stream) reconnects at once, without backoff, and resumes. A node that does not
+// speak fanout.v1 (from before it) gets a raw client: the browser fails a handshake whose answer selects no
+// subprotocol, so the client tries the same URL again at once without asking for one.
 
 /** The close codes after which the client does not reconnect (besides 4000-4999). */
 export const STOP_CODES = Object.freeze([1000, 1008]);
+
+/** The subprotocol of SPEC's client protocol, asked for with `recover: true`. */
+export const V1 = "fanout.v1";
+
+/** The close code of a node that lost track of a stream: reconnect at once and resume. */
+export const INSUFFICIENT_STATE = 3010;
 
 /** Whether a connection closed with `code` should be retried: false for 1000, 1008 and 4000-4999. */
 export function shouldReconnect(code) {
@@ -51,6 +66,8 @@ const DEFAULTS = {
   onMessage: null, // (data, event) => ...: text frames JSON-decoded when they are JSON, else raw
   onClose: null, // ({ code, reason, wasClean, url, reconnect, delay }) => ...
   onError: null, // (error) => ...: getToken failed (the client retries with backoff)
+  recover: false, // true: ask for fanout.v1, keep positions and the resume token, resume after reconnections
+  onResumed: null, // ({ recovered, streams }) => ...: the node's answer to a resume, after the replay
 };
 
 export class FanoutClient {
@@ -66,6 +83,14 @@ export class FanoutClient {
     this.nodeId = null;
     this.state = "connecting"; // "connecting" | "open" | "waiting" (to reconnect) | "closed"
     this.closeCode = null; // the code of the last close
+    this.v1 = false; // the current connection speaks fanout.v1
+    this.positions = {}; // fanout.v1: { stream: { epoch, offset } }, the last position received in each
+    this.resumeToken = null; // fanout.v1: the last welcome's token, sent in the next connection's resume
+    this.resumed = null; // fanout.v1: the last { recovered, streams } the node answered a resume with
+    this.duplicates = 0; // fanout.v1: messages dropped because all their offsets were received already
+    this._ready = false; // the current connection may send (fanout.v1: welcomed, resume sent)
+    this._resuming = null; // fanout.v1, between resume and resumed: { requested, welcomed }
+    this._quick = false; // a 3010 got an immediate reconnection since the last stable connection
     this._timer = null;
     this._stopped = false;
     this._attempt(this.options.token);
@@ -77,9 +102,19 @@ export class FanoutClient {
   }
 
   /** Send `data`: strings and binary (ArrayBuffer, typed arrays, Blob) as they are, anything else as
-   * JSON text. Returns false (and sends nothing) when not connected. */
+   * JSON text. Returns false (and sends nothing) when not connected. In fanout.v1, a `message` frame
+   * (binary as `data_b64`: ArrayBuffer and typed arrays, not Blob), and false until the welcome. */
   send(data) {
-    if (!this.socket || this.socket.readyState !== 1) return false;
+    if (!this.socket || this.socket.readyState !== 1 || !this._ready) return false;
+    if (this.v1) {
+      if (typeof Blob !== "undefined" && data instanceof Blob) {
+        throw new TypeError("fanout.v1: send an ArrayBuffer or a typed array, not a Blob");
+      }
+      const binary = data instanceof ArrayBuffer || ArrayBuffer.isView(data);
+      const frame = binary ? { type: "message", data_b64: toBase64(data) } : { type: "message", data };
+      this.socket.send(JSON.stringify(frame));
+      return true;
+    }
     const binary =
       typeof data === "string" ||
       data instanceof ArrayBuffer ||
@@ -97,7 +132,7 @@ export class FanoutClient {
     if (this.socket && this.socket.readyState < 2) this.socket.close(code, reason);
   }
 
-  async _attempt(token) {
+  async _attempt(token, raw = false) {
     const o = this.options;
     const url = this.url;
     this.state = "connecting";
@@ -111,18 +146,32 @@ export class FanoutClient {
       }
     }
     if (this._stopped) return;
-    const socket = new o.WebSocket(withToken(url, o.tokenParam, token), o.protocols);
+    const asked = o.recover && !raw;
+    const protocols = asked ? [V1, ...[].concat(o.protocols ?? [])] : o.protocols;
+    const socket = new o.WebSocket(withToken(url, o.tokenParam, token), protocols);
     this.socket = socket;
     this.clientId = this.nodeId = null;
+    this.v1 = this._ready = false;
     let stable = null;
+    let opened = false;
     const timeout = setTimeout(() => socket.readyState === 0 && socket.close(), o.connectTimeout);
     socket.onopen = () => {
       clearTimeout(timeout);
+      opened = true;
       this.state = "open";
-      stable = setTimeout(() => (this.failures = 0), o.stableAfter);
+      this.v1 = socket.protocol === V1;
+      this._ready = !this.v1;
+      stable = setTimeout(() => {
+        this.failures = 0;
+        this._quick = false;
+      }, o.stableAfter);
       if (o.onOpen) o.onOpen({ url });
     };
     socket.onmessage = (event) => {
+      if (this.v1) {
+        if (this.socket === socket) this._v1Frame(socket, event);
+        return;
+      }
       let data = event.data;
       if (typeof data === "string") {
         try {
@@ -144,8 +193,94 @@ export class FanoutClient {
       clearTimeout(stable);
       if (this.socket !== socket) return;
       this.socket = null;
+      this._ready = false;
+      if (asked && !opened && !this._stopped) {
+        // maybe a node from before fanout.v1 (its answer selects no subprotocol, which a browser refuses):
+        // the same URL at once, raw; if that fails too, it counts as one failed attempt
+        this._attempt(token, true);
+        return;
+      }
       this._retry(event, url); // a connection that lasted stableAfter has already reset the failures
     };
+  }
+
+  _v1Frame(socket, event) {
+    let frame;
+    try {
+      frame = typeof event.data === "string" ? JSON.parse(event.data) : null;
+    } catch {
+      frame = null; // not a fanout.v1 frame: the node sends none
+    }
+    if (!frame || typeof frame !== "object") return;
+    const o = this.options;
+    switch (frame.type) {
+      case "message": {
+        const offsets = Object.entries(asObject(frame.streams));
+        const kept = this.positions;
+        const seen = ([s, n]) => kept[s] && typeof n === "number" && n <= kept[s].offset;
+        if (offsets.length && offsets.every(seen)) {
+          this.duplicates += 1; // every offset already received: a duplicate
+          return;
+        }
+        for (const [stream, offset] of offsets) {
+          if (typeof offset !== "number") continue;
+          if (!kept[stream]) kept[stream] = { epoch: "", offset }; // not announced: resumes as not recovered
+          else if (offset > kept[stream].offset) kept[stream] = { epoch: kept[stream].epoch, offset };
+        }
+        const data = typeof frame.data_b64 === "string" ? fromBase64(frame.data_b64) : frame.data;
+        if (o.onMessage) o.onMessage(data, event);
+        return;
+      }
+      case "welcome": {
+        if (this.clientId !== null || typeof frame.client_id !== "string") return;
+        this.clientId = frame.client_id;
+        this.nodeId = nodeOf(frame.client_id);
+        const welcomed = positionsOf(frame.streams);
+        const previous = this.resumeToken;
+        this.resumeToken = typeof frame.resume === "string" ? frame.resume : null;
+        if (previous) {
+          // first frame after the welcome: the last token, and the positions received (not the welcome's:
+          // they are this connection's, ahead of what the replay brings)
+          socket.send(JSON.stringify({ type: "resume", token: previous, streams: this.positions }));
+          this._resuming = { requested: Object.keys(this.positions), welcomed };
+          this.positions = { ...welcomed, ...this.positions };
+        } else {
+          this._resuming = null;
+          this.positions = welcomed;
+        }
+        this._ready = true;
+        if (o.onWelcome) o.onWelcome(this.clientId, frame);
+        return;
+      }
+      case "joined":
+        if (typeof frame.stream === "string" && isPosition(frame)) {
+          this.positions[frame.stream] = { epoch: frame.epoch, offset: frame.offset };
+        }
+        return;
+      case "left":
+        delete this.positions[frame.stream];
+        return;
+      case "resumed": {
+        const streams = asObject(frame.streams);
+        if (this._resuming) {
+          // a requested stream the node did not answer for: the connection is not in it (any more),
+          // unless this connection's welcome has it
+          const { requested, welcomed } = this._resuming;
+          for (const stream of requested.filter((s) => !(s in streams))) {
+            if (welcomed[stream]) this.positions[stream] = welcomed[stream];
+            else delete this.positions[stream];
+          }
+          this._resuming = null;
+        }
+        for (const [stream, answer] of Object.entries(streams)) {
+          if (isPosition(answer)) this.positions[stream] = { epoch: answer.epoch, offset: answer.offset };
+        }
+        this.resumed = { recovered: frame.recovered === true, streams };
+        if (o.onResumed) o.onResumed(this.resumed);
+        return;
+      }
+      default:
+    }
   }
 
   _retry(event, url) {
@@ -153,9 +288,12 @@ export class FanoutClient {
     const code = event.code;
     this.closeCode = code;
     const again = !this._stopped && o.reconnect && o.shouldReconnect(code, event.reason);
-    const delay = again ? backoff(this.failures, o.minDelay, o.maxDelay) : null;
+    // 3010: at once, once per stable connection (a node that keeps answering 3010 gets the backoff)
+    const quick = again && code === INSUFFICIENT_STATE && !this._quick;
+    const delay = again ? (quick ? 0 : backoff(this.failures, o.minDelay, o.maxDelay)) : null;
+    if (quick) this._quick = true;
+    else if (again) this.failures += 1;
     if (again) {
-      this.failures += 1;
       this.index = (this.index + 1) % this.urls.length;
       this.state = "waiting";
       this._timer = setTimeout(() => this._attempt(o.getToken ? null : o.token), delay);
@@ -182,6 +320,42 @@ export function withToken(url, param = "token", token = null) {
   else if (u.protocol === "https:") u.protocol = "wss:";
   if (token != null) u.searchParams.set(param, token);
   return u.href;
+}
+
+function asObject(value) {
+  return value && typeof value === "object" ? value : {};
+}
+
+function isPosition(value) {
+  return !!value && typeof value.epoch === "string" && typeof value.offset === "number";
+}
+
+function positionsOf(streams) {
+  const positions = {};
+  for (const [stream, p] of Object.entries(asObject(streams))) {
+    if (isPosition(p)) positions[stream] = { epoch: p.epoch, offset: p.offset };
+  }
+  return positions;
+}
+
+/** base64 text as a Uint8Array (fanout.v1's `data_b64`). */
+export function fromBase64(text) {
+  const chars = atob(text);
+  const bytes = new Uint8Array(chars.length);
+  for (let i = 0; i < chars.length; i += 1) bytes[i] = chars.charCodeAt(i);
+  return bytes;
+}
+
+/** An ArrayBuffer or a typed array as base64 text. */
+export function toBase64(data) {
+  const bytes = ArrayBuffer.isView(data)
+    ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+    : new Uint8Array(data);
+  let chars = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    chars += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(chars);
 }
 
 export default connect;

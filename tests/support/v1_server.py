@@ -86,12 +86,13 @@ class Scripted:
             frame["streams"] = streams
         await self.send(frame)
 
-    async def resumed(self, streams: dict[str, tuple[bool, str, int]]) -> None:
-        """``resumed``: per stream (recovered, epoch, offset); recovered overall if every one is."""
+    async def resumed(self, streams: dict[str, tuple[bool, str, int]], recovered: bool | None = None) -> None:
+        """``resumed``: per stream (recovered, epoch, offset); recovered overall if every one is (or
+        ``recovered``: an unknown token answers false with no stream)."""
         await self.send(
             {
                 "type": "resumed",
-                "recovered": all(r for r, _, _ in streams.values()),
+                "recovered": all(r for r, _, _ in streams.values()) if recovered is None else recovered,
                 "streams": {s: {"recovered": r, "epoch": e, "offset": o} for s, (r, e, o) in streams.items()},
             }
         )
