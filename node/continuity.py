@@ -125,7 +125,9 @@ class Continuity:
         )
         return frozenset(streams) if streams else NO_STREAMS
 
-    async def refresh(self, conn: StreamMember, *, announce: bool = True) -> dict[str, tuple[str, int]]:
+    async def refresh(
+        self, conn: StreamMember, *, announce: bool = True, cache: bool = True
+    ) -> dict[str, tuple[str, int]]:
         """``conn``'s history streams after a membership change: tracking starts for streams it brought
         to this node; a v1 connection gets ``joined``/``left`` (when ``announce``); a cache stream it
         entered sends it its latest message. Returns the positions of the streams it entered."""
@@ -152,11 +154,16 @@ class Continuity:
             floor = conn.floor if conn.floor is not None else {}
             floor.update({s: off for s, (_, off) in entered.items()})
             conn.floor = floor or None
-        for stream in entered:
-            if self.policy.is_cache(stream):
-                await self._send_latest(conn, stream)
+        if cache:
+            await self.send_cached(conn, entered)
         self.changed(conn)
         return entered
+
+    async def send_cached(self, conn: StreamMember, streams: Iterable[str]) -> None:
+        """The latest message of each cache stream of ``streams`` (within its TTL), as an ordinary frame."""
+        for stream in streams:
+            if self.policy.is_cache(stream):
+                await self._send_latest(conn, stream)
 
     def left_table(self, streams: Iterable[str]) -> None:
         """A connection left the table: streams without local members stop being tracked."""
@@ -314,7 +321,7 @@ class Continuity:
 
     async def welcome(self, conn: StreamMember) -> Frame:
         """A v1 connection's welcome: positions of the streams it is in, and a resume token (with a store)."""
-        positions = await self.refresh(conn, announce=False)
+        positions = await self.refresh(conn, announce=False, cache=False)
         welcome: dict[str, Any] = {"type": "welcome", "client_id": conn.client_id}
         if self.store is not None:
             conn.token = secrets.token_urlsafe(24)

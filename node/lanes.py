@@ -150,13 +150,15 @@ class Lanes(Generic[C]):
         continuity = self.hub.continuity
         welcome = None
         if conn.v1 and continuity is not None:
-            welcome = await continuity.welcome(conn)
+            welcome = await continuity.welcome(conn)  # the positions of its streams, its resume token
         elif continuity is not None:
-            await continuity.refresh(conn)
+            await continuity.refresh(conn, cache=False)
         if welcome is None and self.welcome:
             welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
         if welcome is not None and conn.push(welcome):
             self.metrics.count_frames(1, len(welcome))
+        if continuity is not None:
+            await continuity.send_cached(conn, conn.streams)  # cache targets' latest, after the welcome
         if self.events is not None:
             self.events.opened(conn)
             conn.forwarded = True

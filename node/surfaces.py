@@ -10,7 +10,7 @@ the node as :class:`AppNode` (``conn.node``); the HTTP side sees the node as :cl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -122,7 +122,11 @@ class ContinuitySide(Protocol):
 
     async def welcome(self, conn: Any) -> Frame: ...
 
-    async def refresh(self, conn: Any, *, announce: bool = True) -> dict[str, tuple[str, int]]: ...
+    async def refresh(
+        self, conn: Any, *, announce: bool = True, cache: bool = True
+    ) -> dict[str, tuple[str, int]]: ...
+
+    async def send_cached(self, conn: Any, streams: Iterable[str]) -> None: ...
 
     async def resume(
         self, conn: Any, request: Resume, restore: Callable[[Any, dict[str, Any]], Any]

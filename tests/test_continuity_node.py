@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from fanout import Settings, naming, protocol
+from fanout import ServerUtil, Settings, naming, protocol
 from fanout.backends.store import MemoryStore, StoredSend
 from fanout.commands import Send, Target
 from fanout.history import new_send_id
@@ -153,3 +153,113 @@ async def test_resume_replays_what_was_missed_then_goes_live(make_node: MakeNode
     assert (await frame(ws3))["recovered"] is False
     await ws2.close()
     await ws3.close()
+
+
+async def resume(ws: ClientConnection, welcome: dict[str, Any], offsets: dict[str, int]) -> None:
+    streams = {
+        s: {"epoch": welcome["streams"][s]["epoch"], "offset": offset} for s, offset in offsets.items()
+    }
+    await ws.send(orjson.dumps({"type": "resume", "token": welcome["resume"], "streams": streams}).decode())
+
+
+async def test_joined_and_left_follow_membership_calls(make_node: MakeNode) -> None:
+    node = await make_node(app=StreamsApp(), settings=settings())
+    ws, welcome = await v1(node)
+    assert welcome["streams"] == {}
+    pub = Publisher(node)
+    await pub.send("h-4", "before")  # before it joins: not for it, and its position starts after it
+    async with ServerUtil(settings=node.settings) as util:
+        assert await util.join_group(welcome["client_id"], ["h-4", "plain"]) is True
+        joined = await frame(ws)  # sent before join_group returned
+        assert joined == {"type": "joined", "stream": "group:h-4", "epoch": joined["epoch"], "offset": 1}
+        await pub.send("h-4", "after")
+        assert await frame(ws) == {"type": "message", "data": "after", "streams": {"group:h-4": 2}}
+        await util.send_to_group("plain", "not a history group")
+        assert await frame(ws) == {"type": "message", "data": "not a history group"}
+        assert await util.bind(welcome["client_id"], "u9") is True
+        assert (await frame(ws))["stream"] == "flag:u9"
+        assert await util.leave_group(welcome["client_id"], "h-4") is True
+        assert await frame(ws) == {"type": "left", "stream": "group:h-4"}
+    await ws.close()
+
+
+async def test_cache_targets_give_a_newcomer_the_latest_message(make_node: MakeNode) -> None:
+    node = await make_node(app=StreamsApp(), settings=settings(cache="group:price-*"))
+    pub = Publisher(node)
+    await pub.send("price-eur", {"bid": 1})
+    await pub.send("price-eur", {"bid": 2})
+    raw = await connect(f"ws://127.0.0.1:{node.port}/?groups=price-eur")
+    assert set(orjson.loads(await recv(raw))) == {"type", "client_id"}  # the welcome first
+    assert orjson.loads(await recv(raw)) == {"bid": 2}
+    ws, welcome = await v1(node, "groups=price-eur")
+    assert welcome["streams"]["group:price-eur"]["offset"] == 2
+    assert await frame(ws) == {"type": "message", "data": {"bid": 2}}
+    assert await nothing_more(raw) and await nothing_more(ws)
+    await raw.close()
+    await ws.close()
+
+
+async def test_not_recovered_when_more_than_the_history_was_missed(make_node: MakeNode) -> None:
+    s = settings(history_size=3)
+    node = await make_node(app=StreamsApp(), settings=s)
+    ws, welcome = await v1(node, "user=bob&groups=h-5,h-6")
+    ws.transport.abort()
+    pub = Publisher(node)
+    for i in range(5):
+        await pub.send("h-5", i)  # 5 sends, 3 kept: h-5 cannot be recovered
+    await pub.send("h-6", "kept")
+    ws2, _ = await v1(node, "user=bob")
+    await resume(ws2, welcome, {"group:h-5": 0, "group:h-6": 0})
+    replayed = await frame(ws2)
+    assert replayed == {"type": "message", "data": "kept", "streams": {"group:h-6": 1}}
+    resumed = await frame(ws2)
+    assert resumed["type"] == "resumed" and resumed["recovered"] is False
+    assert resumed["streams"]["group:h-5"] == {
+        "recovered": False,
+        "epoch": welcome["streams"]["group:h-5"]["epoch"],
+        "offset": 5,
+    }
+    assert resumed["streams"]["group:h-6"]["recovered"] is True
+    await pub.send("h-5", "live")
+    assert await frame(ws2) == {"type": "message", "data": "live", "streams": {"group:h-5": 6}}
+    await ws2.close()
+
+
+async def test_a_token_restores_nothing_for_another_user_a_forgery_or_twice(make_node: MakeNode) -> None:
+    node = await make_node(app=StreamsApp(), settings=settings())
+    ws, welcome = await v1(node, "user=carol&groups=h-7")
+    ws.transport.abort()
+    await asyncio.sleep(0.1)
+    for who, token in (("mallory", welcome["resume"]), ("carol", "forged-" + welcome["resume"][7:])):
+        other, _ = await v1(node, f"user={who}")
+        await other.send(orjson.dumps({"type": "resume", "token": token, "streams": {}}).decode())
+        assert await frame(other) == {"type": "resumed", "recovered": False, "streams": {}}
+        async with ServerUtil(settings=node.settings) as util:
+            assert await util.get_groups() == []  # nothing restored
+        await other.close()
+    # the other user's attempt did not use the token up: carol still resumes
+    ws2, _ = await v1(node, "user=carol")
+    await resume(ws2, welcome, {"group:h-7": 0})
+    assert (await frame(ws2))["recovered"] is True
+    assert node.metrics.resumes == 1 and node.metrics.resumes_refused == 2
+    await ws2.close()
+
+
+async def test_entries_gone_before_the_node_delivered_them_close_v1_members_with_3010(
+    make_node: MakeNode,
+) -> None:
+    node = await make_node(app=StreamsApp(), settings=settings(history_size=2))
+    ws, _ = await v1(node, "groups=h-8")
+    raw = await connect(f"ws://127.0.0.1:{node.port}/?groups=h-8")
+    await recv(raw)
+    pub = Publisher(node)
+    for i in range(4):
+        await pub.send("h-8", i, publish=False)  # 4 lost on the bus, only 2 kept
+    await pub.send("h-8", "live")
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await recv(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010
+    assert [orjson.loads(await recv(raw)) for _ in range(2)] == [3, "live"]  # what is left, in order
+    assert node.metrics.missed_by_raw == 1 and node.metrics.insufficient_state_closes == 1
+    await raw.close()
