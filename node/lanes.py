@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from fanout.events import EventKind
 from fanout.exceptions import FanoutError
 
-from .frames import CloseCode, encode_frame
+from .frames import CloseCode, WebsocketError, encode_frame
 from .surfaces import LaneConnection
+from .v1 import Resume, read_client_frame
 
 if TYPE_CHECKING:
     from fanout.admission import Admit
@@ -76,8 +77,23 @@ class Lanes(Generic[C]):
 
     def received(self, conn: C, message: str | bytes) -> None:
         """A message from an open connection (in its order; its frames were rate-limited as they were
-        read): to its lane if the application or the worker tier reads messages."""
+        read): to its lane if the application or the worker tier reads messages. A fanout.v1 client's
+        frame is unwrapped first; its ``resume`` goes to the lane (only as its first frame), whatever else
+        it sends that is not a v1 ``message`` closes it (1008)."""
         self.metrics.client_messages += 1
+        if conn.v1:
+            try:
+                unwrapped = read_client_frame(message)
+                if isinstance(unwrapped, Resume) and (conn.resumed or self.hub.continuity is None):
+                    raise WebsocketError(CloseCode.POLICY_VIOLATION, "resume only as the first frame")
+            except WebsocketError as error:
+                conn.start_close(error.code, error.reason)
+                return
+            conn.resumed = True
+            if isinstance(unwrapped, Resume):
+                conn.queue(unwrapped)
+                return
+            message = unwrapped
         if self._on_message is not None or self._forwarder is not None:
             conn.queue(message)
 
@@ -131,10 +147,18 @@ class Lanes(Generic[C]):
         connection that cannot go on is closed (1013 identity not applied, 1011 ``on_open`` raised)."""
         if admit is not None and not await self._admit(conn, admit):
             return
-        if self.welcome:
+        continuity = self.hub.continuity
+        welcome = None
+        if conn.v1 and continuity is not None:
+            welcome = await continuity.welcome(conn)  # the positions of its streams, its resume token
+        elif continuity is not None:
+            await continuity.refresh(conn, cache=False)
+        if welcome is None and self.welcome:
             welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
-            if conn.push(welcome):
-                self.metrics.count_frames(1, len(welcome))
+        if welcome is not None and conn.push(welcome):
+            self.metrics.count_frames(1, len(welcome))
+        if continuity is not None:
+            await continuity.send_cached(conn, conn.streams)  # cache targets' latest, after the welcome
         if self.events is not None:
             self.events.opened(conn)
             conn.forwarded = True
@@ -157,7 +181,11 @@ class Lanes(Generic[C]):
             return False
         return True
 
-    async def _message(self, conn: C, data: str | bytes) -> None:
+    async def _message(self, conn: C, data: str | bytes | Resume) -> None:
+        if isinstance(data, Resume):
+            if self.hub.continuity is not None:
+                await self.hub.continuity.resume(conn, data, self._restore)
+            return
         forwarder = self._forwarder
         if forwarder is not None:
             if not forwarder.has_room(conn):
@@ -169,6 +197,19 @@ class Lanes(Generic[C]):
             forwarder.message(conn, data)
         if self._on_message is not None:
             await self.call_app("on_message", conn, data)
+
+    async def _restore(self, conn: C, state: dict[str, Any]) -> None:
+        """A resume's record: the old connection's groups, flag and session (admission's keys win)."""
+        hub, table = self.hub, self.hub.table
+        session = table.sessions.get(conn.client_id)
+        if session is not None and isinstance(state.get("s"), dict):
+            table.sessions[conn.client_id] = {**state["s"], **session}
+        groups = [g for g in state.get("g") or () if isinstance(g, str)]  # its flag is the same (claimed so)
+        if groups:
+            await hub.apply_change(table.join(conn.client_id, groups))
+        old = state.get("c")
+        if isinstance(old, str) and old != conn.client_id:  # if it is still open somewhere, it goes
+            hub.spawn(hub.util.close(old, 1000, "resumed elsewhere", wait=False), "close resumed")
 
     async def _closed(self, conn: C) -> None:
         self.hub.forget(conn)

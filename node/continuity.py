@@ -1,0 +1,452 @@
+"""The node's side of continuity (docs/continuity.md): history streams, fanout.v1, resume, positioning.
+
+It owns, for this node: which history streams each connection is in (``conn.streams``) and the
+``joined``/``left`` frames when that changes; the position of every stream with local members
+(:class:`~fanout.positioning.Positioning`, fed by the hub with every stored send, reading what it missed
+from the store); the v1 ``message`` envelopes (built once per command per distinct set of streams); cache
+targets' latest message for newcomers; the resume records of its v1 connections and the resume itself.
+
+The hub delivers through :meth:`Continuity.push` (a v1 connection's frame) and hands it every send with
+positions (:meth:`offer`); the lanes ask it for the welcome (:meth:`welcome`) and hand it ``resume``
+frames (:meth:`resume`); the connection and the hub call :meth:`refresh` after membership changes and
+:meth:`ended` when a connection leaves the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from fanout.backends.store import HistoryStore
+from fanout.commands import Send
+from fanout.config import Settings
+from fanout.exceptions import FanoutError
+from fanout.history import ALL_STREAM, FLAG_PREFIX, GROUP_PREFIX, merge_replay
+from fanout.positioning import RETRY_AFTER, Delivery, Out, Positioning
+from fanout.table import ConnectionTable
+
+from .frames import CloseCode, Frame, encode_frame
+from .metrics import Metrics
+from .v1 import Resume, control_frame, message_frame, positions_json
+
+if TYPE_CHECKING:
+    from .surfaces import StreamMember
+
+log = logging.getLogger("fanout.node")
+
+#: seconds between checks of quiet streams against the store (SPEC: at least every 30 s), and between
+#: refreshes of the live connections' resume records
+QUIET_CHECK = 15.0
+#: a resume record outlives its last refresh by FANOUT_RESUME_TTL plus this (a killed node's clients
+#: can resume for at least FANOUT_RESUME_TTL after its death)
+RECORD_SLACK = 2 * QUIET_CHECK
+NO_STREAMS: frozenset[str] = frozenset()
+
+
+class Continuity:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: HistoryStore | None,
+        table: ConnectionTable[Any],
+        metrics: Metrics,
+        spawn: Callable[[Coroutine[Any, Any, Any], str], None],
+        deliver: Callable[[Send, list[Any] | None, tuple[str, ...] | None], int],
+    ) -> None:
+        self.settings = settings
+        self.policy = settings.policy
+        self.store = store
+        self.table = table
+        self.metrics = metrics
+        self.spawn = spawn
+        self._deliver = deliver
+        self.positioning = Positioning()
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()  #: resume records being written
+
+    @property
+    def history(self) -> bool:
+        return self.policy.enabled
+
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.store.connect()
+            self._loop_task = asyncio.create_task(self._every_while(), name="continuity")
+
+    async def stop(self) -> None:
+        """Write the resume records still being written (the clients the node just closed), disconnect."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=self.settings.publish_timeout)
+        if self.store is not None:
+            await self.store.close()
+
+    def _write(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine, name="resume record")
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("resume record not written: %s", task.exception())
+
+    # ------------------------------------------------------------------ membership -> streams
+
+    def member_ids(self, stream: str) -> Iterable[str]:
+        """The client ids of ``stream``'s local members."""
+        table = self.table
+        if stream == ALL_STREAM:
+            return table.connections.keys()
+        if stream.startswith(GROUP_PREFIX):
+            return table.group_members(stream[len(GROUP_PREFIX) :])
+        return table.flag_holders(stream[len(FLAG_PREFIX) :])
+
+    def members(self, stream: str) -> list[StreamMember]:
+        table = self.table
+        return [c for cid in self.member_ids(stream) if (c := table.get(cid)) is not None]
+
+    def streams_now(self, client_id: str) -> frozenset[str]:
+        if client_id not in self.table:
+            return NO_STREAMS
+        streams = self.policy.streams_of_member(
+            self.table.groups_of(client_id), self.table.flag_of(client_id)
+        )
+        return frozenset(streams) if streams else NO_STREAMS
+
+    async def refresh(
+        self, conn: StreamMember, *, announce: bool = True, cache: bool = True
+    ) -> dict[str, tuple[str, int]]:
+        """``conn``'s history streams after a membership change: tracking starts for streams it brought
+        to this node; a v1 connection gets ``joined``/``left`` (when ``announce``); a cache stream it
+        entered sends it its latest message. Returns the positions of the streams it entered."""
+        before, now = conn.streams, self.streams_now(conn.client_id)
+        if before == now or not self.history:
+            self.changed(conn)
+            return {}
+        conn.streams = now
+        entered = {}
+        for stream in now - before:
+            position = await self._position(stream)
+            if position is not None:
+                entered[stream] = position
+        for stream in before - now:
+            if conn.v1 and announce and conn.open:
+                conn.push(control_frame({"type": "left", "stream": stream}))
+            self._maybe_end(stream)
+        if conn.v1 and announce and conn.open:
+            for stream, (epoch, offset) in entered.items():
+                conn.push(
+                    control_frame({"type": "joined", "stream": stream, "epoch": epoch, "offset": offset})
+                )
+        if conn.v1:
+            floor = conn.floor if conn.floor is not None else {}
+            floor.update({s: off for s, (_, off) in entered.items()})
+            conn.floor = floor or None
+        if cache:
+            await self.send_cached(conn, entered)
+        self.changed(conn)
+        return entered
+
+    async def send_cached(self, conn: StreamMember, streams: Iterable[str]) -> None:
+        """The latest message of each cache stream of ``streams`` (within its TTL), as an ordinary frame."""
+        for stream in streams:
+            if self.policy.is_cache(stream):
+                await self._send_latest(conn, stream)
+
+    def left_table(self, streams: Iterable[str]) -> None:
+        """A connection left the table: streams without local members stop being tracked."""
+        for stream in streams:
+            self._maybe_end(stream)
+
+    def _maybe_end(self, stream: str) -> None:
+        if stream in self.positioning and not self.members(stream):
+            self._ready.pop(stream, None)
+            self._act(self.positioning.end(stream))
+
+    async def _position(self, stream: str) -> tuple[str, int] | None:
+        """This node's position of ``stream``, tracking it from now on if it did not."""
+        if self.store is None:
+            return None
+        if self.positioning.begin(stream):
+            self._ready[stream] = asyncio.get_running_loop().create_future()
+            self.spawn(self._begin(stream), "stream position")
+        ready = self._ready.get(stream)
+        if ready is not None and not ready.done():
+            await asyncio.shield(ready)
+        return self.positioning.position(stream)
+
+    async def _begin(self, stream: str) -> None:
+        assert self.store is not None
+        delay = 0.1
+        while stream in self.positioning:
+            try:
+                epoch, offset = (await self.store.positions([stream]))[stream]
+                break
+            except FanoutError as exc:
+                log.warning("position of %s not read: %s; again in %gs", stream, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+        else:
+            return
+        out = self.positioning.ready(stream, epoch, offset)
+        ready = self._ready.pop(stream, None)
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+        await asyncio.sleep(0)  # the connections waiting for this position announce it first
+        self._act(out)
+
+    async def _send_latest(self, conn: StreamMember, stream: str) -> None:
+        assert self.store is not None
+        try:
+            page = await self.store.read(stream, None, 1)
+        except FanoutError as exc:
+            log.warning("latest message of cache stream %s not read: %s", stream, exc)
+            return
+        for entry in page.entries:
+            if conn.v1:
+                frame = message_frame(entry.payload, entry.binary, entry.json, None)
+            else:
+                frame = encode_frame(entry.payload, entry.binary)
+            if conn.push(frame):
+                self.metrics.count_frames(1, len(frame))
+
+    # ------------------------------------------------------------------ delivery
+
+    def offer(self, send: Send) -> int:
+        """A send with positions from the bus: delivered now, or held until what it follows is in."""
+        out = self.positioning.offer(send)
+        return self._act(out)
+
+    def _act(self, out: Out) -> int:
+        reached = 0
+        for stream in out.lost:
+            self._lost(stream)
+        for delivery in out.released:
+            reached += self._deliver_one(delivery)
+        for stream, since, limit in out.fetch:
+            self.spawn(self._fetch(stream, since, limit, 0.0), "history read")
+        for stream, since, limit in out.retry:
+            self.spawn(self._fetch(stream, since, limit, RETRY_AFTER), "history read")
+        return reached
+
+    def _deliver_one(self, delivery: Delivery) -> int:
+        """A send positioning released: to its target, or (read back from the store) to the local members
+        of the streams it was read from."""
+        send, via = delivery.send, delivery.via
+        if via is None:
+            return self._deliver(send, None, None)
+        exclude, seen, conns = set(send.exclude), set(), []
+        for stream in via:
+            for cid in self.member_ids(stream):
+                if cid not in exclude and cid not in seen and (conn := self.table.get(cid)) is not None:
+                    seen.add(cid)
+                    conns.append(conn)
+        return self._deliver(send, conns, via)
+
+    async def _fetch(self, stream: str, since: int, limit: int, wait: float) -> None:
+        assert self.store is not None
+        delay = 0.1
+        if wait:
+            await asyncio.sleep(wait)
+        while stream in self.positioning:
+            try:
+                page = await self.store.read(stream, since, limit)
+            except FanoutError as exc:
+                log.warning("history of %s not read: %s; again in %gs", stream, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            self.metrics.history_reads += 1
+            self._act(self.positioning.fetched(stream, since, page))
+            return
+
+    def _lost(self, stream: str) -> None:
+        """Entries of ``stream`` are gone before this node delivered them: v1 members resume (3010),
+        raw members are counted as having missed them."""
+        log.warning("history stream %s lost entries this node had not delivered", stream)
+        for conn in self.members(stream):
+            if conn.v1:
+                self.metrics.insufficient_state_closes += 1
+                conn.start_close(CloseCode.INSUFFICIENT_STATE, "insufficient state")
+            else:
+                self.metrics.missed_by_raw += 1
+
+    def push(
+        self,
+        conn: StreamMember,
+        send: Send,
+        frames: dict[frozenset[str], Frame],
+        batch: list[Any] | None,
+        via: tuple[str, ...] | None = None,
+    ) -> bool:
+        """Write ``send`` to a v1 connection: its envelope with the offsets of the connection's streams
+        (built once per distinct set of streams: ``frames``); held while the connection resumes."""
+        if conn.held is not None:
+            conn.held.append((send, via))
+            return True
+        positions = send.positions
+        mine: frozenset[str] = NO_STREAMS
+        if positions and conn.streams:
+            mine = conn.streams.intersection(positions if via is None else via)
+            floor = conn.floor
+            if floor and mine:
+                passed = {s for s in mine if s in floor and positions[s][1] <= floor[s]}
+                for s in mine - passed:
+                    floor.pop(s, None)
+                if not floor:
+                    conn.floor = None
+                if passed:
+                    if passed == mine:
+                        return False  # it has this one already (replayed, or before its position)
+                    mine = mine - passed
+        frame = frames.get(mine)
+        if frame is None:
+            offsets = {s: positions[s][1] for s in mine} if positions and mine else None
+            frame = frames[mine] = message_frame(send.payload, send.binary, send.json, offsets)
+        return conn.push(frame, batch)
+
+    # ------------------------------------------------------------------ welcome, records, resume
+
+    async def welcome(self, conn: StreamMember) -> Frame:
+        """A v1 connection's welcome: positions of the streams it is in, and a resume token (with a store)."""
+        positions = await self.refresh(conn, announce=False, cache=False)
+        welcome: dict[str, Any] = {"type": "welcome", "client_id": conn.client_id}
+        if self.store is not None:
+            conn.token = secrets.token_urlsafe(24)
+            welcome["resume"] = conn.token
+            self.changed(conn)
+        welcome["streams"] = positions_json(positions)
+        return control_frame(welcome)
+
+    def changed(self, conn: StreamMember) -> None:
+        """Write ``conn``'s resume record as it is now."""
+        if conn.token is not None and self.store is not None and conn.open:
+            self._write(self._save(conn, self.settings.resume_ttl + RECORD_SLACK))
+
+    def _record(self, conn: StreamMember) -> tuple[str | None, bytes]:
+        table, cid = self.table, conn.client_id
+        flag = table.flag_of(cid)
+        groups = sorted(table.groups_of(cid))
+        if cid not in table:  # it left the table: what it had last
+            flag, groups_set = conn.identity()
+            groups = sorted(groups_set)
+        record = {"c": cid, "f": flag, "g": groups, "s": conn.session, "t": time.time()}
+        return flag, orjson.dumps(record, default=repr)
+
+    async def _save(self, conn: StreamMember, ttl: float) -> None:
+        assert self.store is not None and conn.token is not None
+        flag, record = self._record(conn)
+        try:
+            await self.store.save_resume(conn.token, flag, record, ttl)
+        except FanoutError as exc:
+            log.warning("resume record of %s not saved: %s", conn.client_id, exc)
+
+    def ended(self, conn: StreamMember, resumable: bool) -> None:
+        """``conn`` left the table: its record stays for FANOUT_RESUME_TTL if it may come back."""
+        if conn.token is None or self.store is None:
+            return
+        token, conn.token = conn.token, None
+        if resumable:
+            flag, record = self._record(conn)
+            self._write(self.store.save_resume(token, flag, record, self.settings.resume_ttl))
+        else:
+            self._write(self.store.drop_resume(token))
+
+    @staticmethod
+    def resumable(sent_code: int, received_code: int) -> bool:
+        """Whether a connection that ended so may resume (SPEC: not when the client closed it, nor when the
+        application or ServerUtil did): the link dropped (no close frame either way; a too slow client cut
+        off), the node went away (1001), the keepalive failed (1011, no answer), its state was lost (3010)."""
+        if sent_code == 0:
+            return received_code == CloseCode.ABNORMAL_CLOSURE
+        return sent_code in (CloseCode.GOING_AWAY, CloseCode.INSUFFICIENT_STATE) or (
+            sent_code == CloseCode.INTERNAL_ERROR and received_code == CloseCode.ABNORMAL_CLOSURE
+        )
+
+    async def _every_while(self) -> None:
+        """Quiet streams checked against the store; live records refreshed."""
+        while True:
+            await asyncio.sleep(QUIET_CHECK)
+            try:
+                await self.catch_up()
+            except FanoutError as exc:
+                log.warning("history positions not checked: %s", exc)
+            for conn in list(self.table.connections.values()):
+                if getattr(conn, "token", None) is not None:
+                    self.changed(conn)
+
+    async def catch_up(self) -> None:
+        """Read what every tracked stream missed (after a re-subscription; and every QUIET_CHECK)."""
+        streams = [s for s in self.positioning.streams if self.positioning.position(s) is not None]
+        if self.store is None or not streams:
+            return
+        for stream, (epoch, top) in (await self.store.positions(streams)).items():
+            self._act(self.positioning.check(stream, epoch, top))
+
+    async def resume(
+        self, conn: StreamMember, request: Resume, restore: Callable[[StreamMember, dict[str, Any]], Any]
+    ) -> None:
+        """A v1 client's ``resume``: its old state back (``restore``: groups, flag, session), then what
+        it missed in each stream it asked for, then ``resumed``, then what arrived meanwhile."""
+        conn.held = []
+        record = None
+        if self.store is not None:
+            try:
+                record = await self.store.claim_resume(request.token, self.table.flag_of(conn.client_id))
+            except FanoutError as exc:
+                log.warning("resume of %s: record not read: %s", conn.client_id, exc)
+        state = orjson.loads(record) if record is not None else None
+        if state is None:
+            self.metrics.resumes_refused += 1
+        else:
+            self.metrics.resumes += 1
+            await restore(conn, state)
+        conn.resumed = True
+        for stream, (epoch, offset) in (await self.refresh(conn, announce=False)).items():
+            if stream not in request.streams:  # streams it is in now that it did not ask for
+                conn.push(
+                    control_frame({"type": "joined", "stream": stream, "epoch": epoch, "offset": offset})
+                )
+        report: dict[str, Any] = {}
+        streams = {s: p for s, p in request.streams.items() if s in conn.streams}
+        pages = {}
+        for stream, (epoch, since) in streams.items():
+            assert self.store is not None
+            page = await self.store.read(stream, since, self.settings.recovery_max + 1)
+            ok = (
+                state is not None
+                and page.epoch == epoch
+                and page.complete_after(since)
+                and len(page.entries) <= self.settings.recovery_max
+            )
+            last = page.entries[-1].offset if ok and page.entries else since
+            report[stream] = {"recovered": ok, "epoch": page.epoch, "offset": last if ok else page.offset}
+            if ok:
+                pages[stream] = page
+        old = state["c"] if state is not None else None
+        for sent in merge_replay(pages):
+            if old is not None and old in sent.exclude:
+                continue
+            frame = message_frame(sent.payload, sent.binary, sent.json, sent.offsets)
+            if conn.push(frame):
+                self.metrics.count_frames(1, len(frame))
+        recovered = state is not None and all(r["recovered"] for r in report.values())
+        conn.push(control_frame({"type": "resumed", "recovered": recovered, "streams": report}))
+        floor = conn.floor if conn.floor is not None else {}
+        floor.update({s: r["offset"] for s, r in report.items()})
+        conn.floor = floor or None
+        held, conn.held = conn.held, None
+        for send, via in held or ():
+            self.push(conn, send, {}, None, via)
