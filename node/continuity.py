@@ -326,7 +326,7 @@ class Continuity:
         if self.store is not None:
             conn.token = secrets.token_urlsafe(24)
             welcome["resume"] = conn.token
-            self.changed(conn)
+            self._write(self._save(conn, self.settings.resume_ttl + RECORD_SLACK, create=True))
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
 
@@ -345,11 +345,11 @@ class Continuity:
         record = {"c": cid, "f": flag, "g": groups, "s": conn.session, "t": time.time()}
         return flag, orjson.dumps(record, default=repr)
 
-    async def _save(self, conn: StreamMember, ttl: float) -> None:
+    async def _save(self, conn: StreamMember, ttl: float, create: bool = False) -> None:
         assert self.store is not None and conn.token is not None
         flag, record = self._record(conn)
         try:
-            await self.store.save_resume(conn.token, flag, record, ttl)
+            await self.store.save_resume(conn.token, flag, record, ttl, create=create)
         except FanoutError as exc:
             log.warning("resume record of %s not saved: %s", conn.client_id, exc)
 
@@ -397,7 +397,7 @@ class Continuity:
 
     async def resume(
         self, conn: StreamMember, request: Resume, restore: Callable[[StreamMember, dict[str, Any]], Any]
-    ) -> None:
+    ) -> str | None:
         """A v1 client's ``resume``: its old state back (``restore``: groups, flag, session), then what
         it missed in each stream it asked for, then ``resumed``, then what arrived meanwhile."""
         conn.held = []
@@ -450,3 +450,4 @@ class Continuity:
         held, conn.held = conn.held, None
         for send, via in held or ():
             self.push(conn, send, {}, None, via)
+        return old if isinstance(old, str) else None
