@@ -287,35 +287,49 @@ class Continuity:
         self,
         conn: StreamMember,
         send: Send,
-        frames: dict[frozenset[str], Frame],
+        frames: dict[Any, Frame],
         batch: list[Any] | None,
         via: tuple[str, ...] | None = None,
     ) -> bool:
-        """Write ``send`` to a v1 connection: its envelope with the offsets of the connection's streams
-        (built once per distinct set of streams: ``frames``); held while the connection resumes."""
+        """Write ``send`` to a v1 connection: its envelope with the offsets of the connection's streams,
+        built once per distinct set of streams (``frames``: the send's envelopes, by the connections'
+        stream sets and by the offsets they carry); held while the connection resumes."""
         if conn.held is not None:
             conn.held.append((send, via))
             return True
-        positions = send.positions
-        mine: frozenset[str] = NO_STREAMS
-        if positions and conn.streams:
-            mine = conn.streams.intersection(positions if via is None else via)
-            floor = conn.floor
-            if floor and mine:
-                passed = {s for s in mine if s in floor and positions[s][1] <= floor[s]}
-                for s in mine - passed:
-                    floor.pop(s, None)
-                if not floor:
-                    conn.floor = None
-                if passed:
-                    if passed == mine:
-                        return False  # it has this one already (replayed, or before its position)
-                    mine = mine - passed
-        frame = frames.get(mine)
+        if conn.floor is None:
+            frame = frames.get(conn.streams)
+            if frame is None:
+                frame = frames[conn.streams] = self._envelope(send, frames, self._mine(conn, send, via))
+            return conn.push(frame, batch)
+        mine, floor, positions = self._mine(conn, send, via), conn.floor, send.positions or {}
+        passed = {s for s in mine if s in floor and positions[s][1] <= floor[s]}
+        for s in mine - passed:
+            floor.pop(s, None)
+        if not floor:
+            conn.floor = None
+        if passed:
+            if passed == mine:
+                return False  # it has this one already (replayed, or before its position)
+            mine = mine - passed
+        return conn.push(self._envelope(send, frames, mine), batch)
+
+    @staticmethod
+    def _mine(conn: StreamMember, send: Send, via: tuple[str, ...] | None) -> frozenset[str]:
+        """The connection's streams this send carries an offset for (``via``: only those)."""
+        if not send.positions or not conn.streams:
+            return NO_STREAMS
+        return conn.streams.intersection(send.positions if via is None else via)
+
+    @staticmethod
+    def _envelope(send: Send, frames: dict[Any, Frame], mine: frozenset[str]) -> Frame:
+        key = ("offsets", mine)
+        frame = frames.get(key)
         if frame is None:
+            positions = send.positions
             offsets = {s: positions[s][1] for s in mine} if positions and mine else None
-            frame = frames[mine] = message_frame(send.payload, send.binary, send.json, offsets)
-        return conn.push(frame, batch)
+            frame = frames[key] = message_frame(send.payload, send.binary, send.json, offsets)
+        return frame
 
     # ------------------------------------------------------------------ welcome, records, resume
 
@@ -326,7 +340,7 @@ class Continuity:
         if self.store is not None:
             conn.token = secrets.token_urlsafe(24)
             welcome["resume"] = conn.token
-            self.changed(conn)
+            self._write(self._save(conn, self.settings.resume_ttl + RECORD_SLACK, create=True))
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
 
@@ -345,11 +359,11 @@ class Continuity:
         record = {"c": cid, "f": flag, "g": groups, "s": conn.session, "t": time.time()}
         return flag, orjson.dumps(record, default=repr)
 
-    async def _save(self, conn: StreamMember, ttl: float) -> None:
+    async def _save(self, conn: StreamMember, ttl: float, create: bool = False) -> None:
         assert self.store is not None and conn.token is not None
         flag, record = self._record(conn)
         try:
-            await self.store.save_resume(conn.token, flag, record, ttl)
+            await self.store.save_resume(conn.token, flag, record, ttl, create=create)
         except FanoutError as exc:
             log.warning("resume record of %s not saved: %s", conn.client_id, exc)
 
@@ -397,7 +411,7 @@ class Continuity:
 
     async def resume(
         self, conn: StreamMember, request: Resume, restore: Callable[[StreamMember, dict[str, Any]], Any]
-    ) -> None:
+    ) -> str | None:
         """A v1 client's ``resume``: its old state back (``restore``: groups, flag, session), then what
         it missed in each stream it asked for, then ``resumed``, then what arrived meanwhile."""
         conn.held = []
@@ -450,3 +464,4 @@ class Continuity:
         held, conn.held = conn.held, None
         for send, via in held or ():
             self.push(conn, send, {}, None, via)
+        return old if isinstance(old, str) else None

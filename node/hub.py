@@ -301,7 +301,7 @@ class Hub(Generic[C]):
         if not conns:
             return 0
         frame, batch, continuity = encode_frame(command.payload, command.binary), self._batch, self.continuity
-        envelopes: dict[frozenset[str], Frame] = {}
+        envelopes: dict[Any, Frame] = {}
         reached = 0
         for conn in conns:
             if not conn.v1:

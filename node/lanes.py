@@ -39,6 +39,9 @@ log = logging.getLogger("fanout.node")
 #: messages waiting in a connection's lane at which it stops reading, and at which it reads again
 INBOX_HIGH = 16
 INBOX_LOW = 4
+#: seconds the worker tier's open event of a fanout.v1 connection (with a resume token) waits for its
+#: first frame: if that is a resume, the event carries ``resumed_from`` (the old client id)
+OPEN_WAIT = 1.0
 
 C = TypeVar("C", bound=LaneConnection)
 
@@ -71,6 +74,8 @@ class Lanes(Generic[C]):
         #: connections whose socket is open (closing ones included)
         self.live: set[C] = set()
         self._running: set[asyncio.Task[None]] = set()  #: the lanes running now
+        #: fanout.v1 connections whose open event waits for their first frame (a resume?), and its timer
+        self._unopened: dict[C, asyncio.TimerHandle] = {}
         self._on_message = getattr(app, "on_message", None)
         #: the worker tier when it takes message events, else None
         self._forwarder = events if events is not None and EventKind.MESSAGE in events.kinds else None
@@ -160,8 +165,13 @@ class Lanes(Generic[C]):
         if continuity is not None:
             await continuity.send_cached(conn, conn.streams)  # cache targets' latest, after the welcome
         if self.events is not None:
-            self.events.opened(conn)
             conn.forwarded = True
+            if conn.token is not None:  # it may resume: the open event waits for its first frame (OPEN_WAIT)
+                self._unopened[conn] = asyncio.get_running_loop().call_later(
+                    OPEN_WAIT, self._open, conn, None
+                )
+            else:
+                self.events.opened(conn)
         if not await self.call_app("on_open", conn):
             conn.start_close(CloseCode.INTERNAL_ERROR, "application error")
 
@@ -181,11 +191,23 @@ class Lanes(Generic[C]):
             return False
         return True
 
+    def _open(self, conn: C, resumed_from: str | None) -> None:
+        """The worker tier's open event of a connection whose open event waited (see OPEN_WAIT)."""
+        waiting = self._unopened.pop(conn, None)
+        if waiting is not None and self.events is not None:
+            waiting.cancel()
+            self.events.opened(conn, resumed_from)
+
     async def _message(self, conn: C, data: str | bytes | Resume) -> None:
         if isinstance(data, Resume):
+            waiting = self._unopened.get(conn)
+            if waiting is not None:
+                waiting.cancel()
             if self.hub.continuity is not None:
-                await self.hub.continuity.resume(conn, data, self._restore)
+                resumed_from = await self.hub.continuity.resume(conn, data, self._restore)
+                self._open(conn, resumed_from)
             return
+        self._open(conn, None)
         forwarder = self._forwarder
         if forwarder is not None:
             if not forwarder.has_room(conn):
@@ -212,6 +234,7 @@ class Lanes(Generic[C]):
             hub.spawn(hub.util.close(old, 1000, "resumed elsewhere", wait=False), "close resumed")
 
     async def _closed(self, conn: C) -> None:
+        self._open(conn, None)
         self.hub.forget(conn)
         self.metrics.connections_closed += 1
         if conn.forwarded and self.events is not None:

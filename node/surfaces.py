@@ -130,7 +130,7 @@ class ContinuitySide(Protocol):
 
     async def resume(
         self, conn: Any, request: Resume, restore: Callable[[Any, dict[str, Any]], Any]
-    ) -> None: ...
+    ) -> str | None: ...
 
 
 class Flushable(Protocol):

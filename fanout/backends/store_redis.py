@@ -35,7 +35,9 @@ class RedisStore(HistoryStore):  # pragma: no cover - being written
     async def remove(self, stream: str) -> None:
         raise NotImplementedError
 
-    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None:
+    async def save_resume(
+        self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
+    ) -> None:
         raise NotImplementedError
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
