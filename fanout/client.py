@@ -83,7 +83,7 @@ STOP_CODES = frozenset({1000, 1008})
 #: the code of a connection that ended without a close frame (or never opened)
 ABNORMAL = 1006
 
-Token = str | Callable[[], str | Awaitable[str]] | None
+Token = str | Callable[[str], str | Awaitable[str]] | None
 
 
 def should_reconnect(code: int) -> bool:
@@ -154,7 +154,7 @@ class Client:
         recover: ask for ``fanout.v1`` and resume after reconnections (false: a raw client).
         headers: HTTP headers for every handshake (``Authorization``, ``Cookie``...).
         token: put in the URL's ``token_param`` query parameter: a string, or a callable (plain or async)
-            called before every attempt for a fresh one.
+            called with the URL before every attempt, for a fresh one (if it raises, the attempt failed).
         backoff: ``(base, cap)`` in seconds, see :func:`backoff_delay`; ``jitter=False`` waits the ceiling.
         stable_after: seconds a connection must stay open before the backoff starts over.
         open_timeout: seconds a handshake may take before the attempt counts as failed.
@@ -367,7 +367,7 @@ class Client:
         self.state = "connecting"
         self.client_id = None
         try:
-            token = self.token() if callable(self.token) else self.token
+            token = self.token(url) if callable(self.token) else self.token
             if inspect.isawaitable(token):
                 token = await token
             ws = await connect(

@@ -276,8 +276,10 @@ async def test_a_server_that_does_not_select_v1_gets_a_raw_client() -> None:
 
 async def test_recover_false_asks_for_no_subprotocol_and_sends_a_fresh_token_each_time() -> None:
     tokens = iter(["one", "two"])
+    asked: list[str] = []
 
-    async def get_token() -> str:
+    async def get_token(url: str) -> str:
+        asked.append(url)
         return next(tokens)
 
     async with ScriptedServer() as server:
@@ -297,6 +299,7 @@ async def test_recover_false_asks_for_no_subprotocol_and_sends_a_fresh_token_eac
             conn.drop()
             conn = await server.accept()
             assert conn.path == "/?x=1&token=two"
+            assert asked == [server.url + "?x=1"] * 2
 
 
 def test_import_fanout_does_not_import_the_websocket_client() -> None:
