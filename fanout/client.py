@@ -40,18 +40,19 @@ It is the JS client (``/fanout.js`` with ``recover: true``) in Python, with the 
   (:attr:`Client.client_id`).
 * A delivery whose offsets are all at or below the offsets already received is a duplicate: it is dropped
   and counted in :attr:`Client.duplicates` (the node does not send any; this is a safety net).
+
+The protocol's state (positions, token, the resume under way) is :class:`fanout.v1.Tracker`, without I/O;
+this module is the websocket connection and the reconnection around it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -61,6 +62,18 @@ from websockets.typing import Subprotocol
 
 from .exceptions import FanoutError
 from .protocol import dump_json
+from .v1 import (
+    SUBPROTOCOL,
+    Deliver,
+    Position,
+    Ready,
+    Resumed,
+    SendFrame,
+    Tracker,
+    Welcome,
+    message_frame,
+    read_frame,
+)
 
 __all__ = [
     "INSUFFICIENT_STATE",
@@ -75,7 +88,7 @@ __all__ = [
 ]
 
 #: the subprotocol of SPEC's client protocol
-V1 = Subprotocol("fanout.v1")
+V1 = Subprotocol(SUBPROTOCOL)
 #: the node lost track of a stream this connection is in: reconnect at once and resume
 INSUFFICIENT_STATE = 3010
 #: close codes after which the client does not reconnect (besides 4000-4999), as in fanout.js
@@ -97,26 +110,6 @@ def backoff_delay(
     """The wait in seconds before attempt ``failures`` (0 for the first): full jitter, capped."""
     ceiling = min(cap, base * 2 ** min(failures, 62))
     return float(rand() * ceiling) if jitter else ceiling
-
-
-class Position(NamedTuple):
-    """Where a connection is in a history stream: the last offset it received in that epoch."""
-
-    epoch: str
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed:
-    """The node's answer to a resume, after it replayed what was missed.
-
-    ``recovered`` is true only if every requested stream was: when it is false, something may be missing
-    (the entries were trimmed or expired, the epoch changed, the token was unknown or used) and the
-    application should reload its state from its own source. ``streams``: per stream, as the node sent it,
-    ``{"recovered": bool, "epoch": str, "offset": int}``."""
-
-    recovered: bool
-    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class ClientClosed(FanoutError):
@@ -212,12 +205,9 @@ class Client:
         self.close_reason = ""
         #: the last :class:`Resumed` read from :meth:`recv` (None before the first)
         self.resumed: Resumed | None = None
-        #: deliveries dropped because every offset they carry was already received
-        self.duplicates = 0
         #: how many connections were opened
         self.connections = 0
-        self._positions: dict[str, Position] = {}
-        self._token: str | None = None  # the resume token of the last welcome
+        self._tracker = Tracker()  # positions, token, the resume under way (fanout/v1.py)
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # bounded by _deliver
         self._max_queue = max_queue
         self._room = asyncio.Event()  # set by recv(): the reader may queue again
@@ -228,8 +218,6 @@ class Client:
         self._finished = False
         self._quick = False  # a 3010 was answered with an immediate reconnection since the last stable one
         self._wake = asyncio.Event()
-        #: during a resume: (the streams asked for, the welcome's positions)
-        self._resuming: tuple[set[str], dict[str, Position]] | None = None
 
     # -- the application's API ------------------------------------------------------------------
 
@@ -241,7 +229,12 @@ class Client:
     @property
     def positions(self) -> dict[str, Position]:
         """The last position received in each history stream the client is in (a copy)."""
-        return dict(self._positions)
+        return dict(self._tracker.positions)
+
+    @property
+    def duplicates(self) -> int:
+        """Deliveries dropped because every offset they carry was already received."""
+        return self._tracker.duplicates
 
     @property
     def node_id(self) -> str:
@@ -386,6 +379,8 @@ class Client:
         self.v1 = ws.subprotocol == V1
         if not self.v1:
             await self._ready(ws)  # raw: no resume to send first
+        else:
+            self._tracker.opened()
         try:
             if self._stopped:
                 await ws.close()
@@ -402,6 +397,7 @@ class Client:
                     self._ws = None
                 self._changed.notify_all()
             self.client_id = None
+            self._tracker.closed()
         await ws.wait_closed()
         return ws.close_code or ABNORMAL, ws.close_reason or "", True
 
@@ -434,114 +430,25 @@ class Client:
             return
         await self._deliver(_DATA, data)
 
-    async def _v1_frame(self, ws: ClientConnection, frame: str | bytes) -> None:
-        try:
-            message = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            return  # not a v1 frame: the node sends none
-        if not isinstance(message, dict):
-            return
-        kind = message.get("type")
-        if kind == "message":
-            await self._v1_message(message)
-        elif kind == "welcome" and self.client_id is None:
-            await self._welcome(ws, message)
-        elif kind == "joined" and isinstance(message.get("stream"), str):
-            position = _position(message)
-            if position is not None:
-                self._positions[message["stream"]] = position
-        elif kind == "left":
-            self._positions.pop(str(message.get("stream")), None)
-        elif kind == "resumed":
-            await self._resumed(message)
-
-    async def _welcome(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
-        self.client_id = str(welcome.get("client_id"))
-        streams = _positions_of(welcome.get("streams"))
-        previous, self._token = (
-            self._token,
-            welcome.get("resume") if isinstance(welcome.get("resume"), str) else None,
-        )
-        self._resuming = None
-        if previous is not None:
-            # first frame after the welcome: the last token and the positions received, not the welcome's
-            # (it has this connection's, ahead of what the replay will bring)
-            wanted = {s: {"epoch": p.epoch, "offset": p.offset} for s, p in self._positions.items()}
-            await ws.send(orjson.dumps({"type": "resume", "token": previous, "streams": wanted}).decode())
-            self._resuming = (set(self._positions), streams)
-            self._positions = {**streams, **self._positions}
-        else:
-            self._positions = streams
-        await self._ready(ws)
-
-    async def _v1_message(self, message: dict[str, Any]) -> None:
-        offsets = message.get("streams")
-        if isinstance(offsets, dict) and offsets:
-            known = self._positions
-            if all(isinstance(o, int) and s in known and o <= known[s].offset for s, o in offsets.items()):
-                self.duplicates += 1
-                return
-            for stream, offset in offsets.items():
-                if isinstance(offset, int):
-                    kept = known.get(stream)
-                    if kept is None:
-                        known[stream] = Position("", offset)  # not announced: resumable as not recovered
-                    elif offset > kept.offset:
-                        known[stream] = Position(kept.epoch, offset)
-        if "data_b64" in message:
-            await self._deliver(_DATA, base64.b64decode(str(message["data_b64"])))
-        else:
-            await self._deliver(_DATA, message.get("data"))
-
-    async def _resumed(self, message: dict[str, Any]) -> None:
-        streams = message.get("streams")
-        streams = (
-            {str(s): v for s, v in streams.items() if isinstance(v, dict)}
-            if isinstance(streams, dict)
-            else {}
-        )
-        resuming = self._resuming
-        if resuming is not None:
-            requested, welcomed = resuming
-            # a requested stream the node did not answer for: the connection is not in it (any more),
-            # unless this connection's welcome has it
-            for stream in requested - set(streams):
-                if stream in welcomed:
-                    self._positions[stream] = welcomed[stream]
-                else:
-                    self._positions.pop(stream, None)
-            self._resuming = None
-        for stream, answer in streams.items():
-            position = _position(answer)
-            if position is not None:
-                self._positions[stream] = position
-        await self._deliver(_RESUMED, Resumed(bool(message.get("recovered")), streams))
+    async def _v1_frame(self, ws: ClientConnection, text: str | bytes) -> None:
+        frame = read_frame(text)
+        if isinstance(frame, Welcome) and self.client_id is None:
+            self.client_id = frame.client_id
+        for action in self._tracker.receive(frame):
+            if isinstance(action, Deliver):
+                await self._deliver(_DATA, action.data)
+            elif isinstance(action, SendFrame):
+                await ws.send(action.text)  # the resume: before the connection is ready for send()
+            elif isinstance(action, Ready):
+                await self._ready(ws)
+            else:
+                await self._deliver(_RESUMED, action)
 
     @staticmethod
     def _encode(data: object) -> tuple[str, str | bytes]:
         """``data`` as (a v1 ``message`` frame, a raw frame), the connection picking one."""
         if isinstance(data, str):
-            return orjson.dumps({"type": "message", "data": data}).decode(), data
+            return message_frame(data), data
         if isinstance(data, bytes | bytearray | memoryview):
-            raw = bytes(data)
-            return orjson.dumps({"type": "message", "data_b64": base64.b64encode(raw).decode()}).decode(), raw
-        payload = dump_json(data)
-        return (b'{"type":"message","data":' + payload + b"}").decode(), payload.decode()
-
-
-def _position(value: Any) -> Position | None:
-    """``{"epoch": ..., "offset": ...}`` (or a joined frame) as a Position; None if it is not one."""
-    if (
-        isinstance(value, dict)
-        and isinstance(value.get("offset"), int)
-        and isinstance(value.get("epoch"), str)
-    ):
-        return Position(value["epoch"], value["offset"])
-    return None
-
-
-def _positions_of(value: Any) -> dict[str, Position]:
-    if not isinstance(value, dict):
-        return {}
-    found = {str(s): _position(p) for s, p in value.items()}
-    return {s: p for s, p in found.items() if p is not None}
+            return message_frame(data), bytes(data)
+        return message_frame(data), dump_json(data).decode()

@@ -167,6 +167,49 @@ async def test_a_dropped_client_resumes_with_its_last_token_and_positions() -> N
             assert client.connections == 3 and client.failures >= 1
 
 
+async def test_live_copies_that_overtake_the_replay_are_delivered_in_the_replays_place() -> None:
+    """A node may deliver live sends of a stream to the new connection before it reads the resume (even
+    before its welcome): they are ahead of the replay, which brings them again. The client holds the
+    messages of the streams it asks for until ``resumed`` and delivers each once, in offset order."""
+    async with ScriptedServer() as server:
+        client, conn = await open_client(server, backoff=(0.01, 0.05))
+        async with client:
+            await conn.message("m11", {LOBBY: 11})
+            assert await recv(client) == "m11"
+            conn.drop()
+            conn = await server.accept()
+            await conn.message("m14", {LOBBY: 14})  # live, before the welcome
+            await conn.message("not in a history stream")  # not held
+            await conn.welcome("n.1.2", "t2", {LOBBY: ("e1", 14), "group:new": ("e5", 2)})
+            assert (await conn.recv_json())["streams"] == {LOBBY: {"epoch": "e1", "offset": 11}}
+            await conn.message("m15", {LOBBY: 15})  # live, before the node read the resume
+            await conn.message("n3", {"group:new": 3})  # a stream it did not ask for: not held
+            for n in (12, 13, 14, 15):  # the replay
+                await conn.message(f"m{n}", {LOBBY: n})
+            await conn.resumed({LOBBY: (True, "e1", 15)})
+            await conn.message("m16", {LOBBY: 16})
+            got = [await recv(client) for _ in range(7)]
+            assert got == ["not in a history stream", "n3", "m12", "m13", "m14", "m15", "m16"]
+            assert client.duplicates == 2
+            assert client.positions == {LOBBY: Position("e1", 16), "group:new": Position("e5", 3)}
+
+            # dropped before resumed: what was held is not delivered, and the next resume asks again
+            conn.drop()
+            conn = await server.accept()
+            await conn.welcome("n.1.3", "t3", {LOBBY: ("e1", 20)})
+            await conn.recv_json()
+            await conn.message("m17", {LOBBY: 17})
+            conn.drop()
+            conn = await server.accept()
+            await conn.welcome("n.1.4", "t4", {LOBBY: ("e1", 20)})
+            resume = await conn.recv_json()
+            assert (resume["token"], resume["streams"][LOBBY]["offset"]) == ("t3", 16)
+            await conn.message("m17", {LOBBY: 17})
+            await conn.resumed({LOBBY: (True, "e1", 17)})
+            assert await recv(client) == "m17"
+            assert client.positions[LOBBY] == Position("e1", 17)
+
+
 async def test_a_resume_goes_to_whichever_url_comes_next() -> None:
     dead = f"ws://127.0.0.1:{free_port()}/"
     async with ScriptedServer() as a, ScriptedServer() as b:

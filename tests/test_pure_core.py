@@ -25,6 +25,7 @@ PURE = [
     "presence",
     "events",
     "arguments",
+    "v1",
 ]
 
 
