@@ -153,6 +153,41 @@ async def test_a_dropped_page_resumes_on_the_next_url_with_its_last_token(tmp_pa
         assert await page.evaluate("client.positions") == {LOBBY: {"epoch": "e9", "offset": 31}}
 
 
+async def test_live_copies_that_overtake_the_replay_come_in_the_replays_place(tmp_path: Path) -> None:
+    async with ScriptedServer() as server, page_of(tmp_path, server) as page:
+        await start(page, [server.url])
+        conn = await server.accept()
+        await conn.welcome("n.1.1", "t1", {LOBBY: ("e1", 10)})
+        await conn.message("m11", {LOBBY: 11})
+        await log_of(page, 1)
+        conn.drop()
+        conn = await server.accept()
+        await conn.message("m14", {LOBBY: 14})  # live, before the welcome
+        await conn.welcome("n.1.2", "t2", {LOBBY: ("e1", 14), "group:new": ("e5", 2)})
+        assert (await conn.recv_json())["streams"] == {LOBBY: {"epoch": "e1", "offset": 11}}
+        await conn.message("m15", {LOBBY: 15})  # live, before the node read the resume
+        await conn.message("n3", {"group:new": 3})  # a stream it did not ask for: not held
+        for n in (12, 13, 14, 15):  # the replay
+            await conn.message(f"m{n}", {LOBBY: n})
+        await conn.resumed({LOBBY: (True, "e1", 15)})
+        await conn.message("m16", {LOBBY: 16})
+        log = await log_of(page, 8)
+        assert [entry[1] for entry in log if entry[0] == "m"] == [
+            "m11",
+            "n3",
+            "m12",
+            "m13",
+            "m14",
+            "m15",
+            "m16",
+        ]
+        assert log[-2][0] == "resumed"
+        assert await page.evaluate("[client.duplicates, client.positions]") == [
+            2,
+            {LOBBY: {"epoch": "e1", "offset": 16}, "group:new": {"epoch": "e5", "offset": 3}},
+        ]
+
+
 async def test_3010_reconnects_at_once_and_resumes(tmp_path: Path) -> None:
     async with ScriptedServer() as server, page_of(tmp_path, server) as page:
         # a backoff of ten minutes with the jitter at its top: only an immediate reconnection comes back

@@ -89,7 +89,7 @@ export class FanoutClient {
     this.resumed = null; // fanout.v1: the last { recovered, streams } the node answered a resume with
     this.duplicates = 0; // fanout.v1: messages dropped because all their offsets were received already
     this._ready = false; // the current connection may send (fanout.v1: welcomed, resume sent)
-    this._resuming = null; // fanout.v1, between resume and resumed: { requested, welcomed }
+    this._resuming = null; // fanout.v1, from the open of a connection that resumes to resumed (_v1Message)
     this._quick = false; // a 3010 got an immediate reconnection since the last stable connection
     this._timer = null;
     this._stopped = false;
@@ -160,6 +160,9 @@ export class FanoutClient {
       opened = true;
       this.state = "open";
       this.v1 = socket.protocol === V1;
+      // it will resume: until resumed, hold the messages of the streams it asks for (see _v1Message)
+      const asked = new Set(Object.keys(this.positions));
+      this._resuming = this.v1 && this.resumeToken ? { asked, held: [] } : null;
       this._ready = !this.v1;
       stable = setTimeout(() => {
         this.failures = 0;
@@ -194,6 +197,7 @@ export class FanoutClient {
       if (this.socket !== socket) return;
       this.socket = null;
       this._ready = false;
+      this._resuming = null; // what it held is dropped: positions did not move, the next resume asks again
       if (asked && !opened && !this._stopped) {
         // maybe a node from before fanout.v1 (its answer selects no subprotocol, which a browser refuses):
         // the same URL at once, raw; if that fails too, it counts as one failed attempt
@@ -215,20 +219,16 @@ export class FanoutClient {
     const o = this.options;
     switch (frame.type) {
       case "message": {
-        const offsets = Object.entries(asObject(frame.streams));
-        const kept = this.positions;
-        const seen = ([s, n]) => kept[s] && typeof n === "number" && n <= kept[s].offset;
-        if (offsets.length && offsets.every(seen)) {
-          this.duplicates += 1; // every offset already received: a duplicate
+        const offsets = Object.entries(asObject(frame.streams)).filter(([, n]) => typeof n === "number");
+        const data = typeof frame.data_b64 === "string" ? fromBase64(frame.data_b64) : frame.data;
+        const resuming = this._resuming;
+        if (resuming && offsets.some(([s]) => resuming.asked.has(s))) {
+          // until resumed, a message of a stream the resume asks for may be a live one the node delivered
+          // before it read the resume, ahead of the replay that brings it again: held, sorted out then
+          resuming.held.push({ offsets, data, event });
           return;
         }
-        for (const [stream, offset] of offsets) {
-          if (typeof offset !== "number") continue;
-          if (!kept[stream]) kept[stream] = { epoch: "", offset }; // not announced: resumes as not recovered
-          else if (offset > kept[stream].offset) kept[stream] = { epoch: kept[stream].epoch, offset };
-        }
-        const data = typeof frame.data_b64 === "string" ? fromBase64(frame.data_b64) : frame.data;
-        if (o.onMessage) o.onMessage(data, event);
+        this._v1Message(offsets, data, event);
         return;
       }
       case "welcome": {
@@ -238,11 +238,11 @@ export class FanoutClient {
         const welcomed = positionsOf(frame.streams);
         const previous = this.resumeToken;
         this.resumeToken = typeof frame.resume === "string" ? frame.resume : null;
-        if (previous) {
+        if (previous && this._resuming) {
           // first frame after the welcome: the last token, and the positions received (not the welcome's:
           // they are this connection's, ahead of what the replay brings)
           socket.send(JSON.stringify({ type: "resume", token: previous, streams: this.positions }));
-          this._resuming = { requested: Object.keys(this.positions), welcomed };
+          this._resuming.welcomed = welcomed;
           this.positions = { ...welcomed, ...this.positions };
         } else {
           this._resuming = null;
@@ -262,15 +262,19 @@ export class FanoutClient {
         return;
       case "resumed": {
         const streams = asObject(frame.streams);
-        if (this._resuming) {
-          // a requested stream the node did not answer for: the connection is not in it (any more),
-          // unless this connection's welcome has it
-          const { requested, welcomed } = this._resuming;
-          for (const stream of requested.filter((s) => !(s in streams))) {
+        const resuming = this._resuming;
+        this._resuming = null;
+        if (resuming) {
+          for (const { offsets, data, event: held } of this._firstCopiesDropped(resuming.held)) {
+            this._v1Message(offsets, data, held);
+          }
+          // a stream it asked for that the node did not answer for: the connection is not in it (any
+          // more), unless this connection's welcome has it
+          const welcomed = resuming.welcomed || {};
+          for (const stream of [...resuming.asked].filter((s) => !(s in streams))) {
             if (welcomed[stream]) this.positions[stream] = welcomed[stream];
             else delete this.positions[stream];
           }
-          this._resuming = null;
         }
         for (const [stream, answer] of Object.entries(streams)) {
           if (isPosition(answer)) this.positions[stream] = { epoch: answer.epoch, offset: answer.offset };
@@ -281,6 +285,36 @@ export class FanoutClient {
       }
       default:
     }
+  }
+
+  _v1Message(offsets, data, event) {
+    const kept = this.positions;
+    if (offsets.length && offsets.every(([s, n]) => kept[s] && n <= kept[s].offset)) {
+      this.duplicates += 1; // every offset already received: a duplicate
+      return;
+    }
+    for (const [stream, offset] of offsets) {
+      if (!kept[stream]) kept[stream] = { epoch: "", offset }; // not announced: resumes as not recovered
+      else if (offset > kept[stream].offset) kept[stream] = { epoch: kept[stream].epoch, offset };
+    }
+    if (this.options.onMessage) this.options.onMessage(data, event);
+  }
+
+  // The held messages without those that came again later (the same offset in one of their streams):
+  // live copies that overtook the replay; the later copy is in the replay's order.
+  _firstCopiesDropped(held) {
+    const later = new Set();
+    const kept = [];
+    for (const message of [...held].reverse()) {
+      const pairs = message.offsets.map(([s, n]) => s + "\n" + n);
+      if (pairs.some((pair) => later.has(pair))) {
+        this.duplicates += 1;
+        continue;
+      }
+      pairs.forEach((pair) => later.add(pair));
+      kept.push(message);
+    }
+    return kept.reverse();
   }
 
   _retry(event, url) {
