@@ -9,4 +9,6 @@ venv=.venv
 ensure_venv
 # presence in the demo chat's lobby (the page shows who is online) unless set otherwise
 export FANOUT_PRESENCE=${FANOUT_PRESENCE-lobby}
+# and history for it: a page that reconnects (it asks for fanout.v1) gets what was said meanwhile
+export FANOUT_HISTORY=${FANOUT_HISTORY-group:lobby}
 exec .venv/bin/fanout-node "$@"
