@@ -22,7 +22,7 @@ taken by two publishers in crossing orders waits for the other until :meth:`forc
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .commands import Send, Target
 from .history import Entry, Page
@@ -110,12 +110,11 @@ class Positioning:
         if st is None or st.epoch is not None:
             return out
         st.epoch, st.last = epoch, offset
-        for off in [off for off, p in st.queue.items() if off <= offset or p.send.positions is None]:
-            del st.queue[off]
         for off, pending in list(st.queue.items()):
             position = (pending.send.positions or {}).get(stream)
-            if position is not None and position[0] != epoch:
+            if off <= offset or position is None or position[0] != epoch:
                 del st.queue[off]
+                pending.offsets.pop(stream, None)  # else it waits in its other streams for this one forever
         self._drain(out)
         return out
 
@@ -131,8 +130,12 @@ class Positioning:
         out = Out()
         st = self._streams.pop(stream, None)
         if st is not None:
-            for pending in st.queue.values():
+            for offset in sorted(st.queue):
+                pending = st.queue[offset]
                 pending.offsets.pop(stream, None)
+                if not pending.offsets and pending.via is None:  # a live send waiting in no other stream
+                    self._drain(out)  # (what came before it in this stream first)
+                    self._release(pending, out)
             self._drain(out)
         return out
 
@@ -170,7 +173,7 @@ class Positioning:
         """The store's answer to a ``fetch`` of ``stream`` after ``since``."""
         out = Out()
         st = self._streams.get(stream)
-        if st is None:
+        if st is None or st.epoch is None:  # not tracked, or tracked anew since the read (position unknown)
             return out
         st.fetching = False
         if st.epoch != page.epoch:
@@ -216,6 +219,11 @@ class Positioning:
                 for s, o in offsets.items():
                     waiting.offsets[s] = o
                     self._streams[s].queue[o] = waiting
+                if waiting.via is not None:  # read back too: it goes to the members of these streams as well
+                    waiting.via = tuple(dict.fromkeys((*waiting.via, *offsets)))
+                    positions = dict(waiting.send.positions or {})
+                    positions.update({s: (self._streams[s].epoch or epoch, o) for s, o in offsets.items()})
+                    waiting.send = replace(waiting.send, positions=positions)
                 return
         positions = {s: (self._streams[s].epoch or epoch, o) for s, o in offsets.items()}
         send = Send(
@@ -292,10 +300,14 @@ class Positioning:
     def _release(self, pending: Pending, out: Out) -> None:
         for stream, offset in pending.offsets.items():
             st = self._streams.get(stream)
-            if st is not None and st.queue.get(offset) is pending:
+            if st is None or st.queue.get(offset) is not pending:
+                continue
+            if st.epoch is not None and offset == st.last + 1:
                 del st.queue[offset]
-                st.last = max(st.last, offset)
+                st.last = offset
                 st.hole_reads = 0
+            else:  # released ahead of its turn here (force): it keeps its place, as delivered already
+                st.queue[offset] = Pending(pending.send, {stream: offset}, pending.via, skip=True)
         if not pending.skip and pending.send.sid not in self._recent:
             out.released.append(Delivery(pending.send, pending.via))
         self._remember(pending.send.sid)
