@@ -367,12 +367,17 @@ def test_a_hole_filled_on_a_read_again_is_delivered_in_order() -> None:
     assert p.missed_holes == 0
 
 
-def test_offsets_the_store_has_not_reached_yet_are_not_holes() -> None:
+def test_offsets_the_store_has_not_reached_are_read_again_after_a_wait_and_never_skipped() -> None:
     p = tracked(A, at=1)
     p.offer(send("s4", a=4))
-    out = p.fetched(A, 1, page(1))  # a store behind the bus: read again, never skip
-    assert not out.retry and out.fetch == [(A, 1, 2)]
+    for _ in range(2 * HOLE_READS):  # (a read made before they were stored; a store behind the bus)
+        out = p.fetched(A, 1, page(1))
+        assert out.retry == [(A, 1, 2)] and not out.fetch and not out.released and not out.lost
+        assert not p.check(A, E, 1)
     assert p.missed_holes == 0
+    assert sids(p.offer(send("s2", a=2))) == ["s2"]  # what comes meanwhile goes on in order
+    out = p.fetched(A, 1, page(4, entry(2, "s2"), entry(3, "s3"), entry(4, "s4")))
+    assert sids(out) == ["s3", "s4"]
 
 
 def test_hole_reads_start_over_after_progress() -> None:
@@ -388,12 +393,34 @@ def test_hole_reads_start_over_after_progress() -> None:
     assert p.missed_holes == 1
 
 
-def test_a_read_back_entry_that_waits_in_one_stream_reaches_another_it_is_read_from_later() -> None:
+def test_an_entry_read_back_waits_in_a_stream_whose_position_is_being_read() -> None:
     p = tracked(A)
     p.begin(B)  # b's position is being read
+    assert p.offer(send("s2", a=2)).fetch == [(A, 0, 1)]
+    out = p.fetched(A, 0, page(2, entry(1, "s1", b=1), entry(2, "s2")))
+    assert not out.released  # s1 is b's too: it waits for b's position
+    out = p.ready(B, E, 0)
+    assert sids(out) == ["s1", "s2"]
+    assert out.released[0].via == (A, B) and out.released[0].send.positions == {A: (E, 1), B: (E, 1)}
+    assert not p.fetched(B, 0, page(1, entry(1, "s1", a=1)))
+
+
+def test_an_entry_read_back_before_a_streams_position_goes_to_the_other_streams_only() -> None:
+    p = tracked(A)
+    p.begin(B)
+    p.offer(send("s2", a=2))
+    assert not p.fetched(A, 0, page(2, entry(1, "s1", b=5), entry(2, "s2"))).released
+    out = p.ready(B, E, 5)  # b's members start after it: it goes to a's members only
+    assert sids(out) == ["s1", "s2"]
+    assert out.released[0].via == (A,) and out.released[0].send.positions == {A: (E, 1)}
+
+
+def test_a_read_back_entry_that_waits_in_one_stream_reaches_another_it_is_read_from_later() -> None:
+    p = tracked(A)
     assert p.offer(send("s3", a=3)).fetch == [(A, 0, 2)]
-    # 1 is missing in a (read again later); s2 waits in a only: b's position is not known yet
+    # 1 is missing in a (read again later); s2 waits in a only: b is not tracked
     assert p.fetched(A, 0, page(3, entry(2, "s2", b=1), entry(3, "s3"))).retry == [(A, 0, 1)]
+    p.begin(B)  # b's first member comes
     assert not p.ready(B, E, 0)
     assert not p.offer(send("s2", a=2, b=1))  # its live copy: a copy of what waits in a
     assert p.offer(send("t", b=2)).fetch == [(B, 0, 1)]
