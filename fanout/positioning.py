@@ -140,6 +140,8 @@ class Positioning:
             for offset in sorted(st.queue):
                 pending = st.queue[offset]
                 pending.offsets.pop(stream, None)
+                if pending.via is not None:  # read back: for the members of its other streams only
+                    pending.via = tuple(s for s in pending.via if s != stream)
                 if not pending.offsets and pending.via is None:  # a live send waiting in no other stream
                     self._drain(out)  # (what came before it in this stream first)
                     self._release(pending, out)

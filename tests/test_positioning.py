@@ -523,6 +523,8 @@ class Run:
                 if s in self.start and o > self.start[s] and s not in self.lost
             }
             positions = delivery.send.positions or {}
+            # an entry read back has its position in every stream whose members it goes to (their envelope)
+            assert delivery.via is None or set(delivery.via) <= set(positions)
             # it reaches the members of every tracked stream it is new in, with its offset there
             assert mine <= reached(delivery)
             assert all(positions[s] == (E, self.sends[sid][s]) for s in mine)
