@@ -90,7 +90,8 @@ def _compile(raw: str, setting: str) -> tuple[re.Pattern[str] | None, re.Pattern
         if not patterns:
             return None
         alternatives = ("(?:" + ".*".join(map(re.escape, p.split("*"))) + ")" for p in patterns)
-        return re.compile("|".join(alternatives) + r"\Z")
+        # the whole name, whichever pattern matches it; ``*`` matches any run, newlines too
+        return re.compile("(?:" + "|".join(alternatives) + r")\Z", re.DOTALL)
 
     return regex(groups), regex(flags), everyone
 

@@ -22,7 +22,7 @@ taken by two publishers in crossing orders waits for the other until :meth:`forc
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .commands import Send, Target
 from .history import Entry, Page
@@ -110,12 +110,18 @@ class Positioning:
         if st is None or st.epoch is not None:
             return out
         st.epoch, st.last = epoch, offset
-        for off in [off for off, p in st.queue.items() if off <= offset or p.send.positions is None]:
-            del st.queue[off]
         for off, pending in list(st.queue.items()):
-            position = (pending.send.positions or {}).get(stream)
-            if position is not None and position[0] != epoch:
+            positions = pending.send.positions or {}
+            if pending.via is not None and stream not in positions and off > offset:
+                # read back from another stream while this one's epoch was unknown: it is this epoch's
+                pending.send = replace(pending.send, positions={**positions, stream: (epoch, off)})
+                continue
+            position = positions.get(stream)
+            if off <= offset or position is None or position[0] != epoch:
                 del st.queue[off]
+                pending.offsets.pop(stream, None)  # else it waits in its other streams for this one forever
+                if pending.via is not None:  # (and this stream's members are not its recipients)
+                    pending.via = tuple(s for s in pending.via if s != stream)
         self._drain(out)
         return out
 
@@ -131,8 +137,14 @@ class Positioning:
         out = Out()
         st = self._streams.pop(stream, None)
         if st is not None:
-            for pending in st.queue.values():
+            for offset in sorted(st.queue):
+                pending = st.queue[offset]
                 pending.offsets.pop(stream, None)
+                if pending.via is not None:  # read back: for the members of its other streams only
+                    pending.via = tuple(s for s in pending.via if s != stream)
+                if not pending.offsets and pending.via is None:  # a live send waiting in no other stream
+                    self._drain(out)  # (what came before it in this stream first)
+                    self._release(pending, out)
             self._drain(out)
         return out
 
@@ -170,7 +182,7 @@ class Positioning:
         """The store's answer to a ``fetch`` of ``stream`` after ``since``."""
         out = Out()
         st = self._streams.get(stream)
-        if st is None:
+        if st is None or st.epoch is None:  # not tracked, or tracked anew since the read (position unknown)
             return out
         st.fetching = False
         if st.epoch != page.epoch:
@@ -180,35 +192,37 @@ class Positioning:
             st.last = max(st.last, min(page.first, min(st.queue, default=page.first)) - 1)
         for entry in page.entries:
             if entry.offset > st.last and entry.offset not in st.queue:
-                self._queue_entry(stream, entry, page.epoch)
+                self._queue_entry(stream, entry)
         self._drain(out, fetch=False)
         head = min(st.queue, default=None)
-        if (
-            head is not None
-            and head > st.last + 1
-            and page.offset >= head - 1
-            and len(page.entries) < FETCH_LIMIT
-        ):
-            # offsets before the head that the store does not have although its top is past them: a
-            # publisher between its two steps (Redis Cluster), or one that died there. Read again a
-            # few times (``retry``: after a short wait), then take them as never written.
-            st.hole_reads += 1
-            if st.hole_reads >= HOLE_READS:
-                self.missed_holes += head - st.last - 1
-                st.last, st.hole_reads = head - 1, 0
+        if head is not None and head > st.last + 1 and len(page.entries) < FETCH_LIMIT:
+            if page.offset >= head - 1:
+                # offsets before the head that the store does not have although its top is past them: a
+                # publisher between its two steps (Redis Cluster), or one that died there. Read again a
+                # few times (``retry``: after a short wait), then take them as never written.
+                st.hole_reads += 1
+                if st.hole_reads >= HOLE_READS:
+                    self.missed_holes += head - st.last - 1
+                    st.last, st.hole_reads = head - 1, 0
+                else:
+                    st.fetching = True
+                    out.retry.append((stream, st.last, min(FETCH_LIMIT, head - st.last - 1)))
             else:
+                # the store's top is not even there: a read made before those sends were stored, or a
+                # store behind the bus (writes lost in a failover, a forged positions line). Read again
+                # after a short wait - not at once, which would read it as fast as it answers, forever
                 st.fetching = True
                 out.retry.append((stream, st.last, min(FETCH_LIMIT, head - st.last - 1)))
         self._drain(out)
         return out
 
-    def _queue_entry(self, stream: str, entry: Entry, epoch: str) -> None:
+    def _queue_entry(self, stream: str, entry: Entry) -> None:
         """An entry read back from ``stream``: it waits in every tracked stream it is in (with the live
         copy, if that is waiting already)."""
         offsets = {stream: entry.offset}
         for other, offset in entry.positions.items():
             ost = self._streams.get(other)
-            if ost is not None and ost.epoch is not None and offset > ost.last:
+            if ost is not None and (ost.epoch is None or offset > ost.last):  # (position unknown: it waits)
                 offsets[other] = offset
         for other, offset in offsets.items():
             waiting = self._streams[other].queue.get(offset)
@@ -216,8 +230,12 @@ class Positioning:
                 for s, o in offsets.items():
                     waiting.offsets[s] = o
                     self._streams[s].queue[o] = waiting
+                if waiting.via is not None:  # read back too: it goes to the members of these streams as well
+                    waiting.via = tuple(dict.fromkeys((*waiting.via, *offsets)))
+                    positions = {**(waiting.send.positions or {}), **self._entry_positions(offsets)}
+                    waiting.send = replace(waiting.send, positions=positions)
                 return
-        positions = {s: (self._streams[s].epoch or epoch, o) for s, o in offsets.items()}
+        positions = self._entry_positions(offsets)
         send = Send(
             Target.all(),
             entry.payload,
@@ -230,6 +248,11 @@ class Positioning:
         pending = Pending(send, offsets, via=tuple(offsets), skip=entry.sid in self._recent)
         for s, o in offsets.items():
             self._streams[s].queue.setdefault(o, pending)
+
+    def _entry_positions(self, offsets: dict[str, int]) -> dict[str, tuple[str, int]]:
+        """An entry's positions in the tracked streams whose epoch is known (the others get theirs in
+        :meth:`ready`)."""
+        return {s: (e, o) for s, o in offsets.items() if (e := self._streams[s].epoch) is not None}
 
     def check(self, stream: str, epoch: str, top: int) -> Out:
         """The store's current position of a tracked stream (after a re-subscription, or when it went
@@ -292,10 +315,14 @@ class Positioning:
     def _release(self, pending: Pending, out: Out) -> None:
         for stream, offset in pending.offsets.items():
             st = self._streams.get(stream)
-            if st is not None and st.queue.get(offset) is pending:
+            if st is None or st.queue.get(offset) is not pending:
+                continue
+            if st.epoch is not None and offset == st.last + 1:
                 del st.queue[offset]
-                st.last = max(st.last, offset)
+                st.last = offset
                 st.hole_reads = 0
+            else:  # released ahead of its turn here (force): it keeps its place, as delivered already
+                st.queue[offset] = Pending(pending.send, {stream: offset}, pending.via, skip=True)
         if not pending.skip and pending.send.sid not in self._recent:
             out.released.append(Delivery(pending.send, pending.via))
         self._remember(pending.send.sid)
