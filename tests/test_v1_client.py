@@ -4,6 +4,9 @@ duplicates it drops. No network (the clients on it: tests/test_client.py, tests/
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import orjson
 import pytest
 
@@ -23,8 +26,10 @@ from fanout.v1 import (
     read_frame,
     resume_frame,
 )
+from tests.support.nodes import ROOT
 
 LOBBY = "group:lobby"
+VECTORS: list[dict[str, Any]] = json.loads((ROOT / "tests" / "vectors" / "fanout_v1.json").read_text())
 
 
 def frame(value: object) -> str:
@@ -182,3 +187,33 @@ def test_without_a_token_there_is_no_resume() -> None:
     assert feed(tracker, message("early", group_lobby=12)) == [Deliver("early")]  # nothing held
     assert feed(tracker, welcome("n.1.2", "t2", {LOBBY: ("e", 12)})) == [Ready()]
     assert tracker.positions == {LOBBY: Position("e", 12)}
+
+
+@pytest.mark.parametrize(
+    "vector", [v for v in VECTORS if v["direction"] == "node->client"], ids=lambda v: v["name"]
+)
+def test_every_node_frame_of_the_vectors_is_read(vector: dict[str, Any]) -> None:
+    read = read_frame(vector["text"])
+    assert read is not None
+    kind = orjson.loads(vector["text"])["type"]
+    assert type(read).__name__.lower() == kind
+    if isinstance(read, Message):
+        assert read.streams == orjson.loads(vector["text"]).get("streams", {})
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [v for v in VECTORS if v["direction"] == "client->node" and "close" not in v["reads_as"]],
+    ids=lambda v: v["name"],
+)
+def test_the_client_writes_the_vectors_frames(vector: dict[str, Any]) -> None:
+    reads_as = vector["reads_as"]
+    if "resume" in reads_as:
+        streams = {s: Position(p["epoch"], p["offset"]) for s, p in reads_as["resume"]["streams"].items()}
+        written = resume_frame(reads_as["resume"]["token"], streams)
+    elif "bytes_hex" in reads_as:
+        written = message_frame(bytes.fromhex(reads_as["bytes_hex"]))
+    else:
+        data = orjson.loads(vector["text"])["data"]
+        written = message_frame(data)
+    assert orjson.loads(written) == orjson.loads(vector["text"])
