@@ -281,6 +281,13 @@ class Positioning:
     def waiting(self) -> int:
         return sum(len(st.queue) for st in self._streams.values())
 
+    def heads(self) -> frozenset[tuple[str, int]]:
+        """Each stream's first waiting send, while nothing is being read for it: the same heads at two
+        checks some seconds apart mean sends that wait only for each other (see :meth:`force`)."""
+        return frozenset(
+            (stream, min(st.queue)) for stream, st in self._streams.items() if st.queue and not st.fetching
+        )
+
     # ------------------------------------------------------------------ inside
 
     def _reset(self, stream: str, st: _Stream, epoch: str, out: Out) -> None:

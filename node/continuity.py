@@ -16,36 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
-
-import orjson
 
 from fanout.backends.store import HistoryStore
 from fanout.commands import Send
 from fanout.config import Settings
 from fanout.exceptions import FanoutError
-from fanout.history import ALL_STREAM, FLAG_PREFIX, GROUP_PREFIX, merge_replay
+from fanout.history import ALL_STREAM, FLAG_PREFIX, GROUP_PREFIX
 from fanout.positioning import RETRY_AFTER, Delivery, Out, Positioning
 from fanout.table import ConnectionTable
 
 from .frames import CloseCode, Frame, encode_frame
 from .metrics import Metrics
-from .v1 import Resume, control_frame, message_frame, positions_json
+from .resume import Resumes
+from .v1 import Resume, control_frame, joined_frame, message_frame, positions_json
 
 if TYPE_CHECKING:
     from .surfaces import StreamMember
 
 log = logging.getLogger("fanout.node")
 
-#: seconds between checks of quiet streams against the store (SPEC: at least every 30 s), and between
-#: refreshes of the live connections' resume records
+#: seconds between checks of quiet streams against the store (SPEC: at least every 30 s); the live
+#: connections' resume records are rewritten as often
 QUIET_CHECK = 15.0
-#: a resume record outlives its last refresh by FANOUT_RESUME_TTL plus this (a killed node's clients
-#: can resume for at least FANOUT_RESUME_TTL after its death)
-RECORD_SLACK = 2 * QUIET_CHECK
 NO_STREAMS: frozenset[str] = frozenset()
 
 
@@ -69,13 +63,23 @@ class Continuity:
         self.spawn = spawn
         self._deliver = deliver
         self.positioning = Positioning()
+        #: resume tokens, records and the resume itself
+        self.resumes = Resumes(settings, store, table, metrics, self.refresh, self.push)
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self._writes: set[asyncio.Task[None]] = set()  #: resume records being written
+        self._heads: frozenset[tuple[str, int]] = (
+            frozenset()
+        )  #: positioning's waiting heads at the last check
 
     @property
     def history(self) -> bool:
         return self.policy.enabled
+
+    async def resume(
+        self, conn: StreamMember, request: Resume, restore: Callable[[StreamMember, dict[str, Any]], Any]
+    ) -> str | None:
+        """A v1 client's ``resume`` (node/resume.py)."""
+        return await self.resumes.resume(conn, request, restore)
 
     async def start(self) -> None:
         if self.store is not None:
@@ -87,22 +91,9 @@ class Continuity:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=self.settings.publish_timeout)
+        await self.resumes.flush()
         if self.store is not None:
             await self.store.close()
-
-    def _write(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine, name="resume record")
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("resume record not written: %s", task.exception())
-
-    # ------------------------------------------------------------------ membership -> streams
 
     def member_ids(self, stream: str) -> Iterable[str]:
         """The client ids of ``stream``'s local members."""
@@ -133,7 +124,7 @@ class Continuity:
         entered sends it its latest message. Returns the positions of the streams it entered."""
         before, now = conn.streams, self.streams_now(conn.client_id)
         if before == now or not self.history:
-            self.changed(conn)
+            self.resumes.changed(conn)
             return {}
         conn.streams = now
         entered = {}
@@ -147,16 +138,14 @@ class Continuity:
             self._maybe_end(stream)
         if conn.v1 and announce and conn.open:
             for stream, (epoch, offset) in entered.items():
-                conn.push(
-                    control_frame({"type": "joined", "stream": stream, "epoch": epoch, "offset": offset})
-                )
+                conn.push(joined_frame(stream, epoch, offset))
         if conn.v1:
             floor = conn.floor if conn.floor is not None else {}
             floor.update({s: off for s, (_, off) in entered.items()})
             conn.floor = floor or None
         if cache:
             await self.send_cached(conn, entered)
-        self.changed(conn)
+        self.resumes.changed(conn)
         return entered
 
     async def send_cached(self, conn: StreamMember, streams: Iterable[str]) -> None:
@@ -165,8 +154,11 @@ class Continuity:
             if self.policy.is_cache(stream):
                 await self._send_latest(conn, stream)
 
-    def left_table(self, streams: Iterable[str]) -> None:
-        """A connection left the table: streams without local members stop being tracked."""
+    def left_table(self, conn: StreamMember, sent_code: int, received_code: int) -> None:
+        """``conn`` left the table, having sent and received these close codes: its resume record stays
+        if it may come back; streams without local members stop being tracked."""
+        streams, conn.streams = conn.streams, NO_STREAMS
+        self.resumes.ended(conn, self.resumes.resumable(sent_code, received_code))
         for stream in streams:
             self._maybe_end(stream)
 
@@ -338,56 +330,9 @@ class Continuity:
         positions = await self.refresh(conn, announce=False, cache=False)
         welcome: dict[str, Any] = {"type": "welcome", "client_id": conn.client_id}
         if self.store is not None:
-            conn.token = secrets.token_urlsafe(24)
-            welcome["resume"] = conn.token
-            self._write(self._save(conn, self.settings.resume_ttl + RECORD_SLACK, create=True))
+            welcome["resume"] = self.resumes.issue(conn)
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
-
-    def changed(self, conn: StreamMember) -> None:
-        """Write ``conn``'s resume record as it is now."""
-        if conn.token is not None and self.store is not None and conn.open:
-            self._write(self._save(conn, self.settings.resume_ttl + RECORD_SLACK))
-
-    def _record(self, conn: StreamMember) -> tuple[str | None, bytes]:
-        table, cid = self.table, conn.client_id
-        flag = table.flag_of(cid)
-        groups = sorted(table.groups_of(cid))
-        if cid not in table:  # it left the table: what it had last
-            flag, groups_set = conn.identity()
-            groups = sorted(groups_set)
-        record = {"c": cid, "f": flag, "g": groups, "s": conn.session, "t": time.time()}
-        return flag, orjson.dumps(record, default=repr)
-
-    async def _save(self, conn: StreamMember, ttl: float, create: bool = False) -> None:
-        assert self.store is not None and conn.token is not None
-        flag, record = self._record(conn)
-        try:
-            await self.store.save_resume(conn.token, flag, record, ttl, create=create)
-        except FanoutError as exc:
-            log.warning("resume record of %s not saved: %s", conn.client_id, exc)
-
-    def ended(self, conn: StreamMember, resumable: bool) -> None:
-        """``conn`` left the table: its record stays for FANOUT_RESUME_TTL if it may come back."""
-        if conn.token is None or self.store is None:
-            return
-        token, conn.token = conn.token, None
-        if resumable:
-            flag, record = self._record(conn)
-            self._write(self.store.save_resume(token, flag, record, self.settings.resume_ttl))
-        else:
-            self._write(self.store.drop_resume(token))
-
-    @staticmethod
-    def resumable(sent_code: int, received_code: int) -> bool:
-        """Whether a connection that ended so may resume (SPEC: not when the client closed it, nor when the
-        application or ServerUtil did): the link dropped (no close frame either way; a too slow client cut
-        off), the node went away (1001), the keepalive failed (1011, no answer), its state was lost (3010)."""
-        if sent_code == 0:
-            return received_code == CloseCode.ABNORMAL_CLOSURE
-        return sent_code in (CloseCode.GOING_AWAY, CloseCode.INSUFFICIENT_STATE) or (
-            sent_code == CloseCode.INTERNAL_ERROR and received_code == CloseCode.ABNORMAL_CLOSURE
-        )
 
     async def _every_while(self) -> None:
         """Quiet streams checked against the store; live records refreshed."""
@@ -397,71 +342,18 @@ class Continuity:
                 await self.catch_up()
             except FanoutError as exc:
                 log.warning("history positions not checked: %s", exc)
-            for conn in list(self.table.connections.values()):
-                if getattr(conn, "token", None) is not None:
-                    self.changed(conn)
+            self.resumes.keep_all()
 
     async def catch_up(self) -> None:
-        """Read what every tracked stream missed (after a re-subscription; and every QUIET_CHECK)."""
+        """Read what every tracked stream missed (after a re-subscription; and every QUIET_CHECK). Sends
+        still waiting on the same heads as at the previous check wait only for each other (crossing orders
+        across Redis Cluster slots): they go (``Positioning.force``)."""
+        heads = self.positioning.heads()
+        if heads and heads == self._heads:
+            self._act(self.positioning.force())
+        self._heads = self.positioning.heads()
         streams = [s for s in self.positioning.streams if self.positioning.position(s) is not None]
         if self.store is None or not streams:
             return
         for stream, (epoch, top) in (await self.store.positions(streams)).items():
             self._act(self.positioning.check(stream, epoch, top))
-
-    async def resume(
-        self, conn: StreamMember, request: Resume, restore: Callable[[StreamMember, dict[str, Any]], Any]
-    ) -> str | None:
-        """A v1 client's ``resume``: its old state back (``restore``: groups, flag, session), then what
-        it missed in each stream it asked for, then ``resumed``, then what arrived meanwhile."""
-        conn.held = []
-        record = None
-        if self.store is not None:
-            try:
-                record = await self.store.claim_resume(request.token, self.table.flag_of(conn.client_id))
-            except FanoutError as exc:
-                log.warning("resume of %s: record not read: %s", conn.client_id, exc)
-        state = orjson.loads(record) if record is not None else None
-        if state is None:
-            self.metrics.resumes_refused += 1
-        else:
-            self.metrics.resumes += 1
-            await restore(conn, state)
-        conn.resumed = True
-        for stream, (epoch, offset) in (await self.refresh(conn, announce=False)).items():
-            if stream not in request.streams:  # streams it is in now that it did not ask for
-                conn.push(
-                    control_frame({"type": "joined", "stream": stream, "epoch": epoch, "offset": offset})
-                )
-        report: dict[str, Any] = {}
-        streams = {s: p for s, p in request.streams.items() if s in conn.streams}
-        pages = {}
-        for stream, (epoch, since) in streams.items():
-            assert self.store is not None
-            page = await self.store.read(stream, since, self.settings.recovery_max + 1)
-            ok = (
-                state is not None
-                and page.epoch == epoch
-                and page.complete_after(since)
-                and len(page.entries) <= self.settings.recovery_max
-            )
-            last = page.entries[-1].offset if ok and page.entries else since
-            report[stream] = {"recovered": ok, "epoch": page.epoch, "offset": last if ok else page.offset}
-            if ok:
-                pages[stream] = page
-        old = state["c"] if state is not None else None
-        for sent in merge_replay(pages):
-            if old is not None and old in sent.exclude:
-                continue
-            frame = message_frame(sent.payload, sent.binary, sent.json, sent.offsets)
-            if conn.push(frame):
-                self.metrics.count_frames(1, len(frame))
-        recovered = state is not None and all(r["recovered"] for r in report.values())
-        conn.push(control_frame({"type": "resumed", "recovered": recovered, "streams": report}))
-        floor = conn.floor if conn.floor is not None else {}
-        floor.update({s: r["offset"] for s, r in report.items()})
-        conn.floor = floor or None
-        held, conn.held = conn.held, None
-        for send, via in held or ():
-            self.push(conn, send, {}, None, via)
-        return old if isinstance(old, str) else None

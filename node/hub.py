@@ -342,7 +342,7 @@ class Hub(Generic[C]):
                     if conn is not None:
                         conn.session_version += 1
                         if self.continuity is not None:
-                            self.continuity.changed(conn)
+                            self.continuity.resumes.changed(conn)
                 change = Change(session is not None)
         self.metrics.commands[type(command).__name__.lower()] += 1
         member = table.get(command.client_id) if not isinstance(command, SetSession) else None
@@ -406,11 +406,8 @@ class Hub(Generic[C]):
             change = self.table.remove(conn.client_id)
             if not change.empty:
                 self.spawn(self.apply_change(change), "unsubscribe")
-            continuity = self.continuity
-            if continuity is not None:
-                streams, conn.streams = conn.streams, frozenset()
-                continuity.ended(conn, continuity.resumable(conn.wire.sent_code, conn.close_code))
-                continuity.left_table(streams)
+            if self.continuity is not None:
+                self.continuity.left_table(conn, conn.wire.sent_code, conn.close_code)
 
     def _answer(self, query: Query) -> None:
         if not self.table.answers(query.kind, query.arg):
