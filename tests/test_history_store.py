@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fanout import (
+    BackendUnavailable,
     ConfigError,
     ConfigMismatch,
     NoLiveNodes,
@@ -422,7 +423,6 @@ async def test_resume_records_expire_unless_kept(url: str, ns: str) -> None:
 
 
 async def test_an_unreachable_store_is_backend_unavailable(ns: str) -> None:
-    from fanout import BackendUnavailable
     from tests.support import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
@@ -719,3 +719,30 @@ def test_a_streams_keys_carry_its_channel_as_their_hash_tag(ns: str) -> None:
     assert st.keys("group:lobby") == (f"{{{ns}:g:lobby}}:hm", f"{{{ns}:g:lobby}}:hl")
     assert st.keys("all") == (f"{{{ns}:all}}:hm", f"{{{ns}:all}}:hl")
     assert st.channel("flag:a b") == flag("a b").channel(ns)
+
+
+async def test_a_store_restarted_empty_starts_new_epochs(tmp_path: Path, ns: str) -> None:
+    """Redis restarted without its data: the scripts are loaded again (NOSCRIPT), and every stream has a
+    new epoch, so a client holding the old one is told it cannot recover."""
+    from tests.support.redis_servers import start_redis
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        async with store(server.url, ns) as st:
+            before = await st.append(["group:a"], sent("s1"))
+            await st.save_resume("tok", None, b"r", 30)
+            server.restart()
+            # the sends' connection went with the server: the first send may fail (never silently)
+            stored = ["s2"]
+            try:
+                await st.append(["group:a"], sent("maybe"))
+                stored.insert(0, "maybe")
+            except BackendUnavailable:
+                pass
+            after = await st.append(["group:a"], sent("s2"))  # a new connection, the script loaded again
+            assert after["group:a"][0] != before["group:a"][0] and after["group:a"][1] == len(stored)
+            page = await st.read("group:a")  # redis-py's connection: reconnects, loads its script
+            assert [e.sid for e in page.entries] == stored and page.epoch == after["group:a"][0]
+            assert await st.claim_resume("tok", None) is None
+    finally:
+        server.stop()

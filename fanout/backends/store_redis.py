@@ -176,7 +176,7 @@ end
 return table.concat(counts, ' ')
 """
 
-#: a page: KEYS hm, hl; ARGV epoch candidate, meta ttl ms, since ('' = the latest), limit.
+#: a page: KEYS hm, hl; ARGV epoch candidate, meta ttl ms, since + 1 ('' = the latest), limit.
 #: Answers {epoch, top offset, id of the oldest entry kept or '', entries}.
 _READ = """
 local epoch = redis.call('HGET', KEYS[1], 'e')
@@ -198,7 +198,7 @@ if limit > 0 then
   if ARGV[3] == '' then
     entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
   else
-    entries = redis.call('XRANGE', KEYS[2], (tonumber(ARGV[3]) + 1) .. '-0', '+', 'COUNT', limit)
+    entries = redis.call('XRANGE', KEYS[2], ARGV[3] .. '-0', '+', 'COUNT', limit)
   end
 end
 return {epoch, top, first, entries}
@@ -606,7 +606,8 @@ class RedisStore(HistoryStore):
 
     async def read(self, stream: str, since: int | None = None, limit: int = 100) -> Page:
         await self._ready()
-        args = [new_epoch(), self._meta_ttl.decode(), "" if since is None else str(max(since, 0)), str(limit)]
+        start = "" if since is None else str(max(since, 0) + 1)
+        args = [new_epoch(), self._meta_ttl.decode(), start, str(max(limit, 0))]
         reply = await self._bounded("a history read", self._eval("read", list(self.keys(stream)), args))
         epoch, top, first_id, raw = reply
         top = int(top)
