@@ -685,10 +685,11 @@ class ServerUtil:
     ) -> int | None:
         payload, binary = encode_payload(data, self.json_default)
         json = not binary and not isinstance(data, str)
-        command = Send(target, payload, binary, names(exclude, "exclude"), json=json)
         streams = self._policy.streams_of(target) if self._history_on else ()
         if streams:
-            return await self._send_stored(command, streams, ack, timeout, partial)
+            stored = Send(target, payload, binary, names(exclude, "exclude"), json=json, sid=new_send_id())
+            return await self._send_stored(stored, streams, ack, timeout, partial)
+        command = Send(target, payload, binary, names(exclude, "exclude"), json=json)
         if ack:
             return await self._count("send", command, timeout, partial)
         await self._publish(routing.route(command, self.settings.mode))
@@ -697,11 +698,12 @@ class ServerUtil:
     async def _send_stored(
         self, command: Send, streams: tuple[str, ...], ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
-        """A send to history streams: appended to them (with a send id) and published with its positions.
-        With no node live it is stored all the same and recoverable: no NoLiveNodes (``ack``: 0)."""
-        sid = new_send_id()
-        command = replace(command, sid=sid)
-        stored = (streams, StoredSend(sid, command.payload, command.binary, command.json, command.exclude))
+        """A send to history streams (``command`` has its send id): appended to them and published with its
+        positions. With no node live it is stored all the same and recoverable: no NoLiveNodes (``ack``:
+        0)."""
+        assert command.sid is not None
+        send = StoredSend(command.sid, command.payload, command.binary, command.json, command.exclude)
+        stored = (streams, send)
         if ack:
             try:
                 return await self._count("send", command, timeout, partial, stored)
@@ -878,7 +880,8 @@ class ServerUtil:
             if self._policy.is_history(flag_stream(name)):
                 payload, binary = encode_payload(data, self.json_default)
                 json = not binary and not isinstance(data, str)
-                stored.setdefault(name, []).append(Send(Target.flags(name), payload, binary, json=json))
+                send = Send(Target.flags(name), payload, binary, json=json, sid=new_send_id())
+                stored.setdefault(name, []).append(send)
             else:
                 plain.append((name, data))
         return plain, stored

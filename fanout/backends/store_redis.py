@@ -224,6 +224,15 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+#: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
+_PACKED_STREAMS = 10_000
+
+
+def _bulk(part: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
 def _text(script: str | bytes | memoryview) -> bytes:
     return script.encode() if isinstance(script, str) else bytes(script)
 
@@ -274,6 +283,10 @@ class RedisStore(HistoryStore):
         self._fast = not self._target.cluster and not self._target.tls
         self._raw: PublishConnection | None = None
         self._raw_lock = asyncio.Lock()
+        #: the send script's EVALSHA and sha, and its constant arguments (size, ttl, meta ttl), packed
+        self._evalsha_send = b""
+        self._constants = b"".join(map(_bulk, (self._size, self._ttl, self._meta_ttl)))
+        self._packed_streams: dict[str, tuple[bytes, bytes]] = {}
         self._db = 0 if self._target.cluster else int(str(dict(parse_url(url)).get("db") or 0))
         self._connect_lock = asyncio.Lock()
         self._closed = False
@@ -374,6 +387,7 @@ class RedisStore(HistoryStore):
         self._client = client
         await client.ping()
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+        self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
         if self._fast:
             await self._raw_connection()
 
@@ -421,16 +435,15 @@ class RedisStore(HistoryStore):
             self._raw = raw
             return raw
 
-    async def _fast_eval(self, name: str, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-        """EVALSHA on the sends' connection (written at once: call order is Redis's order)."""
-        script = self._scripts[name]
+    async def _fast_eval(self, name: str, command: bytes) -> Any:
+        """An EVALSHA (packed) on the sends' connection, written with the others of this turn of the event
+        loop, in call order (which is then Redis's order)."""
         raw = self._raw
         if raw is None or not raw.alive or self._raw_lock.locked():
             raw = await self._raw_connection()
-        command = pack(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *keys, *args)
-        reply = await raw.send([command])[0]
+        reply = await raw.send_soon(command)
         if isinstance(reply, ResponseError) and str(reply).startswith(_NOSCRIPT):
-            loaded = await raw.send([pack(b"SCRIPT", b"LOAD", _text(script.script))])[0]
+            loaded = await raw.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
             if isinstance(loaded, Exception):
                 raise loaded
             reply = await raw.send([command])[0]
@@ -494,30 +507,59 @@ class RedisStore(HistoryStore):
     async def _send_script(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
     ) -> tuple[Positions, list[int | None]]:
-        keys: list[bytes] = []
-        for stream in streams:
-            keys.extend(key.encode() for key in self.keys(stream))
-        args = [
-            new_epoch().encode(),
-            self._size,
-            self._ttl,
-            self._meta_ttl,
+        variable = [
             b"%d" % len(streams),
             b"%d" % len(items),
             send.sid.encode(),
             send.payload,
             self._kind(send),
-            orjson.dumps(list(send.exclude)),
+            orjson.dumps(list(send.exclude)) if send.exclude else b"[]",
             self._command if items else b"",
-            *(stream.encode() for stream in streams),
-            *(part for channel, message in items for part in (channel, message)),
         ]
+        candidate = new_epoch().encode()
         if self._fast:
-            reply = await self._fast_eval("send", keys, args)
+            known = [self._packed(stream) for stream in streams]
+            parts = [
+                b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items)),
+                self._evalsha_send,
+                _bulk(b"%d" % (2 * len(streams))),
+                *(keys for keys, _ in known),
+                _bulk(candidate),
+                self._constants,
+                *map(_bulk, variable),
+                *(name for _, name in known),
+                *(_bulk(part) for channel, message in items for part in (channel, message)),
+            ]
+            reply = await self._fast_eval("send", b"".join(parts))
         else:
+            keys: list[bytes] = []
+            for stream in streams:
+                keys.extend(key.encode() for key in self.keys(stream))
+            args = [
+                candidate,
+                self._size,
+                self._ttl,
+                self._meta_ttl,
+                *variable,
+                *(stream.encode() for stream in streams),
+                *(part for channel, message in items for part in (channel, message)),
+            ]
             reply = await self._eval("send", keys, args)
         line, _, counts = bytes(reply).partition(b"\n")
         return _positions([line[1:-1]] if len(line) > 2 else []), _counts(counts)
+
+    def _packed(self, stream: str) -> tuple[bytes, bytes]:
+        """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
+        found = self._packed_streams.get(stream)
+        if found is None:
+            if len(self._packed_streams) >= _PACKED_STREAMS:
+                self._packed_streams.clear()
+            hm, hl = self.keys(stream)
+            found = self._packed_streams[stream] = (
+                _bulk(hm.encode()) + _bulk(hl.encode()),
+                _bulk(stream.encode()),
+            )
+        return found
 
     async def _per_slot(self, calls: list[Awaitable[_T]]) -> list[_T]:
         """Run ``calls`` (one per slot) at most a few at a time."""
