@@ -41,7 +41,7 @@ def announced(settings: Settings) -> dict[str, Any]:
 def mismatch(ours: dict[str, Any], theirs: Any, node_id: str, namespace: str) -> ConfigMismatch | None:
     """What differs between this publisher's history settings and what node ``node_id`` announced
     (``None`` for a node that announces none: one from before history existed)."""
-    if theirs is None:
+    if theirs is None or theirs == ours:  # (every publish checks every live node: the usual case first)
         return None
     if not isinstance(theirs, dict):
         theirs = {}

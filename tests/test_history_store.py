@@ -473,15 +473,23 @@ async def test_a_history_send_with_no_live_node_is_stored_not_refused(url: str, 
         assert (await util.get_history("group:plain"))["entries"] == []
 
 
-async def test_a_node_delivers_history_sends_and_they_are_stored(tmp_path: Path, ns: str) -> None:
-    node = _node(tmp_path, REDIS, ns)
+@pytest.mark.parametrize("mode", ["routing", "fanout"])
+async def test_a_node_delivers_history_sends_and_they_are_stored(
+    tmp_path: Path, ns: str, url: str, mode: str
+) -> None:
+    """On Redis and Redis Cluster (SPUBLISH from the script; in fanout mode the backend publishes after
+    the append), in both modes: the raw client gets every send as before, and every send is stored."""
+    node = _node(tmp_path, url, ns, FANOUT_MODE=mode)
     ws, cid = await client(node.port)
     try:
         async with ServerUtil(
-            REDIS, namespace=ns, heartbeat_interval=HB, history="group:*,flag:*,all"
+            url, mode=mode, namespace=ns, heartbeat_interval=HB, history="group:*,flag:*,all"
         ) as util:
             assert await util.join_group(cid, "room") is True
             assert await util.bind(cid, "ann") is True
+            await util.send_to_group(["room", "elsewhere", "far"], "spread")  # several slots on a cluster
+            assert await recv(ws) == "spread"
+            await util.remove_history("group:room")
             await util.send_to_group("room", {"text": "hi"})
             assert orjson.loads(await recv(ws)) == {"text": "hi"}  # the raw client sees no change
             assert await util.send_to_group("room", "counted", ack=True) == 1
