@@ -292,7 +292,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     p = command(
         "get-history",
         "a history stream's epoch, offset and entries (group:<name>, flag:<name> or all; needs no node)",
-        lambda u, a: _history(u, a),
+        _history,
     )
     p.add_argument("stream", type=_checked("stream", str), metavar="STREAM")
     p.add_argument(
