@@ -473,8 +473,9 @@ class ServerUtil:
         received it (the first publish waits for the nodes' heartbeats first: :meth:`_meet_nodes`). The
         publish goes first so that a broker that is down is reported as such, not as "no live nodes".
 
-        ``stored``: the send goes to history streams (:meth:`_publish_stored`), and is recoverable
-        even when no node is live (no NoLiveNodes).
+        ``stored``: the send goes to history streams (its streams and what it stores in them): appended
+        to them and published with its positions, and recoverable even when no node is live (no
+        NoLiveNodes).
         """
         if not pairs:
             return []
@@ -493,26 +494,18 @@ class ServerUtil:
             if len(message) > limit:
                 raise MessageTooLarge(f"command of {len(message)} bytes exceeds max_message={limit}")
             items.append((address, message))
-        if stored is not None:
-            return await self._publish_stored(items, *stored)
+        if stored is not None:  # appended to its streams and published with its positions
+            store = self._store or await self._history_store()
+            if store.publishes:  # in one step: the store is the bus (Redis: one script)
+                return (await store.append_counted(stored[0], stored[1], items))[1]
+            positions = await store.append(*stored)  # else appended first, then published
+            return await self.backend.publish_many(
+                [(address, attach_positions(message, positions)) for address, message in items]
+            )
         counts = await self.backend.publish_many(items)
         if not live and not self._in_node and not any(counts):
             raise NoLiveNodes(self.settings.namespace, self.settings.where)
         return counts
-
-    async def _publish_stored(
-        self, items: list[tuple[Address, bytes]], streams: tuple[str, ...], send: StoredSend
-    ) -> list[int | None]:
-        """Append a send to its streams and publish its messages with their positions: in one step when
-        the store is the bus (Redis: one script), else appended first, then published."""
-        store = await self._history_store()
-        if store.publishes:
-            _, counts = await store.append_counted(streams, send, items)
-            return counts
-        positions = await store.append(streams, send)
-        return await self.backend.publish_many(
-            [(address, attach_positions(message, positions)) for address, message in items]
-        )
 
     def _new_request(self) -> Request:
         self._request_seq += 1

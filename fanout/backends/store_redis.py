@@ -255,6 +255,13 @@ def _counts(text: bytes) -> list[int | None]:
     return [int(count) for count in text.split()]
 
 
+def _parse_send(reply: Any) -> tuple[Positions, list[int | None]]:
+    """The send script's answer: ``<positions JSON>\n<count> <count> ...``."""
+    line, _, counts = bytes(reply).partition(b"\n")
+    raw: dict[str, list[Any]] = orjson.loads(line)
+    return {stream: (str(value[1]), int(value[0])) for stream, value in raw.items()}, _counts(counts)
+
+
 def _offset_of(entry_id: bytes | str) -> int:
     raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(raw.split("-", 1)[0])
@@ -316,16 +323,19 @@ class RedisStore(HistoryStore):
             async with asyncio.timeout(self.settings.publish_timeout):
                 return await call
         except TimeoutError as exc:
-            if self._raw is not None:  # a hung server: fail what waits on it, start afresh next time
-                raw, self._raw = self._raw, None
-                raw.close()
-            raise BackendUnavailable(
-                f"Redis at {self.where} did not answer {what} within {self.settings.publish_timeout:g}s"
-            ) from exc
+            raise self._timed_out(what, exc) from exc
         except FanoutError:
             raise
         except Exception as exc:
             raise self._error(exc, what) from exc
+
+    def _timed_out(self, what: str, exc: TimeoutError) -> BackendUnavailable:
+        if self._raw is not None:  # a hung server: fail what waits on it, start afresh next time
+            raw, self._raw = self._raw, None
+            raw.close()
+        return BackendUnavailable(
+            f"Redis at {self.where} did not answer {what} within {self.settings.publish_timeout:g}s"
+        )
 
     def channel(self, stream: str) -> str:
         """The channel of ``stream``'s target in routing mode (its keys' hash tag)."""
@@ -442,11 +452,20 @@ class RedisStore(HistoryStore):
         if raw is None or not raw.alive or self._raw_lock.locked():
             raw = await self._raw_connection()
         reply = await raw.send_soon(command)
-        if isinstance(reply, ResponseError) and str(reply).startswith(_NOSCRIPT):
-            loaded = await raw.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
-            if isinstance(loaded, Exception):
-                raise loaded
-            reply = await raw.send([command])[0]
+        if isinstance(reply, Exception):
+            reply = await self._fast_retry(name, command, reply)
+        return reply
+
+    async def _fast_retry(self, name: str, command: bytes, error: Exception) -> Any:
+        """After an error reply: NOSCRIPT (Redis restarted, or its scripts flushed) loads the script and
+        runs the command again; any other error is raised."""
+        raw = self._raw
+        if raw is None or not isinstance(error, ResponseError) or not str(error).startswith(_NOSCRIPT):
+            raise error
+        loaded = await raw.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
+        if isinstance(loaded, Exception):
+            raise loaded
+        reply = await raw.send([command])[0]
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -463,16 +482,41 @@ class RedisStore(HistoryStore):
         streams = list(dict.fromkeys(streams))
         if not streams:
             raise ValueError("a stored send needs at least one stream")
-        await self._ready()
+        if self._client is None and self._cluster is None:
+            await self.connect()
         items = list(publish) if self.publishes else []
-        return await self._bounded("the history send", self._append(streams, send, items))
+        if not self._fast:
+            return await self._bounded("the history send", self._append(streams, send, items))
+        # the common case, with as few coroutines in between as can be (each costs every caller)
+        namespace = self.settings.namespace
+        command = self._pack_send(
+            streams, send, [(address.channel(namespace).encode(), message) for address, message in items]
+        )
+        raw = self._raw
+        if raw is None or not raw.alive or self._raw_lock.locked():
+            return await self._bounded("the history send", self._fast_send(command))
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                reply = await raw.send_soon(command)
+                if isinstance(reply, Exception):
+                    reply = await self._fast_retry("send", command, reply)
+        except TimeoutError as exc:
+            raise self._timed_out("the history send", exc) from exc
+        except FanoutError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "the history send") from exc
+        return _parse_send(reply)
+
+    async def _fast_send(self, command: bytes) -> tuple[Positions, list[int | None]]:
+        return _parse_send(await self._fast_eval("send", command))
 
     async def _append(
         self, streams: list[str], send: StoredSend, items: list[tuple[Address, bytes]]
     ) -> tuple[Positions, list[int | None]]:
         namespace = self.settings.namespace
         channels = [address.channel(namespace).encode() for address, _ in items]
-        if self._cluster is None:
+        if self._cluster is None:  # a TLS server (a plain one takes append_counted's own path)
             pairs = [(channel, message) for channel, (_, message) in zip(channels, items, strict=True)]
             return await self._send_script(streams, send, pairs)
         slots: dict[int, list[str]] = {}
@@ -504,10 +548,11 @@ class RedisStore(HistoryStore):
     def _kind(self, send: StoredSend) -> bytes:
         return b'"b":%s,"j":%s' % (b"true" if send.binary else b"false", b"true" if send.json else b"false")
 
-    async def _send_script(
+    def _variable(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
-    ) -> tuple[Positions, list[int | None]]:
-        variable = [
+    ) -> list[bytes]:
+        """The send script's arguments after its constants: counts, the send, the publish command."""
+        return [
             b"%d" % len(streams),
             b"%d" % len(items),
             send.sid.encode(),
@@ -516,37 +561,42 @@ class RedisStore(HistoryStore):
             orjson.dumps(list(send.exclude)) if send.exclude else b"[]",
             self._command if items else b"",
         ]
-        candidate = new_epoch().encode()
-        if self._fast:
-            known = [self._packed(stream) for stream in streams]
-            parts = [
-                b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items)),
-                self._evalsha_send,
-                _bulk(b"%d" % (2 * len(streams))),
-                *(keys for keys, _ in known),
-                _bulk(candidate),
-                self._constants,
-                *map(_bulk, variable),
-                *(name for _, name in known),
-                *(_bulk(part) for channel, message in items for part in (channel, message)),
-            ]
-            reply = await self._fast_eval("send", b"".join(parts))
-        else:
-            keys: list[bytes] = []
-            for stream in streams:
-                keys.extend(key.encode() for key in self.keys(stream))
-            args = [
-                candidate,
-                self._size,
-                self._ttl,
-                self._meta_ttl,
-                *variable,
-                *(stream.encode() for stream in streams),
-                *(part for channel, message in items for part in (channel, message)),
-            ]
-            reply = await self._eval("send", keys, args)
-        line, _, counts = bytes(reply).partition(b"\n")
-        return _positions([line[1:-1]] if len(line) > 2 else []), _counts(counts)
+
+    def _pack_send(self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]) -> bytes:
+        """The send script's EVALSHA as RESP, for the sends' own connection."""
+        variable = self._variable(streams, send, items)
+        known = [self._packed(stream) for stream in streams]
+        parts = [
+            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items)),
+            self._evalsha_send,
+            _bulk(b"%d" % (2 * len(streams))),
+            *[keys for keys, _ in known],
+            _bulk(new_epoch().encode()),
+            self._constants,
+            *[_bulk(part) for part in variable],
+            *[name for _, name in known],
+        ]
+        for channel, message in items:
+            parts += (_bulk(channel), _bulk(message))
+        return b"".join(parts)
+
+    async def _send_script(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
+    ) -> tuple[Positions, list[int | None]]:
+        """The send script through redis-py (a cluster's single-slot send, a TLS server)."""
+        keys: list[bytes] = []
+        for stream in streams:
+            keys.extend(key.encode() for key in self.keys(stream))
+        args = [
+            new_epoch().encode(),
+            self._size,
+            self._ttl,
+            self._meta_ttl,
+            *self._variable(streams, send, items),
+            *(stream.encode() for stream in streams),
+            *(part for channel, message in items for part in (channel, message)),
+        ]
+        return _parse_send(await self._eval("send", keys, args))
 
     def _packed(self, stream: str) -> tuple[bytes, bytes]:
         """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
