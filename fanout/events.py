@@ -77,6 +77,8 @@ class Event:
     session: dict[str, Any] = field(default_factory=dict)  #: snapshot at the time of the event
     data: str | bytes | None = None  #: message events: ``str`` for text frames, ``bytes`` for binary
     request: dict[str, Any] | None = None  #: open events: path, query, headers, cookies, remote
+    #: open events of a fanout.v1 connection that resumed: the client id of the connection it took over
+    resumed_from: str | None = None
     code: int | None = None  #: close events
     reason: str | None = None  #: close events
     sent_at: float = 0.0  #: Unix time the node made the event
@@ -120,6 +122,8 @@ def encode(event: Event) -> tuple[bytes, bytes]:
             data = event.data.encode()
     if event.request is not None:
         header["r"] = event.request
+    if event.resumed_from is not None:
+        header["rf"] = event.resumed_from
     if event.code is not None:
         header["code"] = event.code
     if event.reason is not None:
@@ -157,6 +161,7 @@ def decode(header_bytes: bytes, data: bytes, *, redelivered: bool = False) -> Ev
             session=session,
             data=payload,
             request=h.get("r"),
+            resumed_from=_opt_str(h.get("rf")),
             code=h.get("code"),
             reason=_opt_str(h.get("reason")),
             sent_at=float(h.get("ts", 0)) / 1000,

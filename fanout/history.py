@@ -90,7 +90,8 @@ def _compile(raw: str, setting: str) -> tuple[re.Pattern[str] | None, re.Pattern
         if not patterns:
             return None
         alternatives = ("(?:" + ".*".join(map(re.escape, p.split("*"))) + ")" for p in patterns)
-        return re.compile("|".join(alternatives) + r"\Z")
+        # the whole name, whichever pattern matches it; ``*`` matches any run, newlines too
+        return re.compile("(?:" + "|".join(alternatives) + r")\Z", re.DOTALL)
 
     return regex(groups), regex(flags), everyone
 
@@ -193,6 +194,54 @@ class Page:
         return self.first <= since + 1
 
 
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """One send of a resume's replay: its payload, and its offsets in the replayed streams it is in."""
+
+    payload: bytes
+    binary: bool
+    json: bool
+    offsets: dict[str, int]
+    exclude: tuple[str, ...]
+
+
+def merge_replay(pages: Mapping[str, Page]) -> list[Replayed]:
+    """The entries of several streams' pages as one replay: each send once, with its offsets in every
+    stream it is in, each stream's entries in offset order (a send is taken when it is at the head of
+    every page it is in; sends whose orders cross - possible only across Redis Cluster slots - are taken
+    in the first stream's order)."""
+    queues = {stream: list(page.entries) for stream, page in pages.items()}
+    heads = dict.fromkeys(queues, 0)
+    where: dict[str, dict[str, int]] = {}
+    for stream, entries in queues.items():
+        for entry in entries:
+            where.setdefault(entry.sid, {})[stream] = entry.offset
+    done: set[str] = set()
+    out: list[Replayed] = []
+
+    def head(stream: str) -> Entry | None:
+        entries, i = queues[stream], heads[stream]
+        while i < len(entries) and entries[i].sid in done:
+            i += 1
+        heads[stream] = i
+        return entries[i] if i < len(entries) else None
+
+    while True:
+        candidates = [first for stream in queues if (first := head(stream)) is not None]
+        if not candidates:
+            return out
+        chosen = next(
+            (
+                entry
+                for entry in candidates
+                if all((h := head(other)) is not None and h.sid == entry.sid for other in where[entry.sid])
+            ),
+            candidates[0],
+        )
+        done.add(chosen.sid)
+        out.append(Replayed(chosen.payload, chosen.binary, chosen.json, where[chosen.sid], chosen.exclude))
+
+
 # --------------------------------------------------------------------------- the positions line
 
 
@@ -242,9 +291,11 @@ __all__ = [
     "Page",
     "Policy",
     "Positions",
+    "Replayed",
     "attach_positions",
     "flag_stream",
     "group_stream",
+    "merge_replay",
     "new_epoch",
     "new_send_id",
     "parse_stream",

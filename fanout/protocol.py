@@ -55,7 +55,7 @@ from .commands import (
     Unbind,
 )
 from .exceptions import BadSignature, MessageTooLarge, PayloadError, ProtocolError, UnsupportedVersion
-from .history import split_positions
+from .history import POSITIONS_PREFIX, split_positions
 
 VERSION = 2
 _PREFIX = b"v2;"
@@ -383,6 +383,8 @@ def open_message(
         raise MessageTooLarge(f"message of {len(data)} bytes exceeds the maximum of {max_size}")
     positions, data = split_positions(data)
     if positions is not None:
+        if data.startswith(POSITIONS_PREFIX):
+            raise ProtocolError("more than one positions line")
         message = open_message(data, secret, None, namespace)
         if not isinstance(message.command, Send) or message.command.sid is None:
             raise ProtocolError("a positions line in front of something other than a stored send")

@@ -1,21 +1,13 @@
 """One client connection once its websocket is open: the node's and the application's view of it.
 
-A :class:`Connection` is its socket's asyncio protocol from the handshake's 101 on (handed over by
-:class:`~node.http.HttpConnection`): one small object per client, no task while the client is idle.
-
-It owns its output: frames go straight to its transport or, while the hub applies a batch, into its own
-pending list, written in one go at the batch's end (:meth:`Connection.flush`), before any control frame
-(so nothing sent before a close is lost), or early at ``PENDING_FLUSH`` bytes. The transport's write
-buffer (written, not yet taken) is the client's send buffer: over ``send_buffer`` bytes, or owing that
-much in pongs to a ping flood, the client is cut off (TCP reset), so memory stays bounded.
-
-It feeds what it reads to its :class:`~node.wire.Wire` (the websocket protocol, sans I/O), writes the
-wire's replies after what is pending, and queues messages to its *lane* (:mod:`node.lanes`: the
-opening, messages in order, the close; a task only while there is work); over ``INBOX_HIGH`` waiting,
-reading stops. A protocol error (1002, 1007, 1009) sends the close frame, half-closes, and discards what
-the client still sends until its EOF (or ``CLOSE_TIMEOUT``), so the close frame is not lost to a reset
+A :class:`Connection` is its socket's asyncio protocol from the handshake's 101 on: one small object per
+client, no task while the client is idle. It owns its output: frames go to its transport or, in the hub's
+batch, into its pending list, written in one go at the batch's end (:meth:`Connection.flush`), before any
+control frame, or early at ``PENDING_FLUSH`` bytes. Over ``send_buffer`` bytes unwritten (or owed in pongs
+to a ping flood) the client is cut off (TCP reset). It feeds what it reads to its :class:`~node.wire.Wire`
+and queues messages to its *lane* (:mod:`node.lanes`); over ``INBOX_HIGH`` waiting, reading stops. A
+protocol error sends the close frame, half-closes and discards what the client still sends until its EOF
 (RFC 6455 7.1.1); messages received before the error are handled first (the wire is FAILING meanwhile).
-Closing: the node's close frame, then the socket closed at the client's reply (or ``CLOSE_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -29,11 +21,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from fanout.admission import Admit, ConnectRequest
+from fanout.commands import Send
 from fanout.serverutil import encode_payload, names
 
 from .frames import CloseCode, Frame, encode_frame
 from .lanes import INBOX_HIGH, INBOX_LOW
 from .limits import TokenBucket
+from .v1 import Resume, message_frame
 from .wire import Signal, State, Wire
 
 if TYPE_CHECKING:
@@ -43,9 +37,8 @@ log = logging.getLogger("fanout.node")
 
 #: seconds the node waits for a client's reply to its close frame before dropping the socket
 CLOSE_TIMEOUT = 10.0
-#: bytes of frames held for a batch at which they are written without waiting for the batch's end (or
-#: half the send buffer, when that is less): coalescing gains nothing past this, and what the node holds
-#: for its own batching never counts against a client (only what it has not taken does)
+#: bytes of frames held for a batch at which they are written without waiting for its end (or half the
+#: send buffer, if less): coalescing gains nothing past this; what the node holds never counts against it
 PENDING_FLUSH = 64 * 1024
 #: close code and reason when a client does not answer the keepalive ping in time
 KEEPALIVE_CLOSE = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
@@ -71,7 +64,9 @@ class Connection(asyncio.Protocol):
         "client_id",
         "deflate",
         "event_seq",
+        "floor",
         "forwarded",
+        "held",
         "hub",
         "lanes",
         "node",
@@ -79,8 +74,12 @@ class Connection(asyncio.Protocol):
         "opened_at",
         "ping_sent",
         "request",
+        "resumed",
         "send_limit",
         "session_version",
+        "streams",
+        "token",
+        "v1",
         "wire",
     )
 
@@ -93,6 +92,7 @@ class Connection(asyncio.Protocol):
         client_id: str,
         request: ConnectRequest,
         deflate: int = 0,
+        v1: bool = False,
     ) -> None:
         #: the node, as the application sees it (``conn.node.util``: cluster-wide sends and queries)
         self.node = node
@@ -128,12 +128,19 @@ class Connection(asyncio.Protocol):
         #: loop time the keepalive ping now unanswered was sent (0: none outstanding)
         self.ping_sent = 0.0
         # the lane (see the module docstring): messages waiting, the task, whether reading is paused
-        self._inbox: deque[str | bytes] | None = None
+        self._inbox: deque[str | bytes | Resume] | None = None
         self._lane: asyncio.Task[None] | None = None
         self._reading_paused = False
         self._closed: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._gone = False  #: the socket is closed
+        # continuity (node/continuity.py): fanout.v1?, history streams, per stream the offset it has up to
+        # (after a resume or a join), sends held while it resumes, its resume token
+        self.v1, self.streams = v1, frozenset[str]()
+        self.token: str | None = None
+        self.floor: dict[str, int] | None = None
+        self.held: list[tuple[Send, tuple[str, ...] | None]] | None = None
+        self.resumed = False  #: it sent its resume (or a message: a resume is refused from then on)
 
     @property
     def close_code(self) -> int:
@@ -149,11 +156,8 @@ class Connection(asyncio.Protocol):
 
     @property
     def session(self) -> dict[str, Any]:
-        """Per-connection data kept on this node (also reachable through ServerUtil's session calls).
-
-        After the connection left the table (in ``on_close``), the last session it had; reading it
-        then does not bring it back into the table.
-        """
+        """Per-connection data kept on this node (also reachable through ServerUtil's session calls); once
+        the connection left the table (in ``on_close``), the last it had (not brought back by reading)."""
         session = self.hub.table.sessions.get(self.client_id)
         return self._last_session if session is None else session
 
@@ -195,10 +199,8 @@ class Connection(asyncio.Protocol):
     # -- output ---------------------------------------------------------------------------------
 
     def push(self, frame: Frame, batch: list[Flushable] | None = None) -> bool:
-        """Write one encoded frame (compressed if the client negotiated permessage-deflate), or, with the
-        hub's ``batch`` (the connections holding frames of the batch being applied), hold it until the
-        hub's ``flush`` (joining ``batch`` with the first frame it holds); False if the connection is
-        closing or was cut off as too slow."""
+        """Write one frame (its compressed variant with permessage-deflate), or, in the hub's ``batch``, hold
+        it until the hub's ``flush`` (joining ``batch``); False if closing or cut off as too slow."""
         if not self.open:
             return False
         if self.deflate:
@@ -264,10 +266,10 @@ class Connection(asyncio.Protocol):
     async def send(self, data: object) -> bool:
         """Send str (text frame), bytes (binary frame) or JSON-encoded data to this client."""
         payload, binary = encode_payload(data)
-        frame = encode_frame(payload, binary)
-        sent = self.push(frame)
+        frame = message_frame(payload, binary, not isinstance(data, str), None) if self.v1 else None
+        sent = self.push(frame or encode_frame(payload, binary))
         if sent:
-            self.hub.metrics.count_frames(1, len(frame))
+            self.hub.metrics.count_frames(1, len(frame or payload))
         return sent
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
@@ -307,20 +309,20 @@ class Connection(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
     async def join_group(self, *groups: str) -> None:
-        await self.hub.apply_change(self.hub.table.join(self.client_id, names(groups, "groups")))
+        await self.hub.apply_change(self.hub.table.join(self.client_id, names(groups, "groups")), self)
 
     async def leave_group(self, *groups: str) -> None:
-        await self.hub.apply_change(self.hub.table.leave(self.client_id, names(groups, "groups")))
+        await self.hub.apply_change(self.hub.table.leave(self.client_id, names(groups, "groups")), self)
 
     async def bind(self, flag: str) -> None:
         change = self.hub.table.bind(self.client_id, flag)
         self.hub.flag_changed(self)
-        await self.hub.apply_change(change)
+        await self.hub.apply_change(change, self)
 
     async def unbind(self) -> None:
         change = self.hub.table.unbind(self.client_id)
         self.hub.flag_changed(self)
-        await self.hub.apply_change(change)
+        await self.hub.apply_change(change, self)
 
     # -- input: the socket's protocol ---------------------------------------------------------
 
@@ -353,7 +355,7 @@ class Connection(asyncio.Protocol):
         """Start the lane with the opening (``admit``: what ``on_connect`` returned)."""
         self._lane = self.lanes.start_lane(self, admit, opening=True)
 
-    def queue(self, message: str | bytes) -> None:
+    def queue(self, message: str | bytes | Resume) -> None:
         """Hand a message to the lane (the node calls this when the application reads messages)."""
         inbox = self._inbox
         if inbox is None:
@@ -365,7 +367,7 @@ class Connection(asyncio.Protocol):
         if self._lane is None:
             self._lane = self.lanes.start_lane(self, None, opening=False)
 
-    def next_message(self) -> str | bytes | None:
+    def next_message(self) -> str | bytes | Resume | None:
         """The lane's next message, or None when there is none. A message received while the connection
         was open is handled even if it closed since (its close comes after it)."""
         inbox = self._inbox

@@ -222,11 +222,14 @@ class EventForwarder:
             self._waiting_of[conn.client_id] += 1
         self._wake.set()
 
-    def opened(self, conn: ForwardedClient) -> None:
-        """The connection is open (admitted, welcomed): it joins the roster, with an open event."""
+    def opened(self, conn: ForwardedClient, resumed_from: str | None = None) -> None:
+        """The connection is open (admitted, welcomed): it joins the roster, with an open event
+        (``resumed_from``: the client id whose state a fanout.v1 connection's resume took over)."""
         event = None
         if EventKind.OPEN in self.kinds:
-            event = self._event(conn, EventKind.OPEN, request=conn.request.to_json())
+            event = self._event(
+                conn, EventKind.OPEN, request=conn.request.to_json(), resumed_from=resumed_from
+            )
         self._put(conn, event, "add")
 
     def message(self, conn: ForwardedClient, data: str | bytes) -> None:

@@ -54,6 +54,8 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
     BAD_GATEWAY = 1014
+    #: fanout.v1: a history stream lost entries the node could not read back; the client resumes
+    INSUFFICIENT_STATE = 3010
 
 
 _CONT, _TEXT, _BINARY = int(Opcode.CONT), int(Opcode.TEXT), int(Opcode.BINARY)

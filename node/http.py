@@ -25,6 +25,7 @@ from websockets.streams import StreamReader
 from fanout.admission import ConnectRequest
 
 from . import deflate
+from .v1 import SUBPROTOCOL, wants_v1
 
 if TYPE_CHECKING:
     from .routes import HttpSide
@@ -149,6 +150,9 @@ class HttpConnection(asyncio.Protocol):
         if response.status_code != 101:
             self._write(response)
             return
+        v1 = wants_v1(request.headers.get_all("Sec-WebSocket-Protocol"))
+        if v1:  # only fanout.v1 is selected; a client asking for other subprotocols only gets none
+            response.headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
         offers = request.headers.get_all("Sec-WebSocket-Extensions")
         bits, answer = (offers and self.node.options.compression and deflate.negotiate(offers)) or (0, "")
         if bits:
@@ -159,7 +163,7 @@ class HttpConnection(asyncio.Protocol):
         self.admission = None
         early = b"".join(self._early or ())
         self._early = None
-        self.node.opened(self.transport, connect_request, admit, early, bits)
+        self.node.opened(self.transport, connect_request, admit, early, bits, v1)
 
     # -- HTTP API requests (POST)
 

@@ -5,13 +5,10 @@ commands the :class:`~fanout.receive.Receiver` hands it (sends, closes, membersh
 and the write delay, the replies, and the membership changes' subscriptions. It writes to a connection
 through a small surface (:class:`~node.surfaces.Outlet`): ``push(frame, batch)``.
 
-The life of a send through the hub: bus messages that arrive within one loop pass (``on_bus_message``,
-``_collect``) are taken together (``_apply_arrived``); each command's frame is encoded once
-(``encode_frame``) and pushed to each connection ``resolve`` gives. Outside a batch ``push`` writes it.
-In a batch (several commands, or a burst: the previous batch less than the write delay ago) the hub
-passes its list of held connections: a connection keeps the frame in its own pending frames, and the
-first one it keeps puts it on the list; at the end of the batch (or of the write delay) the hub calls
-``flush`` once on each connection of the list: one write per connection per batch.
+A send: bus messages arriving within one loop pass are taken together (``_apply_arrived``); each
+command's frame is encoded once and pushed to each connection ``resolve`` gives (a stored send goes
+through continuity's positioning first). In a batch (several commands, or a burst) a connection holds
+the frame and joins the hub's list; the batch's end calls ``flush`` once per connection on the list.
 """
 
 from __future__ import annotations
@@ -49,11 +46,13 @@ from fanout.commands import (
 from fanout.commands import (
     Request as BusRequest,
 )
-from fanout.exceptions import FanoutError, MessageTooLarge
+from fanout.exceptions import FanoutError
 from fanout.table import Change, ConnectionTable
 
-from .frames import encode_frame
+from . import replies
+from .frames import Frame, encode_frame
 from .surfaces import Flushable, Outlet
+from .v1 import message_frame
 
 if TYPE_CHECKING:
     from fanout.backends.base import Backend
@@ -62,6 +61,7 @@ if TYPE_CHECKING:
     from fanout.receive import Receiver
     from fanout.serverutil import ServerUtil
 
+    from .continuity import Continuity
     from .events import EventForwarder
     from .metrics import Metrics
     from .presence import Presence
@@ -70,28 +70,11 @@ log = logging.getLogger("fanout.node")
 
 C = TypeVar("C", bound=Outlet)
 
-#: most items (list entries, object keys) in one reply: a bigger answer goes in several (see _pages)
-REPLY_PAGE = 5000
-
-
-def _pages(result: Json) -> list[Json]:
-    """A large list or object answer cut into pages of REPLY_PAGE items, so that no reply approaches the
-    broker's or FANOUT_MAX_MESSAGE's limit (the publisher puts them back together)."""
-    if isinstance(result, list) and len(result) > REPLY_PAGE:
-        return [result[i : i + REPLY_PAGE] for i in range(0, len(result), REPLY_PAGE)]
-    if isinstance(result, dict) and len(result) > REPLY_PAGE:
-        items = list(result.items())
-        return [dict(items[i : i + REPLY_PAGE]) for i in range(0, len(items), REPLY_PAGE)]
-    return [result]
-
 
 def _acknowledged(command: Command) -> bool:
     """Whether the publisher waits for this command's count of connections reached (``ack=True``)."""
     return isinstance(command, Send | Close | SendBulk | CloseGuests) and command.request is not None
 
-
-#: most bus messages applied as one batch
-MAX_BATCH = 5000
 
 #: most bus messages applied as one batch
 MAX_BATCH = 5000
@@ -138,6 +121,8 @@ class Hub(Generic[C]):
         self._batch: list[Flushable] | None = None
         self._flush_timer: asyncio.TimerHandle | None = None  #: the end of the write delay, when waiting
         self._last_batch_at = -1e9  #: loop time the last batch of bus commands was applied
+        #: history streams, fanout.v1 and resume (node/continuity.py), set by the node
+        self.continuity: Continuity | None = None
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         """Run ``coroutine`` in the background, supervised: failures are logged, never silent."""
@@ -233,7 +218,10 @@ class Hub(Generic[C]):
         match command:
             case Send():
                 self.metrics.commands["send"] += 1
-                reached = self._deliver(command)
+                if command.positions is not None and self.continuity is not None:
+                    reached = self.continuity.offer(command)  # in each stream's order (fanout/positioning.py)
+                else:
+                    reached = self.deliver(command)
                 self._reply(command.request, reached)
             case Close():
                 self.metrics.commands["close"] += 1
@@ -263,16 +251,22 @@ class Hub(Generic[C]):
                 self._answer(command)
             case DissolveGroup():
                 self.metrics.commands["dissolve"] += 1
-                members = len(self.table.group_members(command.group))
-                self._change_then_reply(self.table.dissolve(command.group), command.request, members)
+                members = [c for cid in self.table.group_members(command.group) if (c := self.table.get(cid))]
+                change = self.table.dissolve(command.group)
+                self._change_then_reply(change, command.request, len(members), members)
             case JoinGroup() | LeaveGroup() | Bind() | Unbind() | SetSession():
                 self._membership(command)
 
     def _close_all(self, conns: list[C], code: int, reason: str, last: bytes | None, binary: bool) -> None:
         """Close ``conns``, each after ``last`` (its last frame) when there is one."""
         frame, batch = None if last is None else encode_frame(last, binary), self._batch
+        enveloped = None if last is None else message_frame(last, binary, False, None)
         for conn in conns:
-            if frame is not None and conn.push(frame, batch):
+            if (
+                frame is not None
+                and enveloped is not None
+                and conn.push(enveloped if conn.v1 else frame, batch)
+            ):
                 self.metrics.count_frames(1, len(frame))
             conn.start_close(code, reason)
 
@@ -289,20 +283,31 @@ class Hub(Generic[C]):
             if not conns:
                 continue
             frame = encode_frame(payload, binary)
+            enveloped = None
             for conn in conns:
-                if conn.push(frame, batch):
+                if conn.v1:
+                    enveloped = enveloped or message_frame(payload, binary, False, None)
+                if conn.push(enveloped if conn.v1 and enveloped else frame, batch):
                     reached += 1
                     self.metrics.count_frames(1, len(frame))
         return reached
 
-    def _deliver(self, command: Send) -> int:
-        conns = self.table.resolve(command.target, command.exclude)
+    def deliver(self, command: Send, conns: list[C] | None = None, via: tuple[str, ...] | None = None) -> int:
+        """``command`` to each of ``conns`` (default: whom its target resolves to) once: one frame for raw
+        clients, and for fanout.v1 ones one envelope per distinct set of their streams (``via``: only
+        these of them: a send read back from those streams' history)."""
+        if conns is None:
+            conns = self.table.resolve(command.target, command.exclude)
         if not conns:
             return 0
-        frame, batch = encode_frame(command.payload, command.binary), self._batch
+        frame, batch, continuity = encode_frame(command.payload, command.binary), self._batch, self.continuity
+        envelopes: dict[Any, Frame] = {}
         reached = 0
         for conn in conns:
-            if conn.push(frame, batch):
+            if not conn.v1:
+                if conn.push(frame, batch):
+                    reached += 1
+            elif continuity is not None and continuity.push(conn, command, envelopes, batch, via):
                 reached += 1
         self.metrics.count_frames(reached, reached * len(frame))
         return reached
@@ -336,9 +341,12 @@ class Hub(Generic[C]):
                     conn = table.get(command.client_id)
                     if conn is not None:
                         conn.session_version += 1
+                        if self.continuity is not None:
+                            self.continuity.resumes.changed(conn)
                 change = Change(session is not None)
         self.metrics.commands[type(command).__name__.lower()] += 1
-        self._change_then_reply(change, command.request, change.found)
+        member = table.get(command.client_id) if not isinstance(command, SetSession) else None
+        self._change_then_reply(change, command.request, change.found, () if member is None else (member,))
 
     def _flag_changed(self, client_id: str, change: Change) -> None:
         conn = self.table.get(client_id)
@@ -350,14 +358,21 @@ class Hub(Generic[C]):
         if self.events is not None:
             self.events.flag_changed(conn)
 
-    def _change_then_reply(self, change: Change, request: BusRequest | None, result: Json) -> None:
-        if change.empty:
+    def _change_then_reply(
+        self, change: Change, request: BusRequest | None, result: Json, conns: tuple[C, ...] | list[C] = ()
+    ) -> None:
+        """Reply once the change is applied: its subscriptions confirmed, and the history streams of the
+        connections it changed (``conns``) positioned (their ``joined``/``left`` sent)."""
+        refresh = self.continuity is not None and conns
+        if change.empty and not refresh:
             self._reply(request, result)
             return
 
         async def apply_then_reply() -> None:
             try:
                 await self.apply_change(change)
+                for conn in conns:
+                    await self.refresh(conn)
             except FanoutError as exc:  # the broker refused the subscription: the caller must know
                 log.warning("membership change not applied on the broker: %s", exc)
                 await self._send_reply(request, error=exc)
@@ -366,23 +381,33 @@ class Hub(Generic[C]):
 
         self.spawn(apply_then_reply(), "membership")
 
-    async def apply_change(self, change: Change) -> None:
-        """(Un)subscribe as a membership change requires; changes are applied in the order made."""
-        if change.empty:
-            return
-        async with self._subscription_lock:
-            if change.subscribe:
-                await self.backend.subscribe(change.subscribe)
-            if change.unsubscribe:
-                await self.backend.unsubscribe(change.unsubscribe)
+    async def apply_change(self, change: Change, conn: C | None = None) -> None:
+        """(Un)subscribe as a membership change requires; changes are applied in the order made. With
+        ``conn`` (whose membership changed), its history streams follow (:meth:`refresh`)."""
+        if not change.empty:
+            async with self._subscription_lock:
+                if change.subscribe:
+                    await self.backend.subscribe(change.subscribe)
+                if change.unsubscribe:
+                    await self.backend.unsubscribe(change.unsubscribe)
+        if conn is not None:
+            await self.refresh(conn)
+
+    async def refresh(self, conn: C) -> None:
+        """``conn``'s history streams after a membership change (node/continuity.py)."""
+        if self.continuity is not None:
+            await self.continuity.refresh(conn)
 
     def forget(self, conn: C) -> None:
-        """Take ``conn`` out of the table (idempotent) and drop subscriptions nobody needs now."""
+        """Take ``conn`` out of the table (idempotent) and drop subscriptions nobody needs now; its
+        resume record stays if it may come back (:func:`resumable`)."""
         if self.table.get(conn.client_id) is conn:
             conn.keep_last_state()
             change = self.table.remove(conn.client_id)
             if not change.empty:
                 self.spawn(self.apply_change(change), "unsubscribe")
+            if self.continuity is not None:
+                self.continuity.left_table(conn, conn.wire.sent_code, conn.close_code)
 
     def _answer(self, query: Query) -> None:
         if not self.table.answers(query.kind, query.arg):
@@ -401,31 +426,22 @@ class Hub(Generic[C]):
     ) -> None:
         if request is None:
             return
-        parts = _pages(result) if error is None else [result]
+        parts = replies.pages(result) if error is None else [result]
         messages = [
-            self._encode_reply(request, part, error, index, len(parts)) for index, part in enumerate(parts)
+            replies.encode_reply(
+                self._encode,
+                self.instance,
+                self.settings.max_message,
+                request,
+                part,
+                error,
+                index,
+                len(parts),
+            )
+            for index, part in enumerate(parts)
         ]
         try:
             await self.backend.publish_many([(naming.inbox(request.reply_to), m) for m in messages])
         except FanoutError as exc:  # the requester will time out and name this node; count it here
             self.metrics.reply_failures += 1
             log.warning("reply to %s not published: %s", request.reply_to, exc)
-
-    def _encode_reply(
-        self, request: BusRequest, result: Json, error: FanoutError | None, part: int = 0, parts: int = 1
-    ) -> bytes:
-        """The reply, or, if the answer cannot travel (too deep, too big), an error saying why."""
-        if error is None:
-            try:
-                message = self._encode(Reply(request.id, self.instance, result, None, part, parts))
-            except FanoutError as exc:
-                error = exc
-            else:
-                if len(message) <= self.settings.max_message:
-                    return message
-                error = MessageTooLarge(
-                    f"the answer is {len(message)} bytes, more than FANOUT_MAX_MESSAGE "
-                    f"({self.settings.max_message})"
-                )
-        detail = (type(error).__name__, str(error))
-        return self._encode(Reply(request.id, self.instance, None, detail))

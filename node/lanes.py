@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from fanout.events import EventKind
 from fanout.exceptions import FanoutError
 
-from .frames import CloseCode, encode_frame
+from .frames import CloseCode, WebsocketError, encode_frame
 from .surfaces import LaneConnection
+from .v1 import Resume, read_client_frame
 
 if TYPE_CHECKING:
     from fanout.admission import Admit
@@ -38,6 +39,9 @@ log = logging.getLogger("fanout.node")
 #: messages waiting in a connection's lane at which it stops reading, and at which it reads again
 INBOX_HIGH = 16
 INBOX_LOW = 4
+#: seconds the worker tier's open event of a fanout.v1 connection (with a resume token) waits for its
+#: first frame: if that is a resume, the event carries ``resumed_from`` (the old client id)
+OPEN_WAIT = 1.0
 
 C = TypeVar("C", bound=LaneConnection)
 
@@ -70,14 +74,31 @@ class Lanes(Generic[C]):
         #: connections whose socket is open (closing ones included)
         self.live: set[C] = set()
         self._running: set[asyncio.Task[None]] = set()  #: the lanes running now
+        #: fanout.v1 connections whose open event waits for their first frame (a resume?), and its timer
+        self._unopened: dict[C, asyncio.TimerHandle] = {}
         self._on_message = getattr(app, "on_message", None)
         #: the worker tier when it takes message events, else None
         self._forwarder = events if events is not None and EventKind.MESSAGE in events.kinds else None
 
     def received(self, conn: C, message: str | bytes) -> None:
         """A message from an open connection (in its order; its frames were rate-limited as they were
-        read): to its lane if the application or the worker tier reads messages."""
+        read): to its lane if the application or the worker tier reads messages. A fanout.v1 client's
+        frame is unwrapped first; its ``resume`` goes to the lane (only as its first frame), whatever else
+        it sends that is not a v1 ``message`` closes it (1008)."""
         self.metrics.client_messages += 1
+        if conn.v1:
+            try:
+                unwrapped = read_client_frame(message)
+                if isinstance(unwrapped, Resume) and (conn.resumed or self.hub.continuity is None):
+                    raise WebsocketError(CloseCode.POLICY_VIOLATION, "resume only as the first frame")
+            except WebsocketError as error:
+                conn.start_close(error.code, error.reason)
+                return
+            conn.resumed = True
+            if isinstance(unwrapped, Resume):
+                conn.queue(unwrapped)
+                return
+            message = unwrapped
         if self._on_message is not None or self._forwarder is not None:
             conn.queue(message)
 
@@ -131,13 +152,26 @@ class Lanes(Generic[C]):
         connection that cannot go on is closed (1013 identity not applied, 1011 ``on_open`` raised)."""
         if admit is not None and not await self._admit(conn, admit):
             return
-        if self.welcome:
+        continuity = self.hub.continuity
+        welcome = None
+        if conn.v1 and continuity is not None:
+            welcome = await continuity.welcome(conn)  # the positions of its streams, its resume token
+        elif continuity is not None:
+            await continuity.refresh(conn, cache=False)
+        if welcome is None and self.welcome:
             welcome = encode_frame(b'{"type":"welcome","client_id":"%s"}' % conn.client_id.encode())
-            if conn.push(welcome):
-                self.metrics.count_frames(1, len(welcome))
+        if welcome is not None and conn.push(welcome):
+            self.metrics.count_frames(1, len(welcome))
+        if continuity is not None:
+            await continuity.send_cached(conn, conn.streams)  # cache targets' latest, after the welcome
         if self.events is not None:
-            self.events.opened(conn)
             conn.forwarded = True
+            if conn.token is not None:  # it may resume: the open event waits for its first frame (OPEN_WAIT)
+                self._unopened[conn] = asyncio.get_running_loop().call_later(
+                    OPEN_WAIT, self._open, conn, None
+                )
+            else:
+                self.events.opened(conn)
         if not await self.call_app("on_open", conn):
             conn.start_close(CloseCode.INTERNAL_ERROR, "application error")
 
@@ -157,7 +191,23 @@ class Lanes(Generic[C]):
             return False
         return True
 
-    async def _message(self, conn: C, data: str | bytes) -> None:
+    def _open(self, conn: C, resumed_from: str | None) -> None:
+        """The worker tier's open event of a connection whose open event waited (see OPEN_WAIT)."""
+        waiting = self._unopened.pop(conn, None)
+        if waiting is not None and self.events is not None:
+            waiting.cancel()
+            self.events.opened(conn, resumed_from)
+
+    async def _message(self, conn: C, data: str | bytes | Resume) -> None:
+        if isinstance(data, Resume):
+            waiting = self._unopened.get(conn)
+            if waiting is not None:
+                waiting.cancel()
+            if self.hub.continuity is not None:
+                resumed_from = await self.hub.continuity.resume(conn, data, self._restore)
+                self._open(conn, resumed_from)
+            return
+        self._open(conn, None)
         forwarder = self._forwarder
         if forwarder is not None:
             if not forwarder.has_room(conn):
@@ -170,7 +220,21 @@ class Lanes(Generic[C]):
         if self._on_message is not None:
             await self.call_app("on_message", conn, data)
 
+    async def _restore(self, conn: C, state: dict[str, Any]) -> None:
+        """A resume's record: the old connection's groups, flag and session (admission's keys win)."""
+        hub, table = self.hub, self.hub.table
+        session = table.sessions.get(conn.client_id)
+        if session is not None and isinstance(state.get("s"), dict):
+            table.sessions[conn.client_id] = {**state["s"], **session}
+        groups = [g for g in state.get("g") or () if isinstance(g, str)]  # its flag is the same (claimed so)
+        if groups:
+            await hub.apply_change(table.join(conn.client_id, groups))
+        old = state.get("c")
+        if isinstance(old, str) and old != conn.client_id:  # if it is still open somewhere, it goes
+            hub.spawn(hub.util.close(old, 1000, "resumed elsewhere", wait=False), "close resumed")
+
     async def _closed(self, conn: C) -> None:
+        self._open(conn, None)
         self.hub.forget(conn)
         self.metrics.connections_closed += 1
         if conn.forwarded and self.events is not None:

@@ -42,6 +42,12 @@ class Metrics:
     client_messages: int = 0  #: frames received from clients
     app_errors: int = 0  #: exceptions raised by application hooks
     reply_failures: int = 0  #: replies the backend did not take
+    # continuity (node/continuity.py)
+    history_reads: int = 0  #: reads of missed entries from the store (positioning)
+    insufficient_state_closes: int = 0  #: fanout.v1 clients closed with 3010 (their stream lost entries)
+    missed_by_raw: int = 0  #: raw clients of a stream that lost entries before they were delivered
+    resumes: int = 0  #: resumes that restored a connection's state
+    resumes_refused: int = 0  #: resumes with an unknown, expired, used or other user's token
     commands: Counter[str] = field(default_factory=Counter)  #: commands applied, by op
     #: bus messages dropped, by reason (the node's Receiver counts into this same Counter)
     dropped: Counter[str] = field(default_factory=Counter)
@@ -104,6 +110,23 @@ _COUNTERS = (
     ("fanout_client_messages", "Messages received from clients.", "client_messages"),
     ("fanout_app_errors", "Exceptions raised by application hooks.", "app_errors"),
     ("fanout_reply_failures", "Replies the backend did not accept.", "reply_failures"),
+    ("fanout_history_reads", "Reads of missed history entries from the store.", "history_reads"),
+    (
+        "fanout_insufficient_state_closes",
+        "fanout.v1 clients closed with 3010: their stream lost entries before they were delivered.",
+        "insufficient_state_closes",
+    ),
+    (
+        "fanout_missed_by_raw_clients",
+        "Raw clients of a history stream that lost entries before they were delivered.",
+        "missed_by_raw",
+    ),
+    ("fanout_resumes", "Resumes that restored a connection's state.", "resumes"),
+    (
+        "fanout_resumes_refused",
+        "Resumes whose token was unknown, expired, used or another user's.",
+        "resumes_refused",
+    ),
 )
 
 

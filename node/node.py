@@ -22,7 +22,7 @@ from typing import Any
 
 from fanout import history_api, naming, protocol
 from fanout.admission import Admit, ConnectRequest
-from fanout.backends import create_backend, create_event_log
+from fanout.backends import create_backend, create_event_log, create_store
 from fanout.commands import Bye, Command, Heartbeat, NodeInfo
 from fanout.config import Settings
 from fanout.exceptions import FanoutError
@@ -36,6 +36,7 @@ from fanout.table import ConnectionTable
 from .api import Api
 from .app import DemoChat
 from .connection import CLOSE_TIMEOUT, Connection
+from .continuity import Continuity
 from .events import EventForwarder
 from .frames import Opcode, encode_control
 from .http import HttpConnection
@@ -106,6 +107,16 @@ class Node:
             events=self.events,
             presence=self.presence,
         )
+        #: history streams, fanout.v1 envelopes, resume and positioning (node/continuity.py)
+        self.continuity = Continuity(
+            settings,
+            create_store(settings),
+            self.table,
+            self.metrics,
+            self.hub.spawn,
+            self.hub.deliver,
+        )
+        self.hub.continuity = self.continuity
         self.lanes: Lanes[Connection] = Lanes(
             app=self.app, hub=self.hub, metrics=self.metrics, events=self.events, welcome=options.welcome
         )
@@ -135,6 +146,7 @@ class Node:
         self.backend.on_reconnect.append(self._on_reconnect)
         await self.backend.connect(self.hub.on_bus_message)
         await self.backend.subscribe(self.table.wanted())
+        await self.continuity.start()
         if self.events is not None:
             await self.events.start()
         if self.presence is not None:
@@ -189,6 +201,7 @@ class Node:
                 await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT)
         if self.events is not None:  # the close events of the clients just closed go out first
             await self.events.stop()
+        await self.continuity.stop()  # the resume records of the clients just closed are written first
         if self.backend.healthy:  # with the broker gone the goodbye cannot go: the heartbeats' end tells
             with contextlib.suppress(FanoutError):
                 await self.backend.publish(naming.HEARTBEAT, self._encode(Bye(self.instance)))
@@ -224,6 +237,7 @@ class Node:
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _on_reconnect(self) -> None:
+        self.hub.spawn(self.continuity.catch_up(), "history catch-up")  # what the outage kept from us
         await self.lanes.call_app("on_reconnect", self)
 
     # ------------------------------------------------------------------ websocket side
@@ -235,11 +249,14 @@ class Node:
         admit: Admit | None,
         early: bytes,
         deflate: int = 0,
+        v1: bool = False,
     ) -> None:
         """A handshake's 101 is written: the socket is a :class:`Connection` from now on. ``early`` is
         what the client sent after its request (its first frames); ``deflate`` the window bits of its
-        permessage-deflate (0: none)."""
-        conn = Connection(self, self.hub, self.lanes, transport, self._client_ids.next(), request, deflate)
+        permessage-deflate (0: none); ``v1`` whether it speaks fanout.v1."""
+        conn = Connection(
+            self, self.hub, self.lanes, transport, self._client_ids.next(), request, deflate, v1
+        )
         transport.set_protocol(conn)
         self.table.add(conn.client_id, conn)
         self.lanes.live.add(conn)

@@ -10,11 +10,13 @@ the node as :class:`AppNode` (``conn.node``); the HTTP side sees the node as :cl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from fanout.admission import Admit, ConnectRequest
     from fanout.backends.base import Backend
+    from fanout.commands import Send
     from fanout.config import Settings
     from fanout.protocol import Encoder
     from fanout.serverutil import ServerUtil
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from .frames import Frame
     from .metrics import Metrics
     from .options import NodeOptions
+    from .v1 import Resume
+    from .wire import Wire
 
 #: a connection, as the part handed this surface knows it (only passed in, hence contravariant)
 Conn = TypeVar("Conn", contravariant=True)
@@ -88,17 +92,62 @@ class PresenceHost(EventsHost, Protocol):
     def events(self) -> PresenceEvents | None: ...
 
 
+class StreamMember(Protocol):
+    """A connection, as continuity (:mod:`node.continuity`) sees it: whether it speaks fanout.v1, its
+    history streams, the offsets it has up to (``floor``), what is held while it resumes, its token."""
+
+    client_id: str
+    v1: bool
+    streams: frozenset[str]
+    floor: dict[str, int] | None
+    held: list[tuple[Send, tuple[str, ...] | None]] | None
+    token: str | None
+    resumed: bool
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def session(self) -> dict[str, Any]: ...
+
+    def push(self, frame: Frame, batch: list[Flushable] | None = None) -> bool: ...
+
+    def start_close(self, code: int = ..., reason: str = ...) -> None: ...
+
+    def identity(self) -> tuple[str | None, frozenset[str]]: ...
+
+
+class ContinuitySide(Protocol):
+    """Continuity (:mod:`node.continuity`), as the lanes and the hub use it."""
+
+    async def welcome(self, conn: Any) -> Frame: ...
+
+    async def refresh(
+        self, conn: Any, *, announce: bool = True, cache: bool = True
+    ) -> dict[str, tuple[str, int]]: ...
+
+    async def send_cached(self, conn: Any, streams: Iterable[str]) -> None: ...
+
+    async def resume(
+        self, conn: Any, request: Resume, restore: Callable[[Any, dict[str, Any]], Any]
+    ) -> str | None: ...
+
+
 class Flushable(Protocol):
     """A connection holding frames of a batch, as the hub's list of them sees it."""
 
     def flush(self) -> None: ...
 
 
-class Outlet(ForwardedClient, Protocol):
+class Outlet(ForwardedClient, StreamMember, Protocol):
     """A connection, as the hub delivers to it: one frame at a time (``push``: written, or held in the
     batch the hub passes, which the connection then joins), closes, the table's bookkeeping."""
 
     session_version: int  #: the hub counts the session changes it applies
+    wire: Wire
+
+    @property
+    def close_code(self) -> int: ...
 
     @property
     def opened_at(self) -> float: ...
@@ -112,7 +161,7 @@ class Outlet(ForwardedClient, Protocol):
     def keep_last_state(self) -> None: ...
 
 
-class LaneConnection(ForwardedClient, Protocol):
+class LaneConnection(ForwardedClient, StreamMember, Protocol):
     """A connection, as its lane (:mod:`node.lanes`) runs its opening, messages and close."""
 
     forwarded: bool  #: whether the worker tier was told of it (it then gets its close event)
@@ -129,9 +178,9 @@ class LaneConnection(ForwardedClient, Protocol):
 
     async def wait_closed(self) -> None: ...
 
-    def queue(self, message: str | bytes) -> None: ...
+    def queue(self, message: str | bytes | Resume) -> None: ...
 
-    def next_message(self) -> str | bytes | None: ...
+    def next_message(self) -> str | bytes | Resume | None: ...
 
     def lane_done(self) -> bool: ...
 
@@ -149,7 +198,15 @@ class ConnectionHub(Protocol[Conn]):
 
     def flag_changed(self, conn: Conn) -> None: ...
 
-    async def apply_change(self, change: Change) -> None: ...
+    async def apply_change(self, change: Change, conn: Conn | None = None) -> None: ...
+
+    @property
+    def continuity(self) -> ContinuitySide | None: ...
+
+    @property
+    def util(self) -> ServerUtil: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None: ...
 
 
 class ConnectionLanes(Protocol[Conn]):
@@ -212,4 +269,5 @@ class HttpHost(AppNode, Protocol):
         admit: Admit | None,
         early: bytes,
         deflate: int = 0,
+        v1: bool = False,
     ) -> None: ...

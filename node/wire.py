@@ -84,6 +84,7 @@ class Wire:
         "failure",
         "max_size",
         "rate",
+        "sent_code",
         "state",
     )
 
@@ -98,6 +99,8 @@ class Wire:
         #: the close code and reason the client sent (1006 and "" while it sent none)
         self.close_code: int = CloseCode.ABNORMAL_CLOSURE
         self.close_reason = ""
+        #: the close code the node sent (0 while it sent none; an echo of the client's is not counted)
+        self.sent_code = 0
         #: once FAILING: the close code and reason to fail the connection with
         self.failure: tuple[int, str] = _NO_FAILURE
         # the start of a frame not complete yet and its whole size when known; a fragmented message
@@ -136,6 +139,7 @@ class Wire:
             self.state = State.CLOSED
         else:
             return False
+        self.sent_code = code
         self._send(encode_close(code, reason))
         return True
 

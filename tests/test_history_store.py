@@ -392,20 +392,22 @@ async def test_cluster_phase_two_puts_an_overtaken_entry_in_its_place(cluster: R
 
 async def test_resume_records_are_single_use_and_bound_to_the_flag(url: str, ns: str) -> None:
     async with store(url, ns) as st:
-        await st.save_resume("tok-a", "ann", b"record-a", 30)
+        await st.save_resume("tok-a", "ann", b"record-a", 30, create=True)
         assert await st.claim_resume("tok-a", "bob") is None  # another user's flag: refused...
         assert await st.claim_resume("tok-a", None) is None  # ...and a guest's...
         assert await st.claim_resume("tok-a", "ann") == b"record-a"  # ...and not consumed
         assert await st.claim_resume("tok-a", "ann") is None  # single use
-        await st.save_resume("tok-g", None, b"guest", 30)
+        await st.save_resume("tok-a", "ann", b"written back", 30)  # its old connection's state changes...
+        assert await st.claim_resume("tok-a", "ann") is None  # ...do not bring a claimed record back
+        await st.save_resume("tok-g", None, b"guest", 30, create=True)
         assert await st.claim_resume("tok-g", "ann") is None
         assert await st.claim_resume("tok-g", None) == b"guest"
         # a flag that is a prefix of another, or contains the separator, does not open the other
-        await st.save_resume("tok-p", "a\nb", b"p", 30)
+        await st.save_resume("tok-p", "a\nb", b"p", 30, create=True)
         assert await st.claim_resume("tok-p", "a") is None and await st.claim_resume("tok-p", "a\nb") == b"p"
-        await st.save_resume("tok-w", "ann", b"v1", 30)
+        await st.save_resume("tok-w", "ann", b"v1", 30, create=True)
         await st.save_resume("tok-w", "ann", b"v2", 30)  # overwritten as the connection's state changes
-        await st.save_resume("tok-d", "ann", b"gone", 30)
+        await st.save_resume("tok-d", "ann", b"gone", 30, create=True)
         await st.drop_resume("tok-d")
         assert await st.claim_resume("tok-d", "ann") is None
         assert await st.claim_resume("tok-w", "ann") == b"v2"
@@ -414,8 +416,8 @@ async def test_resume_records_are_single_use_and_bound_to_the_flag(url: str, ns:
 
 async def test_resume_records_expire_unless_kept(url: str, ns: str) -> None:
     async with store(url, ns) as st:
-        await st.save_resume("short", "ann", b"s", 0.2)
-        await st.save_resume("kept", "ann", b"k", 0.2)
+        await st.save_resume("short", "ann", b"s", 0.2, create=True)
+        await st.save_resume("kept", "ann", b"k", 0.2, create=True)
         await st.keep_resume(["kept", "not-there"], 30)
         await asyncio.sleep(0.5)
         assert await st.claim_resume("short", "ann") is None
@@ -738,7 +740,7 @@ async def test_a_store_restarted_empty_starts_new_epochs(tmp_path: Path, ns: str
     try:
         async with store(server.url, ns) as st:
             before = await st.append(["group:a"], sent("s1"))
-            await st.save_resume("tok", None, b"r", 30)
+            await st.save_resume("tok", None, b"r", 30, create=True)
             server.restart()
             # the sends' connection went with the server: the first send may fail (never silently)
             stored = ["s2"]

@@ -47,6 +47,7 @@ from fanout.exceptions import (
     ProtocolError,
     UnsupportedVersion,
 )
+from fanout.history import Positions, attach_positions
 from fanout.protocol import Envelope
 
 CID = "node-1.lq2x8k0c0a1b2c3d.1"
@@ -742,9 +743,33 @@ VECTOR_COMMANDS: dict[str, tuple[Command, str | None]] = {
     "stamped-send-to-group": (Send(Target.groups("lobby"), b'{"text":"hi"}'), None),
     "signed-send-to-group": (Send(Target.groups("lobby"), b'{"text":"hi"}'), "s3cret"),
     "signed-close-by-flag": (Close(Target.flags("user-42"), 1008, "policy"), "s3cret"),
+    "stored-send-to-groups": (
+        Send(
+            Target.groups("lobby", "room-1"),
+            b'{"text":"hi"}',
+            dedupe_id="9f86d081884c7d65",
+            json=True,
+            sid="5f1c0a9e3b7d2c41",
+        ),
+        None,
+    ),
+    "signed-stored-send-to-group": (
+        Send(Target.groups("lobby"), b'{"text":"hi"}', json=True, sid="5f1c0a9e3b7d2c41"),
+        "s3cret",
+    ),
 }
 #: the vectors that carry an envelope (every signed one must)
-VECTOR_ENVELOPES = {"stamped-send-to-group", "signed-send-to-group", "signed-close-by-flag"}
+VECTOR_ENVELOPES = {
+    "stamped-send-to-group",
+    "signed-send-to-group",
+    "signed-close-by-flag",
+    "signed-stored-send-to-group",
+}
+#: the vectors of stored sends: the positions line the store put in front (outside the signature)
+VECTOR_POSITIONS: dict[str, Positions] = {
+    "stored-send-to-groups": {"group:lobby": ("3f2a9c1e", 41), "group:room-1": ("77ab01cd", 7)},
+    "signed-stored-send-to-group": {"group:lobby": ("3f2a9c1e", 41)},
+}
 
 
 def vector_envelope(name: str) -> Envelope:
@@ -793,6 +818,12 @@ VECTOR_DESCRIPTIONS = {
     "signed-send-to-group": "stamped-send-to-group signed with the secret s3cret for namespace fanout",
     "signed-close-by-flag": "close flag user-42 with code 1008 and reason policy, stamped like "
     "stamped-send-to-group, signed with s3cret for namespace fanout",
+    "stored-send-to-groups": 'the JSON value {"text":"hi"} to groups lobby and room-1, both history '
+    "streams: stored with send id 5f1c0a9e3b7d2c41 at offset 41 of group:lobby (epoch 3f2a9c1e) and 7 of "
+    "group:room-1 (epoch 77ab01cd), the positions line in front; the copy published on g.lobby (each copy "
+    "carries the same line and mid)",
+    "signed-stored-send-to-group": "a stored send to group lobby, stamped like stamped-send-to-group and "
+    "signed with s3cret for namespace fanout; its positions line (offset 41) is outside the signature",
 }
 
 
@@ -812,6 +843,7 @@ def make_vectors() -> list[dict[str, Any]]:
     out = []
     for name, (command, secret) in VECTOR_COMMANDS.items():
         data = protocol.encode(command, secret.encode() if secret else None, vector_envelope(name))
+        data = attach_positions(data, VECTOR_POSITIONS.get(name, {}))
         vector: dict[str, Any] = {"name": name, "command": VECTOR_DESCRIPTIONS[name], "secret": secret}
         try:
             vector["text"] = data.decode()
@@ -838,6 +870,7 @@ def test_vector_decodes_to_the_command(vector: dict[str, Any]) -> None:
     key = secret.encode() if secret else None
     message = protocol.open_message(vector_bytes(vector), key, None, "fanout")
     assert message.command == command
+    assert getattr(message.command, "positions", None) == VECTOR_POSITIONS.get(vector["name"])
     envelope = vector_envelope(vector["name"])
     assert message.envelope == (
         envelope if key else Envelope(envelope.origin, envelope.seq, envelope.sent_at)
@@ -848,7 +881,8 @@ def test_vector_decodes_to_the_command(vector: dict[str, Any]) -> None:
 def test_command_encodes_to_the_vector(vector: dict[str, Any]) -> None:
     command, secret = VECTOR_COMMANDS[vector["name"]]
     key = secret.encode() if secret else None
-    assert protocol.encode(command, key, vector_envelope(vector["name"])) == vector_bytes(vector)
+    data = protocol.encode(command, key, vector_envelope(vector["name"]))
+    assert attach_positions(data, VECTOR_POSITIONS.get(vector["name"], {})) == vector_bytes(vector)
 
 
 def test_signed_vectors_fail_under_another_secret() -> None:

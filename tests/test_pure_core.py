@@ -25,6 +25,8 @@ PURE = [
     "presence",
     "events",
     "arguments",
+    "history",
+    "positioning",
 ]
 
 

@@ -325,9 +325,9 @@ def test_sync_server_util_has_every_async_operation() -> None:
 async def test_a_large_answer_comes_in_pages_and_is_put_back_together(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import node.hub as hub_module
+    import node.replies
 
-    monkeypatch.setattr(hub_module, "REPLY_PAGE", 7)  # (5,000 in production) so 30 members take pages
+    monkeypatch.setattr(node.replies, "REPLY_PAGE", 7)  # (5,000 in production) so 30 members take pages
     clients = await cluster.clients(per_node=15)
     for _, cid in clients:
         assert await cluster.util.join_group(cid, "big") is True

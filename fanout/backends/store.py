@@ -22,8 +22,10 @@ The store:
 * ``read(stream, since, limit)``: a :class:`~fanout.history.Page`: the entries after ``since`` (oldest
   first, at most ``limit``), or without ``since`` the latest ``limit``.
 * ``remove(stream)``: forget its entries and epoch (the next send starts a new epoch).
-* resume records (opaque bytes, keyed by an unguessable token): ``save_resume(token, flag, record, ttl)``
-  writes or overwrites; ``keep_resume(tokens, ttl)`` extends those still there; ``claim_resume(token,
+* resume records (opaque bytes, keyed by an unguessable token): ``save_resume(token, flag, record, ttl,
+  create=False)`` overwrites a record that is still there (``create=True``: writes it in any case - a new
+  connection's first), so that a record claimed by a resume is never written back by its old connection;
+  ``keep_resume(tokens, ttl)`` extends those still there; ``claim_resume(token,
   flag)`` takes the record if it exists and was saved with that flag (``None`` = guest), deleting it in
   the same step (single use), else None; ``drop_resume(token)`` deletes it.
 """
@@ -91,7 +93,9 @@ class HistoryStore(abc.ABC):
     async def remove(self, stream: str) -> None: ...
 
     @abc.abstractmethod
-    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None: ...
+    async def save_resume(
+        self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
+    ) -> None: ...
 
     @abc.abstractmethod
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None: ...
@@ -213,9 +217,14 @@ class MemoryStore(HistoryStore):
         with self._memory.lock:
             self._memory.streams.pop(stream, None)
 
-    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None:
+    async def save_resume(
+        self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
+    ) -> None:
+        now = time.monotonic()
         with self._memory.lock:
-            self._memory.resume[token] = (flag, record, time.monotonic() + ttl)
+            found = self._memory.resume.get(token)
+            if create or (found is not None and found[2] >= now):
+                self._memory.resume[token] = (flag, record, now + ttl)
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
         until = time.monotonic() + ttl

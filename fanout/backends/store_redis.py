@@ -739,12 +739,14 @@ class RedisStore(HistoryStore):
             raise NotConnected("the history store is not connected")
         return client
 
-    async def save_resume(self, token: str, flag: str | None, record: bytes, ttl: float) -> None:
+    async def save_resume(
+        self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
+    ) -> None:
         await self._ready()
-        await self._bounded(
-            "a resume record",
-            self._redis().set(self._resume_key(token), _marker(flag) + record, px=_ms(ttl)),
-        )
+        value = _marker(flag) + record
+        # XX: only a record still there is overwritten (one claimed by a resume is never written back)
+        call = self._redis().set(self._resume_key(token), value, px=_ms(ttl), xx=not create)
+        await self._bounded("a resume record", call)
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
         keys = [self._resume_key(token) for token in dict.fromkeys(tokens)]
