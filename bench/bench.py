@@ -7,7 +7,8 @@
 
 ``publish``: ServerUtil publish rate, awaited one by one and with many concurrent callers (what the
 backend's pipelining buys). One idle node runs in the namespace (a send into a namespace with no live node
-raises NoLiveNodes); the group sent to has no member.
+raises NoLiveNodes); the group sent to has no member. ``--history``: the same again to a group in
+``FANOUT_HISTORY`` (each send appended to its stream and published by one script), in the same run.
 
 ``bulk``: ``send_bulk`` of ``--pairs`` (client id, payload) pairs to ``--clients`` connections spread over
 ``--nodes`` node processes; reports the call's time (encoding and publishing) and the time until every
@@ -82,36 +83,73 @@ def _node_env(url: str, mode: str, **extra: str) -> dict[str, str]:
     }
 
 
-async def bench_publish(url: str, count: int, concurrency: int, size: int) -> None:
+#: the group the ``--history`` runs send to: the one target of FANOUT_HISTORY
+HISTORY_GROUP = "bench-history"
+
+
+async def bench_publish(
+    url: str, count: int, concurrency: int, size: int, history: bool = False, repeat: int = 1
+) -> None:
     payload = "x" * size
-    env = _node_env(url, "routing")
+    extra = {"FANOUT_HISTORY": f"group:{HISTORY_GROUP}"} if history else {}
+    env = _node_env(url, "routing", **extra)
     with tempfile.TemporaryDirectory() as tmp:
         node = start_node(Path(tmp), env)
         try:
-            await _publish_rates(url, env["FANOUT_NAMESPACE"], count, concurrency, payload)
+            options = {"history": extra["FANOUT_HISTORY"]} if history else {}
+            async with ServerUtil(url, namespace=env["FANOUT_NAMESPACE"], **options) as util:
+                await util.check_cluster()
+                if not history:
+                    plain = await _publish_rates(util, "bench", count, concurrency, payload)
+                    _report(url, "plain sends", len(payload), concurrency, plain)
+                    return
+                # alternate plain and history rounds, so that both see the same machine; medians
+                plains, storeds = [], []
+                for _ in range(repeat):
+                    plains.append(await _publish_rates(util, "bench", count, concurrency, payload))
+                    storeds.append(await _publish_rates(util, HISTORY_GROUP, count, concurrency, payload))
+                plain = _medians(plains)
+                stored = _medians(storeds)
+                _report(url, f"plain sends (median of {repeat})", len(payload), concurrency, plain)
+                what = f"history sends (FANOUT_HISTORY_SIZE {util.settings.history_size}, median of {repeat})"
+                _report(url, what, len(payload), concurrency, stored)
+                print(
+                    f"history / plain: sequential {stored[0] / plain[0]:.2f}x, "
+                    f"concurrent {stored[1] / plain[1]:.2f}x"
+                )
+                await util.remove_history(f"group:{HISTORY_GROUP}")
         finally:
             node.terminate()
 
 
-async def _publish_rates(url: str, namespace: str, count: int, concurrency: int, payload: str) -> None:
-    async with ServerUtil(url, namespace=namespace) as util:
-        await util.check_cluster()
-        start = time.perf_counter()
-        for _ in range(count):
-            await util.send_to_group("bench", payload)
-        sequential = count / (time.perf_counter() - start)
+def _medians(rates: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
 
-        async def worker(n: int) -> None:
-            for _ in range(n):
-                await util.send_to_group("bench", payload)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
-        concurrent = (count // concurrency * concurrency) / (time.perf_counter() - start)
+def _report(url: str, what: str, size: int, concurrency: int, rates: tuple[float, float]) -> None:
     print(
-        f"publish {url.split('://')[0]}: {len(payload)}-byte sends, sequential {sequential:,.0f}/s, "
-        f"{concurrency} concurrent callers {concurrent:,.0f}/s"
+        f"publish {url.split('://')[0]}: {what}, {size}-byte, sequential {rates[0]:,.0f}/s, "
+        f"{concurrency} concurrent callers {rates[1]:,.0f}/s"
     )
+
+
+async def _publish_rates(
+    util: ServerUtil, group: str, count: int, concurrency: int, payload: str
+) -> tuple[float, float]:
+    """Sends per second to ``group``, awaited one by one, then from ``concurrency`` concurrent callers."""
+    start = time.perf_counter()
+    for _ in range(count):
+        await util.send_to_group(group, payload)
+    sequential = count / (time.perf_counter() - start)
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await util.send_to_group(group, payload)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
+    concurrent = (count // concurrency * concurrency) / (time.perf_counter() - start)
+    return sequential, concurrent
 
 
 async def bench_delivery(
@@ -304,6 +342,12 @@ def main() -> None:
     p.add_argument("--count", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--size", type=int, default=100)
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="also send to a group with history (FANOUT_HISTORY) and report both rates and their ratio",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="with --history: alternating rounds of each")
     d = sub.add_parser("delivery")
     d.add_argument("--url", default="redis://127.0.0.1:6379/0")
     d.add_argument("--mode", default="routing")
@@ -359,7 +403,9 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.what == "publish":
-        asyncio.run(bench_publish(args.url, args.count, args.concurrency, args.size))
+        asyncio.run(
+            bench_publish(args.url, args.count, args.concurrency, args.size, args.history, args.repeat)
+        )
     elif args.what == "memory":
         asyncio.run(bench_memory(args.url, args.connections, args.loop))
     elif args.what == "bulk":

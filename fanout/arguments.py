@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .exceptions import PayloadError
+from .history import MAX_HISTORY_SIZE, parse_stream
 from .protocol import is_sendable_close_code
 
 _S = TypeVar("_S")
@@ -116,6 +117,30 @@ def _reason(value: Any) -> str:
     return value
 
 
+def _stream(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Refused(value)
+    try:
+        parse_stream(value)
+    except ValueError:
+        raise Refused(value) from None
+    return value
+
+
+def _offset(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Refused(value)
+    return value
+
+
+def _limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HISTORY_SIZE:
+        raise Refused(value)
+    return value
+
+
 def _anything(value: Any) -> Any:
     return value  # a payload: encoded (and refused if it cannot be) by the call itself
 
@@ -178,6 +203,21 @@ ARGUMENTS: dict[str, Accepts] = {
         "a number of seconds > 0",
         {"type": "number", "exclusiveMinimum": 0, "nullable": True},
         _timeout,
+    ),
+    "stream": Accepts(
+        "a stream name: group:<name>, flag:<name> or all",
+        {"type": "string", "description": "group:<name>, flag:<name> or all"},
+        _stream,
+    ),
+    "since": Accepts(
+        "an offset (an integer >= 0) or None",
+        {"type": "integer", "minimum": 0, "nullable": True},
+        _offset,
+    ),
+    "limit": Accepts(
+        f"an integer from 0 to {MAX_HISTORY_SIZE}",
+        {"type": "integer", "minimum": 0, "maximum": MAX_HISTORY_SIZE},
+        _limit,
     ),
     "ack": BOOL,
     "wait": BOOL,

@@ -6,6 +6,7 @@ Examples::
     fanout --url redis://10.0.0.5:6379/0 --namespace chat send-by-flag user-42 hello --ack
     fanout join node-a.x1.3 lobby --timeout 2
     fanout stats
+    fanout get-history group:lobby --since 41
 
 The global options (``--url``, ``--namespace``, ``--mode``, ``--timeout``) go before or after the
 command, and override FANOUT_URL, FANOUT_NAMESPACE and FANOUT_MODE. Data is sent verbatim as one text
@@ -30,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from . import history_api
 from .arguments import ARGUMENTS, Refused
 from .config import Mode, Settings, backend_for_url, validate_name
 from .exceptions import ConfigError, FanoutError, PayloadError
@@ -76,6 +78,8 @@ environment (an option given on the command line wins):
   FANOUT_QUERY_TIMEOUT       seconds to wait for the nodes (--timeout; default 5)
   FANOUT_PUBLISH_TIMEOUT     seconds before an unreachable broker is reported (default 10)
   FANOUT_MAX_MESSAGE         biggest command on the bus, bytes (default 8388608)
+  FANOUT_HISTORY, FANOUT_CACHE, FANOUT_HISTORY_SIZE, FANOUT_HISTORY_TTL, FANOUT_HISTORY_URL
+                             history: as the nodes (see docs/continuity.md)
   FANOUT_LOG_LEVEL           log level (default: WARNING for commands, INFO for worker)
   FANOUT_WORKER_APP, FANOUT_WORKER_CONCURRENCY, FANOUT_WORKER_RETRIES, FANOUT_WORKER_PORT,
   FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker, fanout workers (see docs/workers.md)
@@ -285,6 +289,22 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
     command("groups", "every group with a member", lambda u, a: u.get_groups(**_wait(a)))
     command("nodes", "every live node", lambda u, a: u.get_nodes(**_wait(a)))
     command("stats", "nodes, connections and groups of the cluster", _stats)
+    p = command(
+        "get-history",
+        "a history stream's epoch, offset and entries (group:<name>, flag:<name> or all; needs no node)",
+        _history,
+    )
+    p.add_argument("stream", type=_checked("stream", str), metavar="STREAM")
+    p.add_argument(
+        "--since", type=_checked("since", int), metavar="OFFSET", help="the entries after this offset"
+    )
+    p.add_argument("--limit", type=_checked("limit", int), default=100, help="at most this many (100)")
+    p = command(
+        "remove-history",
+        "forget a history stream's entries and epoch (needs no node)",
+        lambda u, a: u.remove_history(a.stream),
+    )
+    p.add_argument("stream", type=_checked("stream", str), metavar="STREAM")
 
     p = sub.add_parser(
         "worker",
@@ -377,11 +397,20 @@ async def _stats(util: ServerUtil, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def _history(util: ServerUtil, args: argparse.Namespace) -> dict[str, Any]:
+    return history_api.as_json(await util.get_history(args.stream, args.since, args.limit))
+
+
+#: the commands that need only the store, not the nodes (they work with no node live)
+_STORE_ONLY = frozenset({"get-history", "remove-history"})
+
+
 async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> Any:
     async with ServerUtil(settings=settings) as util:
         # hear the nodes first: a wrong FANOUT_MODE, FANOUT_SECRET or FANOUT_NAMESPACE is reported
         # (ConfigMismatch, NoLiveNodes) rather than published into the void with exit status 0
-        await util.check_cluster()
+        if args.command not in _STORE_ONLY:
+            await util.check_cluster()
         return await action(util, args)
 
 

@@ -224,6 +224,9 @@ class NodeRecord(_NodeRecordKeys, total=False):
     """
 
     healthy: bool  #: a node's: whether its backend link is up
+    #: a node's history settings (FANOUT_HISTORY, FANOUT_CACHE, FANOUT_HISTORY_SIZE and _TTL), which a
+    #: publisher's must match (``fanout.history_api``)
+    history: dict[str, Json]
     #: a node's that forwards client events (FANOUT_EVENTS), and a worker's: its FANOUT_EVENT_SHARDS
     event_shards: int
     role: str  #: a worker's: ``"worker"``

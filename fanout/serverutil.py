@@ -33,9 +33,10 @@ from typing import Any, Self, TypeAlias, cast
 
 import orjson
 
-from . import naming, protocol, routing
+from . import history_api, naming, protocol, routing
 from .arguments import checked
-from .backends import Backend, create_backend
+from .backends import Backend, HistoryStore, create_backend, create_store
+from .backends.store import StoredSend
 from .commands import (
     Bind,
     Bye,
@@ -72,6 +73,7 @@ from .exceptions import (
     QueryTimeout,
     remote_error,
 )
+from .history import attach_positions, flag_stream, new_send_id
 from .ids import new_boot_token, owner_of
 from .naming import Address
 from .receive import Receiver
@@ -79,6 +81,8 @@ from .receive import Receiver
 log = logging.getLogger("fanout.serverutil")
 
 Names: TypeAlias = str | Iterable[str]
+#: a send's history streams and what it stores in them
+_Stored: TypeAlias = tuple[tuple[str, ...], StoredSend]
 #: how often a waiting request re-checks whether the nodes it waits for are still alive
 _RECHECK = 0.1
 
@@ -173,6 +177,14 @@ class ServerUtil:
         self._met = False
         #: the node's own ServerUtil: that node is live, so nothing to wait for and never NoLiveNodes
         self._in_node = False
+        #: which targets keep a history; what this publisher's history settings are (vs. the nodes')
+        self._policy = self.settings.policy
+        self._history_on = self._policy.enabled
+        self._history_settings = history_api.announced(self.settings)
+        #: the continuity store (history), connected on first use (at connect() when history is on)
+        self._store: HistoryStore | None = None
+        self._owns_store = True
+        self._store_lock = asyncio.Lock()
 
     @property
     def dropped(self) -> Counter[str]:
@@ -194,9 +206,15 @@ class ServerUtil:
 
     @classmethod
     def attached(
-        cls, settings: Settings, backend: Backend, endpoint_id: str, encoder: protocol.Encoder
+        cls,
+        settings: Settings,
+        backend: Backend,
+        endpoint_id: str,
+        encoder: protocol.Encoder,
+        store: HistoryStore | None = None,
     ) -> Self:
-        """A ServerUtil that shares an already connected backend and encoder (the node's own).
+        """A ServerUtil that shares an already connected backend and encoder (the node's own), and its
+        continuity store when given (else it makes its own on first use; :meth:`disconnect` closes it).
 
         The owner of the backend decodes what arrives and feeds replies and heartbeats to :meth:`handle`.
         """
@@ -206,6 +224,8 @@ class ServerUtil:
         util._backend = backend
         util._owns_backend = False
         util._met = util._in_node = True
+        if store is not None:
+            util._store, util._owns_store = store, False
         return util
 
     async def connect(self) -> None:
@@ -220,7 +240,35 @@ class ServerUtil:
         backend = create_backend(self.settings, inbox=self.endpoint_id)
         await backend.connect(self.handle_message)
         self._backend = backend
-        await self.watch_nodes()
+        try:
+            await self.watch_nodes()
+            if self._history_on:
+                await self._history_store()
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def _history_store(self) -> HistoryStore:
+        """The continuity store, connected on first use.
+
+        Raises ConfigError when there is none (AMQP without FANOUT_HISTORY_URL), BackendUnavailable when
+        it cannot be reached.
+        """
+        store = self._store
+        if store is not None:
+            return store
+        async with self._store_lock:
+            if self._store is None:
+                made = create_store(self.settings)
+                if made is None:
+                    raise ConfigError(
+                        "FANOUT_HISTORY_URL",
+                        "history needs a store: set FANOUT_HISTORY_URL to a Redis "
+                        "(the amqp backend keeps no history)",
+                    )
+                await made.connect()
+                self._store = made
+            return self._store
 
     def _refuse_lonely_memory(self) -> None:
         if self.settings.backend is not BackendKind.MEMORY or self.in_process:
@@ -241,6 +289,9 @@ class ServerUtil:
         self._listening_since = None  # a new link must subscribe to heartbeats again
         for gather in self._pending.values():
             gather.arrived.set()
+        store, self._store = self._store, None
+        if store is not None and self._owns_store:
+            await store.close()
         if backend is not None and self._owns_backend:
             await backend.close()
 
@@ -321,7 +372,7 @@ class ServerUtil:
                 f"node {node.node_id} of namespace {ns!r} signs its commands and drops unsigned ones, "
                 "but this publisher has no FANOUT_SECRET",
             )
-        return None
+        return history_api.mismatch(self._history_settings, node.extra.get("history"), node.node_id, ns)
 
     def check(self) -> None:
         """Raise :class:`ConfigMismatch` if the nodes heard so far say this publisher does not fit them.
@@ -412,13 +463,19 @@ class ServerUtil:
 
     # ------------------------------------------------------------------ publishing
 
-    async def _publish(self, pairs: Sequence[tuple[Address, Command]]) -> list[int | None]:
+    async def _publish(
+        self, pairs: Sequence[tuple[Address, Command]], stored: _Stored | None = None
+    ) -> list[int | None]:
         """Encode and publish ``pairs`` in one go (no other publish of ours can come in between).
 
         Raises :class:`ConfigMismatch` before publishing if this publisher does not fit the nodes, and
         :class:`NoLiveNodes` after it if no node is live in the namespace and the broker does not say one
         received it (the first publish waits for the nodes' heartbeats first: :meth:`_meet_nodes`). The
         publish goes first so that a broker that is down is reported as such, not as "no live nodes".
+
+        ``stored``: the send goes to history streams (its streams and what it stores in them): appended
+        to them and published with its positions, and recoverable even when no node is live (no
+        NoLiveNodes).
         """
         if not pairs:
             return []
@@ -429,13 +486,22 @@ class ServerUtil:
         items = []
         now = time.time()
         encode = self._encoder.encode
+        limit = self.settings.max_message
+        if stored is not None:
+            limit -= history_api.positions_room(stored[0])
         for address, command in pairs:
             message = encode(command, now)
-            if len(message) > self.settings.max_message:
-                raise MessageTooLarge(
-                    f"command of {len(message)} bytes exceeds max_message={self.settings.max_message}"
-                )
+            if len(message) > limit:
+                raise MessageTooLarge(f"command of {len(message)} bytes exceeds max_message={limit}")
             items.append((address, message))
+        if stored is not None:  # appended to its streams and published with its positions
+            store = self._store or await self._history_store()
+            if store.publishes:  # in one step: the store is the bus (Redis: one script)
+                return (await store.append_counted(stored[0], stored[1], items))[1]
+            positions = await store.append(*stored)  # else appended first, then published
+            return await self.backend.publish_many(
+                [(address, attach_positions(message, positions)) for address, message in items]
+            )
         counts = await self.backend.publish_many(items)
         if not live and not self._in_node and not any(counts):
             raise NoLiveNodes(self.settings.namespace, self.settings.where)
@@ -453,18 +519,21 @@ class ServerUtil:
         everyone: bool,
         timeout: float | None,
         partial: bool = False,
+        stored: _Stored | None = None,
     ) -> dict[str, Json]:
         """Publish request-carrying commands and gather the replies: node instance -> result.
 
         ``publishes`` holds (address, build(request), owner) triples; ``everyone`` means every live
-        node must answer, else the owners named in the triples.
+        node must answer, else the owners named in the triples. ``stored``: see :meth:`_publish`.
         """
         await self.watch_nodes()
         request = self._new_request()
         owners = None if everyone else frozenset(o for _, _, o in publishes if o is not None)
         gather = self._pending[request.id] = _Gather(owners, asked_at=asyncio.get_running_loop().time())
         try:
-            counts = await self._publish([(address, build(request)) for address, build, _ in publishes])
+            counts = await self._publish(
+                [(address, build(request)) for address, build, _ in publishes], stored
+            )
             for (address, _, owner), count in zip(publishes, counts, strict=True):
                 if count == 0 and owner is not None and address.kind is naming.Kind.NODE:
                     gather.unreachable.add(owner)
@@ -608,13 +677,42 @@ class ServerUtil:
         self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
         payload, binary = encode_payload(data, self.json_default)
-        command = Send(target, payload, binary, names(exclude, "exclude"))
+        json = not binary and not isinstance(data, str)
+        streams = self._policy.streams_of(target) if self._history_on else ()
+        if streams:
+            stored = Send(target, payload, binary, names(exclude, "exclude"), json=json, sid=new_send_id())
+            return await self._send_stored(stored, streams, ack, timeout, partial)
+        command = Send(target, payload, binary, names(exclude, "exclude"), json=json)
         if ack:
             return await self._count("send", command, timeout, partial)
         await self._publish(routing.route(command, self.settings.mode))
         return None
 
-    async def _count(self, what: str, command: Send | Close, timeout: float | None, partial: bool) -> int:
+    async def _send_stored(
+        self, command: Send, streams: tuple[str, ...], ack: bool, timeout: float | None, partial: bool
+    ) -> int | None:
+        """A send to history streams (``command`` has its send id): appended to them and published with its
+        positions. With no node live it is stored all the same and recoverable: no NoLiveNodes (``ack``:
+        0)."""
+        assert command.sid is not None
+        send = StoredSend(command.sid, command.payload, command.binary, command.json, command.exclude)
+        stored = (streams, send)
+        if ack:
+            try:
+                return await self._count("send", command, timeout, partial, stored)
+            except NoLiveNodes:
+                return 0
+        await self._publish(routing.route(command, self.settings.mode), stored)
+        return None
+
+    async def _count(
+        self,
+        what: str,
+        command: Send | Close,
+        timeout: float | None,
+        partial: bool,
+        stored: _Stored | None = None,
+    ) -> int:
         """Publish ``command`` to every node and sum the connections each says it reached."""
         if command.target.kind is not TargetKind.ALL and not command.target.names:
             return 0
@@ -624,6 +722,7 @@ class ServerUtil:
             everyone=True,
             timeout=timeout,
             partial=partial,
+            stored=stored,
         )
         return sum(r for r in replies.values() if isinstance(r, int))
 
@@ -740,8 +839,16 @@ class ServerUtil:
     @checked
     async def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
         """A different payload per flag: ``pairs`` of (flag, data); every connection bound to a flag gets
-        that flag's payloads, in order, all in one broker round (one publish per flag in routing mode)."""
-        items = _bulk_items(pairs, self.json_default)
+        that flag's payloads, in order, all in one broker round (one publish per flag in routing mode).
+
+        A flag with a history (``FANOUT_HISTORY``) gets each of its payloads as a send of its own, appended
+        to its stream (in order, flags in parallel)."""
+        stored: dict[str, list[Send]] = {}
+        if self._history_on:
+            pairs, stored = self._split_stored(list(pairs))
+        items = _bulk_items(pairs, self.json_default)  # (every payload encoded before anything is sent)
+        if stored:
+            await self._send_each_stored(stored)
         if self.settings.mode is Mode.FANOUT:
             await self._publish(self._bulk_commands(naming.ALL, TargetKind.FLAGS, items))
             return
@@ -755,6 +862,33 @@ class ServerUtil:
                 for command in self._bulk_commands(naming.flag(flag), TargetKind.FLAGS, mine)
             ]
         )
+
+    def _split_stored(
+        self, pairs: list[tuple[str, object]]
+    ) -> tuple[list[tuple[str, object]], dict[str, list[Send]]]:
+        """The pairs whose flag has no history, and the sends of those whose flag has one, per flag."""
+        plain: list[tuple[str, object]] = []
+        stored: dict[str, list[Send]] = {}
+        for name, data in pairs:
+            if self._policy.is_history(flag_stream(name)):
+                payload, binary = encode_payload(data, self.json_default)
+                json = not binary and not isinstance(data, str)
+                send = Send(Target.flags(name), payload, binary, json=json, sid=new_send_id())
+                stored.setdefault(name, []).append(send)
+            else:
+                plain.append((name, data))
+        return plain, stored
+
+    async def _send_each_stored(self, sends: dict[str, list[Send]]) -> None:
+        """Each flag's sends stored and published one after the other, the flags in parallel."""
+        limit = asyncio.Semaphore(_BULK_STORED_AT_ONCE)
+
+        async def one_flag(name: str) -> None:
+            async with limit:
+                for send in sends[name]:
+                    await self._send_stored(send, (flag_stream(name),), False, None, False)
+
+        await asyncio.gather(*(one_flag(name) for name in sends))
 
     def _bulk_commands(
         self, address: Address, kind: TargetKind, items: list[tuple[str, bytes, bool]]
@@ -1059,6 +1193,25 @@ class ServerUtil:
             list[NodeRecord], sorted(records, key=lambda r: (str(r.get("node_id")), str(r.get("instance"))))
         )
 
+    # ------------------------------------------------------------------ history (continuity)
+
+    @checked
+    async def get_history(self, stream: str, since: int | None = None, limit: int = 100) -> dict[str, Json]:
+        """A stream's ``{"epoch", "offset", "entries": [{"offset", "data"}, ...]}``: the entries after
+        offset ``since``, oldest first, at most ``limit`` (without ``since``: the latest ``limit``), each
+        ``data`` as it was sent (``str``, ``bytes`` or the JSON value). Needs only the store, no node."""
+        _ = self.backend  # NotConnected outside ``async with``
+        store = await self._history_store()
+        return history_api.answer(await store.read(stream, since, limit))
+
+    @checked
+    async def remove_history(self, stream: str) -> None:
+        """Forget a stream's entries and epoch (its next send starts a new epoch: clients that come back
+        with the old one are told ``recovered: false``). Needs only the store, no node."""
+        _ = self.backend
+        store = await self._history_store()
+        await store.remove(stream)
+
 
 # ---------------------------------------------------------------------- helpers
 
@@ -1069,6 +1222,8 @@ def _last(data: object, json_default: protocol.JsonDefault | None) -> tuple[byte
 
 
 _BULK_HEADER_ROOM = 1024  #: envelope, signature and the bulk header's fixed fields
+#: flags of a bulk with history sent at once (each flag's payloads one after the other)
+_BULK_STORED_AT_ONCE = 256
 
 
 def _bulk_items(

@@ -658,6 +658,12 @@ class SyncServerUtil:
     def get_nodes(self, *, timeout: float | None = None, partial: bool = False) -> list[NodeRecord]:
         return self._call(ServerUtil.get_nodes, timeout=timeout, partial=partial)
 
+    def get_history(self, stream: str, since: int | None = None, limit: int = 100) -> dict[str, Json]:
+        return self._call(ServerUtil.get_history, stream, since, limit)
+
+    def remove_history(self, stream: str) -> None:
+        return self._call(ServerUtil.remove_history, stream)
+
 
 for _name in OPERATIONS:  # each operation documents itself as its ServerUtil coroutine does
     getattr(SyncServerUtil, _name).__doc__ = getattr(ServerUtil, _name).__doc__

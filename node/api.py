@@ -2,12 +2,12 @@
 
 On when ``FANOUT_API_KEY`` is set (404 otherwise). A request is ``POST /api/<call>`` with
 ``Authorization: Bearer <key>`` and a JSON object of the call's arguments (``data`` as JSON; ``data_b64``
-instead for binary data), answered ``{"result": ...}``. ``POST /api/batch`` takes a list of
-``{"call": ..., "args": {...}}`` and answers ``{"result": [...]}``, one entry per call in order, each
-``{"result": ...}`` or ``{"error": {...}, "status": n}``. Statuses: 401 wrong or missing key, 400 bad
-arguments, 404 unknown call, 413 body over ``FANOUT_API_MAX_BODY``, 504 ``QueryTimeout``, 503
-``BackendUnavailable`` / ``NoLiveNodes``, 502 another ``BackendError``, 500 anything else. The OpenAPI
-description is ``GET /api/openapi.json``.
+instead for binary data), answered ``{"result": ...}`` (``get_history``'s binary entries: ``data_b64``).
+``POST /api/batch`` takes a list of ``{"call": ..., "args": {...}}`` and answers ``{"result": [...]}``,
+one entry per call in order, each ``{"result": ...}`` or ``{"error": {...}, "status": n}``. Statuses:
+401 wrong or missing key, 400 bad arguments, 404 unknown call, 413 body over ``FANOUT_API_MAX_BODY``,
+504 ``QueryTimeout``, 503 ``BackendUnavailable`` / ``NoLiveNodes``, 502 another ``BackendError``, 500
+anything else. The OpenAPI description is ``GET /api/openapi.json``.
 
 The requests are read by :class:`~node.http.HttpConnection` (websockets' request parser refuses
 bodies) and answered here, with the node's own ServerUtil.
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from fanout import history_api
 from fanout.arguments import accepts
 from fanout.exceptions import (
     BackendError,
@@ -78,6 +79,8 @@ CALLS = (
     "is_in_group",
     "get_presence",
     "get_nodes",
+    "get_history",
+    "remove_history",
 )
 
 #: status of each FanoutError (the most specific class first)
@@ -160,12 +163,13 @@ class Api:
         except TypeError as exc:
             raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
         try:
-            return await method(*bound.args, **bound.kwargs)
+            result = await method(*bound.args, **bound.kwargs)
         except FanoutError as exc:
             status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
             raise ApiError(status, type(exc).__name__, str(exc)) from None
         except (TypeError, ValueError) as exc:  # an argument of the wrong type
             raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
+        return history_api.as_json(result) if name == "get_history" else result
 
 
 def _check_fields(call: str, args: dict[str, Any], signature: inspect.Signature) -> None:

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from fanout import naming, protocol
+from fanout import history_api, naming, protocol
 from fanout.admission import Admit, ConnectRequest
 from fanout.backends import create_backend, create_event_log, create_store
 from fanout.commands import Bye, Command, Heartbeat, NodeInfo
@@ -92,6 +92,7 @@ class Node:
         #: presence for the groups FANOUT_PRESENCE names, or None
         self.presence = Presence(self, patterns, options.presence_debounce) if patterns else None
         self.started_at = time.time()
+        self._history = history_api.announced(settings)
         self.hub: Hub[Connection] = Hub(
             settings=settings,
             instance=self.instance,
@@ -220,6 +221,8 @@ class Node:
             signed=self.settings.secret is not None,
             extra={
                 "healthy": self.backend.healthy,
+                # what a publisher's history settings must match (fanout.history_api)
+                "history": self._history,
                 # the workers compare their FANOUT_EVENT_SHARDS with it
                 **({"event_shards": self.events.shards} if self.events is not None else {}),
             },

@@ -122,6 +122,9 @@ async def test_every_call_over_http(nodes: list[NodeProcess]) -> None:
     assert await recv(b) == "last"
     assert await call(port, "close_by_flag", flags="ann", code=4002) == 1
     assert await call(port, "close_guests", older_than=0) == 1  # c: no flag
+    history = await call(port, "get_history", stream="group:room")  # (no history: nothing kept)
+    assert history["offset"] == 0 and history["entries"] == [] and isinstance(history["epoch"], str)
+    assert await call(port, "remove_history", stream="group:room") is None
     for name in CALLS:  # (every call was made above)
         assert name in inspect.getsource(test_every_call_over_http), name
 

@@ -312,6 +312,8 @@ def test_sync_server_util_has_every_async_operation() -> None:
         "send_bulk",
         "send_bulk_by_flag",
         "close_guests",
+        "get_history",
+        "remove_history",
     }
     assert expected == OPERATIONS
     sync = SyncServerUtil("memory://unused")

@@ -59,6 +59,8 @@ class PublishConnection(asyncio.Protocol):
         self._waiting: deque[asyncio.Future[object]] = deque()
         self._buffer = b""
         self._lost: Exception | None = None
+        #: commands of :meth:`send_soon` not written yet (their futures already wait, in order)
+        self._queued: list[bytes] = []
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -160,8 +162,36 @@ class PublishConnection(asyncio.Protocol):
                 future.set_exception(error)
             return futures
         self._waiting.extend(futures)
-        self._transport.write(b"".join(commands) if len(commands) > 1 else commands[0])
+        if self._queued:  # what send_soon queued goes first: replies come in the order written
+            self._queued.extend(commands)
+            self._write_queued()
+        else:
+            self._transport.write(b"".join(commands) if len(commands) > 1 else commands[0])
         return futures
+
+    def send_soon(self, command: bytes) -> asyncio.Future[object]:
+        """Like :meth:`send` for one command; while replies are awaited, written together with every other
+        command queued in this turn of the event loop (one write, one system call, for many concurrent
+        callers)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        if self._lost is not None or self._transport is None:
+            future.set_exception(self._lost or RedisConnectionError("not connected to Redis"))
+            return future
+        if not self._waiting:  # nothing on the wire: no batch to join, write it now
+            self._waiting.append(future)
+            self._transport.write(command)
+            return future
+        self._waiting.append(future)
+        if not self._queued:
+            loop.call_soon(self._write_queued)
+        self._queued.append(command)
+        return future
+
+    def _write_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        if queued and self._lost is None and self._transport is not None:
+            self._transport.write(b"".join(queued))
 
     def close(self) -> None:
         self._fail(RedisConnectionError("the publishing connection was closed"))
@@ -171,6 +201,7 @@ class PublishConnection(asyncio.Protocol):
             self._lost = error
         if self._transport is not None:
             self._transport.close()
+        self._queued = []
         waiting, self._waiting = self._waiting, deque()
         for future in waiting:
             if not future.done():

@@ -10,7 +10,8 @@ The store:
 
 * ``append(streams, send, publish)``: gives the send the next offset of each stream, stores it in each
   (trimmed to ``history_size`` entries, kept ``history_ttl`` after the stream's last send; epoch and top
-  offset kept :data:`~fanout.history.META_TTL`), and returns its positions. When :attr:`publishes` is
+  offset kept :data:`~fanout.history.META_TTL`), and returns its positions (``append_counted``: and
+  how many subscribers each publish reached). When :attr:`publishes` is
   true (the store is the bus: the Redis backend's own Redis, the memory hub), it also publishes each
   ``(address, message)`` of ``publish`` with the positions line in front, **atomically with the append**
   (on Redis: in the same script); otherwise the caller publishes them afterwards, with
@@ -70,10 +71,17 @@ class HistoryStore(abc.ABC):
     async def close(self) -> None:
         """Disconnect; idempotent."""
 
-    @abc.abstractmethod
     async def append(
         self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
-    ) -> Positions: ...
+    ) -> Positions:
+        return (await self.append_counted(streams, send, publish))[0]
+
+    @abc.abstractmethod
+    async def append_counted(
+        self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
+    ) -> tuple[Positions, list[int | None]]:
+        """:meth:`append`, also answering how many subscribers each message of ``publish`` reached (as
+        ``Backend.publish_many`` does; ``[]`` when the store does not publish)."""
 
     @abc.abstractmethod
     async def positions(self, streams: Iterable[str]) -> Positions: ...
@@ -160,9 +168,9 @@ class MemoryStore(HistoryStore):
             stream.entries.clear()  # expired: offsets go on, the entries are gone
         return stream
 
-    async def append(
+    async def append_counted(
         self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
-    ) -> Positions:
+    ) -> tuple[Positions, list[int | None]]:
         now = time.monotonic()
         size = self.settings.history_size
         with self._memory.lock:
@@ -179,9 +187,11 @@ class MemoryStore(HistoryStore):
                 )
                 del stream.entries[:-size]
             positions = {name: (stream.epoch, stream.offset) for name, stream in found}
-            for address, message in publish:
+            counts: list[int | None] = [
                 self._hub.publish(address, attach_positions(message, positions))  # type: ignore[attr-defined]
-        return positions
+                for address, message in publish
+            ]
+        return positions, counts
 
     async def positions(self, streams: Iterable[str]) -> Positions:
         now = time.monotonic()

@@ -1,50 +1,778 @@
-"""The continuity store on Redis (and Redis Cluster). Placeholder until it is written: see store.py."""
+"""The continuity store on Redis and Redis Cluster (the contract: :mod:`fanout.backends.store`).
+
+Layout (``<ch>`` is the channel the stream's target is published on in routing mode, e.g.
+``fanout:g:lobby``; ``all`` -> ``fanout:all``; the hash tag puts a stream's keys in the slot of its
+sharded channel on Redis Cluster):
+
+* ``{<ch>}:hm``: a hash, ``e`` the epoch and ``o`` the top offset; kept :data:`~fanout.history.META_TTL`
+  (or ``history_ttl`` if longer) after the stream's last send or position read.
+* ``{<ch>}:hl``: a Redis STREAM of the entries, id ``<offset>-1``, fields ``d`` (the payload) and ``m``
+  (JSON ``{"sid", "b", "j", "x", "p"}``: the send's id, binary, JSON, its exclusions, and its offset in
+  every stream of the send - this one included; :meth:`RedisStore.read` leaves it out); trimmed to
+  exactly ``history_size`` entries, expiring ``history_ttl`` after the last send.
+* ``<ns>:r:<token>``: a resume record, the flag marker then the record (no hash tag: records spread over
+  the cluster, and no command takes two of them).
+
+A send is **one Lua script** (``_SEND``) on a single server, and on a cluster when all its streams share a
+slot: the epoch is created when missing (from a candidate the publisher draws), each offset is HINCRBY'd,
+the entry is XADDed to every stream with the full positions, trimmed and expired, then (when the store
+:attr:`~RedisStore.publishes`) each message is PUBLISHed (SPUBLISH on a cluster in routing mode) with the
+positions line built in the script. Redis runs one script at a time, so on one stream the offset order
+is the publication order. On a cluster a message whose channel lives in another slot than the script's
+keys (the ``all`` copy of an ``ack=True`` send, a group without history) is SPUBLISHed right after the
+script, with the same positions line.
+
+A send whose streams are in several slots of a cluster takes two phases: ``_POSITIONS`` with ``incr``
+reserves the offsets slot by slot, then ``_APPEND`` per slot appends the entries (with the full
+positions) and publishes that slot's messages. Another publisher may append a later offset of a stream in
+between: ``_APPEND`` then puts the entry in its place (the later ones are taken out and put back, the
+stream's last id set back with XSETID). A publisher that dies between the phases leaves a hole: an
+offset that was given but never written (the nodes' positioning skips it after a short retry).
+
+In fanout mode on a cluster the store does not publish (``publishes`` is false): the backend publishes
+every message on one primary (so one publisher's messages keep their order), after the append.
+
+Sends on a plain ``redis://`` server go on a connection of their own
+(:class:`~fanout.backends.redis_publisher.PublishConnection`, the backend's publishing connection):
+each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
+concurrent sends are pipelined and keep their order. Everything else (reads, positions, resume records;
+TLS and cluster sends) goes through redis-py, whose ``register_script`` loads a script when Redis does
+not know it (NOSCRIPT). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
+:class:`BackendUnavailable` when Redis does not answer within ``publish_timeout``,
+:class:`BackendError` when it refuses.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import math
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, TypeVar
 
-from ..config import Settings
-from ..history import Page, Positions
-from ..naming import Address
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+from ..commands import TargetKind
+from ..config import Mode, Settings, redact, redact_url
+from ..exceptions import BackendError, BackendUnavailable, FanoutError, NotConnected
+from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_epoch, parse_stream
+from ..naming import ALL, Address, flag, group, safe_segment
+from .redis import _REFUSALS, _TRANSLATION, _no_retry, _parse_target
+from .redis_publisher import PublishConnection, pack
 from .store import HistoryStore, StoredSend
 
+_T = TypeVar("_T")
 
-class RedisStore(HistoryStore):  # pragma: no cover - being written
+# --------------------------------------------------------------------------- the scripts
+
+#: one send: KEYS hm1, hl1, hm2, hl2, ...; ARGV epoch candidate, size, ttl ms, meta ttl ms, n, m, sid,
+#: payload, the meta's '"b":..,"j":..' part, the exclusions as JSON, the publish command, n stream names,
+#: m (channel, message) pairs. Answers '<positions JSON>\n<count> <count> ...'.
+_SEND = """
+local candidate, size, ttl, mttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local n, m = tonumber(ARGV[5]), tonumber(ARGV[6])
+local line, offs, offsets = {}, {}, {}
+for i = 1, n do
+  local hm, hl = KEYS[2 * i - 1], KEYS[2 * i]
+  local epoch = redis.call('HGET', hm, 'e')
+  if not epoch then
+    epoch = candidate
+    redis.call('DEL', hl)
+    redis.call('HSET', hm, 'e', epoch)
+  end
+  local offset = redis.call('HINCRBY', hm, 'o', 1)
+  redis.call('PEXPIRE', hm, mttl)
+  local name = cjson.encode(ARGV[11 + i])
+  offsets[i] = offset
+  line[i] = name .. ':[' .. offset .. ',' .. cjson.encode(epoch) .. ']'
+  offs[i] = name .. ':' .. offset
+end
+local positions = '{' .. table.concat(line, ',') .. '}'
+local meta = '{"sid":' .. cjson.encode(ARGV[7]) .. ',' .. ARGV[9] .. ',"x":' .. ARGV[10]
+  .. ',"p":{' .. table.concat(offs, ',') .. '}}'
+for i = 1, n do
+  redis.call('XADD', KEYS[2 * i], 'MAXLEN', size, offsets[i] .. '-1', 'd', ARGV[8], 'm', meta)
+  redis.call('PEXPIRE', KEYS[2 * i], ttl)
+end
+local counts = {}
+if m > 0 then
+  local head = 'h1 ' .. positions .. '\\n'
+  local base = 11 + n
+  for k = 1, m do
+    counts[k] = redis.call(ARGV[11], ARGV[base + 2 * k - 1], head .. ARGV[base + 2 * k])
+  end
+end
+return positions .. '\\n' .. table.concat(counts, ' ')
+"""
+
+#: positions of streams (one slot): KEYS hm1, hl1, ...; ARGV epoch candidate, meta ttl ms, incr (1: reserve
+#: the next offset of each), n stream names. Answers '"<stream>":[<offset>,"<epoch>"],...'.
+_POSITIONS = """
+local candidate, mttl, incr = ARGV[1], ARGV[2], ARGV[3] == '1'
+local line = {}
+for i = 1, #KEYS / 2 do
+  local hm, hl = KEYS[2 * i - 1], KEYS[2 * i]
+  local epoch = redis.call('HGET', hm, 'e')
+  if not epoch then
+    epoch = candidate
+    redis.call('DEL', hl)
+    redis.call('HSET', hm, 'e', epoch, 'o', 0)
+  end
+  local offset
+  if incr then
+    offset = redis.call('HINCRBY', hm, 'o', 1)
+  else
+    offset = tonumber(redis.call('HGET', hm, 'o') or '0')
+  end
+  redis.call('PEXPIRE', hm, mttl)
+  line[i] = cjson.encode(ARGV[3 + i]) .. ':[' .. offset .. ',' .. cjson.encode(epoch) .. ']'
+end
+return table.concat(line, ',')
+"""
+
+#: phase 2 of a multi-slot send (one slot): KEYS hm1, hl1, ...; ARGV size, ttl ms, meta ttl ms, m, payload,
+#: meta, positions line, publish command, then per stream its offset and epoch, then m (channel, message)
+#: pairs. An entry whose stream changed epoch since phase 1 is dropped. Answers '<count> <count> ...'.
+_APPEND = """
+local size, ttl, mttl, m = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local payload, meta, head, cmd = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local n = #KEYS / 2
+for i = 1, n do
+  local hm, hl = KEYS[2 * i - 1], KEYS[2 * i]
+  local offset, epoch = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
+  if redis.call('HGET', hm, 'e') == epoch then
+    redis.call('PEXPIRE', hm, mttl)
+    local id = offset .. '-1'
+    local top = redis.call('XREVRANGE', hl, '+', '-', 'COUNT', 1)
+    if #top == 0 or tonumber(string.match(top[1][1], '^(%d+)')) < tonumber(offset) then
+      redis.call('XADD', hl, 'MAXLEN', size, id, 'd', payload, 'm', meta)
+    else
+      local later = redis.call('XRANGE', hl, offset .. '-0', '+')
+      if later[1][1] ~= id then
+        for _, entry in ipairs(later) do
+          redis.call('XDEL', hl, entry[1])
+        end
+        redis.call('XSETID', hl, offset .. '-0')
+        redis.call('XADD', hl, id, 'd', payload, 'm', meta)
+        for _, entry in ipairs(later) do
+          redis.call('XADD', hl, entry[1], unpack(entry[2]))
+        end
+        redis.call('XTRIM', hl, 'MAXLEN', size)
+      end
+    end
+    redis.call('PEXPIRE', hl, ttl)
+  end
+end
+local counts = {}
+local base = 8 + 2 * n
+for k = 1, m do
+  counts[k] = redis.call(cmd, ARGV[base + 2 * k - 1], head .. ARGV[base + 2 * k])
+end
+return table.concat(counts, ' ')
+"""
+
+#: a page: KEYS hm, hl; ARGV epoch candidate, meta ttl ms, since + 1 ('' = the latest), limit.
+#: Answers {epoch, top offset, id of the oldest entry kept or '', entries}.
+_READ = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+end
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local first = ''
+if #oldest > 0 then first = oldest[1][1] end
+local limit = tonumber(ARGV[4])
+local entries = {}
+if limit > 0 then
+  if ARGV[3] == '' then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[2], ARGV[3] .. '-0', '+', 'COUNT', limit)
+  end
+end
+return {epoch, top, first, entries}
+"""
+
+#: take a resume record if it was saved with this flag marker: KEYS record; ARGV marker
+_CLAIM = """
+local record = redis.call('GET', KEYS[1])
+if not record or string.sub(record, 1, #ARGV[1]) ~= ARGV[1] then
+  return false
+end
+redis.call('DEL', KEYS[1])
+return string.sub(record, #ARGV[1] + 1)
+"""
+
+_SCRIPTS = {"send": _SEND, "positions": _POSITIONS, "append": _APPEND, "read": _READ, "claim": _CLAIM}
+
+#: the script errors that mean "Redis does not know it (any more)": load it and run it again
+_NOSCRIPT = "NOSCRIPT"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+#: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
+_PACKED_STREAMS = 10_000
+
+
+def _bulk(part: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
+def _text(script: str | bytes | memoryview) -> bytes:
+    return script.encode() if isinstance(script, str) else bytes(script)
+
+
+def _marker(flag_name: str | None) -> bytes:
+    """What a resume record starts with: its flag, length-prefixed (no flag can be a prefix of another)."""
+    if flag_name is None:
+        return b"g\n"
+    raw = flag_name.encode("utf-8", "surrogatepass")
+    return b"f%d:%s\n" % (len(raw), raw)
+
+
+def _positions(fragments: Iterable[bytes]) -> Positions:
+    """``{stream: (epoch, offset)}`` from the scripts' ``"<stream>":[offset,"epoch"]`` fragments."""
+    raw: dict[str, list[Any]] = orjson.loads(b"{" + b",".join(fragments) + b"}")
+    return {stream: (str(value[1]), int(value[0])) for stream, value in raw.items()}
+
+
+def _counts(text: bytes) -> list[int | None]:
+    return [int(count) for count in text.split()]
+
+
+def _parse_send(reply: Any) -> tuple[Positions, list[int | None]]:
+    """The send script's answer: ``<positions JSON>\n<count> <count> ...``."""
+    line, _, counts = bytes(reply).partition(b"\n")
+    raw: dict[str, list[Any]] = orjson.loads(line)
+    return {stream: (str(value[1]), int(value[0])) for stream, value in raw.items()}, _counts(counts)
+
+
+def _offset_of(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
+class RedisStore(HistoryStore):
+    """History and resume records on Redis (``redis://``, ``rediss://``) or Redis Cluster
+    (``redis+cluster://``); see the module docstring."""
+
     def __init__(self, settings: Settings, *, url: str, publishes: bool) -> None:
         super().__init__(settings)
-        self.publishes = publishes
+        self.url = url
+        self._target = _parse_target(url)
+        self._sharded = self._target.cluster and settings.mode is Mode.ROUTING
+        # fanout mode on a cluster: the backend publishes on one primary, to keep a publisher's order
+        self.publishes = publishes and (self._sharded or not self._target.cluster)
+        self._command = b"SPUBLISH" if self._sharded else b"PUBLISH"
+        self._connect_timeout = min(5.0, settings.publish_timeout)
+        self._size = str(settings.history_size).encode()
+        self._ttl = str(_ms(settings.history_ttl)).encode()
+        self._meta_ttl = str(_ms(max(META_TTL, settings.history_ttl))).encode()
+        self._client: aioredis.Redis | None = None
+        self._cluster: RedisCluster | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        #: plain redis:// server: the sends' own connection (see the module docstring), opened on demand
+        self._fast = not self._target.cluster and not self._target.tls
+        self._raw: PublishConnection | None = None
+        self._raw_lock = asyncio.Lock()
+        #: the send script's EVALSHA and sha, and its constant arguments (size, ttl, meta ttl), packed
+        self._evalsha_send = b""
+        self._constants = b"".join(map(_bulk, (self._size, self._ttl, self._meta_ttl)))
+        self._packed_streams: dict[str, tuple[bytes, bytes]] = {}
+        self._db = 0 if self._target.cluster else int(str(dict(parse_url(url)).get("db") or 0))
+        self._connect_lock = asyncio.Lock()
+        self._closed = False
+        #: at most this many cluster calls at once for one call of ours (a bulk's many streams)
+        self._fanout_limit = 64
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def where(self) -> str:
+        return redact_url(self.url)
+
+    def _error(self, exc: BaseException, what: str) -> BackendError:
+        """Our exception for a redis-py one (the Redis backend's table), password taken out."""
+        if isinstance(exc, BackendError):
+            return exc
+        for classes, ours, template in _TRANSLATION:
+            if isinstance(exc, classes):
+                error = ours(redact(template.format(where=self.where, what=what, exc=exc), self.url))
+                error.__cause__ = exc
+                return error
+        raise AssertionError("unreachable: the last row matches every Exception")
+
+    async def _bounded(self, what: str, call: Awaitable[_T]) -> _T:
+        """``call`` within ``publish_timeout``, its errors translated."""
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                return await call
+        except TimeoutError as exc:
+            raise self._timed_out(what, exc) from exc
+        except FanoutError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what) from exc
+
+    def _timed_out(self, what: str, exc: TimeoutError) -> BackendUnavailable:
+        if self._raw is not None:  # a hung server: fail what waits on it, start afresh next time
+            raw, self._raw = self._raw, None
+            raw.close()
+        return BackendUnavailable(
+            f"Redis at {self.where} did not answer {what} within {self.settings.publish_timeout:g}s"
+        )
+
+    def channel(self, stream: str) -> str:
+        """The channel of ``stream``'s target in routing mode (its keys' hash tag)."""
+        kind, name = parse_stream(stream)
+        address = ALL if kind is TargetKind.ALL else group(name) if kind is TargetKind.GROUPS else flag(name)
+        return address.channel(self.settings.namespace)
+
+    def keys(self, stream: str) -> tuple[str, str]:
+        """The epoch/offset hash and the entries' stream of ``stream``."""
+        tag = "{" + self.channel(stream) + "}"
+        return tag + ":hm", tag + ":hl"
+
+    def _resume_key(self, token: str) -> str:
+        return f"{self.settings.namespace}:r:{safe_segment(token)}"
+
+    def _slot_of(self, stream: str) -> int:
+        return key_slot(self.channel(stream).encode())
+
+    # ------------------------------------------------------------------ connect / close
 
     async def connect(self) -> None:
-        return None
+        """Connect and check that Redis answers. Raises BackendUnavailable / BackendError."""
+        if self._closed:
+            raise NotConnected("the history store was closed")
+        async with self._connect_lock:
+            if self._client is not None or self._cluster is not None:
+                return
+            try:
+                await self._bounded("the connection", self._open())
+            except BaseException:
+                await self._close_clients()
+                raise
+
+    async def _open(self) -> None:
+        options: dict[str, Any] = {
+            "retry": _no_retry(),
+            "socket_connect_timeout": self._connect_timeout,
+            "socket_timeout": self.settings.publish_timeout,
+            "health_check_interval": 0,
+        }
+        if self._target.cluster:
+            startup: dict[str, Any] = dict(parse_url(self._target.node_url(*self._target.nodes[0])))
+            for key in ("host", "port", "db", "connection_class"):
+                startup.pop(key, None)
+            startup.update(options, ssl=self._target.tls)
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in self._target.nodes], **startup
+            )
+            self._cluster = cluster
+            try:
+                await cluster.initialize()
+            except (RedisError, RedisClusterException) as exc:
+                if isinstance(exc, _REFUSALS):
+                    raise
+                raise self._error(ConnectionError(str(exc)), "the cluster's slot map") from exc
+            self._scripts = {name: cluster.register_script(text) for name, text in _SCRIPTS.items()}
+            return
+        client = aioredis.Redis.from_url(self.url, **options)
+        self._client = client
+        await client.ping()
+        self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+        self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
+        if self._fast:
+            await self._raw_connection()
 
     async def close(self) -> None:
-        return None
+        self._closed = True
+        await self._close_clients()
 
-    async def append(
+    async def _close_clients(self) -> None:
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            raw.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
+            await cluster.aclose()
+
+    async def _ready(self) -> None:
+        if self._client is None and self._cluster is None:
+            await self.connect()
+
+    # ------------------------------------------------------------------ running scripts
+
+    async def _raw_connection(self) -> PublishConnection:
+        raw = self._raw
+        if raw is not None and raw.alive and not self._raw_lock.locked():
+            return raw
+        async with self._raw_lock:
+            if self._raw is not None and self._raw.alive:
+                return self._raw
+            host, port = self._target.nodes[0]
+            raw = await PublishConnection.open(
+                host,
+                port,
+                userinfo=self._target.userinfo,
+                client_name=f"{self.settings.namespace}-history"[:120],
+                timeout=self._connect_timeout,
+            )
+            if self._db:
+                reply = await raw.send([pack(b"SELECT", str(self._db).encode())])[0]
+                if isinstance(reply, Exception):
+                    raw.close()
+                    raise reply
+            self._raw = raw
+            return raw
+
+    async def _fast_eval(self, name: str, command: bytes) -> Any:
+        """An EVALSHA (packed) on the sends' connection, written with the others of this turn of the event
+        loop, in call order (which is then Redis's order)."""
+        raw = self._raw
+        if raw is None or not raw.alive or self._raw_lock.locked():
+            raw = await self._raw_connection()
+        reply = await raw.send_soon(command)
+        if isinstance(reply, Exception):
+            reply = await self._fast_retry(name, command, reply)
+        return reply
+
+    async def _fast_retry(self, name: str, command: bytes, error: Exception) -> Any:
+        """After an error reply: NOSCRIPT (Redis restarted, or its scripts flushed) loads the script and
+        runs the command again; any other error is raised."""
+        raw = self._raw
+        if raw is None or not isinstance(error, ResponseError) or not str(error).startswith(_NOSCRIPT):
+            raise error
+        loaded = await raw.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
+        if isinstance(loaded, Exception):
+            raise loaded
+        reply = await raw.send([command])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _eval(self, name: str, keys: Sequence[bytes | str], args: Sequence[bytes | str]) -> Any:
+        """Run a script through redis-py (single server or cluster: routed by its keys' slot)."""
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    # ------------------------------------------------------------------ history
+
+    async def append_counted(
         self, streams: Sequence[str], send: StoredSend, publish: Sequence[tuple[Address, bytes]] = ()
-    ) -> Positions:
-        raise NotImplementedError
+    ) -> tuple[Positions, list[int | None]]:
+        streams = list(dict.fromkeys(streams))
+        if not streams:
+            raise ValueError("a stored send needs at least one stream")
+        if self._client is None and self._cluster is None:
+            await self.connect()
+        items = list(publish) if self.publishes else []
+        if not self._fast:
+            return await self._bounded("the history send", self._append(streams, send, items))
+        # the common case, with as few coroutines in between as can be (each costs every caller)
+        namespace = self.settings.namespace
+        command = self._pack_send(
+            streams, send, [(address.channel(namespace).encode(), message) for address, message in items]
+        )
+        raw = self._raw
+        if raw is None or not raw.alive or self._raw_lock.locked():
+            return await self._bounded("the history send", self._fast_send(command))
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                reply = await raw.send_soon(command)
+                if isinstance(reply, Exception):
+                    reply = await self._fast_retry("send", command, reply)
+        except TimeoutError as exc:
+            raise self._timed_out("the history send", exc) from exc
+        except FanoutError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "the history send") from exc
+        return _parse_send(reply)
+
+    async def _fast_send(self, command: bytes) -> tuple[Positions, list[int | None]]:
+        return _parse_send(await self._fast_eval("send", command))
+
+    async def _append(
+        self, streams: list[str], send: StoredSend, items: list[tuple[Address, bytes]]
+    ) -> tuple[Positions, list[int | None]]:
+        namespace = self.settings.namespace
+        channels = [address.channel(namespace).encode() for address, _ in items]
+        if self._cluster is None:  # a TLS server (a plain one takes append_counted's own path)
+            pairs = [(channel, message) for channel, (_, message) in zip(channels, items, strict=True)]
+            return await self._send_script(streams, send, pairs)
+        slots: dict[int, list[str]] = {}
+        for stream in streams:
+            slots.setdefault(self._slot_of(stream), []).append(stream)
+        item_slots = [key_slot(channel) for channel in channels]
+        counts: list[int | None] = [None] * len(items)
+        if len(slots) == 1:
+            (slot,) = slots
+            mine = [i for i, s in enumerate(item_slots) if s == slot]
+            here = [(channels[i], items[i][1]) for i in mine]
+            positions, found = await self._send_script(streams, send, here)
+            for i, count in zip(mine, found, strict=True):
+                counts[i] = count
+        else:
+            positions = await self._reserve(slots)
+            done = await self._append_slots(slots, send, positions, channels, items, item_slots)
+            for i, count in done.items():
+                counts[i] = count
+        for i, (_, message) in enumerate(items):  # messages outside every stream's slot
+            if counts[i] is None:
+                assert self._cluster is not None
+                reply = await self._cluster.execute_command(
+                    self._command.decode(), channels[i], attach_positions(message, positions)
+                )
+                counts[i] = int(reply)
+        return positions, counts
+
+    def _kind(self, send: StoredSend) -> bytes:
+        return b'"b":%s,"j":%s' % (b"true" if send.binary else b"false", b"true" if send.json else b"false")
+
+    def _variable(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
+    ) -> list[bytes]:
+        """The send script's arguments after its constants: counts, the send, the publish command."""
+        return [
+            b"%d" % len(streams),
+            b"%d" % len(items),
+            send.sid.encode(),
+            send.payload,
+            self._kind(send),
+            orjson.dumps(list(send.exclude)) if send.exclude else b"[]",
+            self._command if items else b"",
+        ]
+
+    def _pack_send(self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]) -> bytes:
+        """The send script's EVALSHA as RESP, for the sends' own connection."""
+        variable = self._variable(streams, send, items)
+        known = [self._packed(stream) for stream in streams]
+        parts = [
+            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items)),
+            self._evalsha_send,
+            _bulk(b"%d" % (2 * len(streams))),
+            *[keys for keys, _ in known],
+            _bulk(new_epoch().encode()),
+            self._constants,
+            *[_bulk(part) for part in variable],
+            *[name for _, name in known],
+        ]
+        for channel, message in items:
+            parts += (_bulk(channel), _bulk(message))
+        return b"".join(parts)
+
+    async def _send_script(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
+    ) -> tuple[Positions, list[int | None]]:
+        """The send script through redis-py (a cluster's single-slot send, a TLS server)."""
+        keys: list[bytes] = []
+        for stream in streams:
+            keys.extend(key.encode() for key in self.keys(stream))
+        args = [
+            new_epoch().encode(),
+            self._size,
+            self._ttl,
+            self._meta_ttl,
+            *self._variable(streams, send, items),
+            *(stream.encode() for stream in streams),
+            *(part for channel, message in items for part in (channel, message)),
+        ]
+        return _parse_send(await self._eval("send", keys, args))
+
+    def _packed(self, stream: str) -> tuple[bytes, bytes]:
+        """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
+        found = self._packed_streams.get(stream)
+        if found is None:
+            if len(self._packed_streams) >= _PACKED_STREAMS:
+                self._packed_streams.clear()
+            hm, hl = self.keys(stream)
+            found = self._packed_streams[stream] = (
+                _bulk(hm.encode()) + _bulk(hl.encode()),
+                _bulk(stream.encode()),
+            )
+        return found
+
+    async def _per_slot(self, calls: list[Awaitable[_T]]) -> list[_T]:
+        """Run ``calls`` (one per slot) at most a few at a time."""
+        limit = asyncio.Semaphore(self._fanout_limit)
+
+        async def bounded(call: Awaitable[_T]) -> _T:
+            async with limit:
+                return await call
+
+        return list(await asyncio.gather(*(bounded(call) for call in calls)))
+
+    async def _positions_in(self, streams: list[str], incr: bool) -> bytes:
+        keys: list[str] = []
+        for stream in streams:
+            keys.extend(self.keys(stream))
+        args = [new_epoch(), self._meta_ttl.decode(), "1" if incr else "0", *streams]
+        return bytes(await self._eval("positions", keys, args))
+
+    async def _reserve(self, slots: dict[int, list[str]]) -> Positions:
+        """Phase 1 of a multi-slot send: the next offset of every stream, slot by slot."""
+        fragments = await self._per_slot([self._positions_in(mine, True) for mine in slots.values()])
+        return _positions(f for f in fragments if f)
+
+    async def _append_slots(
+        self,
+        slots: dict[int, list[str]],
+        send: StoredSend,
+        positions: Positions,
+        channels: list[bytes],
+        items: list[tuple[Address, bytes]],
+        item_slots: list[int],
+    ) -> dict[int, int | None]:
+        """Phase 2: per slot, the entries with the full positions, and that slot's messages."""
+        full = orjson.dumps({stream: offset for stream, (_, offset) in positions.items()})
+        meta = b'{"sid":%s,%s,"x":%s,"p":%s}' % (
+            orjson.dumps(send.sid),
+            self._kind(send),
+            orjson.dumps(list(send.exclude)),
+            full,
+        )
+        head = attach_positions(b"", positions)
+        done: dict[int, int | None] = {}
+
+        async def one(slot: int, mine: list[str]) -> None:
+            keys: list[str] = []
+            per_stream: list[bytes] = []
+            for stream in mine:
+                keys.extend(self.keys(stream))
+                epoch, offset = positions[stream]
+                per_stream += [b"%d" % offset, epoch.encode()]
+            here = [i for i, s in enumerate(item_slots) if s == slot]
+            args = [
+                self._size,
+                self._ttl,
+                self._meta_ttl,
+                b"%d" % len(here),
+                send.payload,
+                meta,
+                head,
+                self._command,
+                *per_stream,
+                *(part for i in here for part in (channels[i], items[i][1])),
+            ]
+            counts = _counts(bytes(await self._eval("append", keys, args)))
+            done.update(zip(here, counts, strict=True))
+
+        await self._per_slot([one(slot, mine) for slot, mine in slots.items()])
+        return done
 
     async def positions(self, streams: Iterable[str]) -> Positions:
-        raise NotImplementedError
+        wanted = list(dict.fromkeys(streams))
+        if not wanted:
+            return {}
+        await self._ready()
+
+        async def run() -> Positions:
+            if self._cluster is None:
+                return _positions([await self._positions_in(wanted, False)])
+            slots: dict[int, list[str]] = {}
+            for stream in wanted:
+                slots.setdefault(self._slot_of(stream), []).append(stream)
+            fragments = await self._per_slot([self._positions_in(mine, False) for mine in slots.values()])
+            return _positions(f for f in fragments if f)
+
+        return await self._bounded("a position read", run())
 
     async def read(self, stream: str, since: int | None = None, limit: int = 100) -> Page:
-        raise NotImplementedError
+        await self._ready()
+        start = "" if since is None else str(max(since, 0) + 1)
+        args = [new_epoch(), self._meta_ttl.decode(), start, str(max(limit, 0))]
+        reply = await self._bounded("a history read", self._eval("read", list(self.keys(stream)), args))
+        epoch, top, first_id, raw = reply
+        top = int(top)
+        entries = [self._entry(stream, entry) for entry in raw]
+        if since is None:
+            entries.reverse()
+        first = _offset_of(first_id) if first_id else top + 1
+        return Page(epoch.decode() if isinstance(epoch, bytes) else str(epoch), top, tuple(entries), first)
+
+    @staticmethod
+    def _entry(stream: str, raw: list[Any]) -> Entry:
+        entry_id, flat = raw
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        meta = orjson.loads(fields[b"m"])
+        others = {name: int(offset) for name, offset in meta.get("p", {}).items() if name != stream}
+        return Entry(
+            offset=_offset_of(entry_id),
+            sid=str(meta["sid"]),
+            payload=bytes(fields[b"d"]),
+            binary=bool(meta.get("b")),
+            json=bool(meta.get("j")),
+            exclude=tuple(meta.get("x") or ()),
+            positions=others,
+        )
 
     async def remove(self, stream: str) -> None:
-        raise NotImplementedError
+        await self._ready()
+        client = self._cluster if self._cluster is not None else self._client
+        assert client is not None
+        await self._bounded("a history removal", client.delete(*self.keys(stream)))
+
+    # ------------------------------------------------------------------ resume records
+
+    def _redis(self) -> aioredis.Redis | RedisCluster:
+        client = self._cluster if self._cluster is not None else self._client
+        if client is None:
+            raise NotConnected("the history store is not connected")
+        return client
 
     async def save_resume(
         self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
     ) -> None:
-        raise NotImplementedError
+        await self._ready()
+        value = _marker(flag) + record
+        # XX: only a record still there is overwritten (one claimed by a resume is never written back)
+        call = self._redis().set(self._resume_key(token), value, px=_ms(ttl), xx=not create)
+        await self._bounded("a resume record", call)
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
-        raise NotImplementedError
+        keys = [self._resume_key(token) for token in dict.fromkeys(tokens)]
+        if not keys:
+            return
+        await self._ready()
+        client = self._redis()
+
+        async def run() -> None:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpire(key, _ms(ttl))
+            await pipe.execute()
+
+        await self._bounded("keeping resume records", run())
 
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
-        raise NotImplementedError
+        await self._ready()
+        reply = await self._bounded(
+            "a resume claim", self._eval("claim", [self._resume_key(token)], [_marker(flag)])
+        )
+        return None if reply is None else bytes(reply)
 
     async def drop_resume(self, token: str) -> None:
-        raise NotImplementedError
+        await self._ready()
+        await self._bounded("dropping a resume record", self._redis().delete(self._resume_key(token)))
+
+
+__all__ = ["RedisStore"]
