@@ -22,7 +22,9 @@
 // `recovered` is false, something may be missing: reload the page's state from the application. 3010
 // (the node lost track of a stream) reconnects at once, without backoff, and resumes. A node that does not
 // speak fanout.v1 (from before it) gets a raw client: the browser fails a handshake whose answer selects no
-// subprotocol, so the client tries the same URL again at once without asking for one.
+// subprotocol, so when one fails before opening the client probes the same URL without asking for one;
+// if the probe opens, it is closed and fanout.v1 asked for once more (the first failure may have been the
+// network's), and only if that fails again does the client connect raw.
 
 /** The close codes after which the client does not reconnect (besides 4000-4999). */
 export const STOP_CODES = Object.freeze([1000, 1008]);
@@ -132,7 +134,9 @@ export class FanoutClient {
     if (this.socket && this.socket.readyState < 2) this.socket.close(code, reason);
   }
 
-  async _attempt(token, raw = false) {
+  // mode: "v1" (recover: true), "probe" (does the URL answer a handshake without fanout.v1?), "v1-again"
+  // (after a probe that opened), "raw" (the node does not speak fanout.v1)
+  async _attempt(token, mode = "v1") {
     const o = this.options;
     const url = this.url;
     this.state = "connecting";
@@ -146,7 +150,7 @@ export class FanoutClient {
       }
     }
     if (this._stopped) return;
-    const asked = o.recover && !raw;
+    const asked = o.recover && (mode === "v1" || mode === "v1-again");
     const protocols = asked ? [V1, ...[].concat(o.protocols ?? [])] : o.protocols;
     const socket = new o.WebSocket(withToken(url, o.tokenParam, token), protocols);
     this.socket = socket;
@@ -158,6 +162,13 @@ export class FanoutClient {
     socket.onopen = () => {
       clearTimeout(timeout);
       opened = true;
+      if (mode === "probe") {
+        // the URL answers without fanout.v1: an old node, or the v1 attempt failed for another reason
+        socket.onclose = socket.onmessage = null;
+        socket.close(1000);
+        this._attempt(token, "v1-again");
+        return;
+      }
       this.state = "open";
       this.v1 = socket.protocol === V1;
       // it will resume: until resumed, hold the messages of the streams it asks for (see _v1Message)
@@ -200,8 +211,9 @@ export class FanoutClient {
       this._resuming = null; // what it held is dropped: positions did not move, the next resume asks again
       if (asked && !opened && !this._stopped) {
         // maybe a node from before fanout.v1 (its answer selects no subprotocol, which a browser refuses):
-        // the same URL at once, raw; if that fails too, it counts as one failed attempt
-        this._attempt(token, true);
+        // probe the same URL at once without it, or after a probe that opened, connect raw; if the probe
+        // fails too, the whole counts as one failed attempt
+        this._attempt(token, mode === "v1" ? "probe" : "raw");
         return;
       }
       this._retry(event, url); // a connection that lasted stableAfter has already reset the failures

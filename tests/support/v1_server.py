@@ -113,6 +113,8 @@ class ScriptedServer:
         self.accepted: asyncio.Queue[Scripted] = asyncio.Queue()
         self.server: Server | None = None
         self.port = 0
+        #: handshakes still to refuse with a 503 (a node that is starting, a balancer's hiccup)
+        self.refuse = 0
 
     @property
     def url(self) -> str:
@@ -147,6 +149,9 @@ class ScriptedServer:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if self.refuse > 0:
+                self.refuse -= 1
+                return connection.respond(503, "try again\n")
             return None
         if request.path == "/fanout.js":
             body, kind = JS.read_bytes(), "text/javascript; charset=utf-8"
