@@ -107,8 +107,8 @@ async def test_compose_node_services_form_a_cluster(backend: str, tmp_path: Path
         clients = [await demo_client(node.port) for node in nodes]  # the demo chat admits them to "lobby"
         for ws, _ in clients:
             assert orjson.loads(await recv(ws))["type"] == "online"  # who is online, first
-        url = nodes[0].env["FANOUT_URL"]
-        async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5) as util:
+        url, history = nodes[0].env["FANOUT_URL"], nodes[0].env.get("FANOUT_HISTORY", "")
+        async with ServerUtil(url, namespace=namespace, heartbeat_interval=0.5, history=history) as util:
             await asyncio.sleep(scaled(1))
             records = await util.get_nodes()
             assert [r["node_id"] for r in records] == ["node1", "node2", "node3"]
