@@ -201,3 +201,139 @@ async def test_an_aborted_v1_client_resumes_on_the_other_node_with_its_state_and
         await second.nothing_more()
         await second.ws.close()
     assert a.terminate() == 0 and b.terminate() == 0
+
+
+# ---------------------------------------------------------------------------------------------- 2
+
+#: v1 clients on the node that is killed, and the history groups they are spread over
+CLIENTS = 500
+GROUPS = 10
+
+
+@dataclass
+class Fleet:
+    """``count`` fanout.client.Client instances (``user=u<i>``, in group ``h-<i % GROUPS>``), each with
+    a reader task keeping every delivery in ``got[i]``."""
+
+    clients: list[Any]
+    got: list[list[Any]]
+    readers: list[asyncio.Task[None]]
+
+    @classmethod
+    async def connect(cls, count: int, ports: list[int]) -> Fleet:
+        from fanout.client import Client
+
+        clients = [
+            Client(
+                [f"ws://127.0.0.1:{port}/?user=u{i}&groups=h-{i % GROUPS}" for port in ports],
+                backoff=(0.05, 1.0),
+                open_timeout=scaled(20),
+            )
+            for i in range(count)
+        ]
+        for start in range(0, count, 50):  # 50 handshakes at a time
+            await asyncio.wait_for(
+                asyncio.gather(*(c.connect() for c in clients[start : start + 50])), scaled(30)
+            )
+        got: list[list[Any]] = [[] for _ in clients]
+
+        async def read(i: int) -> None:
+            async for message in clients[i]:
+                got[i].append(message)
+
+        return cls(clients, got, [asyncio.create_task(read(i)) for i in range(count)])
+
+    def have(self, sent: list[int]) -> bool:
+        """Whether every client has as many deliveries as were sent to its group."""
+        return all(len(self.got[i]) >= sent[i % GROUPS] for i in range(len(self.clients)))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+async def until(check: Any, timeout: float, what: str, every: float = 0.1) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + scaled(timeout)
+    while not check():
+        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(every)
+
+
+CASES = [
+    pytest.param("redis", "routing", id="redis-routing"),
+    pytest.param("cluster", "routing", id="cluster-routing"),
+    pytest.param("amqp", "routing", id="amqp-routing"),
+    pytest.param("redis", "fanout", id="redis-fanout"),
+]
+
+
+@pytest.mark.parametrize(("broker", "mode"), CASES)
+async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and_repeats_nothing(
+    tmp_path: Path, request: pytest.FixtureRequest, broker: str, mode: str
+) -> None:
+    if broker == "cluster":
+        cluster_url: str = request.getfixturevalue("cluster").url
+        env = node_env(cluster_url, FANOUT_MODE=mode)
+    elif broker == "amqp":
+        env = node_env(AMQP, FANOUT_MODE=mode, FANOUT_HISTORY_URL=REDIS)
+    else:
+        env = node_env(REDIS, FANOUT_MODE=mode)
+    a, b = two_nodes(tmp_path, env)
+    fleet = await Fleet.connect(CLIENTS, [a.port, b.port])
+    sent = [0] * GROUPS
+    stop = asyncio.Event()
+    try:
+        assert {c.node_id for c in fleet.clients} == {"node-a"} and all(c.v1 for c in fleet.clients)
+
+        async with util_of(env) as util:
+
+            async def publish() -> None:
+                """Sends numbered per group, a round over every group at a time, until told to stop."""
+                while not stop.is_set():
+                    for g in range(GROUPS):
+                        await util.send_to_group(f"h-{g}", {"g": g, "n": sent[g]})
+                        sent[g] += 1
+                    await asyncio.sleep(0.02)
+
+            publishing = asyncio.create_task(publish())
+            await until(lambda: sent[0] >= 10 and fleet.have([10] * GROUPS), 30, "the first sends")
+            a.kill()  # SIGKILL, with the sends going on
+            await until(
+                lambda: all(c.resumed is not None for c in fleet.clients) or publishing.done(),
+                60,
+                "every client resumed",
+                every=0.2,
+            )
+            at_resume = sent[0]
+            await until(lambda: sent[0] >= at_resume + 10 or publishing.done(), 30, "later sends")
+            stop.set()
+            await publishing  # (raises what the publisher raised)
+        await until(lambda: fleet.have(sent), 60, "every send delivered", every=0.2)
+        await asyncio.sleep(scaled(0.5))  # anything more (a duplicate) would arrive meanwhile
+
+        wrong = []
+        for i, (client, got) in enumerate(zip(fleet.clients, fleet.got, strict=True)):
+            g = i % GROUPS
+            if got != [{"g": g, "n": n} for n in range(sent[g])]:
+                ns = [m.get("n") for m in got]
+                missing = sorted(set(range(sent[g])) - set(ns))
+                wrong.append((i, f"{len(ns)} got, {len(ns) - len(set(ns))} dup, missing {missing[:5]}: {ns}"))
+            if (
+                client.resumed is None
+                or client.resumed.recovered is not True
+                or client.node_id != "node-b"
+                or client.connections != 2
+            ):
+                wrong.append(
+                    (
+                        i,
+                        f"resumed {client.resumed}, on {client.node_id}, {client.connections} connections, "
+                        f"last close {client.close_code} {client.close_reason}",
+                    )
+                )
+        assert not wrong, f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n{b.log()[-3000:]}"
+    finally:
+        stop.set()
+        await fleet.close()
+    assert b.terminate() == 0

@@ -37,7 +37,10 @@ Sends on a plain ``redis://`` server go on a connection of their own
 each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
 concurrent sends are pipelined and keep their order. Everything else (reads, positions, resume records;
 TLS and cluster sends) goes through redis-py, whose ``register_script`` loads a script when Redis does
-not know it (NOSCRIPT). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
+not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait their turn:
+redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are in use, 100
+by default in recent releases, and a node resuming hundreds of clients at once makes more calls than
+that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
 :class:`BackendUnavailable` when Redis does not answer within ``publish_timeout``,
 :class:`BackendError` when it refuses.
 """
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -226,6 +229,8 @@ def _ms(seconds: float) -> int:
 
 #: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
 _PACKED_STREAMS = 10_000
+#: redis-py calls of one store at once (below redis-py's default pool size, 100 per server)
+POOL_CALLS = 64
 
 
 def _bulk(part: bytes) -> bytes:
@@ -299,6 +304,8 @@ class RedisStore(HistoryStore):
         self._closed = False
         #: at most this many cluster calls at once for one call of ours (a bulk's many streams)
         self._fanout_limit = 64
+        #: at most POOL_CALLS redis-py calls at once, whoever makes them
+        self._pool_calls = asyncio.Semaphore(POOL_CALLS)
 
     # ------------------------------------------------------------------ helpers
 
@@ -472,7 +479,20 @@ class RedisStore(HistoryStore):
 
     async def _eval(self, name: str, keys: Sequence[bytes | str], args: Sequence[bytes | str]) -> Any:
         """Run a script through redis-py (single server or cluster: routed by its keys' slot)."""
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        return await self._pooled(self._scripts[name](keys=list(keys), args=list(args)))
+
+    async def _pooled(self, call: Awaitable[_T]) -> _T:
+        """A redis-py call, waiting its turn (see POOL_CALLS)."""
+        try:
+            await self._pool_calls.acquire()
+        except BaseException:  # timed out (cancelled) before its turn: the call never starts
+            if isinstance(call, Coroutine):
+                call.close()
+            raise
+        try:
+            return await call
+        finally:
+            self._pool_calls.release()
 
     # ------------------------------------------------------------------ history
 
@@ -539,8 +559,10 @@ class RedisStore(HistoryStore):
         for i, (_, message) in enumerate(items):  # messages outside every stream's slot
             if counts[i] is None:
                 assert self._cluster is not None
-                reply = await self._cluster.execute_command(
-                    self._command.decode(), channels[i], attach_positions(message, positions)
+                reply = await self._pooled(
+                    self._cluster.execute_command(
+                        self._command.decode(), channels[i], attach_positions(message, positions)
+                    )
                 )
                 counts[i] = int(reply)
         return positions, counts
@@ -729,7 +751,7 @@ class RedisStore(HistoryStore):
         await self._ready()
         client = self._cluster if self._cluster is not None else self._client
         assert client is not None
-        await self._bounded("a history removal", client.delete(*self.keys(stream)))
+        await self._bounded("a history removal", self._pooled(client.delete(*self.keys(stream))))
 
     # ------------------------------------------------------------------ resume records
 
@@ -746,7 +768,7 @@ class RedisStore(HistoryStore):
         value = _marker(flag) + record
         # XX: only a record still there is overwritten (one claimed by a resume is never written back)
         call = self._redis().set(self._resume_key(token), value, px=_ms(ttl), xx=not create)
-        await self._bounded("a resume record", call)
+        await self._bounded("a resume record", self._pooled(call))
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
         keys = [self._resume_key(token) for token in dict.fromkeys(tokens)]
@@ -761,7 +783,7 @@ class RedisStore(HistoryStore):
                 pipe.pexpire(key, _ms(ttl))
             await pipe.execute()
 
-        await self._bounded("keeping resume records", run())
+        await self._bounded("keeping resume records", self._pooled(run()))
 
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
         await self._ready()
@@ -772,7 +794,9 @@ class RedisStore(HistoryStore):
 
     async def drop_resume(self, token: str) -> None:
         await self._ready()
-        await self._bounded("dropping a resume record", self._redis().delete(self._resume_key(token)))
+        await self._bounded(
+            "dropping a resume record", self._pooled(self._redis().delete(self._resume_key(token)))
+        )
 
 
 __all__ = ["RedisStore"]
