@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from fanout import ServerUtil, Settings
+from fanout.client import Client, Resumed
 from tests.support import scaled
 from tests.support.nodes import NodeProcess, start_node, unique_namespace
 from tests.support.redis_servers import RedisCluster, start_cluster
@@ -210,24 +211,29 @@ CLIENTS = 500
 GROUPS = 10
 
 
+def mark_resumed(got: list[Any]) -> Callable[[Resumed], None]:
+    """An ``on_resumed`` that notes the resume among the deliveries (it is called in order with them)."""
+    return lambda resumed: got.append(("resumed", resumed.recovered))
+
+
 @dataclass
 class Fleet:
     """``count`` fanout.client.Client instances (``user=u<i>``, in group ``h-<i % GROUPS>``), each with
     a reader task keeping every delivery in ``got[i]``."""
 
-    clients: list[Any]
+    clients: list[Client]
     got: list[list[Any]]
     readers: list[asyncio.Task[None]]
 
     @classmethod
     async def connect(cls, count: int, ports: list[int]) -> Fleet:
-        from fanout.client import Client
-
+        got: list[list[Any]] = [[] for _ in range(count)]
         clients = [
             Client(
                 [f"ws://127.0.0.1:{port}/?user=u{i}&groups=h-{i % GROUPS}" for port in ports],
                 backoff=(0.05, 1.0),
                 open_timeout=scaled(20),
+                on_resumed=mark_resumed(got[i]),
             )
             for i in range(count)
         ]
@@ -235,7 +241,6 @@ class Fleet:
             await asyncio.wait_for(
                 asyncio.gather(*(c.connect() for c in clients[start : start + 50])), scaled(30)
             )
-        got: list[list[Any]] = [[] for _ in clients]
 
         async def read(i: int) -> None:
             async for message in clients[i]:
@@ -243,9 +248,12 @@ class Fleet:
 
         return cls(clients, got, [asyncio.create_task(read(i)) for i in range(count)])
 
+    def messages(self, i: int) -> list[Any]:
+        return [m for m in self.got[i] if not isinstance(m, tuple)]
+
     def have(self, sent: list[int]) -> bool:
         """Whether every client has as many deliveries as were sent to its group."""
-        return all(len(self.got[i]) >= sent[i % GROUPS] for i in range(len(self.clients)))
+        return all(len(self.messages(i)) >= sent[i % GROUPS] for i in range(len(self.clients)))
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
@@ -313,12 +321,11 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
         await asyncio.sleep(scaled(0.5))  # anything more (a duplicate) would arrive meanwhile
 
         wrong = []
-        for i, (client, got) in enumerate(zip(fleet.clients, fleet.got, strict=True)):
+        for i, client in enumerate(fleet.clients):
             g = i % GROUPS
-            if got != [{"g": g, "n": n} for n in range(sent[g])]:
-                ns = [m.get("n") for m in got]
-                missing = sorted(set(range(sent[g])) - set(ns))
-                wrong.append((i, f"{len(ns)} got, {len(ns) - len(set(ns))} dup, missing {missing[:5]}: {ns}"))
+            if fleet.messages(i) != [{"g": g, "n": n} for n in range(sent[g])]:
+                ns = [m.get("n") if isinstance(m, dict) else m for m in fleet.got[i]]
+                wrong.append((i, f"{client.duplicates} dropped as duplicates, got {ns}"))
             if (
                 client.resumed is None
                 or client.resumed.recovered is not True
@@ -337,3 +344,65 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
         stop.set()
         await fleet.close()
     assert b.terminate() == 0
+
+
+async def test_v1_clients_admitted_into_a_busy_history_group_get_the_welcome_first_then_offsets_only(
+    tmp_path: Path,
+) -> None:
+    """Clients that come back (resume) while sends flood the group their admission puts them in: the
+    welcome comes first, and every delivery of a history send carries its offset - or the client could not
+    tell a replayed copy from it. Taken as docs/continuity.md says a client must (the messages of a resumed
+    stream held until ``resumed``, then handed in offset order, each once; later ones only if newer), every
+    send arrives once, in order, across the two connections."""
+    env = node_env(REDIS, FANOUT_HISTORY_SIZE="10000")  # nothing trimmed: every resume recovers
+    a, b = two_nodes(tmp_path, env)
+    stop = asyncio.Event()
+    sent = 0
+    async with util_of(env) as util:
+
+        async def flood() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                await asyncio.gather(*(util.send_to_group("h-busy", {"n": sent + k}) for k in range(2)))
+                sent += 2
+                await asyncio.sleep(0.005)
+
+        flooding = asyncio.create_task(flood())
+        try:
+            for _ in range(20):
+                first = await V1.open(a.port, "user=ann&groups=h-busy")
+                seen = [(await first.frame())["data"]["n"] for _ in range(10)]
+                token, positions = first.token, {s: list(p) for s, p in first.positions.items()}
+                first.abort()
+                # back on the other node, admitted into the group again while the sends go on
+                ws = await connect(
+                    f"ws://127.0.0.1:{b.port}/?user=ann&groups=h-busy",
+                    subprotocols=["fanout.v1"],  # type: ignore[list-item]
+                )
+                welcome = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+                assert welcome["type"] == "welcome", f"{welcome} before the welcome"
+                second = V1(ws, welcome)
+                await second.resume(token, positions)
+                held = []
+                while (frame := await second.frame())["type"] != "resumed":
+                    held.append(frame)
+                assert frame["recovered"] is True, frame
+                later = [await second.frame() for _ in range(10)]
+                untracked = [f for f in held + later if "group:h-busy" not in f.get("streams", {})]
+                assert not untracked, untracked
+                # what the application is handed
+                by_offset = {f["streams"]["group:h-busy"]: f["data"]["n"] for f in held}
+                handed = [by_offset[offset] for offset in sorted(by_offset)]
+                top = max(by_offset, default=positions["group:h-busy"][1])
+                handed += [f["data"]["n"] for f in later if f["streams"]["group:h-busy"] > top]
+                assert seen + handed == list(range(seen[0], seen[0] + len(seen) + len(handed))), (
+                    seen,
+                    positions,
+                    welcome,
+                    held,
+                    later,
+                )
+                await ws.close()
+        finally:
+            stop.set()
+            await flooding
