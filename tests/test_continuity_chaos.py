@@ -20,11 +20,12 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from fanout import FanoutError
 from fanout.client import Client, Resumed
 from tests.support import scaled
 from tests.support.continuity import AMQP, REDIS, STREAMS, V1, node_env, two_nodes, until, util_of
 from tests.support.nodes import metrics, start_node
-from tests.support.redis_servers import RedisCluster, start_cluster
+from tests.support.redis_servers import RedisCluster, start_cluster, start_redis
 from tests.support.tcp_proxy import ProxyProcess
 
 
@@ -393,3 +394,36 @@ async def test_a_node_cut_from_its_broker_while_sends_go_on_gives_every_member_e
         for client in v1s:
             await client.ws.close()
         assert node.terminate() == 0
+
+
+async def test_a_connection_that_lived_through_a_store_restart_can_still_resume(tmp_path: Path) -> None:
+    """Redis (backend and store) restarts without its data while a v1 connection stays open: its resume
+    record is gone with the rest, and must be written again (as its state changes, and while it lives),
+    or the connection, dropped later, could never resume."""
+    server = start_redis(tmp_path / "redis")
+    try:
+        env = node_env(server.url)
+        a, b = two_nodes(tmp_path, env)
+        async with util_of(env) as util:
+            erin = await V1.open(a.port, "user=erin")  # in no history stream: nothing closes it (3010)
+            server.kill()
+            server.restart()  # the same port, no data
+            await asyncio.to_thread(a.wait_healthy, 30)
+            await asyncio.to_thread(b.wait_healthy, 30)
+            for _ in range(50):  # the publisher's link comes back too
+                with contextlib.suppress(FanoutError):
+                    assert await util.join_group(erin.client_id, "room") is True
+                    break
+                await asyncio.sleep(0.1)
+            await util.set_session(erin.client_id, {"cart": 3})
+            await asyncio.sleep(0.3)  # (the record is written after the change is applied)
+            token, positions = erin.snapshot()
+            erin.abort()
+            back = await V1.open(b.port, "user=erin")
+            await back.resume(token, positions)
+            assert await back.frame() == {"type": "resumed", "recovered": True, "streams": {}}
+            assert await util.is_in_group(back.client_id, "room")
+            assert await util.get_session(back.client_id) == {"cart": 3}
+            await back.ws.close()
+    finally:
+        server.stop()

@@ -11,7 +11,8 @@ sharded channel on Redis Cluster):
   every stream of the send - this one included; :meth:`RedisStore.read` leaves it out); trimmed to
   exactly ``history_size`` entries, expiring ``history_ttl`` after the last send.
 * ``<ns>:r:<token>``: a resume record, the flag marker then the record (no hash tag: records spread over
-  the cluster, and no command takes two of them).
+  the cluster, and no command takes two of them); ``-`` once claimed or dropped (a tombstone, so that the
+  old connection's later writes cannot bring it back, while a record Redis lost is written again).
 
 A send is **one Lua script** (``_SEND``) on a single server, and on a cluster when all its streams share a
 slot: the epoch is created when missing (from a candidate the publisher draws), each offset is HINCRBY'd,
@@ -67,7 +68,7 @@ from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_ep
 from ..naming import ALL, Address, flag, group, safe_segment
 from .redis import _REFUSALS, _TRANSLATION, _no_retry, _parse_target
 from .redis_publisher import PublishConnection, pack
-from .store import HistoryStore, StoredSend
+from .store import TOMBSTONE_SLACK, HistoryStore, StoredSend
 
 _T = TypeVar("_T")
 
@@ -207,17 +208,35 @@ end
 return {epoch, top, first, entries}
 """
 
-#: take a resume record if it was saved with this flag marker: KEYS record; ARGV marker
+#: take a resume record if it was saved with this flag marker, leaving a tombstone: KEYS record; ARGV
+#: marker, the tombstone's ttl (ms)
 _CLAIM = """
 local record = redis.call('GET', KEYS[1])
 if not record or string.sub(record, 1, #ARGV[1]) ~= ARGV[1] then
   return false
 end
-redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], '-', 'PX', ARGV[2])
 return string.sub(record, #ARGV[1] + 1)
 """
 
-_SCRIPTS = {"send": _SEND, "positions": _POSITIONS, "append": _APPEND, "read": _READ, "claim": _CLAIM}
+#: write a resume record unless its token was claimed or dropped (a tombstone): KEYS record; ARGV the
+#: record, its ttl (ms)
+_SAVE = """
+if redis.call('GET', KEYS[1]) == '-' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_SCRIPTS = {
+    "send": _SEND,
+    "positions": _POSITIONS,
+    "append": _APPEND,
+    "read": _READ,
+    "claim": _CLAIM,
+    "save": _SAVE,
+}
 
 #: the script errors that mean "Redis does not know it (any more)": load it and run it again
 _NOSCRIPT = "NOSCRIPT"
@@ -288,6 +307,7 @@ class RedisStore(HistoryStore):
         self._size = str(settings.history_size).encode()
         self._ttl = str(_ms(settings.history_ttl)).encode()
         self._meta_ttl = str(_ms(max(META_TTL, settings.history_ttl))).encode()
+        self._tombstone_ms = str(_ms(settings.resume_ttl + TOMBSTONE_SLACK)).encode()
         self._client: aioredis.Redis | None = None
         self._cluster: RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -765,10 +785,11 @@ class RedisStore(HistoryStore):
         self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
     ) -> None:
         await self._ready()
-        value = _marker(flag) + record
-        # XX: only a record still there is overwritten (one claimed by a resume is never written back)
-        call = self._redis().set(self._resume_key(token), value, px=_ms(ttl), xx=not create)
-        await self._bounded("a resume record", self._pooled(call))
+        key, value, px = self._resume_key(token), _marker(flag) + record, _ms(ttl)
+        if create:
+            await self._bounded("a resume record", self._pooled(self._redis().set(key, value, px=px)))
+        else:  # unless claimed or dropped (a tombstone): one claimed by a resume is never written back
+            await self._bounded("a resume record", self._eval("save", [key], [value, str(px).encode()]))
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
         keys = [self._resume_key(token) for token in dict.fromkeys(tokens)]
@@ -788,15 +809,15 @@ class RedisStore(HistoryStore):
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
         await self._ready()
         reply = await self._bounded(
-            "a resume claim", self._eval("claim", [self._resume_key(token)], [_marker(flag)])
+            "a resume claim",
+            self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms]),
         )
         return None if reply is None else bytes(reply)
 
     async def drop_resume(self, token: str) -> None:
         await self._ready()
-        await self._bounded(
-            "dropping a resume record", self._pooled(self._redis().delete(self._resume_key(token)))
-        )
+        call = self._redis().set(self._resume_key(token), b"-", px=int(self._tombstone_ms))
+        await self._bounded("dropping a resume record", self._pooled(call))
 
 
 __all__ = ["RedisStore"]
