@@ -213,6 +213,7 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
 
             publishing = asyncio.create_task(publish())
             await until(lambda: sent[0] >= 10 and fleet.have([10] * GROUPS), 30, "the first sends")
+            at_kill = sent[0]
             a.kill()  # SIGKILL, with the sends going on
             await until(
                 lambda: all(c.resumed is not None for c in fleet.clients) or publishing.done(),
@@ -221,6 +222,7 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
                 every=0.2,
             )
             at_resume = sent[0]
+            assert at_resume > at_kill  # sends went on while the clients were away
             await until(lambda: sent[0] >= at_resume + 10 or publishing.done(), 30, "later sends")
             stop.set()
             await publishing  # (raises what the publisher raised)

@@ -113,8 +113,26 @@ def two_nodes(tmp_path: Path, env: dict[str, str], app: str = STREAMS) -> tuple[
 
 @contextlib.asynccontextmanager
 async def util_of(env: dict[str, str]) -> AsyncIterator[ServerUtil]:
-    async with publisher(env) as util:
-        yield util
+    """The publisher of a test; at the end, what the test's namespace left in the shared Redis goes
+    (epochs and offsets would stay two days)."""
+    try:
+        async with publisher(env) as util:
+            yield util
+    finally:
+        if REDIS in (env.get("FANOUT_URL"), env.get("FANOUT_HISTORY_URL")):
+            await asyncio.to_thread(forget, env["FANOUT_NAMESPACE"])
+
+
+def forget(namespace: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    try:
+        keys = list(client.scan_iter(match=f"*{namespace}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 async def until(check: Any, timeout: float, what: str, every: float = 0.1) -> None:
