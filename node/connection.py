@@ -135,11 +135,11 @@ class Connection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._gone = False  #: the socket is closed
         # continuity (node/continuity.py): fanout.v1?, history streams, per stream the offset it has up to
-        # (after a resume or a join), sends held while it resumes, its resume token
+        # (after a resume or a join), sends held until its welcome is written and while it resumes, its token
         self.v1, self.streams = v1, frozenset[str]()
         self.token: str | None = None
         self.floor: dict[str, int] | None = None
-        self.held: list[tuple[Send, tuple[str, ...] | None]] | None = None
+        self.held: list[tuple[Send, tuple[str, ...] | None]] | None = [] if v1 else None
         self.resumed = False  #: it sent its resume (or a message: a resume is refused from then on)
 
     @property

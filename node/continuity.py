@@ -334,6 +334,15 @@ class Continuity:
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
 
+    def welcomed(self, conn: StreamMember) -> None:
+        """``conn``'s welcome is written: the sends held since it was admitted (its groups and flag joined
+        before its welcome's positions were known) go now, those at or below the welcome's positions left
+        out. Without this, a send delivered during the admission would come before the welcome and without
+        its offset, and a resume's replay would bring it a second time."""
+        held, conn.held = conn.held, None
+        for send, via in held or ():
+            self.push(conn, send, {}, None, via)
+
     async def _every_while(self) -> None:
         """Quiet streams checked against the store; live records refreshed."""
         while True:

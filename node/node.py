@@ -240,6 +240,7 @@ class Node:
 
     async def _on_reconnect(self) -> None:
         self.hub.spawn(self.continuity.catch_up(), "history catch-up")  # what the outage kept from us
+        self.continuity.resumes.keep_all()  # the live connections' records (Redis may have restarted empty)
         await self.lanes.call_app("on_reconnect", self)
 
     # ------------------------------------------------------------------ websocket side

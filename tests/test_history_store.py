@@ -424,6 +424,36 @@ async def test_resume_records_expire_unless_kept(url: str, ns: str) -> None:
         assert await st.claim_resume("kept", "ann") == b"k"
 
 
+async def test_a_record_the_store_lost_is_written_again_never_a_claimed_or_dropped_one(
+    url: str, ns: str
+) -> None:
+    async with store(url, ns) as st:
+        await st.save_resume("tok-l", "ann", b"v1", 30, create=True)
+        await st._redis().delete(st._resume_key("tok-l"))  # lost: Redis restarted without its data
+        await st.save_resume("tok-l", "ann", b"v2", 30)  # the live connection's next write brings it back
+        assert await st.claim_resume("tok-l", "ann") == b"v2"
+        await st.save_resume("tok-l", "ann", b"v3", 30)  # claimed: its tombstone keeps it out
+        assert await st.claim_resume("tok-l", "ann") is None
+        await st.save_resume("tok-x", "ann", b"x", 30, create=True)
+        await st.drop_resume("tok-x")
+        await st.save_resume("tok-x", "ann", b"a late write", 30)
+        assert await st.claim_resume("tok-x", "ann") is None
+
+
+async def test_the_memory_store_keeps_claimed_and_dropped_tokens_out_too() -> None:
+    st = MemoryStore(Settings.create(f"memory://{unique_namespace()}", history="group:*"))
+    await st.save_resume("tok-l", "ann", b"v1", 30, create=True)
+    st._memory.resume.pop("tok-l")  # lost
+    await st.save_resume("tok-l", "ann", b"v2", 30)
+    assert await st.claim_resume("tok-l", "ann") == b"v2"
+    await st.save_resume("tok-l", "ann", b"v3", 30)
+    assert await st.claim_resume("tok-l", "ann") is None
+    await st.save_resume("tok-x", None, b"x", 30, create=True)
+    await st.drop_resume("tok-x")
+    await st.save_resume("tok-x", None, b"a late write", 30)
+    assert await st.claim_resume("tok-x", None) is None
+
+
 async def test_an_unreachable_store_is_backend_unavailable(ns: str) -> None:
     from tests.support import free_port
 

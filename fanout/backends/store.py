@@ -23,11 +23,13 @@ The store:
   first, at most ``limit``), or without ``since`` the latest ``limit``.
 * ``remove(stream)``: forget its entries and epoch (the next send starts a new epoch).
 * resume records (opaque bytes, keyed by an unguessable token): ``save_resume(token, flag, record, ttl,
-  create=False)`` overwrites a record that is still there (``create=True``: writes it in any case - a new
-  connection's first), so that a record claimed by a resume is never written back by its old connection;
+  create=False)`` writes it unless the token was claimed or dropped (``create=True``: in any case - a new
+  connection's first), so that a record claimed by a resume is never written back by its old connection,
+  while a record the store lost (restarted empty) is written again by the next save;
   ``keep_resume(tokens, ttl)`` extends those still there; ``claim_resume(token,
-  flag)`` takes the record if it exists and was saved with that flag (``None`` = guest), deleting it in
-  the same step (single use), else None; ``drop_resume(token)`` deletes it.
+  flag)`` takes the record if it exists and was saved with that flag (``None`` = guest), leaving a
+  tombstone in the same step (single use), else None; ``drop_resume(token)`` leaves a tombstone too. A
+  tombstone lasts ``resume_ttl`` + :data:`TOMBSTONE_SLACK` (longer than its old connection may write).
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ class _Stream:
     touched: float = 0.0  #: monotonic time of the last append or position read (the epoch's life)
 
 
+#: seconds a claimed or dropped token's tombstone outlives FANOUT_RESUME_TTL: its old connection's last
+#: writes (a record outlives its connection by at most the resume TTL and the node's slack) cannot bring
+#: the record back
+TOMBSTONE_SLACK = 120.0
+
+
 class _Memory:
     """The state every MemoryStore of one memory URL in one process shares (as MemoryHub does)."""
 
@@ -129,6 +137,7 @@ class _Memory:
         self.lock = threading.Lock()
         self.streams: dict[str, _Stream] = {}
         self.resume: dict[str, tuple[str | None, bytes, float]] = {}  #: token -> (flag, record, expires)
+        self.tombstones: dict[str, float] = {}  #: claimed or dropped token -> expires
 
     @classmethod
     def named(cls, key: str) -> _Memory:
@@ -222,8 +231,8 @@ class MemoryStore(HistoryStore):
     ) -> None:
         now = time.monotonic()
         with self._memory.lock:
-            found = self._memory.resume.get(token)
-            if create or (found is not None and found[2] >= now):
+            if create or self._memory.tombstones.get(token, 0.0) < now:
+                self._memory.tombstones.pop(token, None)
                 self._memory.resume[token] = (flag, record, now + ttl)
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
@@ -242,12 +251,22 @@ class MemoryStore(HistoryStore):
                 return None
             if found[0] != flag:
                 return None
-            del self._memory.resume[token]
+            self._bury(token)
             return found[1]
 
     async def drop_resume(self, token: str) -> None:
         with self._memory.lock:
-            self._memory.resume.pop(token, None)
+            self._bury(token)
+
+    def _bury(self, token: str) -> None:
+        """The record goes, a tombstone stays (see TOMBSTONE_SLACK); expired tombstones go now and then."""
+        memory, now = self._memory, time.monotonic()
+        memory.resume.pop(token, None)
+        memory.tombstones[token] = now + self.settings.resume_ttl + TOMBSTONE_SLACK
+        if len(memory.tombstones) % 1024 == 0:
+            for name, until in list(memory.tombstones.items()):
+                if until < now:
+                    del memory.tombstones[name]
 
 
-__all__ = ["HistoryStore", "MemoryStore", "StoredSend"]
+__all__ = ["TOMBSTONE_SLACK", "HistoryStore", "MemoryStore", "StoredSend"]

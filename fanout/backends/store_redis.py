@@ -11,7 +11,8 @@ sharded channel on Redis Cluster):
   every stream of the send - this one included; :meth:`RedisStore.read` leaves it out); trimmed to
   exactly ``history_size`` entries, expiring ``history_ttl`` after the last send.
 * ``<ns>:r:<token>``: a resume record, the flag marker then the record (no hash tag: records spread over
-  the cluster, and no command takes two of them).
+  the cluster, and no command takes two of them); ``-`` once claimed or dropped (a tombstone, so that the
+  old connection's later writes cannot bring it back, while a record Redis lost is written again).
 
 A send is **one Lua script** (``_SEND``) on a single server, and on a cluster when all its streams share a
 slot: the epoch is created when missing (from a candidate the publisher draws), each offset is HINCRBY'd,
@@ -37,7 +38,10 @@ Sends on a plain ``redis://`` server go on a connection of their own
 each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
 concurrent sends are pipelined and keep their order. Everything else (reads, positions, resume records;
 TLS and cluster sends) goes through redis-py, whose ``register_script`` loads a script when Redis does
-not know it (NOSCRIPT). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
+not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait their turn:
+redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are in use, 100
+by default in recent releases, and a node resuming hundreds of clients at once makes more calls than
+that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
 :class:`BackendUnavailable` when Redis does not answer within ``publish_timeout``,
 :class:`BackendError` when it refuses.
 """
@@ -46,7 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -64,7 +68,7 @@ from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_ep
 from ..naming import ALL, Address, flag, group, safe_segment
 from .redis import _REFUSALS, _TRANSLATION, _no_retry, _parse_target
 from .redis_publisher import PublishConnection, pack
-from .store import HistoryStore, StoredSend
+from .store import TOMBSTONE_SLACK, HistoryStore, StoredSend
 
 _T = TypeVar("_T")
 
@@ -204,17 +208,35 @@ end
 return {epoch, top, first, entries}
 """
 
-#: take a resume record if it was saved with this flag marker: KEYS record; ARGV marker
+#: take a resume record if it was saved with this flag marker, leaving a tombstone: KEYS record; ARGV
+#: marker, the tombstone's ttl (ms)
 _CLAIM = """
 local record = redis.call('GET', KEYS[1])
 if not record or string.sub(record, 1, #ARGV[1]) ~= ARGV[1] then
   return false
 end
-redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], '-', 'PX', ARGV[2])
 return string.sub(record, #ARGV[1] + 1)
 """
 
-_SCRIPTS = {"send": _SEND, "positions": _POSITIONS, "append": _APPEND, "read": _READ, "claim": _CLAIM}
+#: write a resume record unless its token was claimed or dropped (a tombstone): KEYS record; ARGV the
+#: record, its ttl (ms)
+_SAVE = """
+if redis.call('GET', KEYS[1]) == '-' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_SCRIPTS = {
+    "send": _SEND,
+    "positions": _POSITIONS,
+    "append": _APPEND,
+    "read": _READ,
+    "claim": _CLAIM,
+    "save": _SAVE,
+}
 
 #: the script errors that mean "Redis does not know it (any more)": load it and run it again
 _NOSCRIPT = "NOSCRIPT"
@@ -226,6 +248,8 @@ def _ms(seconds: float) -> int:
 
 #: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
 _PACKED_STREAMS = 10_000
+#: redis-py calls of one store at once (below redis-py's default pool size, 100 per server)
+POOL_CALLS = 64
 
 
 def _bulk(part: bytes) -> bytes:
@@ -283,6 +307,7 @@ class RedisStore(HistoryStore):
         self._size = str(settings.history_size).encode()
         self._ttl = str(_ms(settings.history_ttl)).encode()
         self._meta_ttl = str(_ms(max(META_TTL, settings.history_ttl))).encode()
+        self._tombstone_ms = str(_ms(settings.resume_ttl + TOMBSTONE_SLACK)).encode()
         self._client: aioredis.Redis | None = None
         self._cluster: RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -299,6 +324,8 @@ class RedisStore(HistoryStore):
         self._closed = False
         #: at most this many cluster calls at once for one call of ours (a bulk's many streams)
         self._fanout_limit = 64
+        #: at most POOL_CALLS redis-py calls at once, whoever makes them
+        self._pool_calls = asyncio.Semaphore(POOL_CALLS)
 
     # ------------------------------------------------------------------ helpers
 
@@ -472,7 +499,20 @@ class RedisStore(HistoryStore):
 
     async def _eval(self, name: str, keys: Sequence[bytes | str], args: Sequence[bytes | str]) -> Any:
         """Run a script through redis-py (single server or cluster: routed by its keys' slot)."""
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        return await self._pooled(self._scripts[name](keys=list(keys), args=list(args)))
+
+    async def _pooled(self, call: Awaitable[_T]) -> _T:
+        """A redis-py call, waiting its turn (see POOL_CALLS)."""
+        try:
+            await self._pool_calls.acquire()
+        except BaseException:  # timed out (cancelled) before its turn: the call never starts
+            if isinstance(call, Coroutine):
+                call.close()
+            raise
+        try:
+            return await call
+        finally:
+            self._pool_calls.release()
 
     # ------------------------------------------------------------------ history
 
@@ -539,8 +579,10 @@ class RedisStore(HistoryStore):
         for i, (_, message) in enumerate(items):  # messages outside every stream's slot
             if counts[i] is None:
                 assert self._cluster is not None
-                reply = await self._cluster.execute_command(
-                    self._command.decode(), channels[i], attach_positions(message, positions)
+                reply = await self._pooled(
+                    self._cluster.execute_command(
+                        self._command.decode(), channels[i], attach_positions(message, positions)
+                    )
                 )
                 counts[i] = int(reply)
         return positions, counts
@@ -729,7 +771,7 @@ class RedisStore(HistoryStore):
         await self._ready()
         client = self._cluster if self._cluster is not None else self._client
         assert client is not None
-        await self._bounded("a history removal", client.delete(*self.keys(stream)))
+        await self._bounded("a history removal", self._pooled(client.delete(*self.keys(stream))))
 
     # ------------------------------------------------------------------ resume records
 
@@ -743,10 +785,11 @@ class RedisStore(HistoryStore):
         self, token: str, flag: str | None, record: bytes, ttl: float, *, create: bool = False
     ) -> None:
         await self._ready()
-        value = _marker(flag) + record
-        # XX: only a record still there is overwritten (one claimed by a resume is never written back)
-        call = self._redis().set(self._resume_key(token), value, px=_ms(ttl), xx=not create)
-        await self._bounded("a resume record", call)
+        key, value, px = self._resume_key(token), _marker(flag) + record, _ms(ttl)
+        if create:
+            await self._bounded("a resume record", self._pooled(self._redis().set(key, value, px=px)))
+        else:  # unless claimed or dropped (a tombstone): one claimed by a resume is never written back
+            await self._bounded("a resume record", self._eval("save", [key], [value, str(px).encode()]))
 
     async def keep_resume(self, tokens: Iterable[str], ttl: float) -> None:
         keys = [self._resume_key(token) for token in dict.fromkeys(tokens)]
@@ -761,18 +804,20 @@ class RedisStore(HistoryStore):
                 pipe.pexpire(key, _ms(ttl))
             await pipe.execute()
 
-        await self._bounded("keeping resume records", run())
+        await self._bounded("keeping resume records", self._pooled(run()))
 
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
         await self._ready()
         reply = await self._bounded(
-            "a resume claim", self._eval("claim", [self._resume_key(token)], [_marker(flag)])
+            "a resume claim",
+            self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms]),
         )
         return None if reply is None else bytes(reply)
 
     async def drop_resume(self, token: str) -> None:
         await self._ready()
-        await self._bounded("dropping a resume record", self._redis().delete(self._resume_key(token)))
+        call = self._redis().set(self._resume_key(token), b"-", px=int(self._tombstone_ms))
+        await self._bounded("dropping a resume record", self._pooled(call))
 
 
 __all__ = ["RedisStore"]

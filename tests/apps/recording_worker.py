@@ -42,6 +42,7 @@ class RecordingWorker:
             "flag": event.flag,
             "code": event.code,
             "reason": event.reason,
+            "resumed_from": event.resumed_from,
             **extra,
         }
         self.file.write(orjson.dumps(line) + b"\n")

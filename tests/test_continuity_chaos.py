@@ -1,0 +1,431 @@
+"""Issue 17's acceptance, on real node processes, real brokers and real websocket clients, every message
+counted: a v1 client whose socket is aborted resumes on the other node with its state and every send
+once; a node SIGKILLed under hundreds of v1 clients while sends go on (Redis, Redis Cluster, RabbitMQ +
+a Redis store; both modes); a node whose broker connection is cut reads the gap back (positioning).
+
+(``recovered: false`` and refused tokens: tests/test_continuity_refusals.py; the worker tier's
+``resumed_from`` and the JS client in Chromium: tests/test_continuity_js_workers.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from fanout import FanoutError
+from fanout.client import Client, Resumed
+from tests.support import scaled
+from tests.support.continuity import AMQP, REDIS, STREAMS, V1, node_env, two_nodes, until, util_of
+from tests.support.nodes import metrics, start_node
+from tests.support.redis_servers import RedisCluster, start_cluster, start_redis
+from tests.support.tcp_proxy import ProxyProcess
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    redis_cluster = start_cluster(tmp_path_factory.mktemp("chaos-cluster"))
+    yield redis_cluster
+    redis_cluster.stop()
+
+
+# ---------------------------------------------------------------------------------------------- 1
+
+
+async def test_an_aborted_v1_client_resumes_on_the_other_node_with_its_state_and_every_send_once(
+    tmp_path: Path,
+) -> None:
+    env = node_env(REDIS)
+    a, b = two_nodes(tmp_path, env)
+    async with util_of(env) as util:
+        first = await V1.open(a.port, "groups=h-main")  # a guest in h-main
+        old = first.client_id
+        assert old.startswith("node-a.") and list(first.positions) == ["group:h-main"]
+        # ServerUtil gives it a second history group, a flag and a session after it connected
+        assert await util.join_group(old, "h-second") is True
+        joined = await first.frame()
+        assert joined["type"] == "joined" and joined["stream"] == "group:h-second"
+        assert await util.bind(old, "ann") is True
+        await util.set_session(old, {"plan": "gold", "n": 7})
+        for n in range(3):
+            await util.send_to_group("h-main", {"before": n})
+        assert [(await first.frame())["data"] for _ in range(3)] == [{"before": n} for n in range(3)]
+        await util.send_to_group("h-second", "second before")
+        assert (await first.frame())["data"] == "second before"
+        token, positions = first.token, {s: list(p) for s, p in first.positions.items()}
+        assert positions == {
+            "group:h-main": [positions["group:h-main"][0], 3],
+            "group:h-second": [positions["group:h-second"][0], 1],
+        }
+
+        first.abort()
+        for n in range(50):  # while it is away
+            await util.send_to_group("h-main", {"n": n})
+        for n in range(3):
+            await util.send_to_group("h-second", {"s": n})
+        assert await util.exists(old) is False  # node-a saw it go
+
+        # back on node-b, admitted as the user the flag names (the app's login), in no group
+        second = await V1.open(b.port, "user=ann")
+        new = second.client_id
+        assert new.startswith("node-b.") and second.welcome["streams"] == {}
+        await second.resume(token, positions)
+        frames = []
+        while (frame := await second.frame())["type"] != "resumed":
+            frames.append(frame)
+        assert all(f["type"] == "message" for f in frames), frames
+        main = [f for f in frames if "group:h-main" in f["streams"]]
+        other = [f for f in frames if "group:h-second" in f["streams"]]
+        assert len(main) + len(other) == len(frames) == 53  # each once
+        assert [f["data"] for f in main] == [{"n": n} for n in range(50)]  # all 50, in order
+        assert [f["streams"] for f in main] == [{"group:h-main": 4 + n} for n in range(50)]
+        assert [f["data"] for f in other] == [{"s": n} for n in range(3)]
+        assert [f["streams"] for f in other] == [{"group:h-second": 2 + n} for n in range(3)]
+        assert frame == {
+            "type": "resumed",
+            "recovered": True,
+            "streams": {
+                "group:h-main": {"recovered": True, "epoch": positions["group:h-main"][0], "offset": 53},
+                "group:h-second": {"recovered": True, "epoch": positions["group:h-second"][0], "offset": 4},
+            },
+        }
+
+        # its groups, flag and session are back, under its new client id
+        assert await util.get_flag(new) == "ann"
+        assert await util.get_client_ids_by_flag("ann") == [new]
+        assert await util.is_in_group(new, "h-main") and await util.is_in_group(new, "h-second")
+        assert await util.get_session(new) == {"plan": "gold", "n": 7}
+        assert await util.get_group_client_ids("h-main") == [new]
+
+        # then live sends, once each
+        for n in range(50, 60):
+            await util.send_to_group("h-main", {"n": n})
+        await util.send_by_flag("ann", "to ann")
+        await util.send_to_group(["h-main", "h-second"], "to both")
+        live = [await second.frame() for _ in range(12)]
+        assert [f["data"] for f in live] == [{"n": n} for n in range(50, 60)] + ["to ann", "to both"]
+        assert [f.get("streams") for f in live[:10]] == [{"group:h-main": 54 + i} for i in range(10)]
+        assert live[10] == {"type": "message", "data": "to ann"}  # flag:ann is not a history stream
+        assert live[11]["streams"] == {"group:h-main": 64, "group:h-second": 5}  # one copy, both offsets
+        await second.nothing_more()
+        await second.ws.close()
+    assert a.terminate() == 0 and b.terminate() == 0
+
+
+# ---------------------------------------------------------------------------------------------- 2
+
+#: v1 clients on the node that is killed, and the history groups they are spread over
+CLIENTS = 500
+GROUPS = 10
+
+
+def mark_resumed(got: list[Any]) -> Callable[[Resumed], None]:
+    """An ``on_resumed`` that notes the resume among the deliveries (it is called in order with them)."""
+    return lambda resumed: got.append(("resumed", resumed.recovered))
+
+
+@dataclass
+class Fleet:
+    """``count`` fanout.client.Client instances (``user=u<i>``, in group ``h-<i % GROUPS>``), each with
+    a reader task keeping every delivery in ``got[i]``."""
+
+    clients: list[Client]
+    got: list[list[Any]]
+    readers: list[asyncio.Task[None]]
+
+    @classmethod
+    async def connect(cls, count: int, ports: list[int]) -> Fleet:
+        got: list[list[Any]] = [[] for _ in range(count)]
+        clients = [
+            Client(
+                [f"ws://127.0.0.1:{port}/?user=u{i}&groups=h-{i % GROUPS}" for port in ports],
+                backoff=(0.05, 1.0),
+                open_timeout=scaled(20),
+                on_resumed=mark_resumed(got[i]),
+            )
+            for i in range(count)
+        ]
+        for start in range(0, count, 50):  # 50 handshakes at a time
+            await asyncio.wait_for(
+                asyncio.gather(*(c.connect() for c in clients[start : start + 50])), scaled(30)
+            )
+
+        async def read(i: int) -> None:
+            async for message in clients[i]:
+                got[i].append(message)
+
+        return cls(clients, got, [asyncio.create_task(read(i)) for i in range(count)])
+
+    def messages(self, i: int) -> list[Any]:
+        return [m for m in self.got[i] if not isinstance(m, tuple)]
+
+    def have(self, sent: list[int]) -> bool:
+        """Whether every client has as many deliveries as were sent to its group."""
+        return all(len(self.messages(i)) >= sent[i % GROUPS] for i in range(len(self.clients)))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+CASES = [
+    pytest.param("redis", "routing", id="redis-routing"),
+    pytest.param("cluster", "routing", id="cluster-routing"),
+    pytest.param("amqp", "routing", id="amqp-routing"),
+    pytest.param("redis", "fanout", id="redis-fanout"),
+]
+
+
+@pytest.mark.parametrize(("broker", "mode"), CASES)
+async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and_repeats_nothing(
+    tmp_path: Path, request: pytest.FixtureRequest, broker: str, mode: str
+) -> None:
+    if broker == "cluster":
+        cluster_url: str = request.getfixturevalue("cluster").url
+        env = node_env(cluster_url, FANOUT_MODE=mode)
+    elif broker == "amqp":
+        env = node_env(AMQP, FANOUT_MODE=mode, FANOUT_HISTORY_URL=REDIS)
+    else:
+        env = node_env(REDIS, FANOUT_MODE=mode)
+    a, b = two_nodes(tmp_path, env)
+    fleet = await Fleet.connect(CLIENTS, [a.port, b.port])
+    sent = [0] * GROUPS
+    stop = asyncio.Event()
+    try:
+        assert {c.node_id for c in fleet.clients} == {"node-a"} and all(c.v1 for c in fleet.clients)
+
+        async with util_of(env) as util:
+
+            async def publish() -> None:
+                """Sends numbered per group, a round over every group at a time, until told to stop."""
+                while not stop.is_set():
+                    for g in range(GROUPS):
+                        await util.send_to_group(f"h-{g}", {"g": g, "n": sent[g]})
+                        sent[g] += 1
+                    await asyncio.sleep(0.02)
+
+            publishing = asyncio.create_task(publish())
+            await until(lambda: sent[0] >= 10 and fleet.have([10] * GROUPS), 30, "the first sends")
+            at_kill = sent[0]
+            a.kill()  # SIGKILL, with the sends going on
+            await until(
+                lambda: all(c.resumed is not None for c in fleet.clients) or publishing.done(),
+                60,
+                "every client resumed",
+                every=0.2,
+            )
+            at_resume = sent[0]
+            assert at_resume > at_kill  # sends went on while the clients were away
+            await until(lambda: sent[0] >= at_resume + 10 or publishing.done(), 30, "later sends")
+            stop.set()
+            await publishing  # (raises what the publisher raised)
+        await until(lambda: fleet.have(sent), 60, "every send delivered", every=0.2)
+        await asyncio.sleep(scaled(0.5))  # anything more (a duplicate) would arrive meanwhile
+
+        wrong = []
+        for i, client in enumerate(fleet.clients):
+            g = i % GROUPS
+            if fleet.messages(i) != [{"g": g, "n": n} for n in range(sent[g])]:
+                ns = [m.get("n") if isinstance(m, dict) else m for m in fleet.got[i]]
+                wrong.append((i, f"{client.duplicates} dropped as duplicates, got {ns}"))
+            if (
+                client.resumed is None
+                or client.resumed.recovered is not True
+                or client.node_id != "node-b"
+                or client.connections != 2
+            ):
+                wrong.append(
+                    (
+                        i,
+                        f"resumed {client.resumed}, on {client.node_id}, {client.connections} connections, "
+                        f"last close {client.close_code} {client.close_reason}",
+                    )
+                )
+        assert not wrong, f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n{b.log()[-3000:]}"
+    finally:
+        stop.set()
+        await fleet.close()
+    assert b.terminate() == 0
+
+
+async def test_v1_clients_admitted_into_a_busy_history_group_get_the_welcome_first_then_offsets_only(
+    tmp_path: Path,
+) -> None:
+    """Clients that come back (resume) while sends flood the group their admission puts them in: the
+    welcome comes first, and every delivery of a history send carries its offset - or the client could not
+    tell a replayed copy from it. Taken as docs/continuity.md says a client must (the messages of a resumed
+    stream held until ``resumed``, then handed in offset order, each once; later ones only if newer), every
+    send arrives once, in order, across the two connections."""
+    env = node_env(REDIS, FANOUT_HISTORY_SIZE="10000")  # nothing trimmed: every resume recovers
+    a, b = two_nodes(tmp_path, env)
+    stop = asyncio.Event()
+    sent = 0
+    async with util_of(env) as util:
+
+        async def flood() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                await asyncio.gather(*(util.send_to_group("h-busy", {"n": sent + k}) for k in range(2)))
+                sent += 2
+                await asyncio.sleep(0.005)
+
+        flooding = asyncio.create_task(flood())
+        try:
+            for _ in range(20):
+                first = await V1.open(a.port, "user=ann&groups=h-busy")
+                seen = [(await first.frame())["data"]["n"] for _ in range(10)]
+                token, positions = first.token, {s: list(p) for s, p in first.positions.items()}
+                first.abort()
+                # back on the other node, admitted into the group again while the sends go on
+                ws = await connect(
+                    f"ws://127.0.0.1:{b.port}/?user=ann&groups=h-busy",
+                    subprotocols=["fanout.v1"],  # type: ignore[list-item]
+                )
+                welcome = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+                assert welcome["type"] == "welcome", f"{welcome} before the welcome"
+                second = V1(ws, welcome)
+                await second.resume(token, positions)
+                held = []
+                while (frame := await second.frame())["type"] != "resumed":
+                    held.append(frame)
+                assert frame["recovered"] is True, frame
+                later = [await second.frame() for _ in range(10)]
+                untracked = [f for f in held + later if "group:h-busy" not in f.get("streams", {})]
+                assert not untracked, untracked
+                # what the application is handed
+                by_offset = {f["streams"]["group:h-busy"]: f["data"]["n"] for f in held}
+                handed = [by_offset[offset] for offset in sorted(by_offset)]
+                top = max(by_offset, default=positions["group:h-busy"][1])
+                handed += [f["data"]["n"] for f in later if f["streams"]["group:h-busy"] > top]
+                assert seen + handed == list(range(seen[0], seen[0] + len(seen) + len(handed))), (
+                    seen,
+                    positions,
+                    welcome,
+                    held,
+                    later,
+                )
+                await ws.close()
+        finally:
+            stop.set()
+            await flooding
+
+
+# ---------------------------------------------------------------------------------------------- 3
+
+
+@pytest.mark.parametrize("mode", ["routing", "fanout"])
+async def test_a_node_cut_from_its_broker_while_sends_go_on_gives_every_member_every_send_once(
+    tmp_path: Path, mode: str
+) -> None:
+    """The node reaches Redis through a TCP proxy that is cut (both ends aborted, new connections refused)
+    and restored; Redis keeps running and the publisher, connected directly, keeps sending. Once the node is
+    healthy again its raw and fanout.v1 members of history groups have had every send, in order, once: it
+    read the gap back from the store (positioning), pub/sub having dropped it."""
+    env = node_env(REDIS, FANOUT_MODE=mode)
+    with ProxyProcess(target="127.0.0.1:6379") as proxy:
+        node = start_node(
+            tmp_path,
+            {**env, "FANOUT_URL": f"redis://127.0.0.1:{proxy.port}/0", "FANOUT_NODE_ID": "cut"},
+            app=STREAMS,
+        )
+        queries = ["groups=h-one", "groups=h-one", "groups=h-one,h-two", "groups=h-two"]
+        raws = []
+        for query in queries:
+            ws = await connect(f"ws://127.0.0.1:{node.port}/?{query}")
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), scaled(10)))["type"] == "welcome"
+            raws.append(ws)
+        v1s = [await V1.open(node.port, query) for query in queries]
+        wanted = [{"h-one"}, {"h-one"}, {"h-one", "h-two"}, {"h-two"}]
+        sent = {"h-one": 0, "h-two": 0}
+        stop = asyncio.Event()
+        async with util_of(env) as util:
+
+            async def publish() -> None:
+                while not stop.is_set():
+                    for group in ("h-one", "h-two"):
+                        await util.send_to_group(group, {"g": group, "n": sent[group]})
+                        sent[group] += 1
+                    await asyncio.sleep(0.01)
+
+            publishing = asyncio.create_task(publish())
+            try:
+                await until(lambda: sent["h-two"] >= 20, 30, "the first sends")
+                proxy.cut()
+                await asyncio.to_thread(node.wait_healthy, 20, False)
+                at_cut = sent["h-two"]
+                await until(lambda: sent["h-two"] >= at_cut + 50, 30, "sends while the node is cut off")
+                proxy.restore()
+                await asyncio.to_thread(node.wait_healthy, 30)
+                at_restore = sent["h-two"]
+                await until(lambda: sent["h-two"] >= at_restore + 20, 30, "sends after the outage")
+            finally:
+                stop.set()
+                await publishing
+        # (routing mode: the node heard nothing while cut off; the store is where the gap was read)
+        assert at_restore > at_cut
+
+        async def everything(i: int, v1: bool) -> list[Any]:
+            total = sum(sent[g] for g in wanted[i])
+            if v1:
+                return [await v1s[i].frame() for _ in range(total)]
+            return [orjson.loads(await asyncio.wait_for(raws[i].recv(), scaled(20))) for _ in range(total)]
+
+        for i in range(len(queries)):
+            raw, enveloped = await everything(i, False), await everything(i, True)
+            for group in wanted[i]:
+                expected = [{"g": group, "n": n} for n in range(sent[group])]
+                assert [m for m in raw if m["g"] == group] == expected, (i, group)
+                assert [f["data"] for f in enveloped if f["data"]["g"] == group] == expected, (i, group)
+                offsets = [f["streams"][f"group:{group}"] for f in enveloped if f["data"]["g"] == group]
+                assert offsets == list(range(1, sent[group] + 1))
+            await v1s[i].nothing_more(0.2)
+            with contextlib.suppress(TimeoutError):
+                extra = await asyncio.wait_for(raws[i].recv(), 0.2)
+                raise AssertionError(f"raw client {i} got {extra!r} more")
+        samples = await metrics(node.port)
+        assert samples["fanout_history_reads_total"] >= 1, samples
+        for ws in raws:
+            await ws.close()
+        for client in v1s:
+            await client.ws.close()
+        assert node.terminate() == 0
+
+
+async def test_a_connection_that_lived_through_a_store_restart_can_still_resume(tmp_path: Path) -> None:
+    """Redis (backend and store) restarts without its data while a v1 connection stays open: its resume
+    record is gone with the rest, and must be written again (as its state changes, and while it lives),
+    or the connection, dropped later, could never resume."""
+    server = start_redis(tmp_path / "redis")
+    try:
+        env = node_env(server.url)
+        a, b = two_nodes(tmp_path, env)
+        async with util_of(env) as util:
+            erin = await V1.open(a.port, "user=erin")  # in no history stream: nothing closes it (3010)
+            server.kill()
+            server.restart()  # the same port, no data
+            await asyncio.to_thread(a.wait_healthy, 30)
+            await asyncio.to_thread(b.wait_healthy, 30)
+            for _ in range(50):  # the publisher's link comes back too
+                with contextlib.suppress(FanoutError):
+                    assert await util.join_group(erin.client_id, "room") is True
+                    break
+                await asyncio.sleep(0.1)
+            await util.set_session(erin.client_id, {"cart": 3})
+            await asyncio.sleep(0.3)  # (the record is written after the change is applied)
+            token, positions = erin.snapshot()
+            erin.abort()
+            back = await V1.open(b.port, "user=erin")
+            await back.resume(token, positions)
+            assert await back.frame() == {"type": "resumed", "recovered": True, "streams": {}}
+            assert await util.is_in_group(back.client_id, "room")
+            assert await util.get_session(back.client_id) == {"cart": 3}
+            await back.ws.close()
+    finally:
+        server.stop()
