@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 from redis.crc import key_slot
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from fanout import FanoutError, Settings, naming, protocol
 from fanout.backends.store import StoredSend
@@ -154,12 +154,27 @@ def mark_resumed(got: list[Any]) -> Callable[[Resumed], None]:
     return lambda resumed: got.append(("resumed", resumed.recovered))
 
 
+class TracedClient(Client):
+    """A Client that keeps every frame it read (a failure shows what the node sent)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frames: list[str | bytes] = []
+
+    async def _v1_frame(self, ws: ClientConnection, text: str | bytes) -> None:
+        self.frames.append(text)
+        await super()._v1_frame(ws, text)
+
+    def trace(self) -> str:
+        return "\n".join(f if isinstance(f, str) else repr(f) for f in self.frames[-80:])
+
+
 @dataclass
 class Fleet:
     """``count`` fanout.client.Client instances (``user=u<i>``, in group ``h-<i % GROUPS>``), each with
     a reader task keeping every delivery in ``got[i]``."""
 
-    clients: list[Client]
+    clients: list[TracedClient]
     got: list[list[Any]]
     readers: list[asyncio.Task[None]]
 
@@ -172,7 +187,7 @@ class Fleet:
         got: list[list[Any]] = [[] for _ in range(count)]
         groups = groups or (lambda i: f"h-{i % GROUPS}")
         clients = [
-            Client(
+            TracedClient(
                 [f"ws://127.0.0.1:{port}/?user=u{i}&groups={groups(i)}" for port in ports(i)],
                 backoff=(0.05, 1.0),
                 open_timeout=scaled(20),
@@ -286,7 +301,10 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
                         f"last close {client.close_code} {client.close_reason}",
                     )
                 )
-        assert not wrong, f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n{b.log()[-2000:]}"
+        assert not wrong, (
+            f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n"
+            f"{fleet.clients[wrong[0][0]].trace()}\n{b.log()[-2000:]}"
+        )
     finally:
         stop.set()
         await fleet.close()
@@ -412,7 +430,8 @@ async def test_a_node_cut_from_its_broker_while_sends_go_on_gives_every_member_e
 
         async def everything(i: int, v1: bool) -> list[Any]:
             """What the client has, once it has as many as were sent to it or nothing came for a while."""
-            total, got = sum(sent[g] for g in wanted[i]), []
+            total = sum(sent[g] for g in wanted[i])
+            got: list[Any] = []
             with contextlib.suppress(TimeoutError):
                 while len(got) < total:
                     if v1:
@@ -545,7 +564,9 @@ async def test_sends_to_several_groups_reach_each_client_once_across_a_sigkilled
                     wrong.append((i, f"h-{g} out of order: {mine}"))
             if fleet.got[i].count(("resumed", True)) != 1 or client.node_id != "node-b":
                 wrong.append((i, f"resumed {client.resumed} on {client.node_id}"))
-        assert not wrong, f"{len(wrong)} clients wrong, e.g. {wrong[:5]}"
+        assert not wrong, (
+            f"{len(wrong)} clients wrong, e.g. {wrong[:5]}\n{fleet.clients[wrong[0][0]].trace()}"
+        )
     finally:
         stop.set()
         await fleet.close()
