@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
@@ -203,6 +203,31 @@ class Replayed:
     json: bool
     offsets: dict[str, int]
     exclude: tuple[str, ...]
+
+
+def cut_replay(pages: Mapping[str, Page], tops: Mapping[str, int]) -> tuple[dict[str, Page], dict[str, int]]:
+    """The pages of a resume's replay, each cut before its first send that was appended after another
+    stream of the resume was read; and each stream's offset up to which the replay goes.
+
+    The pages are read one after the other, so a later one may hold a send to two of the connection's
+    streams that an earlier one (``tops``: each stream's offset when it was read, replayed or not) does not
+    have. Replayed, it would carry only the later stream's offset, and its live copy (held while the
+    connection resumes) would then bring it a second time with the other's. Cut, it and what follows it in
+    its stream reach the connection live, after the replay, once, with all their offsets (they were
+    appended after the connection was in those streams)."""
+    kept = {stream: list(page.entries) for stream, page in pages.items()}
+    tops = dict(tops)
+    cut = True
+    while cut:
+        cut = False
+        for stream, entries in kept.items():
+            for i, entry in enumerate(entries):
+                if any(other in tops and offset > tops[other] for other, offset in entry.positions.items()):
+                    del entries[i:]
+                    tops[stream] = entry.offset - 1
+                    cut = True
+                    break
+    return {s: replace(page, entries=tuple(kept[s])) for s, page in pages.items()}, tops
 
 
 def merge_replay(pages: Mapping[str, Page]) -> list[Replayed]:

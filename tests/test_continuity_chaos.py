@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +20,36 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.asyncio.client import connect
+from redis.crc import key_slot
+from websockets.asyncio.client import ClientConnection, connect
 
-from fanout import FanoutError
+from fanout import FanoutError, Settings, naming, protocol
+from fanout.backends.store import StoredSend
+from fanout.backends.store_redis import RedisStore
 from fanout.client import Client, Resumed
+from fanout.commands import Send, Target
+from fanout.history import new_send_id
 from tests.support import scaled
-from tests.support.continuity import AMQP, REDIS, STREAMS, V1, node_env, two_nodes, until, util_of
+from tests.support.continuity import (
+    AMQP,
+    REDIS,
+    STREAMS,
+    V1,
+    forgetting,
+    node_env,
+    two_nodes,
+    until,
+    until_gone,
+    util_of,
+)
 from tests.support.nodes import metrics, start_node
 from tests.support.redis_servers import RedisCluster, start_cluster, start_redis
 from tests.support.tcp_proxy import ProxyProcess
+
+
+@pytest.fixture(autouse=True)
+def _forget_namespaces() -> Iterator[None]:
+    yield from forgetting()
 
 
 @pytest.fixture(scope="module")
@@ -131,21 +154,41 @@ def mark_resumed(got: list[Any]) -> Callable[[Resumed], None]:
     return lambda resumed: got.append(("resumed", resumed.recovered))
 
 
+class TracedClient(Client):
+    """A Client that keeps every frame it read (a failure shows what the node sent)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frames: list[str | bytes] = []
+
+    async def _v1_frame(self, ws: ClientConnection, text: str | bytes) -> None:
+        self.frames.append(text)
+        await super()._v1_frame(ws, text)
+
+    def trace(self) -> str:
+        return "\n".join(f if isinstance(f, str) else repr(f) for f in self.frames[-80:])
+
+
 @dataclass
 class Fleet:
     """``count`` fanout.client.Client instances (``user=u<i>``, in group ``h-<i % GROUPS>``), each with
     a reader task keeping every delivery in ``got[i]``."""
 
-    clients: list[Client]
+    clients: list[TracedClient]
     got: list[list[Any]]
     readers: list[asyncio.Task[None]]
 
     @classmethod
-    async def connect(cls, count: int, ports: list[int]) -> Fleet:
+    async def connect(
+        cls, count: int, ports: Callable[[int], list[int]], groups: Callable[[int], str] | None = None
+    ) -> Fleet:
+        """``ports(i)``: the nodes of client ``i``, in the order it tries them; ``groups(i)``: its groups
+        (``h-<i % GROUPS>``)."""
         got: list[list[Any]] = [[] for _ in range(count)]
+        groups = groups or (lambda i: f"h-{i % GROUPS}")
         clients = [
-            Client(
-                [f"ws://127.0.0.1:{port}/?user=u{i}&groups=h-{i % GROUPS}" for port in ports],
+            TracedClient(
+                [f"ws://127.0.0.1:{port}/?user=u{i}&groups={groups(i)}" for port in ports(i)],
                 backoff=(0.05, 1.0),
                 open_timeout=scaled(20),
                 on_resumed=mark_resumed(got[i]),
@@ -187,19 +230,28 @@ CASES = [
 async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and_repeats_nothing(
     tmp_path: Path, request: pytest.FixtureRequest, broker: str, mode: str
 ) -> None:
+    """500 fanout.client.Client instances on node-a, 50 in each of 10 history groups; a publisher sends
+    to every group in turn (numbered per group) and goes on while node-a is SIGKILLed and its clients come
+    back on node-b and node-c; at the end each client has had every send to its group once, in order,
+    with one ``resumed`` (recovered) in between."""
+    # (a history big enough for any reconnection storm this machine may take: the point is 0 lost)
+    history = {"FANOUT_MODE": mode, "FANOUT_HISTORY_SIZE": "1000"}
     if broker == "cluster":
         cluster_url: str = request.getfixturevalue("cluster").url
-        env = node_env(cluster_url, FANOUT_MODE=mode)
+        env = node_env(cluster_url, **history)
     elif broker == "amqp":
-        env = node_env(AMQP, FANOUT_MODE=mode, FANOUT_HISTORY_URL=REDIS)
+        env = node_env(AMQP, FANOUT_HISTORY_URL=REDIS, **history)
     else:
-        env = node_env(REDIS, FANOUT_MODE=mode)
+        env = node_env(REDIS, **history)
     a, b = two_nodes(tmp_path, env)
-    fleet = await Fleet.connect(CLIENTS, [a.port, b.port])
+    c = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "node-c"}, app=STREAMS)
+    # every client starts on node-a; half of them know node-b next, the other half node-c
+    fleet = await Fleet.connect(CLIENTS, lambda i: [a.port, (b, c)[i % 2].port])
     sent = [0] * GROUPS
     stop = asyncio.Event()
     try:
-        assert {c.node_id for c in fleet.clients} == {"node-a"} and all(c.v1 for c in fleet.clients)
+        assert {client.node_id for client in fleet.clients} == {"node-a"}
+        assert all(client.v1 for client in fleet.clients)
 
         async with util_of(env) as util:
 
@@ -216,7 +268,7 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
             at_kill = sent[0]
             a.kill()  # SIGKILL, with the sends going on
             await until(
-                lambda: all(c.resumed is not None for c in fleet.clients) or publishing.done(),
+                lambda: all(client.resumed is not None for client in fleet.clients) or publishing.done(),
                 60,
                 "every client resumed",
                 every=0.2,
@@ -236,9 +288,10 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
                 ns = [m.get("n") if isinstance(m, dict) else m for m in fleet.got[i]]
                 wrong.append((i, f"{client.duplicates} dropped as duplicates, got {ns}"))
             if (
-                client.resumed is None
+                fleet.got[i].count(("resumed", True)) != 1
+                or client.resumed is None
                 or client.resumed.recovered is not True
-                or client.node_id != "node-b"
+                or client.node_id != ("node-b", "node-c")[i % 2]
                 or client.connections != 2
             ):
                 wrong.append(
@@ -248,11 +301,14 @@ async def test_a_node_sigkilled_under_its_v1_clients_while_sends_go_on_loses_and
                         f"last close {client.close_code} {client.close_reason}",
                     )
                 )
-        assert not wrong, f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n{b.log()[-3000:]}"
+        assert not wrong, (
+            f"{len(wrong)} clients wrong, e.g. {wrong[:5]} (sent {sent})\n"
+            f"{fleet.clients[wrong[0][0]].trace()}\n{b.log()[-2000:]}"
+        )
     finally:
         stop.set()
         await fleet.close()
-    assert b.terminate() == 0
+    assert b.terminate() == 0 and c.terminate() == 0
 
 
 async def test_v1_clients_admitted_into_a_busy_history_group_get_the_welcome_first_then_offsets_only(
@@ -328,7 +384,8 @@ async def test_a_node_cut_from_its_broker_while_sends_go_on_gives_every_member_e
     and restored; Redis keeps running and the publisher, connected directly, keeps sending. Once the node is
     healthy again its raw and fanout.v1 members of history groups have had every send, in order, once: it
     read the gap back from the store (positioning), pub/sub having dropped it."""
-    env = node_env(REDIS, FANOUT_MODE=mode)
+    # (a history that holds any outage this machine may take: the point is the gap read back, not its size)
+    env = node_env(REDIS, FANOUT_MODE=mode, FANOUT_HISTORY_SIZE="10000")
     with ProxyProcess(target="127.0.0.1:6379") as proxy:
         node = start_node(
             tmp_path,
@@ -372,17 +429,33 @@ async def test_a_node_cut_from_its_broker_while_sends_go_on_gives_every_member_e
         assert at_restore > at_cut
 
         async def everything(i: int, v1: bool) -> list[Any]:
+            """What the client has, once it has as many as were sent to it or nothing came for a while."""
             total = sum(sent[g] for g in wanted[i])
-            if v1:
-                return [await v1s[i].frame() for _ in range(total)]
-            return [orjson.loads(await asyncio.wait_for(raws[i].recv(), scaled(20))) for _ in range(total)]
+            got: list[Any] = []
+            with contextlib.suppress(TimeoutError):
+                while len(got) < total:
+                    if v1:
+                        got.append(await v1s[i].frame(20))
+                    else:
+                        got.append(orjson.loads(await asyncio.wait_for(raws[i].recv(), scaled(20))))
+            return got
+
+        def told(got: list[Any], group: str) -> str:
+            ns = [m["n"] for m in got if m["g"] == group]
+            missing = sorted(set(range(sent[group])) - set(ns))
+            return f"{group}: {len(ns)} of {sent[group]}, missing {missing}, cut at {at_cut}-{at_restore}"
 
         for i in range(len(queries)):
             raw, enveloped = await everything(i, False), await everything(i, True)
             for group in wanted[i]:
                 expected = [{"g": group, "n": n} for n in range(sent[group])]
-                assert [m for m in raw if m["g"] == group] == expected, (i, group)
-                assert [f["data"] for f in enveloped if f["data"]["g"] == group] == expected, (i, group)
+                assert [m for m in raw if m["g"] == group] == expected, (
+                    i,
+                    told(raw, group),
+                    node.log()[-2000:],
+                )
+                data = [f["data"] for f in enveloped]
+                assert [m for m in data if m["g"] == group] == expected, (i, told(data, group))
                 offsets = [f["streams"][f"group:{group}"] for f in enveloped if f["data"]["g"] == group]
                 assert offsets == list(range(1, sent[group] + 1))
             await v1s[i].nothing_more(0.2)
@@ -429,3 +502,125 @@ async def test_a_connection_that_lived_through_a_store_restart_can_still_resume(
             await back.ws.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("broker", ["redis", "cluster"])
+async def test_sends_to_several_groups_reach_each_client_once_across_a_sigkilled_node(
+    tmp_path: Path, request: pytest.FixtureRequest, broker: str
+) -> None:
+    """The same storm, with sends that go to two groups at once and clients in two groups (on Redis
+    Cluster the groups' streams are in different slots: offsets reserved slot by slot, then appended):
+    one copy per connection holds live and in the replay; per group, in order."""
+    url = request.getfixturevalue("cluster").url if broker == "cluster" else REDIS
+    env = node_env(url, FANOUT_HISTORY_SIZE="1000")
+    a, b = two_nodes(tmp_path, env)
+    count = 200
+    # client i: in h-<i % 10> and h-<(i // 10) % 10>, the same group twice for some
+    pairs = [{i % GROUPS, (i // GROUPS) % GROUPS} for i in range(count)]
+    fleet = await Fleet.connect(
+        count, lambda i: [a.port, b.port], lambda i: ",".join(f"h-{g}" for g in sorted(pairs[i]))
+    )
+    sends: list[set[int]] = []  # the groups of send k
+    stop = asyncio.Event()
+    try:
+        async with util_of(env) as util:
+
+            async def publish() -> None:
+                while not stop.is_set():
+                    for g in range(GROUPS):
+                        to = {g, (g + 3) % GROUPS}
+                        await util.send_to_group([f"h-{x}" for x in sorted(to)], {"k": len(sends)})
+                        sends.append(to)
+                    await asyncio.sleep(0.02)
+
+            def wanted(i: int) -> list[int]:
+                return [k for k, to in enumerate(sends) if to & pairs[i]]
+
+            def have() -> bool:
+                return all(len(fleet.messages(i)) >= len(wanted(i)) for i in range(count))
+
+            publishing = asyncio.create_task(publish())
+            await until(lambda: len(sends) >= 50 and have(), 30, "the first sends")
+            a.kill()
+            await until(lambda: all(c.resumed for c in fleet.clients) or publishing.done(), 60, "resumes")
+            at_resume = len(sends)
+            await until(lambda: len(sends) >= at_resume + 50 or publishing.done(), 30, "later sends")
+            stop.set()
+            await publishing
+        with contextlib.suppress(AssertionError):  # (what is missing is told below)
+            await until(have, 60, "every send delivered", every=0.2)
+        await asyncio.sleep(scaled(0.5))
+
+        wrong = []
+        for i, client in enumerate(fleet.clients):
+            ks = [m["k"] for m in fleet.messages(i)]
+            if sorted(ks) != wanted(i):  # each once
+                missing = sorted(set(wanted(i)) - set(ks))
+                twice = len(ks) - len(set(ks))
+                wrong.append((i, f"{len(ks)} got, {twice} twice, {len(wanted(i))} sent, missing {missing}"))
+            for g in pairs[i]:  # in order in each of its streams
+                mine = [k for k in ks if g in sends[k]]
+                if mine != sorted(mine):
+                    wrong.append((i, f"h-{g} out of order: {mine}"))
+            if fleet.got[i].count(("resumed", True)) != 1 or client.node_id != "node-b":
+                wrong.append((i, f"resumed {client.resumed} on {client.node_id}"))
+        assert not wrong, (
+            f"{len(wrong)} clients wrong, e.g. {wrong[:5]}\n{fleet.clients[wrong[0][0]].trace()}"
+        )
+    finally:
+        stop.set()
+        await fleet.close()
+    assert b.terminate() == 0
+
+
+async def test_a_resume_waits_for_an_offset_taken_but_not_written_yet(
+    tmp_path: Path, cluster: RedisCluster
+) -> None:
+    """Redis Cluster, a send to two groups whose streams are in different slots: its offsets are taken
+    (phase 1) when a client resumes; the node starts tracking the streams at those offsets, so the send's
+    live copy will not reach the client: the replay must have it. The resume reads the stream again
+    until the entry is written (phase 2, a moment later), not replay without it."""
+    env = node_env(cluster.url)
+    node = start_node(tmp_path, {**env, "FANOUT_NODE_ID": "solo"}, app=STREAMS)
+    settings = Settings.from_env(env)
+    store = RedisStore(settings, url=cluster.url, publishes=True)
+    await store.connect()
+    groups = next(
+        (x, y)
+        for x, y in itertools.combinations([f"h-{n}" for n in range(20)], 2)
+        if store._slot_of(f"group:{x}") != store._slot_of(f"group:{y}")
+    )
+    try:
+        async with util_of(env) as util:
+            ann = await V1.open(node.port, f"user=ann&groups={','.join(groups)}")
+            await util.send_to_group(list(groups), "one")
+            assert (await ann.frame())["streams"] == {f"group:{g}": 1 for g in groups}
+            token, positions = ann.snapshot()
+            ann.abort()
+            await until_gone(util, ann.client_id)
+
+            streams = [f"group:{g}" for g in groups]
+            slots = {store._slot_of(stream): [stream] for stream in streams}
+            taken = await store._reserve(slots)  # phase 1: offsets 2 taken, nothing written
+            back = await V1.open(node.port, "user=ann")
+            await back.resume(token, positions)
+            await asyncio.sleep(0.1)
+            send = Send(Target.groups(*groups), orjson.dumps("two"), json=True, sid=new_send_id())
+            message = protocol.Encoder("pub", settings.namespace).encode(send, time.time())
+            items = [(naming.group(g), message) for g in groups]
+            channels = [address.channel(settings.namespace).encode() for address, _ in items]
+            stored = StoredSend(send.sid or "", send.payload, json=True)
+            await store._append_slots(slots, stored, taken, channels, items, [key_slot(c) for c in channels])
+
+            replay, resumed = await back.until_resumed()
+            later = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    later.append(await back.frame(1.0))
+            assert [f["data"] for f in replay + later] == ["two"], (replay, resumed, later)
+            assert (replay + later)[0]["streams"] == {stream: 2 for stream in streams}
+            assert resumed["recovered"] is True
+            await back.ws.close()
+    finally:
+        await store.close()
+    assert node.terminate() == 0

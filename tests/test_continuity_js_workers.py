@@ -6,15 +6,22 @@ every send once, in order, and ``onResumed`` says ``recovered: true``. Real node
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.apps.recording_worker import read_records
-from tests.support.continuity import REDIS, V1, node_env, two_nodes, until, util_of
+from tests.support.continuity import REDIS, V1, forgetting, node_env, two_nodes, until, util_of
 from tests.support.workers import start_worker
 from tests.test_js_client import browser_page, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _forget_namespaces() -> Iterator[None]:
+    yield from forgetting()
 
 
 async def test_a_resumed_connections_open_event_carries_the_old_client_id(tmp_path: Path) -> None:

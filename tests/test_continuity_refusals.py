@@ -7,15 +7,21 @@ plain fanout.v1 websocket clients (every frame checked), the admission-by-query 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from fanout import FanoutError, ServerUtil
-from tests.support.continuity import REDIS, STREAMS, V1, node_env, two_nodes, util_of
+from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, two_nodes, until_gone, util_of
 from tests.support.nodes import metrics, start_node
 from tests.support.redis_servers import start_redis
+
+
+@pytest.fixture(autouse=True)
+def _forget_namespaces() -> Iterator[None]:
+    yield from forgetting()
 
 
 async def test_not_recovered_when_more_than_the_history_was_missed_and_nothing_partial(
@@ -65,15 +71,6 @@ async def test_not_recovered_when_more_than_the_history_was_missed_and_nothing_p
         assert await back.frame() == {"type": "message", "data": "live", "streams": {"group:h-over": 8}}
         await back.nothing_more(0.3)
         await back.ws.close()
-
-
-async def until_gone(util: ServerUtil, client_id: str) -> None:
-    """Until the old connection's node has seen it go (its record then has the resume TTL)."""
-    for _ in range(100):
-        if not await util.exists(client_id):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{client_id} still exists")
 
 
 async def test_not_recovered_after_the_history_ttl(tmp_path: Path) -> None:

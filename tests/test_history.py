@@ -24,6 +24,7 @@ from fanout.history import (
     Positions,
     Replayed,
     attach_positions,
+    cut_replay,
     flag_stream,
     group_stream,
     merge_replay,
@@ -465,3 +466,30 @@ def test_random_replays_give_each_send_once_in_every_streams_order(
     for stream, page in pages.items():
         order = [r.offsets[stream] for r in replay if stream in r.offsets]
         assert order == [e.offset for e in page.entries]  # each stream's order
+
+
+def test_a_send_appended_after_another_stream_was_read_is_cut_from_the_replay() -> None:
+    # "a" read first (top 6), then "b": "late" went to both after "a" was read (its offset in a is 7)
+    pages = {
+        "group:a": _page(_entry(5, "x"), _entry(6, "both", **{"group:b": 2})),
+        "group:b": _page(
+            _entry(2, "both", **{"group:a": 6}), _entry(3, "late", **{"group:a": 7}), _entry(4, "z")
+        ),
+    }
+    cut, tops = cut_replay(pages, {"group:a": 6, "group:b": 4})
+    # "late" and what follows it in b come live (with both offsets), after the replay
+    assert tops == {"group:a": 6, "group:b": 2}
+    assert _replay(cut) == [(b"x", {"group:a": 5}), (b"both", {"group:a": 6, "group:b": 2})]
+    assert cut["group:b"].epoch == "e"
+    # a stream of the resume that is not replayed (not recovered) counts with the top it was read at
+    cut, tops = cut_replay({"group:b": pages["group:b"]}, {"group:a": 6, "group:b": 4})
+    assert tops["group:b"] == 2 and [e.sid for e in cut["group:b"].entries] == ["both"]
+    # a cut in one stream can cut another: "c" entries beyond b's new top go too
+    pages["group:c"] = _page(_entry(1, "c1"), _entry(2, "cz", **{"group:b": 4}), _entry(3, "c3"))
+    cut, tops = cut_replay(pages, {"group:a": 6, "group:b": 4, "group:c": 3})
+    assert tops == {"group:a": 6, "group:b": 2, "group:c": 1}
+    # nothing to cut: the pages as they were
+    assert cut_replay({"group:a": pages["group:a"]}, {"group:a": 6}) == (
+        {"group:a": pages["group:a"]},
+        {"group:a": 6},
+    )

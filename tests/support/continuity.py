@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ STREAMS = "tests.apps.streams:app"
 def node_env(url: str, **env: str) -> dict[str, str]:
     """A fresh namespace on ``url`` with history for ``group:h-*``; no accept/client rate limits (hundreds
     of clients connect at once)."""
+    namespace = unique_namespace("ch")
+    if REDIS in (url, env.get("FANOUT_HISTORY_URL")):
+        ON_SHARED_REDIS.append(namespace)
     return {
         "FANOUT_URL": url,
-        "FANOUT_NAMESPACE": unique_namespace("ch"),
+        "FANOUT_NAMESPACE": namespace,
         "FANOUT_HISTORY": "group:h-*",
         "FANOUT_ACCEPT_RATE": "0",
         "FANOUT_CLIENT_RATE": "0",
@@ -113,24 +116,27 @@ def two_nodes(tmp_path: Path, env: dict[str, str], app: str = STREAMS) -> tuple[
 
 @contextlib.asynccontextmanager
 async def util_of(env: dict[str, str]) -> AsyncIterator[ServerUtil]:
-    """The publisher of a test; at the end, what the test's namespace left in the shared Redis goes
-    (epochs and offsets would stay two days)."""
-    try:
-        async with publisher(env) as util:
-            yield util
-    finally:
-        if REDIS in (env.get("FANOUT_URL"), env.get("FANOUT_HISTORY_URL")):
-            await asyncio.to_thread(forget, env["FANOUT_NAMESPACE"])
+    async with publisher(env) as util:
+        yield util
 
 
-def forget(namespace: str) -> None:
+#: the namespaces node_env gave on the shared Redis (``forgetting`` deletes their keys after the test)
+ON_SHARED_REDIS: list[str] = []
+
+
+def forgetting() -> Iterator[None]:
+    """For an autouse fixture: after the test, what its namespaces left in the shared Redis goes (epochs
+    and offsets would stay two days)."""
+    before = len(ON_SHARED_REDIS)
+    yield
     import redis
 
     client = redis.Redis.from_url(REDIS)
     try:
-        keys = list(client.scan_iter(match=f"*{namespace}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        while len(ON_SHARED_REDIS) > before:
+            keys = list(client.scan_iter(match=f"*{ON_SHARED_REDIS.pop()}*", count=1000))
+            if keys:
+                client.delete(*keys)
     finally:
         client.close()
 
@@ -141,3 +147,12 @@ async def until(check: Any, timeout: float, what: str, every: float = 0.1) -> No
     while not check():
         assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
         await asyncio.sleep(every)
+
+
+async def until_gone(util: ServerUtil, client_id: str) -> None:
+    """Until the old connection's node has seen it go (its record then has the resume TTL)."""
+    for _ in range(100):
+        if not await util.exists(client_id):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{client_id} still exists")
