@@ -69,7 +69,9 @@ class Node:
         self.table: ConnectionTable[Connection] = ConnectionTable(self.instance, settings.mode)
         self.backend = create_backend(settings, inbox=self.instance)
         self.encoder = protocol.Encoder(self.instance, settings.namespace, settings.secret)
-        self.util = ServerUtil.attached(settings, self.backend, self.instance, self.encoder)
+        #: the continuity store (history, resume records), shared by the node's util and its continuity
+        self.store = create_store(settings)
+        self.util = ServerUtil.attached(settings, self.backend, self.instance, self.encoder, self.store)
         self.metrics = Metrics()
         self.receiver = Receiver(
             secret=settings.secret,
@@ -110,7 +112,7 @@ class Node:
         #: history streams, fanout.v1 envelopes, resume and positioning (node/continuity.py)
         self.continuity = Continuity(
             settings,
-            create_store(settings),
+            self.store,
             self.table,
             self.metrics,
             self.hub.spawn,
