@@ -226,6 +226,10 @@ def _ms(seconds: float) -> int:
 
 #: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
 _PACKED_STREAMS = 10_000
+#: redis-py calls of one store at once. redis-py's pools refuse a call past their ``max_connections`` (100
+#: per server since redis-py 6: MaxConnectionsError) rather than wait, so a burst - the resume records of a
+#: reconnect storm, every live record rewritten at once - waits here for its turn instead of failing
+POOL_CALLS = 50
 
 
 def _bulk(part: bytes) -> bytes:
@@ -299,6 +303,8 @@ class RedisStore(HistoryStore):
         self._closed = False
         #: at most this many cluster calls at once for one call of ours (a bulk's many streams)
         self._fanout_limit = 64
+        #: our calls through redis-py's pool at once (:data:`POOL_CALLS`)
+        self._pool_calls = asyncio.Semaphore(POOL_CALLS)
 
     # ------------------------------------------------------------------ helpers
 
@@ -317,11 +323,15 @@ class RedisStore(HistoryStore):
                 return error
         raise AssertionError("unreachable: the last row matches every Exception")
 
-    async def _bounded(self, what: str, call: Awaitable[_T]) -> _T:
-        """``call`` within ``publish_timeout``, its errors translated."""
+    async def _bounded(self, what: str, call: Awaitable[_T], pooled: bool = True) -> _T:
+        """``call`` within ``publish_timeout`` (waiting for its turn among :data:`POOL_CALLS` when it goes
+        through redis-py's pool), its errors translated."""
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                return await call
+                if not pooled:
+                    return await call
+                async with self._pool_calls:
+                    return await call
         except TimeoutError as exc:
             raise self._timed_out(what, exc) from exc
         except FanoutError:
@@ -494,7 +504,7 @@ class RedisStore(HistoryStore):
         )
         raw = self._raw
         if raw is None or not raw.alive or self._raw_lock.locked():
-            return await self._bounded("the history send", self._fast_send(command))
+            return await self._bounded("the history send", self._fast_send(command), pooled=False)
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
                 reply = await raw.send_soon(command)
