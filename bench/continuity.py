@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import re
 import resource
 import signal
 import statistics
@@ -399,7 +400,8 @@ def print_table(
             line = (
                 f"{phase.kind:>10} {name:>9}: publisher {median_of(m, 'sends_per_s'):>7,.0f} sends/s, "
                 f"{median_of(m, 'deliveries_per_s'):>8,.0f} deliveries/s, node CPU "
-                f"{median_of(m, 'node_us'):.2f} us/delivery, Redis CPU {median_of(m, 'redis_us'):.1f} us/publish"
+                f"{median_of(m, 'node_us'):.2f} us/delivery, "
+                f"Redis CPU {median_of(m, 'redis_us'):.1f} us/publish"
             )
             if phase.rate:
                 line += f", latency p50 {median_of(m, 'p50_ms'):.1f} / p99 {median_of(m, 'p99_ms'):.1f} ms"
@@ -442,10 +444,11 @@ async def bench_history(args: argparse.Namespace) -> None:
                 await cs.cluster.open_util()
                 await cs.open(gens, args.clients, v1=False)
             print(
-                f"history: {args.nodes} nodes per cluster, {args.clients} raw clients in {args.groups} groups "
-                f"per cluster ({args.processes} load generators), {args.size}-byte sends; phases: flat "
-                f"{args.messages} awaited one by one, concurrent {args.messages} from {args.concurrency} "
-                f"callers, paced {args.rate:g}/s for {args.seconds:g}s; median of {args.repeat} rounds",
+                f"history: {args.nodes} nodes per cluster, {args.clients} raw clients in {args.groups} "
+                f"groups per cluster ({args.processes} load generators), {args.size}-byte sends; phases: "
+                f"flat {args.messages} awaited one by one, concurrent {args.messages} from "
+                f"{args.concurrency} callers, paced {args.rate:g}/s for {args.seconds:g}s; "
+                f"median of {args.repeat} rounds",
                 flush=True,
             )
             await asyncio.gather(*(c.measure_idle() for c in clusters))
@@ -454,7 +457,7 @@ async def bench_history(args: argparse.Namespace) -> None:
                 + ", ".join(f"{c.name} {c.redis_idle / 1e6:.2f} ms/s" for c in clusters),
                 flush=True,
             )
-            profiler = start_profile(args, hist.pids[0])
+            profiler = start_profile(args, {"plain": plain.pids[0], "history": hist.pids[0]})
             results = await rounds(args, sets, gens)
             stop_profile(profiler)
             print_table(args, results, [("history / plain", "history", "plain")])
@@ -498,7 +501,7 @@ async def bench_envelope(args: argparse.Namespace) -> None:
             print(
                 f"Redis idle CPU (subtracted from its CPU per publish): {cluster.redis_idle / 1e6:.2f} ms/s"
             )
-            profiler = start_profile(args, cluster.pids[0])
+            profiler = start_profile(args, {"node0": cluster.pids[0]})
             results = await rounds(args, sets, gens)
             stop_profile(profiler)
             print_table(
@@ -516,23 +519,64 @@ async def bench_envelope(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- profiles
 
 
-def start_profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
-    """``py-spy record`` of one node for the whole run (``--profile FILE``: collapsed stacks)."""
+def start_profile(args: argparse.Namespace, nodes: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record`` of each of ``nodes`` (label -> pid) for the whole run, into ``--profile``
+    ``.<label>.txt`` (collapsed stacks, one line per stack with its sample count; idle time not sampled)."""
     if not args.profile:
-        return None
+        return []
     spy = Path(sys.executable).parent / "py-spy"
-    print(f"profiling node pid {pid} into {args.profile}", flush=True)
-    return subprocess.Popen(
-        [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", args.profile],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    spies = []
+    for label, pid in nodes.items():
+        out = f"{args.profile}.{label}.txt"
+        print(f"profiling node pid {pid} ({label}) into {out}", flush=True)
+        command = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+        command += ["--nonblocking", "-o", out]
+        spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
-def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
-    if profiler is not None:
-        profiler.send_signal(2)  # SIGINT: py-spy writes what it recorded
-        profiler.wait(30)
+def stop_profile(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it recorded
+    for spy in spies:
+        spy.wait(60)
+
+
+def read_profile(path: str, lines: bool = False) -> tuple[int, dict[str, int], dict[str, int]]:
+    """A py-spy collapsed-stacks file: (samples, samples by innermost frame, samples by frame anywhere);
+    a frame is a function (``lines``: a line of one)."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";") if lines else [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + n
+    return total, own, anywhere
+
+
+def print_profiles(paths: list[str], top: int, lines: bool = False) -> None:
+    """The top frames of a profile; of two (the same work, another configuration), the frames whose
+    samples grew most from the first to the second."""
+    profiles = [read_profile(p, lines) for p in paths]
+    for path, (total, own, anywhere) in zip(paths, profiles, strict=True):
+        print(f"{path}: {total} samples")
+        for title, table in (("self", own), ("inclusive", anywhere)):
+            print(f"  {title}:")
+            for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+                print(f"    {100 * n / total:5.1f}%  {frame}")
+    if len(profiles) == 2:
+        (t1, _, a1), (t2, _, a2) = profiles
+        print(f"grew most from {paths[0]} ({t1} samples) to {paths[1]} ({t2}), in samples (inclusive):")
+        grown = sorted(((a2.get(f, 0) - a1.get(f, 0), f) for f in set(a1) | set(a2)), reverse=True)
+        for diff, frame in grown[:top]:
+            print(f"    {diff:+6d}  {frame}")
 
 
 # ---------------------------------------------------------------------------------- storm
@@ -663,10 +707,10 @@ def print_storm(args: argparse.Namespace, r: dict[str, Any]) -> None:
 async def bench_storm(args: argparse.Namespace) -> None:
     limit = raise_fd_limit()
     print(
-        f"storm: {args.clients:,} clients (fanout.client.Client, backoff {args.backoff[0]:g}-{args.backoff[1]:g}s "
-        f"full jitter) over {args.processes} load generators, {args.groups} groups, publisher {args.rate:g} "
-        f"sends/s to them in turn, B and C with FANOUT_ACCEPT_RATE={args.accept_rate:g}; open files "
-        f"limit {limit}",
+        f"storm: {args.clients:,} clients (fanout.client.Client, backoff "
+        f"{args.backoff[0]:g}-{args.backoff[1]:g}s full jitter) over {args.processes} load generators, "
+        f"{args.groups} groups, publisher {args.rate:g} sends/s to them in turn, B and C with "
+        f"FANOUT_ACCEPT_RATE={args.accept_rate:g}; open files limit {limit}",
         flush=True,
     )
     results: list[dict[str, Any]] = []
@@ -711,7 +755,9 @@ def main() -> None:
         p.add_argument("--size", type=int, default=100)
         p.add_argument("--repeat", type=int, default=5)
         p.add_argument("--processes", type=int, default=2, help="load-generator processes")
-        p.add_argument("--profile", help="py-spy record one node into this file (collapsed stacks)")
+        p.add_argument(
+            "--profile", help="py-spy record the first node of each cluster into PROFILE.<cluster>.txt"
+        )
     s = sub.add_parser("storm")
     s.add_argument("--clients", type=int, default=10_000)
     s.add_argument("--processes", type=int, default=4, help="load-generator processes")
@@ -723,7 +769,14 @@ def main() -> None:
     s.add_argument("--after", type=float, default=2.0, help="seconds of sends after all are back")
     s.add_argument("--timeout", type=float, default=180.0)
     s.add_argument("--rounds", type=int, default=1, help="storms with and without recovery, alternating")
+    t = sub.add_parser("top", help="the top frames of --profile files (of two: what grew)")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--top", type=int, default=25)
+    t.add_argument("--lines", action="store_true", help="by line, not by function")
     args = parser.parse_args()
+    if args.what == "top":
+        print_profiles(args.files, args.top, args.lines)
+        return
     atexit.register(_end_everything)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

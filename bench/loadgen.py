@@ -153,7 +153,7 @@ class LoadGen:
             batch = tracked[start : start + OPEN_BATCH]
             await asyncio.gather(*(t.client.connect() for t in batch))
             if not recover:  # raw: connect() returns at the open; the welcome names the client
-                while any(t.client.client_id is None for t in batch):
+                while any(t.client.client_id is None for t in batch):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
             for t in batch:
                 t.first_id = t.client.client_id
@@ -209,8 +209,9 @@ class LoadGen:
         lost (an ``n`` it never got), got twice, and got out of order."""
         tracked = self.clients[name]
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
-            last[t.group] not in t.got[-3:] for t in tracked if t.group in last
+        while (  # noqa: ASYNC110
+            time.monotonic() < deadline
+            and any(last[t.group] not in t.got[-3:] for t in tracked if t.group in last)
         ):
             await asyncio.sleep(0.05)
         lost = dup = disorder = missing_clients = 0
