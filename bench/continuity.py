@@ -1,7 +1,7 @@
 """Continuity benchmarks (issue 17, docs/benchmarks.md "Continuity (issue 17)").
 
-    python bench/continuity.py history  --nodes 2 --clients 400 --groups 20 --messages 4000 --repeat 5
-    python bench/continuity.py envelope --nodes 2 --clients 400 --groups 20 --messages 4000 --repeat 5
+    python bench/continuity.py history  --nodes 2 --clients 400 --groups 20 --messages 10000 --repeat 7
+    python bench/continuity.py envelope --nodes 2 --clients 400 --groups 20 --messages 10000 --repeat 7
     python bench/continuity.py storm    --clients 10000 --processes 4 --groups 100 --rate 100
 
 Every run starts its own throw-away ``redis-server`` processes (no persistence, free ports; ended by their
@@ -283,7 +283,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
 
     counters_before = await node_counters(cs.cluster)
     node_before, redis_before = cpu_of(node_pids), cpu_ns(redis_pid)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.monotonic()
     if phase.concurrency > 1:
         per = phase.messages // phase.concurrency
 
@@ -307,15 +307,16 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
     answers = await asyncio.gather(
         *(g.call("wait", name=cs.name, expect=cs.expected, timeout=120) for g in gens)
     )
-    elapsed = time.perf_counter() - start
     node_cpu, redis_cpu = cpu_of(node_pids) - node_before, cpu_ns(redis_pid) - redis_before
+    window = time.perf_counter() - start
     counters = await node_counters(cs.cluster)
     counted = {k: counters[k] - counters_before[k] for k in counters}
-    redis_cpu -= cs.cluster.redis_idle * elapsed  # what it spends idle (heartbeats, its cron)
+    redis_cpu -= cs.cluster.redis_idle * window  # what it spends idle (heartbeats, its cron)
     short = sum(a["short"] for a in answers)
     extra = sum(a["extra"] for a in answers) + sum(a["bad"] for a in answers)
     if short or extra:
         raise RuntimeError(f"{cs.name} {phase.kind}: {short} deliveries missing, {extra} extra or malformed")
+    elapsed = max(a["reached_at"] for a in answers) - started  # until the last delivery
     latencies = [x for a in answers for x in a["latencies"]]
     deliveries = sum(n * cs.members[g] for g, n in counts.items())
     return {
@@ -353,6 +354,15 @@ async def node_counters(cluster: Cluster) -> dict[str, float]:
             for key in COUNTERS:
                 total[key] += samples.get(key, 0.0)
     return total
+
+
+def phases_text(args: argparse.Namespace) -> str:
+    return (
+        f"{args.processes} load generators, {args.size}-byte sends, compression "
+        f"{'on' if args.compression else 'off'}; phases: flat {args.messages} awaited one by one, "
+        f"concurrent {args.messages} from {args.concurrency} callers, paced {args.rate:g}/s for "
+        f"{args.seconds:g}s; median of {args.repeat} rounds"
+    )
 
 
 def phases_of(args: argparse.Namespace) -> list[Phase]:
@@ -434,9 +444,10 @@ async def bench_history(args: argparse.Namespace) -> None:
         clusters: list[Cluster] = []
         gens: list[LoadGen] = []
         try:
-            plain = start_cluster(Path(tmp), "plain", args.nodes, "")
+            compression = {"FANOUT_COMPRESSION": str(args.compression)}
+            plain = start_cluster(Path(tmp), "plain", args.nodes, "", **compression)
             clusters.append(plain)
-            hist = start_cluster(Path(tmp), "hist", args.nodes, "group:*")
+            hist = start_cluster(Path(tmp), "hist", args.nodes, "group:*", **compression)
             clusters.append(hist)
             gens = [await LoadGen.start() for _ in range(args.processes)]
             sets = [ClientSet("plain", plain, groups), ClientSet("history", hist, groups)]
@@ -445,10 +456,7 @@ async def bench_history(args: argparse.Namespace) -> None:
                 await cs.open(gens, args.clients, v1=False)
             print(
                 f"history: {args.nodes} nodes per cluster, {args.clients} raw clients in {args.groups} "
-                f"groups per cluster ({args.processes} load generators), {args.size}-byte sends; phases: "
-                f"flat {args.messages} awaited one by one, concurrent {args.messages} from "
-                f"{args.concurrency} callers, paced {args.rate:g}/s for {args.seconds:g}s; "
-                f"median of {args.repeat} rounds",
+                f"groups per cluster; {phases_text(args)}",
                 flush=True,
             )
             await asyncio.gather(*(c.measure_idle() for c in clusters))
@@ -476,7 +484,8 @@ async def bench_envelope(args: argparse.Namespace) -> None:
         cluster: Cluster | None = None
         gens: list[LoadGen] = []
         try:
-            cluster = start_cluster(Path(tmp), "env", args.nodes, "group:h-*")
+            compression = {"FANOUT_COMPRESSION": str(args.compression)}
+            cluster = start_cluster(Path(tmp), "env", args.nodes, "group:h-*", **compression)
             await cluster.open_util()
             gens = [await LoadGen.start() for _ in range(args.processes)]
             sets = []
@@ -491,10 +500,8 @@ async def bench_envelope(args: argparse.Namespace) -> None:
                 sets.append(cs)
             print(
                 f"envelope: {args.nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients "
-                f"in {args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups), "
-                f"{args.processes} load generators, {args.size}-byte sends; phases: flat {args.messages} "
-                f"awaited one by one, concurrent {args.messages} from {args.concurrency} callers, paced "
-                f"{args.rate:g}/s for {args.seconds:g}s; median of {args.repeat} rounds",
+                f"in {args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups); "
+                f"{phases_text(args)}",
                 flush=True,
             )
             await cluster.measure_idle()
@@ -748,15 +755,18 @@ def main() -> None:
         p.add_argument("--nodes", type=int, default=2)
         p.add_argument("--clients", type=int, default=400, help="clients per set")
         p.add_argument("--groups", type=int, default=20)
-        p.add_argument("--messages", type=int, default=4000, help="sends of a flat / concurrent phase")
+        p.add_argument("--messages", type=int, default=10_000, help="sends of a flat / concurrent phase")
         p.add_argument("--concurrency", type=int, default=50)
         p.add_argument("--rate", type=float, default=200, help="sends per second of the paced phase")
         p.add_argument("--seconds", type=float, default=5, help="length of the paced phase")
         p.add_argument("--size", type=int, default=100)
-        p.add_argument("--repeat", type=int, default=5)
+        p.add_argument("--repeat", type=int, default=7)
         p.add_argument("--processes", type=int, default=2, help="load-generator processes")
         p.add_argument(
             "--profile", help="py-spy record the first node of each cluster into PROFILE.<cluster>.txt"
+        )
+        p.add_argument(
+            "--compression", type=int, choices=[0, 1], default=1, help="the nodes' FANOUT_COMPRESSION"
         )
     s = sub.add_parser("storm")
     s.add_argument("--clients", type=int, default=10_000)

@@ -55,6 +55,7 @@ class Receivers:
     bad: int = 0  #: frames that were not what was sent (an envelope without the payload...)
     total: int = 0
     target: int = 1 << 62
+    reached_at: float = 0.0  #: when the total reached the target (CLOCK_MONOTONIC)
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -79,7 +80,8 @@ class Receivers:
                     continue
                 counts[index] += 1
                 self.total += 1
-                if self.total >= self.target:
+                if self.total >= self.target and not self.reached.is_set():
+                    self.reached_at = now
                     self.reached.set()
 
 
@@ -127,6 +129,7 @@ class LoadGen:
         """Until every connection has ``expect[its group]`` frames (cumulative), or ``timeout``."""
         rs = self.receivers[name]
         rs.target = sum(expect.get(g, 0) for g in rs.groups)
+        rs.reached_at = time.monotonic()
         if rs.total < rs.target:
             rs.reached.clear()
             with contextlib.suppress(TimeoutError):
@@ -136,7 +139,13 @@ class LoadGen:
         extra = sum(max(0, c - expect.get(g, 0)) for g, c in zip(rs.groups, rs.counts, strict=True))
         latencies = rs.latencies[:]
         rs.latencies.clear()
-        return {"short": short, "extra": extra, "bad": rs.bad, "latencies": latencies}
+        return {
+            "short": short,
+            "extra": extra,
+            "bad": rs.bad,
+            "latencies": latencies,
+            "reached_at": rs.reached_at,
+        }
 
     # -- clients --------------------------------------------------------------------------------
 
