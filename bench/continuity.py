@@ -635,6 +635,7 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
         pids = [*survivors, cluster.redis.process.pid, *(g.pid for g in gens)]  # type: ignore[union-attr]
         before = {pid: cpu_ns(pid) for pid in pids}
         sent_before = sum(v + 1 for v in last.values())
+        spies = start_profile(args, {f"storm-{'v1' if recover else 'raw'}-B": survivors[0]})
         killed_at = time.monotonic()
         cluster.nodes[0].kill()  # SIGKILL
         back_at: list[float] = []
@@ -646,6 +647,7 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
                 break
             await asyncio.sleep(0.05)
         after = {pid: cpu_ns(pid) for pid in pids}
+        stop_profile(spies)
         sent_during = sum(v + 1 for v in last.values()) - sent_before
         if not back_at:
             back = sum(s["back"] for s in statuses)
@@ -671,7 +673,9 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
             "sent": sum(v + 1 for v in last.values()),
             "not_recovered": sum(s["not_recovered"] for s in statuses),
             "nodes_after": sorted({n for s in statuses for n in s["nodes"]}),
-            "refusals": sum(m.get("fanout_accept_rate_refusals", 0) for m in metrics_text),
+            "refusals": sum(m.get("fanout_accept_rate_refusals_total", 0) for m in metrics_text),
+            "resumes": sum(m.get("fanout_resumes_total", 0) for m in metrics_text),
+            "resumes_refused": sum(m.get("fanout_resumes_refused_total", 0) for m in metrics_text),
         }
         for key in ("lost", "duplicated", "out_of_order", "clients_missing", "client_duplicates", "received"):
             result[key] = sum(t[key] for t in tallies)
@@ -706,7 +710,8 @@ def print_storm(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"{r['out_of_order']}, not recovered {r['not_recovered']}; CPU until all back: nodes B+C "
         f"{r['node_cpu_s']:.2f}s ({r['node_cpu_s'] / n * 1e6:.0f} us per client), Redis "
         f"{r['redis_cpu_s']:.2f}s ({r['redis_cpu_s'] / n * 1e6:.0f} us per client), load generators "
-        f"{r['gen_cpu_s']:.2f}s; accept-rate refusals {r['refusals']:.0f}",
+        f"{r['gen_cpu_s']:.2f}s; handshakes refused over FANOUT_ACCEPT_RATE {r['refusals']:.0f}, resumes "
+        f"{r['resumes']:.0f} (refused {r['resumes_refused']:.0f}); {r['received']:,} deliveries in all",
         flush=True,
     )
 
@@ -772,13 +777,14 @@ def main() -> None:
     s.add_argument("--clients", type=int, default=10_000)
     s.add_argument("--processes", type=int, default=4, help="load-generator processes")
     s.add_argument("--groups", type=int, default=100)
-    s.add_argument("--rate", type=float, default=100, help="sends per second during the storm")
+    s.add_argument("--rate", type=float, default=20, help="sends per second during the storm")
     s.add_argument("--accept-rate", type=float, default=500, help="FANOUT_ACCEPT_RATE of B and C")
     s.add_argument("--backoff", type=float, nargs=2, default=(0.1, 5.0), help="the clients' (base, cap)")
     s.add_argument("--warmup", type=float, default=2.0, help="seconds of sends before the kill")
     s.add_argument("--after", type=float, default=2.0, help="seconds of sends after all are back")
     s.add_argument("--timeout", type=float, default=180.0)
     s.add_argument("--rounds", type=int, default=1, help="storms with and without recovery, alternating")
+    s.add_argument("--profile", help="py-spy record node B during the storm into PROFILE.storm-<kind>-B.txt")
     t = sub.add_parser("top", help="the top frames of --profile files (of two: what grew)")
     t.add_argument("files", nargs="+")
     t.add_argument("--top", type=int, default=25)

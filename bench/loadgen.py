@@ -274,7 +274,7 @@ def _rss_kib() -> int:
 async def serve() -> None:
     gen = LoadGen()
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = os.fdopen(sys.stdout.fileno(), "wb", buffering=0)
     while line := await reader.readline():
