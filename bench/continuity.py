@@ -633,6 +633,7 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
         await asyncio.sleep(args.warmup)
         survivors = cluster.pids[1:]
         pids = [*survivors, cluster.redis.process.pid, *(g.pid for g in gens)]  # type: ignore[union-attr]
+        stats_before = command_stats(cluster.redis)
         before = {pid: cpu_ns(pid) for pid in pids}
         sent_before = sum(v + 1 for v in last.values())
         spies = start_profile(args, {f"storm-{'v1' if recover else 'raw'}-B": survivors[0]})
@@ -647,6 +648,7 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
                 break
             await asyncio.sleep(0.05)
         after = {pid: cpu_ns(pid) for pid in pids}
+        stats_after = command_stats(cluster.redis)
         stop_profile(spies)
         sent_during = sum(v + 1 for v in last.values()) - sent_before
         if not back_at:
@@ -677,6 +679,10 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
             "resumes": sum(m.get("fanout_resumes_total", 0) for m in metrics_text),
             "resumes_refused": sum(m.get("fanout_resumes_refused_total", 0) for m in metrics_text),
         }
+        result["commands"] = {
+            name: (calls - stats_before.get(name, (0, 0))[0], usec - stats_before.get(name, (0, 0))[1])
+            for name, (calls, usec) in stats_after.items()
+        }
         for key in ("lost", "duplicated", "out_of_order", "clients_missing", "client_duplicates", "received"):
             result[key] = sum(t[key] for t in tallies)
         result["missed_max"] = max(t["missed_max"] for t in tallies)
@@ -687,6 +693,17 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
             sending.cancel()
             await asyncio.gather(sending, return_exceptions=True)
         await cluster.close()
+
+
+def command_stats(redis: RedisServer) -> dict[str, tuple[int, int]]:
+    """Redis's ``INFO commandstats``: {command: (calls, microseconds)} so far."""
+    stats = {}
+    for line in redis.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line[len("cmdstat_") :].partition(":")
+            values = dict(field.split("=", 1) for field in fields.split(","))
+            stats[name] = (int(values["calls"]), int(values["usec"]))
+    return stats
 
 
 async def _metrics(port: int) -> dict[str, float]:
@@ -713,6 +730,13 @@ def print_storm(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"{r['gen_cpu_s']:.2f}s; handshakes refused over FANOUT_ACCEPT_RATE {r['refusals']:.0f}, resumes "
         f"{r['resumes']:.0f} (refused {r['resumes_refused']:.0f}); {r['received']:,} deliveries in all",
         flush=True,
+    )
+    busy = sorted(r["commands"].items(), key=lambda kv: -kv[1][1])
+    print(
+        "  Redis commands until all back, per client (calls, us inside Redis): "
+        + ", ".join(
+            f"{name} {calls / n:.2f} ({usec / n:.0f} us)" for name, (calls, usec) in busy if calls >= n / 10
+        )
     )
 
 
