@@ -283,7 +283,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
 
     counters_before = await node_counters(cs.cluster)
     node_before, redis_before = cpu_of(node_pids), cpu_ns(redis_pid)
-    start, started = time.perf_counter(), time.monotonic()
+    start, started, publisher_cpu = time.perf_counter(), time.monotonic(), time.process_time()
     if phase.concurrency > 1:
         per = phase.messages // phase.concurrency
 
@@ -300,6 +300,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
                 await asyncio.sleep(max(0.0, start + (i + 1) / phase.rate - time.perf_counter()))
         sent = phase.messages
     published = time.perf_counter() - start
+    publisher_cpu = time.process_time() - publisher_cpu
     for i in range(sent):
         counts[groups[i % len(groups)]] += 1
     for group, n in counts.items():
@@ -321,6 +322,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
     deliveries = sum(n * cs.members[g] for g, n in counts.items())
     return {
         "sends_per_s": sent / published,
+        "publisher_us": publisher_cpu * 1e6 / sent,
         "deliveries_per_s": deliveries / elapsed,
         "node_us": node_cpu / 1e3 / deliveries,
         "redis_us": redis_cpu / 1e3 / sent,
@@ -408,7 +410,8 @@ def print_table(
         for name in dict.fromkeys(n for _, a, b in pairs for n in (b, a)):
             m = results[(phase.kind, name)]
             line = (
-                f"{phase.kind:>10} {name:>9}: publisher {median_of(m, 'sends_per_s'):>7,.0f} sends/s, "
+                f"{phase.kind:>10} {name:>9}: publisher {median_of(m, 'sends_per_s'):>7,.0f} sends/s "
+                f"({median_of(m, 'publisher_us'):.0f} us CPU/send), "
                 f"{median_of(m, 'deliveries_per_s'):>8,.0f} deliveries/s, node CPU "
                 f"{median_of(m, 'node_us'):.2f} us/delivery, "
                 f"Redis CPU {median_of(m, 'redis_us'):.1f} us/publish"
@@ -428,6 +431,7 @@ def print_table(
             for key, what in (
                 ("node_us", "node CPU/delivery"),
                 ("sends_per_s", "publisher"),
+                ("publisher_us", "publisher CPU/send"),
                 ("redis_us", "Redis CPU/publish"),
             ):
                 rounds_ = ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(ma, mb, strict=True))
@@ -686,6 +690,12 @@ async def storm(args: argparse.Namespace, tmp: Path, recover: bool, gens: list[L
         for key in ("lost", "duplicated", "out_of_order", "clients_missing", "client_duplicates", "received"):
             result[key] = sum(t[key] for t in tallies)
         result["missed_max"] = max(t["missed_max"] for t in tallies)
+        result["again"] = sum(t["again"] for t in tallies)
+        codes: dict[str, int] = {}
+        for t in tallies:
+            for code, count in t["again_codes"].items():
+                codes[code] = codes.get(code, 0) + count
+        result["again_codes"] = codes
         await asyncio.gather(*(g.call("close", name=set_name) for g in gens))
         return result
     finally:
@@ -731,6 +741,8 @@ def print_storm(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"{r['resumes']:.0f} (refused {r['resumes_refused']:.0f}); {r['received']:,} deliveries in all",
         flush=True,
     )
+    if r["again"]:
+        print(f"  {r['again']} clients came back more than once; their last close: {r['again_codes']}")
     busy = sorted(r["commands"].items(), key=lambda kv: -kv[1][1])
     print(
         "  Redis commands until all back, per client (calls, us inside Redis): "

@@ -234,7 +234,14 @@ class LoadGen:
             missing_clients += missed > 0
             dup += len(t.got) - len(seen)
             disorder += sum(1 for a, b in zip(t.got, t.got[1:], strict=False) if b < a)
+        again = [t.client for t in tracked if t.client.connections > 2]
+        codes: dict[str, int] = {}
+        for c in again:
+            key = f"{c.close_code} {c.close_reason}".strip()[:60]
+            codes[key] = codes.get(key, 0) + 1
         return {
+            "again": len(again),
+            "again_codes": codes,
             "lost": lost,
             "duplicated": dup,
             "out_of_order": disorder,
