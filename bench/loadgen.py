@@ -125,7 +125,9 @@ class LoadGen:
         rs.tasks = [asyncio.create_task(rs.read(i, ws)) for i, ws in enumerate(rs.sockets)]
         return {"opened": len(rs.sockets)}
 
-    async def op_wait(self, name: str, expect: dict[str, int], timeout: float) -> dict[str, Any]:
+    async def op_wait(
+        self, name: str, expect: dict[str, int], timeout: float, latencies: bool = True
+    ) -> dict[str, Any]:
         """Until every connection has ``expect[its group]`` frames (cumulative), or ``timeout``."""
         rs = self.receivers[name]
         rs.target = sum(expect.get(g, 0) for g in rs.groups)
@@ -137,13 +139,13 @@ class LoadGen:
         await asyncio.sleep(0.05)  # anything beyond the expected count (a duplicate) shows now
         short = sum(max(0, expect.get(g, 0) - c) for g, c in zip(rs.groups, rs.counts, strict=True))
         extra = sum(max(0, c - expect.get(g, 0)) for g, c in zip(rs.groups, rs.counts, strict=True))
-        latencies = rs.latencies[:]
+        measured = rs.latencies[:] if latencies else []
         rs.latencies.clear()
         return {
             "short": short,
             "extra": extra,
             "bad": rs.bad,
-            "latencies": latencies,
+            "latencies": measured,
             "reached_at": rs.reached_at,
         }
 
