@@ -454,6 +454,15 @@ async def test_the_memory_store_keeps_claimed_and_dropped_tokens_out_too() -> No
     assert await st.claim_resume("tok-x", None) is None
 
 
+async def test_a_burst_of_resume_records_waits_for_connections_instead_of_failing(url: str, ns: str) -> None:
+    # a reconnect storm: hundreds of records written and claimed at once, more than redis-py's pool holds
+    async with store(url, ns) as st:
+        tokens = [f"burst-{i}" for i in range(400)]
+        await asyncio.gather(*(st.save_resume(t, None, t.encode(), 30, create=True) for t in tokens))
+        claimed = await asyncio.gather(*(st.claim_resume(t, None) for t in tokens))
+        assert claimed == [t.encode() for t in tokens]
+
+
 async def test_an_unreachable_store_is_backend_unavailable(ns: str) -> None:
     from tests.support import free_port
 
