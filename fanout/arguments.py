@@ -267,7 +267,7 @@ def checked(
 
     @functools.wraps(method)
     async def checking(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return await method(self, *check(args, kwargs), **kwargs)  # type: ignore[arg-type]
+        return await method(self, *check(args, kwargs), **kwargs)
 
     return checking
 
@@ -279,6 +279,6 @@ def checked_blocking(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Conc
 
     @functools.wraps(method)
     def checking(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return method(self, *check(args, kwargs), **kwargs)  # type: ignore[arg-type]
+        return method(self, *check(args, kwargs), **kwargs)
 
     return checking
