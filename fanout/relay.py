@@ -269,7 +269,7 @@ class Relay:
         if done:
             await db.execute(f"DELETE FROM {n.table} WHERE id = ANY(%s::bigint[])", (done,))
             self.metrics.published += len(done)
-            if any(len(p.shards) > 1 for p in head):  # a row of another relay may wait for these
+            if any(len(shards) > 1 for _, _, shards, _ in head):  # a row of another relay may wait for these
                 await db.execute("SELECT pg_notify(%s, 'd')", (n.channel,))
         return len(done) == len(rows)
 

@@ -1,0 +1,258 @@
+"""Transactional publishing (SPEC "Continuity", outbox), on real PostgreSQL, Redis, node and relay processes
+and fanout.v1 websocket clients: a rolled-back transaction publishes nothing, a committed one once; commit
+order (not insert order) is the order per target; 5,000 rows from concurrent transactions through two relays,
+one of them SIGKILLed twice, reach every client once each, in commit order per target; a broker outage
+delays rows, never loses them.
+
+(Fanout.Outbox's argument checks and the schema alone: tests/test_outbox_calls.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from fanout import Outbox
+from tests.support import scaled
+from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, until
+from tests.support.nodes import http_get, start_node
+from tests.support.outbox import DSN, RELAYS, outbox_schema, pending, start_relay, stop_relays
+from tests.support.tcp_proxy import ProxyProcess
+
+
+@pytest.fixture(autouse=True)
+def _cleanup() -> Iterator[None]:
+    before = len(RELAYS)
+    try:
+        yield from forgetting()
+    finally:
+        stop_relays(before)
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    with outbox_schema() as name:
+        yield name
+
+
+def metric(port: int, name: str) -> float:
+    status, text = http_get(port, "/metrics")
+    assert status == 200, text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in {text}")
+
+
+async def messages(client: V1, count: int, timeout: float = 20.0) -> list[Any]:
+    """The data of the next ``count`` messages (other frames skipped)."""
+    out: list[Any] = []
+    while len(out) < count:
+        frame = await client.frame(timeout)
+        if frame["type"] == "message":
+            out.append(frame["data"] if "data" in frame else {"b64": frame["data_b64"]})
+    return out
+
+
+async def test_rolled_back_publishes_nothing_committed_once_in_commit_order(
+    tmp_path: Path, table: str
+) -> None:
+    env = node_env(REDIS)
+    node = start_node(tmp_path, env, app=STREAMS)
+    relay = start_relay(tmp_path, env, table)
+    relay.wait_healthy()
+    client = await V1.open(node.port, "groups=h-room,plain&user=ann")
+    with psycopg.connect(DSN) as db:
+        outbox = Outbox(db, table=table)
+        outbox.send_to_group("h-room", {"n": "rolled back"})
+        outbox.send_by_flag("ann", "rolled back too")
+        db.rollback()
+        outbox.send_to_group("h-room", {"n": 1})
+        outbox.send_by_flag("ann", "to ann")
+        outbox.send_to_group("plain", b"\x00\x01")  # not a history group: published all the same
+        db.commit()
+    assert await messages(client, 3) == [{"n": 1}, "to ann", {"b64": "AAE="}]
+    # a transaction that inserted first but committed last is published last
+    with psycopg.connect(DSN) as first, psycopg.connect(DSN) as second:
+        Outbox(first, table=table).send_to_group("h-room", {"n": "inserted first"})
+        Outbox(second, table=table).send_to_group("h-room", {"n": "inserted second"})
+        second.commit()
+        first.commit()
+    got = await messages(client, 2)
+    assert got == [{"n": "inserted second"}, {"n": "inserted first"}], got
+    await client.nothing_more(0.5)
+    await until(lambda: pending(table) == 0, 10, "the rows deleted")
+    assert metric(relay.port, "fanout_relay_published_total") == 5
+    assert relay.terminate() == 0, relay.log()
+    await client.ws.close()
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+class Writers:
+    """Concurrent transactions writing ``total`` rows to ``targets`` through the outbox. Each transaction
+    first locks each of its targets' counter row (``UPDATE ... SET n = n + 1 RETURNING n``) and puts ``n``
+    in the payload: the order of ``n`` per target is the commit order, known without the outbox's help. A
+    tenth of the rows go to two groups at once (one row, two shards)."""
+
+    def __init__(self, table: str, targets: list[str], total: int, threads: int = 6) -> None:
+        self.table = table
+        self.counters = table.replace("fanout_outbox", "counters")
+        self.targets = targets
+        self.total = total
+        self.threads = threads
+        self.written = 0
+        self.rolled_back = 0
+        self._lock = threading.Lock()
+        with psycopg.connect(DSN, autocommit=True) as db:
+            db.execute(f"CREATE TABLE {self.counters} (target text PRIMARY KEY, n int NOT NULL)")
+            for target in targets:
+                db.execute(f"INSERT INTO {self.counters} VALUES (%s, 0)", (target,))
+
+    def _take(self, rows: int) -> int:
+        with self._lock:
+            rows = min(rows, self.total - self.written)
+            self.written += rows
+            return rows
+
+    def _write(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(DSN) as db:
+            outbox = Outbox(db, table=self.table)
+            while rows := self._take(rng.randint(1, 4)):
+                plan = [sorted(rng.sample(self.targets, 2 if rng.random() < 0.1 else 1)) for _ in range(rows)]
+                for target in sorted({t for row in plan for t in row}):  # lock in one order: no deadlock
+                    db.execute(f"SELECT n FROM {self.counters} WHERE target = %s FOR UPDATE", (target,))
+                for row in plan:
+                    n = {}
+                    for target in row:
+                        got = db.execute(
+                            f"UPDATE {self.counters} SET n = n + 1 WHERE target = %s RETURNING n", (target,)
+                        ).fetchone()
+                        assert got is not None
+                        n[target] = got[0]
+                    outbox.send_to_group(row, {"n": n})
+                if rng.random() < 0.05:  # a rolled-back transaction: its rows and counts never happened
+                    db.rollback()
+                    with self._lock:
+                        self.written -= rows
+                        self.rolled_back += 1
+                    continue
+                db.commit()
+
+    async def run(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(self._write, seed) for seed in range(self.threads)))
+
+    def final_counts(self) -> dict[str, int]:
+        with psycopg.connect(DSN, autocommit=True) as db:
+            return dict(db.execute(f"SELECT target, n FROM {self.counters}").fetchall())
+
+
+class Reader:
+    """A v1 client in some groups, reading every frame as it comes; per group the ``n`` it got, in order."""
+
+    def __init__(self, client: V1, groups: list[str]) -> None:
+        self.client = client
+        self.groups = groups
+        self.got: dict[str, list[int]] = {g: [] for g in groups}
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.client.frame(600)
+            if frame["type"] == "message":
+                for group, n in frame["data"]["n"].items():
+                    if group in self.got:
+                        self.got[group].append(n)
+
+    def complete(self, counts: dict[str, int]) -> bool:
+        return all(len(self.got[g]) >= counts[g] for g in self.groups)
+
+
+async def test_5000_rows_two_relays_one_killed_twice_every_client_gets_each_once_in_commit_order(
+    tmp_path: Path, table: str
+) -> None:
+    env = node_env(REDIS, FANOUT_HISTORY="group:*")
+    node = start_node(tmp_path, env, app=STREAMS)
+    targets = [f"t{i:02}" for i in range(50)]
+    readers = []
+    for i in range(50):  # each client in two groups; each group has two clients
+        groups = [targets[i], targets[(i + 1) % 50]]
+        readers.append(Reader(await V1.open(node.port, "groups=" + ",".join(groups)), groups))
+    writers = Writers(table, targets, 5000)
+    relays = [start_relay(tmp_path, env, table), start_relay(tmp_path, env, table)]
+    for relay in relays:
+        relay.wait_healthy()
+
+    async def kill_twice() -> None:
+        for threshold in (1500, 3000):
+            await until(lambda t=threshold: writers.written >= t, 60, f"{threshold} rows written", 0.02)
+            relays[0].kill()
+            relays[0] = start_relay(tmp_path, env, table)
+
+    await asyncio.gather(writers.run(), kill_twice())
+    counts = writers.final_counts()
+    assert sum(counts.values()) > 5000  # (two-group rows count twice)
+    try:
+        await until(lambda: pending(table) == 0, 60, "every row published")
+        await until(lambda: all(r.complete(counts) for r in readers), 30, "every row delivered")
+        await asyncio.sleep(0.5)  # a duplicate would arrive meanwhile
+    finally:
+        for reader in readers:
+            reader.task.cancel()
+    for reader in readers:
+        for group in reader.groups:
+            got = reader.got[group]
+            # every committed row, in commit order (a second copy of a row would come right after a run)
+            assert list(dict.fromkeys(got)) == list(range(1, counts[group] + 1)), (group, got)
+            # and each once: a row a killed relay published but had not deleted yet is published again
+            # with the same idempotency key, which the broker side delivers only once
+            assert len(got) == counts[group], (group, len(got) - counts[group], "duplicates")
+    for relay in relays:
+        assert relay.terminate() == 0, relay.log()
+    published = [r.log().count("not published") for r in relays]
+    assert published == [0, 0], [r.log() for r in relays]
+    await asyncio.gather(*(r.client.ws.close() for r in readers))
+
+
+async def test_a_broker_outage_delays_rows_and_loses_none(tmp_path: Path, table: str) -> None:
+    env = node_env(REDIS, FANOUT_HISTORY="group:*")
+    node = start_node(tmp_path, env, app=STREAMS)
+    targets = ["a", "b", "c"]
+    reader = Reader(await V1.open(node.port, "groups=a,b,c"), targets)
+    writers = Writers(table, targets, 300, threads=2)
+    with ProxyProcess(target="127.0.0.1:6379") as proxy:
+        relay_env = {**env, "FANOUT_URL": f"redis://127.0.0.1:{proxy.port}/0", "FANOUT_PUBLISH_TIMEOUT": "1"}
+        relay = start_relay(tmp_path, relay_env, table)
+        relay.wait_healthy()
+        writing = asyncio.create_task(writers.run())
+        await until(lambda: writers.written >= 50, 20, "50 rows written", 0.02)
+        proxy.cut()  # the relay's broker is gone; the database is not
+        await until(lambda: http_get(relay.port, "/healthz")[0] == 503, 20, "the relay to say so")
+        assert "broker" in http_get(relay.port, "/healthz")[1]
+        await writing  # committed while the broker was away
+        assert pending(table) > 0
+        proxy.restore()
+        counts = writers.final_counts()
+        try:
+            await until(lambda: pending(table) == 0, 30, "every row published")
+            await until(lambda: reader.complete(counts), 20, "every row delivered")
+            await asyncio.sleep(0.3)
+        finally:
+            reader.task.cancel()
+        for group in targets:
+            got = reader.got[group]
+            assert list(dict.fromkeys(got)) == list(range(1, counts[group] + 1)), (group, got)
+            assert len(got) == counts[group], (group, len(got) - counts[group], "duplicates")
+        assert metric(relay.port, "fanout_relay_failures_total") > 0
+        assert http_get(relay.port, "/healthz")[0] == 200
+        assert relay.terminate() == 0, relay.log()
+    await reader.client.ws.close()
