@@ -401,7 +401,7 @@ def _outbox(settings: Settings, environ: dict[str, str], args: argparse.Namespac
         import psycopg  # noqa: F401
     except ImportError:
         raise ConfigError("--dsn", "the outbox needs psycopg 3: pip install 'fanout[outbox]'") from None
-    from .relay import Relay, RelayOptions, init_outbox
+    from .relay import RelayOptions, init_outbox, serve
 
     if args.command == "outbox":
         asyncio.run(init_outbox(dsn, table))
@@ -416,19 +416,7 @@ def _outbox(settings: Settings, environ: dict[str, str], args: argparse.Namespac
     if args.batch < 1 or not args.poll > 0:
         raise ConfigError("--batch", "--batch must be at least 1 and --poll above 0")
     options = RelayOptions(dsn, table, batch=args.batch, poll=args.poll, http=where)
-
-    async def run() -> None:
-        import signal
-
-        relay = Relay(options, settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, relay.stop)
-        print(f"fanout relay on table {table} publishing to {settings.where}", flush=True)
-        await relay.run()
-        logging.getLogger("fanout.relay").info("stopped")
-
-    asyncio.run(run())
+    asyncio.run(serve(options, settings))
     return None
 
 

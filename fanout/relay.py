@@ -403,6 +403,19 @@ class Relay:
             writer.close()
 
 
+async def serve(options: RelayOptions, settings: Settings) -> None:
+    """Run one relay until SIGTERM or SIGINT (``fanout relay``, ``manage.py fanout_relay``)."""
+    import signal
+
+    relay = Relay(options, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop)
+    print(f"fanout relay on table {options.table} publishing to {settings.where}", flush=True)
+    await relay.run()
+    log.info("stopped")
+
+
 async def init_outbox(dsn: str, table: str = DEFAULT_TABLE) -> None:
     """Create the outbox table, its sequence, trigger and indexes (idempotent): ``fanout outbox init``."""
     import psycopg

@@ -20,7 +20,6 @@ import psycopg
 import pytest
 
 from fanout import Outbox
-from tests.support import scaled
 from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, until
 from tests.support.nodes import http_get, start_node
 from tests.support.outbox import DSN, RELAYS, outbox_schema, pending, start_relay, stop_relays
