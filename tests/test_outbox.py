@@ -10,8 +10,14 @@ delays rows, never loses them.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,9 @@ import psycopg
 import pytest
 
 from fanout import Outbox
+from tests.support import free_port, scaled
 from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, until
-from tests.support.nodes import http_get, start_node
+from tests.support.nodes import ROOT, http_get, start_node
 from tests.support.outbox import DSN, RELAYS, outbox_schema, pending, start_relay, stop_relays
 from tests.support.tcp_proxy import ProxyProcess
 
@@ -255,3 +262,59 @@ async def test_a_broker_outage_delays_rows_and_loses_none(tmp_path: Path, table:
         assert http_get(relay.port, "/healthz")[0] == 200
         assert relay.terminate() == 0, relay.log()
     await reader.client.ws.close()
+
+
+def _shell(command: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-ec", command], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def _spawn(command: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(["bash", "-ec", command], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def test_the_publishing_guide_runs_as_printed(tmp_path: Path) -> None:
+    """docs/publishing.md: ``fanout outbox init``, its place_order.py, ``fanout relay``, as printed (the
+    database URL given a schema of the test's own, the relay's port a free one)."""
+    guide = (ROOT / "docs" / "publishing.md").read_text()
+    init, relay_block = re.findall(r"```sh\n(.*?)```", guide, flags=re.S)
+    (script,) = re.findall(r"```python\n(# place_order.py.*?)```", guide, flags=re.S)
+    for path, code in re.findall(r"```python\n# (examples/\S+)\n(.*?)```", guide, flags=re.S):
+        assert code in (ROOT / path).read_text(), path
+    printed = "postgresql://postgres@127.0.0.1:5432/test"
+    assert f"export FANOUT_OUTBOX_DSN={printed}\n" in init
+    env = node_env(REDIS, FANOUT_HISTORY="flag:*")
+    node = start_node(tmp_path, env, app=STREAMS)
+    ann = await V1.open(node.port, "user=ann")
+    bob = await V1.open(node.port, "user=bob")
+    schema = f"guide_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(DSN, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    dsn = f"{printed}?options=-c%20search_path%3D{schema}"
+    shell_env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    shell_env |= {k: v for k, v in env.items() if k != "FANOUT_URL"}
+    shell_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{shell_env['PATH']}"
+    port = free_port()
+    relay = None
+    try:
+        done = await asyncio.to_thread(_shell, init.replace(printed, dsn), shell_env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        (tmp_path / "place_order.py").write_text(script)
+        run = await asyncio.to_thread(
+            _shell, "python place_order.py", {**shell_env, "FANOUT_OUTBOX_DSN": dsn}, tmp_path
+        )
+        assert (run.returncode, run.stdout) == (0, "order 1 placed\n"), run.stderr
+        command = relay_block.replace("fanout relay", "exec fanout relay").replace("9108", str(port))
+        relay = _spawn(command, {**shell_env, "FANOUT_OUTBOX_DSN": dsn}, tmp_path / "relay.log")
+        assert await messages(ann, 1) == [{"type": "order", "id": 1}]
+        await bob.nothing_more(0.5)
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(scaled(10)) == 0, (tmp_path / "relay.log").read_text()
+    finally:
+        if relay is not None and relay.poll() is None:
+            relay.kill()
+            relay.wait()
+        with psycopg.connect(DSN, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+    await ann.ws.close()
+    await bob.ws.close()
