@@ -325,3 +325,30 @@ async def test_the_publishing_guide_runs_as_printed(tmp_path: Path) -> None:
             db.execute(f"DROP SCHEMA {schema} CASCADE")
     await ann.ws.close()
     await bob.ws.close()
+
+
+async def test_a_row_published_again_reaches_no_client_twice(tmp_path: Path, table: str) -> None:
+    """What a relay killed between its publish and its delete leaves: the row, published again by the next
+    relay with the same idempotency key (database, table, row id). Here the row is put back by hand."""
+    env = node_env(REDIS)
+    node = start_node(tmp_path, env, app=STREAMS)
+    client = await V1.open(node.port, "groups=h-room,plain")
+    try:
+        with psycopg.connect(DSN) as db:
+            Outbox(db, table=table).send_to_group(["h-room", "plain"], {"n": 1})
+            db.commit()
+            kept = db.execute(f"SELECT id, call, args::text, shards FROM {table}").fetchall()
+            db.commit()
+        relay = start_relay(tmp_path, env, table)
+        assert await messages(client, 1) == [{"n": 1}]
+        await until(lambda: pending(table) == 0, 10, "the row deleted")
+        with psycopg.connect(DSN) as db:  # the same row again, as if its delete had never happened
+            db.execute(f"INSERT INTO {table} (id, call, args, shards) VALUES (%s, %s, %s::json, %s)", kept[0])
+            Outbox(db, table=table).send_to_group("h-room", {"n": 2})
+            db.commit()
+        assert await messages(client, 1) == [{"n": 2}]  # not {"n": 1} a second time
+        await client.nothing_more(0.3)
+        assert pending(table) == 0
+        assert relay.terminate() == 0, relay.log()
+    finally:
+        await client.ws.close()
