@@ -192,17 +192,26 @@ class Relay:
             self._key_prefix = f"outbox:{row[0] if row else ''}.{n.table}:"
             self._db_up = True
             self._last_balance = 0.0
-            log.info("relay on %s (table %s) running", self.options.dsn.rpartition("@")[2], n.table)
+            info = db.info
+            log.info("relay on %s:%s/%s (table %s) running", info.host, info.port, info.dbname, n.table)
             listener = asyncio.create_task(self._listen(listen))
+            look_at = 0.0  # when to look at the table next without a NOTIFY
             try:
                 while not self._stopping.is_set():
-                    self._wake.clear()
-                    if time.monotonic() - self._last_balance >= _BALANCE_EVERY:
-                        await self._balance(db)
-                    if not await self._round(db):
-                        await self._doze(min(self.options.poll, _BALANCE_EVERY * 2))
+                    now = time.monotonic()
+                    took = False
+                    if now - self._last_balance >= _BALANCE_EVERY:
+                        took = await self._balance(db)
+                    if self._wake.is_set() or took or now >= look_at:
+                        self._wake.clear()
+                        if await self._round(db):
+                            look_at = 0.0  # a batch went: there may be more at once
+                            continue
+                        look_at = time.monotonic() + self.options.poll
                     if listener.done():
                         listener.result()  # its connection failed: raise it here
+                    until = min(look_at, self._last_balance + _BALANCE_EVERY) - time.monotonic()
+                    await self._doze(max(until, 0.01))
             finally:
                 listener.cancel()
                 with contextlib.suppress(BaseException):
@@ -213,8 +222,9 @@ class Relay:
         async for _ in listen.notifies():
             self._wake.set()
 
-    async def _balance(self, db: psycopg.AsyncConnection[Any]) -> None:
-        """Take this relay's fair share of the shards, or give back what is above it."""
+    async def _balance(self, db: psycopg.AsyncConnection[Any]) -> bool:
+        """Take this relay's fair share of the shards, or give back what is above it. True if it took
+        shards (their rows are to be looked at)."""
         n = self.names
         self._last_balance = time.monotonic()
         cur = await db.execute(
@@ -245,6 +255,8 @@ class Relay:
                 owned.update(got)
                 if got:
                     log.info("took %d shards (%d relays, %d owned)", len(got), live, len(owned))
+                    return True
+        return False
 
     async def _round(self, db: psycopg.AsyncConnection[Any]) -> bool:
         """Publish and delete one batch of this relay's publishable rows. False if there was none."""
