@@ -272,7 +272,8 @@ class Outbox:
             )
 
     def _send(self, call: str, kind: str, targets: tuple[str, ...], data: object, exclude: Names) -> None:
-        args: dict[str, Any] = {"data": self._data(data), "exclude": list(names(exclude, "exclude"))}
+        kept = encode_data(data, self.json_default, self.limit)  # (None too: a send of JSON null)
+        args: dict[str, Any] = {"data": kept, "exclude": list(names(exclude, "exclude"))}
         if kind != "all":
             args[kind] = list(targets)
         where = ["all"] if kind == "all" else [f"{_PREFIX[kind]}:{t}" for t in targets]
