@@ -190,11 +190,8 @@ async def test_every_committed_notification_reaches_every_tab_once_in_order_thro
             0.2,
         )
         await asyncio.sleep(0.5)  # a duplicate would arrive meanwhile
-        wrong = [
-            (n, tabs[n].connections, tabs[n].duplicates, [m.get("text") if isinstance(m, dict) else m for m in got[n]])
-            for n in got
-            if got[n] != expected
-        ]
+        texts = {n: [m.get("text") if isinstance(m, dict) else m for m in got[n]] for n in got}
+        wrong = [(n, tabs[n].connections, tabs[n].duplicates, texts[n]) for n in got if got[n] != expected]
         assert not wrong, f"{len(wrong)} tabs wrong: {wrong[:3]}"
         assert all(tab.node_id == "node-b" for tab in tabs)
         assert sum(tab.connections for tab in tabs) > len(tabs)  # tabs came back
