@@ -192,6 +192,10 @@ class Relay:
             self._key_prefix = f"outbox:{row[0] if row else ''}.{n.table}:"
             self._db_up = True
             self._last_balance = 0.0
+            try:  # the broker and the nodes' heartbeats now, not with the first row
+                await self._connected()
+            except (FanoutError, OSError) as exc:
+                log.warning("broker not reachable yet (%s): the first row will try again", exc)
             info = db.info
             log.info("relay on %s:%s/%s (table %s) running", info.host, info.port, info.dbname, n.table)
             listener = asyncio.create_task(self._listen(listen))
