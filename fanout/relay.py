@@ -119,6 +119,7 @@ class Relay:
         self._order = list(range(SHARDS))
         random.shuffle(self._order)
         self._http: asyncio.Server | None = None
+        self._connecting = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,7 +281,8 @@ class Relay:
             f"SELECT id, call, args FROM {n.table} WHERE id = ANY(%s::bigint[]) ORDER BY seq",
             ([p.id for p in mine],),
         )
-        rows = await cur.fetchall()
+        shards = {p.id: p.shards for p in mine}
+        rows = [(i, call, args, shards[i]) for i, call, args in await cur.fetchall()]
         done = await self._publish(rows)
         if done:
             await db.execute(f"DELETE FROM {n.table} WHERE id = ANY(%s::bigint[])", (done,))
@@ -307,17 +309,24 @@ class Relay:
     # ------------------------------------------------------------------ publishing
 
     async def _connected(self) -> ServerUtil:
-        if self._util is None:
-            util = ServerUtil(settings=self.settings)
-            await util.connect()
-            self._util = util
-        return self._util
+        async with self._connecting:
+            if self._util is None:
+                util = ServerUtil(settings=self.settings)
+                await util.connect()
+                self._util = util
+            return self._util
 
-    async def _publish(self, rows: Sequence[tuple[int, str, Any]]) -> list[int]:
-        """Publish ``rows`` in order, each retried until the broker took it; the ids published (all of
-        them, or fewer when stopped while the broker was down)."""
+    async def _publish(self, rows: Sequence[tuple[int, str, Any, list[int]]]) -> list[int]:
+        """Publish ``rows`` (in seq order): rows that share a shard one after the other, in order, and
+        such chains side by side. The ids published: all of them, or fewer when stopped while the broker
+        was down."""
+        done = await asyncio.gather(*(self._publish_chain(chain) for chain in chains(rows)))
+        return [row_id for published in done for row_id in published]
+
+    async def _publish_chain(self, rows: Sequence[tuple[int, str, Any, list[int]]]) -> list[int]:
+        """Publish ``rows`` in order, each retried until the broker took it; the ids published."""
         done: list[int] = []
-        for row_id, call, args in rows:
+        for row_id, call, args, _ in rows:
             delay = _BACKOFF[0]
             while True:
                 try:
@@ -417,6 +426,27 @@ class Relay:
             pass
         finally:
             writer.close()
+
+
+def chains(rows: Sequence[tuple[int, str, Any, list[int]]]) -> list[list[tuple[int, str, Any, list[int]]]]:
+    """``rows`` (in seq order) split into chains that share no shard, each in seq order: two rows that
+    touch a common shard (directly, or through rows between them) are in the same chain."""
+    parent: dict[int, int] = {}
+
+    def root(shard: int) -> int:
+        while parent.setdefault(shard, shard) != shard:
+            parent[shard] = parent[parent[shard]]
+            shard = parent[shard]
+        return shard
+
+    for row in rows:
+        first = root(row[3][0])
+        for shard in row[3][1:]:
+            parent[root(shard)] = first
+    out: dict[int, list[tuple[int, str, Any, list[int]]]] = {}
+    for row in rows:
+        out.setdefault(root(row[3][0]), []).append(row)
+    return list(out.values())
 
 
 async def serve(options: RelayOptions, settings: Settings) -> None:
