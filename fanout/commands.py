@@ -72,6 +72,9 @@ class Send:
     #: its positions, ``{stream: (epoch, offset)}``: given by the store, read from the bus's positions
     #: line (never part of the signed message)
     positions: dict[str, tuple[str, int]] | None = field(default=None, compare=False)
+    #: the publisher's ``idempotency_key``: a node applies a key once within FANOUT_IDEMPOTENCY_WINDOW and
+    #: answers a repeat with the first's count (fanout/idempotency.py)
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,8 @@ class SendBulk:
     kind: TargetKind
     items: tuple[tuple[str, bytes, bool], ...]
     request: Request | None = None
+    #: derived from the call's ``idempotency_key``, one per command of the call (see :class:`Send`)
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
