@@ -113,7 +113,7 @@ end
 if ik then
   local state = 'a'
   if m > 0 then state = 'p' end
-  redis.call('SET', ik, state .. '\n' .. ARGV[7] .. '\n' .. positions, 'PX', ARGV[12 + n + 2 * m])
+  redis.call('SET', ik, state .. '\\n' .. ARGV[7] .. '\\n' .. positions, 'PX', ARGV[12 + n + 2 * m])
 end
 local counts = {}
 if m > 0 then
