@@ -12,7 +12,7 @@ import pytest
 from fanout import PayloadError, ServerUtil, Settings, SyncServerUtil, protocol
 from fanout.commands import Send, SendBulk, Target, TargetKind
 from fanout.config import Mode
-from fanout.exceptions import ConfigError, ProtocolError
+from fanout.exceptions import ConfigError, ConfigMismatch, ProtocolError
 from fanout.idempotency import (
     APPENDED,
     COUNTED,
@@ -180,6 +180,21 @@ async def test_memory_bulk_by_flag_with_history_flags(nodes: tuple[Settings, lis
         assert await nothing_more(a) and await nothing_more(b)
         page = await util.get_history("flag:h-ann")
         assert [e["data"] for e in page["entries"]] == ["1", "3"]
+
+
+async def test_a_publisher_whose_window_differs_is_refused_keyed_sends() -> None:
+    settings = Settings.create(
+        f"memory://{unique_namespace()}", heartbeat_interval=0.2, idempotency_window=2.0
+    )
+    node = Node(settings, NodeOptions(port=0), ControlApp())
+    await node.start()
+    try:
+        async with ServerUtil(settings=settings.replace(idempotency_window=300.0)) as util:
+            await util.send_to_all("plain")  # a send without a key does not care
+            with pytest.raises(ConfigMismatch, match="FANOUT_IDEMPOTENCY_WINDOW"):
+                await util.send_to_all("keyed", idempotency_key="k")
+    finally:
+        await node.stop()
 
 
 async def test_keys_are_checked_like_every_argument() -> None:

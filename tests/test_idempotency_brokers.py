@@ -18,6 +18,10 @@ import pytest
 from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection
 
+from fanout import routing
+from fanout.backends.store import StoredSend
+from fanout.commands import Send, Target
+from fanout.history import new_send_id
 from tests.support import scaled
 from tests.support.continuity import AMQP, REDIS, STREAMS, forgetting, node_env, publisher
 from tests.support.nodes import client, nothing_more, run_module, start_node
@@ -107,12 +111,16 @@ async def _scenario(tmp_path: Path, env: dict[str, str], *, history: bool, other
         await ws.close()
 
 
-async def test_redis(tmp_path: Path) -> None:
-    await _scenario(tmp_path, node_env(REDIS), history=True)
+@pytest.mark.parametrize("mode", ["routing", "fanout"])
+async def test_redis(tmp_path: Path, mode: str) -> None:
+    await _scenario(tmp_path, node_env(REDIS, FANOUT_MODE=mode), history=True)
 
 
-async def test_redis_cluster(tmp_path: Path, cluster: RedisCluster) -> None:
-    env = node_env(cluster.url)
+@pytest.mark.parametrize("mode", ["routing", "fanout"])
+async def test_redis_cluster(tmp_path: Path, cluster: RedisCluster, mode: str) -> None:
+    """Routing mode: sharded channels, a history send in one slot claims its key in the send script, in
+    two slots before and after its two phases. Fanout mode: the store appends, the backend publishes."""
+    env = node_env(cluster.url, FANOUT_MODE=mode)
     await _scenario(tmp_path, env, history=True, other_group=_other_slot_group_of(env))
 
 
@@ -171,3 +179,25 @@ async def test_redis_window_ends_and_the_http_header(tmp_path: Path) -> None:
     assert await _frames(ws) == ["by http", "first", "second"]
     assert await nothing_more(ws)
     await ws.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "rabbitmq"])
+async def test_a_first_that_died_midway_is_completed_once(tmp_path: Path, backend: str) -> None:
+    """The publisher that made the first send died before keeping its outcome (a plain send published with
+    its key claimed), or before publishing it (a history send appended with its key): the retry, from
+    another publisher, delivers each once and appends nothing more."""
+    env = node_env(REDIS) if backend == "redis" else node_env(AMQP, FANOUT_HISTORY_URL=REDIS)
+    node = start_node(tmp_path, env, app=STREAMS)
+    conns = [await client(node.port, "/?groups=g,h-1") for _ in range(2)]
+    async with publisher(env) as dead, publisher(env) as retry:
+        command = Send(Target.groups("g"), b"plain", idempotency_key="k-plain")
+        await dead._publish(routing.route(command, dead.settings.mode), key="k-plain")  # then it died
+        assert await retry.send_to_group("g", "plain", ack=True, idempotency_key="k-plain") == 2
+        store = await dead._history_store()
+        await store.append(("group:h-1",), StoredSend(new_send_id(), b"kept", key="k-kept"))  # then it died
+        assert await retry.send_to_group("h-1", "kept", ack=True, idempotency_key="k-kept") == 2
+        assert await retry.send_to_group("h-1", "kept", ack=True, idempotency_key="k-kept") == 2
+        assert [e["data"] for e in (await retry.get_history("group:h-1"))["entries"]] == ["kept"]
+    for ws, _ in conns:
+        assert await _frames(ws) == ["plain", "kept"]
+        await ws.close()
