@@ -608,7 +608,13 @@ class ServerUtil:
                 result = await again(repeated.outcome)
                 if repeated.outcome.state != APPENDED:
                     return result
-                outcome = Outcome(COUNTED if ack and result is not None else DONE, result if ack else None)
+                # the first's entry is published now: kept as done, with its send id and positions
+                outcome = Outcome(
+                    COUNTED if ack and result is not None else DONE,
+                    result if ack else None,
+                    repeated.outcome.sid,
+                    repeated.outcome.positions,
+                )
             if stored is not None and stored.positions is not None:
                 outcome = replace(outcome, sid=stored.send.sid, positions=stored.positions)
             await self._record(key, outcome, stored.streams if stored is not None else ())
