@@ -76,7 +76,7 @@ from .exceptions import (
     remote_error,
 )
 from .history import Positions, attach_positions, flag_stream, new_send_id
-from .idempotency import APPENDED, COUNTED, DONE, Outcome, Repeated, derived
+from .idempotency import APPENDED, COUNTED, DONE, PUBLISHED, Outcome, Repeated, derived
 from .ids import new_boot_token, owner_of
 from .naming import Address
 from .receive import Receiver
@@ -566,11 +566,15 @@ class ServerUtil:
         between makes a repeat that the nodes drop, never a loss); with no store, plainly (the nodes drop
         repeats). Raises Repeated when the store has the key."""
         store = await self._key_store()
-        if store is not None and store.atomic_keys:
+        if store is None:
+            return await self.backend.publish_many(items)
+        if store.atomic_keys:
             return await store.publish_once(key, items)
-        if store is not None and (found := await store.check_key(key)) is not None:
+        if (found := await store.check_key(key)) is not None:
             raise Repeated(found)
-        return await self.backend.publish_many(items)
+        counts = await self.backend.publish_many(items)
+        await self._record(key, Outcome(PUBLISHED), ())  # at once (its result is kept when known)
+        return counts
 
     async def _once(
         self,
