@@ -77,7 +77,11 @@ async def _scenario(tmp_path: Path, env: dict[str, str], *, history: bool, other
         assert await other.send_to_group("g", "plain", idempotency_key="k-plain") is None
         assert await util.send(ann_id, "own", idempotency_key="k-own") is None
         assert await other.send(ann_id, "own", ack=True, idempotency_key="k-own") == 1
-        expected = {"ann": ["plain", "own"], "bob": ["plain"]}
+        # at the same moment, from two publishers (and twice from one): delivered once, the count to each
+        senders = (util, other, util)
+        calls = (sender.send_to_all("all", ack=True, idempotency_key="k-all") for sender in senders)
+        assert await asyncio.gather(*calls) == [2, 2, 2]
+        expected = {"ann": ["plain", "own", "all"], "bob": ["plain", "all"]}
         if history:
             assert await util.send_to_group("h-1", "kept", ack=True, idempotency_key="k-kept") == 2
             assert await other.send_to_group("h-1", "kept", ack=True, idempotency_key="k-kept") == 2
