@@ -232,6 +232,8 @@ class NodeRecord(_NodeRecordKeys, total=False):
     #: a node's history settings (FANOUT_HISTORY, FANOUT_CACHE, FANOUT_HISTORY_SIZE and _TTL), which a
     #: publisher's must match (``fanout.history_api``)
     history: dict[str, Json]
+    #: a node's FANOUT_IDEMPOTENCY_WINDOW, which a publisher's keyed sends must match
+    idempotency_window: float
     #: a node's that forwards client events (FANOUT_EVENTS), and a worker's: its FANOUT_EVENT_SHARDS
     event_shards: int
     role: str  #: a worker's: ``"worker"``
