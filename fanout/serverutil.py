@@ -621,12 +621,20 @@ class ServerUtil:
                 )
             if stored is not None and stored.positions is not None:
                 outcome = replace(outcome, sid=stored.send.sid, positions=stored.positions)
-            await self._record(key, outcome, stored.streams if stored is not None else ())
+            if ack or not await self._kept_as_published(stored):
+                await self._record(key, outcome, stored.streams if stored is not None else ())
             return result
         finally:
             future.set_result(result)
             if self._inflight.get(key) is future:
                 del self._inflight[key]
+
+    async def _kept_as_published(self, stored: _Stored | None) -> bool:
+        """Whether the store already keeps a first send without ``ack`` as published (``p``: all a repeat
+        needs), so that keeping it as done would add nothing: a plain send (claimed with its publish, or
+        kept right after it), a history send the store published itself."""
+        store = self._store
+        return store is None or stored is None or store.publishes
 
     async def _record(self, key: str, outcome: Outcome, streams: tuple[str, ...]) -> None:
         """Keep a keyed call's outcome; if the store fails now, the call still happened: logged only."""

@@ -88,7 +88,10 @@ async def _scenario(tmp_path: Path, env: dict[str, str], *, history: bool, other
             assert await other.send_to_group("h-1", "kept", idempotency_key="k-kept") is None
             page = await util.get_history("group:h-1")
             assert [e["data"] for e in page["entries"]] == ["kept"]  # appended once
-            expected = {name: [*frames, "kept"] for name, frames in expected.items()}
+            # a history group and a plain one: on a cluster, a message outside the stream's slot
+            for sender in (util, other):
+                assert await sender.send_to_group(["h-1", "g"], "mixed", idempotency_key="k-mixed") is None
+            expected = {name: [*frames, "kept", "mixed"] for name, frames in expected.items()}
             if other_group:  # streams in two cluster slots: the two-phase send
                 targets = ["h-1", other_group]
                 for sender in (util, other):
@@ -96,10 +99,8 @@ async def _scenario(tmp_path: Path, env: dict[str, str], *, history: bool, other
                 for group in targets:
                     page = await util.get_history(f"group:{group}")
                     assert [e["data"] for e in page["entries"]][-1:] == ["both"]
-                assert [e["data"] for e in (await util.get_history("group:h-1"))["entries"]] == [
-                    "kept",
-                    "both",
-                ]
+                entries = (await util.get_history("group:h-1"))["entries"]
+                assert [e["data"] for e in entries] == ["kept", "mixed", "both"]
                 expected = {name: [*frames, "both"] for name, frames in expected.items()}
         # bulk: the key covers the whole call
         for sender in (util, other):

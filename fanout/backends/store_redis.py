@@ -77,8 +77,9 @@ _T = TypeVar("_T")
 
 #: one send: KEYS hm1, hl1, hm2, hl2, ... [, its idempotency key]; ARGV epoch candidate, size, ttl ms,
 #: meta ttl ms, n, m, sid, payload, the meta's '"b":..,"j":..' part, the exclusions as JSON, the publish
-#: command, n stream names, m (channel, message) pairs [, the key's window ms]. Answers '<positions
-#: JSON>\n<count> <count> ...', or 'r<what the key holds>' when the key is there (nothing done).
+#: command, n stream names, m (channel, message) pairs [, the key's window ms [, its state: 'a' when other
+#: messages are published after the script]]. Answers '<positions JSON>\n<count> <count> ...', or 'r<what
+#: the key holds>' when the key is there (nothing done).
 _SEND = """
 local candidate, size, ttl, mttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n, m = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -111,8 +112,11 @@ for i = 1, n do
   redis.call('PEXPIRE', KEYS[2 * i], ttl)
 end
 if ik then
-  local state = 'a'
-  if m > 0 then state = 'p' end
+  local state = ARGV[13 + n + 2 * m]
+  if not state then
+    state = 'a'
+    if m > 0 then state = 'p' end
+  end
   redis.call('SET', ik, state .. '\\n' .. ARGV[7] .. '\\n' .. positions, 'PX', ARGV[12 + n + 2 * m])
 end
 local counts = {}
@@ -613,7 +617,7 @@ class RedisStore(HistoryStore):
             (slot,) = slots
             mine = [i for i, s in enumerate(item_slots) if s == slot]
             here = [(channels[i], items[i][1]) for i in mine]
-            positions, found = await self._send_script(streams, send, here)
+            positions, found = await self._send_script(streams, send, here, len(here) == len(items))
             for i, count in zip(mine, found, strict=True):
                 counts[i] = count
         else:  # the key checked before, kept after (see docs/continuity.md, "Idempotent sends")
@@ -623,18 +627,19 @@ class RedisStore(HistoryStore):
             done = await self._append_slots(slots, send, positions, channels, items, item_slots)
             for i, count in done.items():
                 counts[i] = count
-            if send.key is not None:
-                state = PUBLISHED if all(c is not None for c in counts) else APPENDED
-                await self.record_key(send.key, Outcome(state, None, send.sid, positions), streams)
-        for i, (_, message) in enumerate(items):  # messages outside every stream's slot
-            if counts[i] is None:
-                assert self._cluster is not None
-                reply = await self._pooled(
-                    self._cluster.execute_command(
-                        self._command.decode(), channels[i], attach_positions(message, positions)
-                    )
+            if send.key is not None:  # published once what is outside the slots is (below)
+                await self.record_key(send.key, Outcome(APPENDED, None, send.sid, positions), streams)
+        outside = [i for i, count in enumerate(counts) if count is None]
+        for i in outside:  # messages outside every stream's slot
+            assert self._cluster is not None
+            reply = await self._pooled(
+                self._cluster.execute_command(
+                    self._command.decode(), channels[i], attach_positions(items[i][1], positions)
                 )
-                counts[i] = int(reply)
+            )
+            counts[i] = int(reply)
+        if send.key is not None and (outside or len(slots) > 1) and items:
+            await self.record_key(send.key, Outcome(PUBLISHED, None, send.sid, positions), streams)
         return positions, counts
 
     def _kind(self, send: StoredSend) -> bytes:
@@ -677,9 +682,10 @@ class RedisStore(HistoryStore):
         return b"".join(parts)
 
     async def _send_script(
-        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
     ) -> tuple[Positions, list[int | None]]:
-        """The send script through redis-py (a cluster's single-slot send, a TLS server)."""
+        """The send script through redis-py (a cluster's single-slot send, a TLS server); ``complete``:
+        ``items`` are all the send's messages (else its key is kept as appended: the rest follow)."""
         keys: list[bytes] = []
         for stream in streams:
             keys.extend(key.encode() for key in self.keys(stream))
@@ -695,6 +701,8 @@ class RedisStore(HistoryStore):
         if send.key is not None:
             keys.append(self.key_name(send.key, streams).encode())
             args.append(self._window)
+            if not complete:
+                args.append(APPENDED.encode())
         return _parse_send(await self._eval("send", keys, args))
 
     def _packed(self, stream: str) -> tuple[bytes, bytes]:
@@ -793,7 +801,12 @@ class RedisStore(HistoryStore):
         args = [self._window, self._command]
         for address, message in publish:
             args += [address.channel(namespace).encode(), message]
-        reply = bytes(await self._bounded("a keyed send", self._eval("once", [self.key_name(key)], args)))
+        name = self.key_name(key).encode()
+        if self._fast:  # on the sends' own connection, in order with the history sends
+            command = pack(b"EVALSHA", self._scripts["once"].sha.encode(), b"1", name, *args)
+            reply = bytes(await self._bounded("a keyed send", self._fast_eval("once", command)))
+        else:
+            reply = bytes(await self._bounded("a keyed send", self._eval("once", [name], args)))
         _repeated(reply)
         return _counts(reply)
 
