@@ -621,7 +621,7 @@ class ServerUtil:
                 )
             if stored is not None and stored.positions is not None:
                 outcome = replace(outcome, sid=stored.send.sid, positions=stored.positions)
-            if ack or not await self._kept_as_published(stored):
+            if ack or not self._kept_as_published(stored):
                 await self._record(key, outcome, stored.streams if stored is not None else ())
             return result
         finally:
@@ -629,7 +629,7 @@ class ServerUtil:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
 
-    async def _kept_as_published(self, stored: _Stored | None) -> bool:
+    def _kept_as_published(self, stored: _Stored | None) -> bool:
         """Whether the store already keeps a first send without ``ack`` as published (``p``: all a repeat
         needs), so that keeping it as done would add nothing: a plain send (claimed with its publish, or
         kept right after it), a history send the store published itself."""
