@@ -24,6 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .exceptions import PayloadError
 from .history import MAX_HISTORY_SIZE, parse_stream
+from .idempotency import MAX_KEY_LENGTH
 from .protocol import is_sendable_close_code
 
 _S = TypeVar("_S")
@@ -141,6 +142,14 @@ def _limit(value: Any) -> int:
     return value
 
 
+def _idempotency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_KEY_LENGTH:
+        raise Refused(value)
+    return value
+
+
 def _anything(value: Any) -> Any:
     return value  # a payload: encoded (and refused if it cannot be) by the call itself
 
@@ -218,6 +227,17 @@ ARGUMENTS: dict[str, Accepts] = {
         f"an integer from 0 to {MAX_HISTORY_SIZE}",
         {"type": "integer", "minimum": 0, "maximum": MAX_HISTORY_SIZE},
         _limit,
+    ),
+    "idempotency_key": Accepts(
+        f"a string of 1 to {MAX_KEY_LENGTH} characters, or None",
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "nullable": True,
+            "description": "the same key within FANOUT_IDEMPOTENCY_WINDOW reaches each connection once",
+        },
+        _idempotency_key,
     ),
     "ack": BOOL,
     "wait": BOOL,

@@ -50,6 +50,17 @@ def _send_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binary", action="store_true", help="send the payload as a binary frame")
     p.add_argument("--exclude", action="append", default=[], metavar="CLIENT_ID", help="skip this client")
     p.add_argument("--ack", action="store_true", help="wait and print how many connections got it")
+    _key_option(p)
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--idempotency-key",
+        type=_checked("idempotency_key", str),
+        metavar="KEY",
+        help="send at most once per connection with this key within FANOUT_IDEMPOTENCY_WINDOW "
+        "(a repeat prints what the first did)",
+    )
 
 
 def _wait(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,6 +91,7 @@ environment (an option given on the command line wins):
   FANOUT_MAX_MESSAGE         biggest command on the bus, bytes (default 8388608)
   FANOUT_HISTORY, FANOUT_CACHE, FANOUT_HISTORY_SIZE, FANOUT_HISTORY_TTL, FANOUT_HISTORY_URL
                              history: as the nodes (see docs/continuity.md)
+  FANOUT_IDEMPOTENCY_WINDOW  seconds an --idempotency-key is remembered, as the nodes (default 300)
   FANOUT_LOG_LEVEL           log level (default: WARNING for commands, INFO for worker)
   FANOUT_WORKER_APP, FANOUT_WORKER_CONCURRENCY, FANOUT_WORKER_RETRIES, FANOUT_WORKER_PORT,
   FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker, fanout workers (see docs/workers.md)
@@ -171,7 +183,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
         return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     def send_kw(a: argparse.Namespace) -> dict[str, Any]:
-        return {"exclude": a.exclude, "ack": a.ack, "timeout": a.timeout}
+        return {
+            "exclude": a.exclude,
+            "ack": a.ack,
+            "timeout": a.timeout,
+            "idempotency_key": a.idempotency_key,
+        }
 
     p = command(
         "send", "send to connections by client id", lambda u, a: u.send(a.targets, _data(a), **send_kw(a))
@@ -227,6 +244,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
             _bulk(method),
         )
         p.add_argument("pairs", help=f'e.g. \'[["{what}", "text"], ...]\'')
+        _key_option(p)
 
     p = command(
         "join", "add a connection to groups", lambda u, a: u.join_group(a.client_id, a.groups, **_wait(a))
@@ -431,7 +449,8 @@ def _closer(method: str) -> Action:
 
 def _bulk(method: str) -> Action:
     async def action(util: ServerUtil, args: argparse.Namespace) -> Any:
-        await getattr(util, method)(args.pairs)  # parsed by _pairs before connecting
+        # (parsed by _pairs before connecting)
+        await getattr(util, method)(args.pairs, idempotency_key=args.idempotency_key)
 
     return action
 

@@ -72,6 +72,9 @@ class Send:
     #: its positions, ``{stream: (epoch, offset)}``: given by the store, read from the bus's positions
     #: line (never part of the signed message)
     positions: dict[str, tuple[str, int]] | None = field(default=None, compare=False)
+    #: the publisher's ``idempotency_key``: a node applies a key once within FANOUT_IDEMPOTENCY_WINDOW and
+    #: answers a repeat with the first's count (fanout/idempotency.py)
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,8 @@ class SendBulk:
     kind: TargetKind
     items: tuple[tuple[str, bytes, bool], ...]
     request: Request | None = None
+    #: derived from the call's ``idempotency_key``, one per command of the call (see :class:`Send`)
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +232,8 @@ class NodeRecord(_NodeRecordKeys, total=False):
     #: a node's history settings (FANOUT_HISTORY, FANOUT_CACHE, FANOUT_HISTORY_SIZE and _TTL), which a
     #: publisher's must match (``fanout.history_api``)
     history: dict[str, Json]
+    #: a node's FANOUT_IDEMPOTENCY_WINDOW, which a publisher's keyed sends must match
+    idempotency_window: float
     #: a node's that forwards client events (FANOUT_EVENTS), and a worker's: its FANOUT_EVENT_SHARDS
     event_shards: int
     role: str  #: a worker's: ``"worker"``

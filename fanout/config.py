@@ -175,6 +175,8 @@ class Settings:
     resume_ttl: float = 120.0
     #: most entries one stream replays on a resume
     recovery_max: int = 1000
+    #: seconds a send's ``idempotency_key`` is remembered (docs/continuity.md, "Idempotent sends")
+    idempotency_window: float = 300.0
 
     def __post_init__(self) -> None:
         validate_url(self.backend, self.url)
@@ -251,6 +253,7 @@ class Settings:
             history_url=env.get("FANOUT_HISTORY_URL", ""),
             resume_ttl=env_number(env, "FANOUT_RESUME_TTL", 120.0, float, positive=True),
             recovery_max=env_number(env, "FANOUT_RECOVERY_MAX", 1000, int, positive=True),
+            idempotency_window=env_number(env, "FANOUT_IDEMPOTENCY_WINDOW", 300.0, float, positive=True),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -271,6 +274,7 @@ def _check_continuity(settings: Settings) -> None:
     for name, value in (
         ("FANOUT_HISTORY_TTL", settings.history_ttl),
         ("FANOUT_RESUME_TTL", settings.resume_ttl),
+        ("FANOUT_IDEMPOTENCY_WINDOW", settings.idempotency_window),
     ):
         if not value > 0:
             raise ConfigError(name, "must be a positive number of seconds")

@@ -67,6 +67,9 @@ MAX_DEPTH = 32
 MAX_NAMES = 100_000
 #: longest a heartbeat may claim a node stays alive without another one, seconds
 MAX_TTL = 60.0
+#: longest idempotency key on the bus (``ik``): a caller's key (at most 128 characters) and what a bulk send
+#: derives from it for each of its commands
+MAX_KEY = 160
 #: what a heartbeat's ``mode`` may say: a FANOUT_MODE, or nothing (the empty string)
 NODE_MODES = frozenset({"", "fanout", "routing"})
 
@@ -156,6 +159,21 @@ def _names_out(names: tuple[str, ...], what: str) -> list[str]:
     return list(names)
 
 
+def _key_out(key: str) -> str:
+    if not 0 < len(key) <= MAX_KEY:
+        raise PayloadError(f"idempotency key of {len(key)} characters: 1 to {MAX_KEY} are accepted")
+    return key
+
+
+def _key_in(value: Any) -> str | None:
+    if value is None:
+        return None
+    key = _str(value, "ik")
+    if not 0 < len(key) <= MAX_KEY:
+        raise ValueError(f"ik of {len(key)} characters: 1 to {MAX_KEY} are accepted")
+    return key
+
+
 def _json_out(value: Any, what: str) -> Any:
     if too_deep(value):
         raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
@@ -185,6 +203,8 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
                 header["j"] = True
             if cmd.sid is not None:
                 header["sid"] = cmd.sid
+            if cmd.idempotency_key is not None:
+                header["ik"] = _key_out(cmd.idempotency_key)
             payload = cmd.payload
         case Close():
             header = _targeted("close", cmd)
@@ -201,6 +221,8 @@ def _to_header(cmd: Command) -> tuple[dict[str, Any], bytes]:
             header = {"op": "bulk", "t": cmd.kind.value, "n": _names_out(tuple(names), "bulk"), "l": lengths}
             if any(binary):
                 header["bin"] = binary
+            if cmd.idempotency_key is not None:
+                header["ik"] = _key_out(cmd.idempotency_key)
             payload = b"".join(data for _, data, _ in cmd.items)
         case CloseGuests():
             header = {"op": "close_guests", "age": cmd.older_than, "code": cmd.code}
@@ -532,6 +554,7 @@ def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
         dedupe_id=_opt_str(h.get("mid"), "mid"),
         json=_bool(h.get("j", False), "j"),
         sid=_opt_str(h.get("sid"), "sid"),
+        idempotency_key=_key_in(h.get("ik")),
     )
 
 
@@ -600,7 +623,7 @@ def _parse_bulk(h: dict[str, Any], payload: bytes) -> SendBulk:
         offset += size
     if offset != len(payload):
         raise ValueError("the lengths do not add up to the payload")
-    return SendBulk(kind, tuple(items), _req(h))
+    return SendBulk(kind, tuple(items), _req(h), _key_in(h.get("ik")))
 
 
 def _parse_node(value: Any) -> NodeInfo:

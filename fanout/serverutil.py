@@ -22,11 +22,12 @@ that fits it, at most 1.5 heartbeat intervals, and every publish raises :class:`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self, TypeAlias, cast
@@ -66,6 +67,7 @@ from .directory import NodeDirectory
 from .exceptions import (
     ConfigError,
     ConfigMismatch,
+    FanoutError,
     MessageTooLarge,
     NoLiveNodes,
     NotConnected,
@@ -73,7 +75,8 @@ from .exceptions import (
     QueryTimeout,
     remote_error,
 )
-from .history import attach_positions, flag_stream, new_send_id
+from .history import Positions, attach_positions, flag_stream, new_send_id
+from .idempotency import APPENDED, COUNTED, DONE, PUBLISHED, Outcome, Repeated, derived
 from .ids import new_boot_token, owner_of
 from .naming import Address
 from .receive import Receiver
@@ -81,8 +84,20 @@ from .receive import Receiver
 log = logging.getLogger("fanout.serverutil")
 
 Names: TypeAlias = str | Iterable[str]
-#: a send's history streams and what it stores in them
-_Stored: TypeAlias = tuple[tuple[str, ...], StoredSend]
+
+
+@dataclass(slots=True)
+class _Stored:
+    """A send to history streams: its streams, what it stores in them, and its positions once appended
+    (given beforehand: a repeat of a keyed send, published again as the first was, not appended)."""
+
+    streams: tuple[str, ...]
+    send: StoredSend
+    positions: Positions | None = None
+
+
+#: a keyed call's first attempt failed (a repeat waiting for it then tries on its own)
+_FAILED: Any = object()
 #: how often a waiting request re-checks whether the nodes it waits for are still alive
 _RECHECK = 0.1
 
@@ -196,6 +211,8 @@ class ServerUtil:
         self._store: HistoryStore | None = None
         self._owns_store = True
         self._store_lock = asyncio.Lock()
+        #: keyed calls of this ServerUtil on their way: a repeat waits for the first's result
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
 
     @property
     def dropped(self) -> Counter[str]:
@@ -403,6 +420,24 @@ class ServerUtil:
         if unverified:
             self._check_unverified(unverified)
 
+    def _check_window(self, live: dict[str, NodeInfo]) -> None:
+        """A keyed send: raise ConfigMismatch if the nodes apply a key once within another window than
+        this publisher keeps it (as :meth:`check`: any verified node, or every node without a secret)."""
+        mine = self.settings.idempotency_window
+        differ = [
+            info
+            for info in live.values()
+            if isinstance(theirs := info.extra.get("idempotency_window"), int | float) and theirs != mine
+        ]
+        if differ and (self.settings.secret or len(differ) == len(live)):
+            node = differ[0]
+            raise ConfigMismatch(
+                "FANOUT_IDEMPOTENCY_WINDOW",
+                f"this publisher keeps idempotency keys {mine:g}s but node {node.node_id} of namespace "
+                f"{self.settings.namespace!r} applies a key once within "
+                f"{node.extra['idempotency_window']:g}s: a repeat could be delivered again",
+            )
+
     def _fitting_node_heard(self, now: float) -> bool:
         return any(self._differs(info) is None for info in self._directory.live(now).values())
 
@@ -475,7 +510,7 @@ class ServerUtil:
     # ------------------------------------------------------------------ publishing
 
     async def _publish(
-        self, pairs: Sequence[tuple[Address, Command]], stored: _Stored | None = None
+        self, pairs: Sequence[tuple[Address, Command]], stored: _Stored | None = None, key: str | None = None
     ) -> list[int | None]:
         """Encode and publish ``pairs`` in one go (no other publish of ours can come in between).
 
@@ -487,6 +522,9 @@ class ServerUtil:
         ``stored``: the send goes to history streams (its streams and what it stores in them): appended
         to them and published with its positions, and recoverable even when no node is live (no
         NoLiveNodes).
+
+        ``key``: an idempotency key to claim in the store (:meth:`_publish_keyed`); a stored send's is in
+        its ``send``. Raises :class:`~fanout.idempotency.Repeated` when the store has it already.
         """
         if not pairs:
             return []
@@ -494,29 +532,129 @@ class ServerUtil:
             await self._meet_nodes()
         live = self._directory.live(asyncio.get_running_loop().time())
         self._check_fit(live)
+        if key is not None or (stored is not None and stored.send.key is not None):
+            self._check_window(live)
         items = []
         now = time.time()
         encode = self._encoder.encode
         limit = self.settings.max_message
         if stored is not None:
-            limit -= history_api.positions_room(stored[0])
+            limit -= history_api.positions_room(stored.streams)
         for address, command in pairs:
             message = encode(command, now)
             if len(message) > limit:
                 raise MessageTooLarge(f"command of {len(message)} bytes exceeds max_message={limit}")
             items.append((address, message))
         if stored is not None:  # appended to its streams and published with its positions
-            store = self._store or await self._history_store()
-            if store.publishes:  # in one step: the store is the bus (Redis: one script)
-                return (await store.append_counted(stored[0], stored[1], items))[1]
-            positions = await store.append(*stored)  # else appended first, then published
+            if stored.positions is None:
+                store = self._store or await self._history_store()
+                if store.publishes:  # in one step: the store is the bus (Redis: one script)
+                    stored.positions, counts = await store.append_counted(stored.streams, stored.send, items)
+                    return counts
+                stored.positions = await store.append(stored.streams, stored.send)  # else appended first
             return await self.backend.publish_many(
-                [(address, attach_positions(message, positions)) for address, message in items]
+                [(address, attach_positions(message, stored.positions)) for address, message in items]
             )
-        counts = await self.backend.publish_many(items)
+        counts = await (self.backend.publish_many(items) if key is None else self._publish_keyed(key, items))
         if not live and not self._in_node and not any(counts):
             raise NoLiveNodes(self.settings.namespace, self.settings.where)
         return counts
+
+    async def _key_store(self) -> HistoryStore | None:
+        """Where idempotency keys are kept: the continuity store, or None (AMQP without
+        FANOUT_HISTORY_URL: the nodes alone keep them)."""
+        if (
+            self._store is None
+            and self.settings.backend is BackendKind.AMQP
+            and not self.settings.history_url
+        ):
+            return None
+        return self._store or await self._history_store()
+
+    async def _publish_keyed(self, key: str, items: list[tuple[Address, bytes]]) -> list[int | None]:
+        """Publish a plain keyed send: in the script that claims the key where the store is the bus (one
+        Redis server, memory); else after checking the store (the key is kept once published: a crash in
+        between makes a repeat that the nodes drop, never a loss); with no store, plainly (the nodes drop
+        repeats). Raises Repeated when the store has the key."""
+        store = await self._key_store()
+        if store is None:
+            return await self.backend.publish_many(items)
+        if store.atomic_keys:
+            return await store.publish_once(key, items)
+        if (found := await store.check_key(key)) is not None:
+            raise Repeated(found)
+        counts = await self.backend.publish_many(items)
+        await self._record(key, Outcome(PUBLISHED), ())  # at once (its result is kept when known)
+        return counts
+
+    async def _once(
+        self,
+        key: str,
+        ack: bool,
+        timeout: float | None,
+        first: Callable[[], Awaitable[int | None]],
+        again: Callable[[Outcome], Awaitable[int | None]],
+        stored: _Stored | None = None,
+    ) -> int | None:
+        """A keyed call: ``first()`` unless the key was seen, else ``again(outcome)`` (what the first
+        returned, or the nodes' answer for the key); then the outcome kept in the store for the window.
+
+        A repeat while this ServerUtil's own first is on its way waits for its result (at most
+        ``timeout``, or the publish timeout without ``ack``: else QueryTimeout)."""
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            bound = (self.settings.query_timeout if timeout is None else timeout) if ack else None
+            bound = bound or self.settings.publish_timeout
+            try:
+                async with asyncio.timeout(bound):
+                    found = await asyncio.shield(waiting)
+            except TimeoutError:
+                raise QueryTimeout("a repeated send (waiting for the first)", [], bound) from None
+            if found is not _FAILED and (found is not None or not ack):
+                return found if ack else None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        result: int | None = _FAILED
+        try:
+            try:
+                result = await first()
+                outcome = Outcome(COUNTED if ack and result is not None else DONE, result if ack else None)
+            except Repeated as repeated:
+                result = await again(repeated.outcome)
+                if repeated.outcome.state != APPENDED:
+                    return result
+                # the first's entry is published now: kept as done, with its send id and positions
+                outcome = Outcome(
+                    COUNTED if ack and result is not None else DONE,
+                    result if ack else None,
+                    repeated.outcome.sid,
+                    repeated.outcome.positions,
+                )
+            if stored is not None and stored.positions is not None:
+                outcome = replace(outcome, sid=stored.send.sid, positions=stored.positions)
+            if ack or not self._kept_as_published(stored):
+                await self._record(key, outcome, stored.streams if stored is not None else ())
+            return result
+        finally:
+            future.set_result(result)
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    def _kept_as_published(self, stored: _Stored | None) -> bool:
+        """Whether the store already keeps a first send without ``ack`` as published (``p``: all a repeat
+        needs), so that keeping it as done would add nothing: a plain send (claimed with its publish, or
+        kept right after it), a history send the store published itself."""
+        store = self._store
+        return store is None or stored is None or store.publishes
+
+    async def _record(self, key: str, outcome: Outcome, streams: tuple[str, ...]) -> None:
+        """Keep a keyed call's outcome; if the store fails now, the call still happened: logged only."""
+        try:
+            store = await self._key_store()
+            if store is not None:
+                await store.record_key(key, outcome, streams)
+        except FanoutError as exc:
+            log.warning("the outcome of idempotency key %r was not kept: %s", key, exc)
 
     def _new_request(self) -> Request:
         self._request_seq += 1
@@ -531,6 +669,7 @@ class ServerUtil:
         timeout: float | None,
         partial: bool = False,
         stored: _Stored | None = None,
+        key: str | None = None,
     ) -> dict[str, Json]:
         """Publish request-carrying commands and gather the replies: node instance -> result.
 
@@ -543,7 +682,7 @@ class ServerUtil:
         gather = self._pending[request.id] = _Gather(owners, asked_at=asyncio.get_running_loop().time())
         try:
             counts = await self._publish(
-                [(address, build(request)) for address, build, _ in publishes], stored
+                [(address, build(request)) for address, build, _ in publishes], stored, key
             )
             for (address, _, owner), count in zip(publishes, counts, strict=True):
                 if count == 0 and owner is not None and address.kind is naming.Kind.NODE:
@@ -633,10 +772,17 @@ class ServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         """Send ``data`` to these connections. Returns the number reached with ``ack=True``."""
         return await self._send(
-            Target(TargetKind.CLIENTS, names(client_ids, "client_ids")), data, exclude, ack, timeout, partial
+            Target(TargetKind.CLIENTS, names(client_ids, "client_ids")),
+            data,
+            exclude,
+            ack,
+            timeout,
+            partial,
+            idempotency_key,
         )
 
     @checked
@@ -649,10 +795,17 @@ class ServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         """Send ``data`` to every connection bound to these flags."""
         return await self._send(
-            Target(TargetKind.FLAGS, names(flags, "flags")), data, exclude, ack, timeout, partial
+            Target(TargetKind.FLAGS, names(flags, "flags")),
+            data,
+            exclude,
+            ack,
+            timeout,
+            partial,
+            idempotency_key,
         )
 
     @checked
@@ -665,10 +818,17 @@ class ServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         """Send ``data`` to every member of these groups (once each, even if in several)."""
         return await self._send(
-            Target(TargetKind.GROUPS, names(groups, "groups")), data, exclude, ack, timeout, partial
+            Target(TargetKind.GROUPS, names(groups, "groups")),
+            data,
+            exclude,
+            ack,
+            timeout,
+            partial,
+            idempotency_key,
         )
 
     @checked
@@ -680,38 +840,100 @@ class ServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         """Send ``data`` to every connection of the cluster."""
-        return await self._send(Target.all(), data, exclude, ack, timeout, partial)
+        return await self._send(Target.all(), data, exclude, ack, timeout, partial, idempotency_key)
 
     async def _send(
-        self, target: Target, data: object, exclude: Names, ack: bool, timeout: float | None, partial: bool
+        self,
+        target: Target,
+        data: object,
+        exclude: Names,
+        ack: bool,
+        timeout: float | None,
+        partial: bool,
+        key: str | None = None,
     ) -> int | None:
         payload, binary = encode_payload(data, self.json_default)
         json = not binary and not isinstance(data, str)
+        excluded = names(exclude, "exclude")
         streams = self._policy.streams_of(target) if self._history_on else ()
         if streams:
-            stored = Send(target, payload, binary, names(exclude, "exclude"), json=json, sid=new_send_id())
-            return await self._send_stored(stored, streams, ack, timeout, partial)
-        command = Send(target, payload, binary, names(exclude, "exclude"), json=json)
+            sid = new_send_id()
+            stored_command = Send(target, payload, binary, excluded, json=json, sid=sid, idempotency_key=key)
+            stored = _Stored(streams, StoredSend(sid, payload, binary, json, excluded, key))
+            if key is None:
+                return await self._send_stored(stored_command, stored, ack, timeout, partial)
+            return await self._once(
+                key,
+                ack,
+                timeout,
+                lambda: self._send_stored(stored_command, stored, ack, timeout, partial),
+                lambda outcome: self._again(stored_command, streams, outcome, ack, timeout, partial),
+                stored,
+            )
+        command = Send(target, payload, binary, excluded, json=json, idempotency_key=key)
+        if key is None:
+            return await self._send_plain(command, ack, timeout, partial)
+        return await self._once(
+            key,
+            ack,
+            timeout,
+            lambda: self._send_plain(command, ack, timeout, partial, key),
+            lambda outcome: self._again(command, (), outcome, ack, timeout, partial),
+        )
+
+    async def _send_plain(
+        self, command: Send, ack: bool, timeout: float | None, partial: bool, key: str | None = None
+    ) -> int | None:
         if ack:
-            return await self._count("send", command, timeout, partial)
-        await self._publish(routing.route(command, self.settings.mode))
+            return await self._count("send", command, timeout, partial, key=key)
+        await self._publish(routing.route(command, self.settings.mode), key=key)
         return None
 
     async def _send_stored(
-        self, command: Send, streams: tuple[str, ...], ack: bool, timeout: float | None, partial: bool
+        self, command: Send, stored: _Stored, ack: bool, timeout: float | None, partial: bool
     ) -> int | None:
         """A send to history streams (``command`` has its send id): appended to them and published with its
         positions. With no node live it is stored all the same and recoverable: no NoLiveNodes (``ack``:
         0)."""
-        assert command.sid is not None
-        send = StoredSend(command.sid, command.payload, command.binary, command.json, command.exclude)
-        stored = (streams, send)
         if ack:
             try:
                 return await self._count("send", command, timeout, partial, stored)
             except NoLiveNodes:
+                return 0
+        await self._publish(routing.route(command, self.settings.mode), stored)
+        return None
+
+    async def _again(
+        self,
+        command: Send,
+        streams: tuple[str, ...],
+        outcome: Outcome,
+        ack: bool,
+        timeout: float | None,
+        partial: bool,
+    ) -> int | None:
+        """A repeated key: what the first returned. Published again only when that is unknown - a count
+        asked for that the first did not record (yet): the nodes answer for the key, each applying it once
+        (those that had the first give its count) - or when the first appended to history but may not
+        have published (then with the first's send id and positions, which nodes place, once)."""
+        if outcome.count is not None:
+            return outcome.count if ack else None
+        if not ack and outcome.state != APPENDED:
+            return None
+        stored = None
+        if outcome.sid is not None and outcome.positions is not None:
+            command = replace(command, sid=outcome.sid)
+            send = StoredSend(outcome.sid, command.payload, command.binary, command.json, command.exclude)
+            stored = _Stored(streams, send, outcome.positions)
+        if ack:
+            try:
+                return await self._count("send", command, timeout, partial, stored)
+            except NoLiveNodes:
+                if stored is None:
+                    raise
                 return 0
         await self._publish(routing.route(command, self.settings.mode), stored)
         return None
@@ -723,6 +945,7 @@ class ServerUtil:
         timeout: float | None,
         partial: bool,
         stored: _Stored | None = None,
+        key: str | None = None,
     ) -> int:
         """Publish ``command`` to every node and sum the connections each says it reached."""
         if command.target.kind is not TargetKind.ALL and not command.target.names:
@@ -734,6 +957,7 @@ class ServerUtil:
             timeout=timeout,
             partial=partial,
             stored=stored,
+            key=key,
         )
         return sum(r for r in replies.values() if isinstance(r, int))
 
@@ -825,12 +1049,17 @@ class ServerUtil:
     # ------------------------------------------------------------------ a payload per recipient
 
     @checked
-    async def send_bulk(self, pairs: Iterable[tuple[str, object]]) -> None:
+    async def send_bulk(
+        self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None
+    ) -> None:
         """A different payload per connection: ``pairs`` of (client id, data), each connection getting
-        only its own, in order, all in one broker round (one publish per owning node in routing mode)."""
+        only its own, in order, all in one broker round (one publish per owning node in routing mode).
+        ``idempotency_key`` covers the whole call."""
         items = _bulk_items(pairs, self.json_default)
         if self.settings.mode is Mode.FANOUT:
-            await self._publish(self._bulk_commands(naming.ALL, TargetKind.CLIENTS, items))
+            await self._publish_bulk(
+                self._bulk_commands(naming.ALL, TargetKind.CLIENTS, items), idempotency_key
+            )
             return
         by_owner: dict[str, list[tuple[str, bytes, bool]]] = {}
         owners: dict[str, str | None] = {}  # a connection usually has several payloads: parse its id once
@@ -839,39 +1068,68 @@ class ServerUtil:
             owner = owners[cid] if cid in owners else owners.setdefault(cid, owner_of(cid))
             if owner is not None:
                 by_owner.setdefault(owner, []).append(item)
-        await self._publish(
+        await self._publish_bulk(
             [
                 command
                 for owner, mine in by_owner.items()
                 for command in self._bulk_commands(naming.node(owner), TargetKind.CLIENTS, mine)
-            ]
+            ],
+            idempotency_key,
         )
 
+    async def _publish_bulk(self, commands: list[tuple[Address, Command]], key: str | None) -> None:
+        """A bulk call's commands; with a key, each command carries its own (``<key>#<n>``: a node applies
+        each once) and the call claims ``key`` (a repeat publishes nothing where the store has it)."""
+        if key is None:
+            await self._publish(commands)
+            return
+        if not commands:
+            return
+        keyed: list[tuple[Address, Command]] = [
+            (address, replace(command, idempotency_key=derived(key, str(n))))
+            for n, (address, command) in enumerate(commands)
+            if isinstance(command, SendBulk)
+        ]
+
+        async def first() -> None:
+            await self._publish(keyed, key=key)
+
+        async def again(_: Outcome) -> None:
+            return None
+
+        await self._once(key, False, None, first, again)
+
     @checked
-    async def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
+    async def send_bulk_by_flag(
+        self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None
+    ) -> None:
         """A different payload per flag: ``pairs`` of (flag, data); every connection bound to a flag gets
         that flag's payloads, in order, all in one broker round (one publish per flag in routing mode).
 
         A flag with a history (``FANOUT_HISTORY``) gets each of its payloads as a send of its own, appended
-        to its stream (in order, flags in parallel)."""
+        to its stream (in order, flags in parallel). ``idempotency_key`` covers the whole call (each of
+        those sends gets one derived from it: ``<key>#h<n>``)."""
         stored: dict[str, list[Send]] = {}
         if self._history_on:
             pairs, stored = self._split_stored(list(pairs))
         items = _bulk_items(pairs, self.json_default)  # (every payload encoded before anything is sent)
         if stored:
-            await self._send_each_stored(stored)
+            await self._send_each_stored(stored, idempotency_key)
         if self.settings.mode is Mode.FANOUT:
-            await self._publish(self._bulk_commands(naming.ALL, TargetKind.FLAGS, items))
+            await self._publish_bulk(
+                self._bulk_commands(naming.ALL, TargetKind.FLAGS, items), idempotency_key
+            )
             return
         by_flag: dict[str, list[tuple[str, bytes, bool]]] = {}
         for item in items:
             by_flag.setdefault(item[0], []).append(item)
-        await self._publish(
+        await self._publish_bulk(
             [
                 command
                 for flag, mine in by_flag.items()
                 for command in self._bulk_commands(naming.flag(flag), TargetKind.FLAGS, mine)
-            ]
+            ],
+            idempotency_key,
         )
 
     def _split_stored(
@@ -890,14 +1148,38 @@ class ServerUtil:
                 plain.append((name, data))
         return plain, stored
 
-    async def _send_each_stored(self, sends: dict[str, list[Send]]) -> None:
-        """Each flag's sends stored and published one after the other, the flags in parallel."""
+    async def _send_each_stored(self, sends: dict[str, list[Send]], key: str | None = None) -> None:
+        """Each flag's sends stored and published one after the other, the flags in parallel (with a key,
+        each send keyed ``<key>#h<n>``, numbered in the call's order)."""
         limit = asyncio.Semaphore(_BULK_STORED_AT_ONCE)
+        numbers = itertools.count()
+        keys = (
+            {id(send): derived(key, f"h{next(numbers)}") for name in sends for send in sends[name]}
+            if key
+            else {}
+        )
+
+        async def one(send: Send, streams: tuple[str, ...], key: str | None) -> None:
+            stored = _Stored(
+                streams, StoredSend(send.sid or "", send.payload, send.binary, send.json, key=key)
+            )
+            if key is None:
+                await self._send_stored(send, stored, False, None, False)
+                return
+            send = replace(send, idempotency_key=key)
+            await self._once(
+                key,
+                False,
+                None,
+                lambda: self._send_stored(send, stored, False, None, False),
+                lambda outcome: self._again(send, streams, outcome, False, None, False),
+                stored,
+            )
 
         async def one_flag(name: str) -> None:
             async with limit:
                 for send in sends[name]:
-                    await self._send_stored(send, (flag_stream(name),), False, None, False)
+                    await one(send, (flag_stream(name),), keys.get(id(send)))
 
         await asyncio.gather(*(one_flag(name) for name in sends))
 

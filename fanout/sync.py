@@ -183,6 +183,7 @@ class SyncServerUtil:
         ack: Literal[True],
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int: ...
     @overload
     def send(
@@ -194,6 +195,7 @@ class SyncServerUtil:
         ack: Literal[False] = ...,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> None: ...
     @overload
     def send(
@@ -205,6 +207,7 @@ class SyncServerUtil:
         ack: bool,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int | None: ...
     def send(
         self,
@@ -215,9 +218,17 @@ class SyncServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         return self._call(
-            ServerUtil.send, client_ids, data, exclude=exclude, ack=ack, timeout=timeout, partial=partial
+            ServerUtil.send,
+            client_ids,
+            data,
+            exclude=exclude,
+            ack=ack,
+            timeout=timeout,
+            partial=partial,
+            idempotency_key=idempotency_key,
         )
 
     @overload
@@ -230,6 +241,7 @@ class SyncServerUtil:
         ack: Literal[True],
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int: ...
     @overload
     def send_by_flag(
@@ -241,6 +253,7 @@ class SyncServerUtil:
         ack: Literal[False] = ...,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> None: ...
     @overload
     def send_by_flag(
@@ -252,6 +265,7 @@ class SyncServerUtil:
         ack: bool,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int | None: ...
     def send_by_flag(
         self,
@@ -262,9 +276,17 @@ class SyncServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         return self._call(
-            ServerUtil.send_by_flag, flags, data, exclude=exclude, ack=ack, timeout=timeout, partial=partial
+            ServerUtil.send_by_flag,
+            flags,
+            data,
+            exclude=exclude,
+            ack=ack,
+            timeout=timeout,
+            partial=partial,
+            idempotency_key=idempotency_key,
         )
 
     @overload
@@ -277,6 +299,7 @@ class SyncServerUtil:
         ack: Literal[True],
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int: ...
     @overload
     def send_to_group(
@@ -288,6 +311,7 @@ class SyncServerUtil:
         ack: Literal[False] = ...,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> None: ...
     @overload
     def send_to_group(
@@ -299,6 +323,7 @@ class SyncServerUtil:
         ack: bool,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int | None: ...
     def send_to_group(
         self,
@@ -309,9 +334,17 @@ class SyncServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         return self._call(
-            ServerUtil.send_to_group, groups, data, exclude=exclude, ack=ack, timeout=timeout, partial=partial
+            ServerUtil.send_to_group,
+            groups,
+            data,
+            exclude=exclude,
+            ack=ack,
+            timeout=timeout,
+            partial=partial,
+            idempotency_key=idempotency_key,
         )
 
     @overload
@@ -323,6 +356,7 @@ class SyncServerUtil:
         ack: Literal[True],
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int: ...
     @overload
     def send_to_all(
@@ -333,6 +367,7 @@ class SyncServerUtil:
         ack: Literal[False] = ...,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> None: ...
     @overload
     def send_to_all(
@@ -343,6 +378,7 @@ class SyncServerUtil:
         ack: bool,
         timeout: float | None = ...,
         partial: bool = ...,
+        idempotency_key: str | None = ...,
     ) -> int | None: ...
     def send_to_all(
         self,
@@ -352,9 +388,16 @@ class SyncServerUtil:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> int | None:
         return self._call(
-            ServerUtil.send_to_all, data, exclude=exclude, ack=ack, timeout=timeout, partial=partial
+            ServerUtil.send_to_all,
+            data,
+            exclude=exclude,
+            ack=ack,
+            timeout=timeout,
+            partial=partial,
+            idempotency_key=idempotency_key,
         )
 
     @overload
@@ -460,14 +503,22 @@ class SyncServerUtil:
         partial: bool = False,
     ) -> int:
         return self._call(
-            ServerUtil.close_guests, older_than, data, code, reason, timeout=timeout, partial=partial
+            ServerUtil.close_guests,
+            older_than,
+            data,
+            code,
+            reason,
+            timeout=timeout,
+            partial=partial,
         )
 
-    def send_bulk(self, pairs: Iterable[tuple[str, object]]) -> None:
-        return self._call(ServerUtil.send_bulk, pairs)
+    def send_bulk(self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None) -> None:
+        return self._call(ServerUtil.send_bulk, pairs, idempotency_key=idempotency_key)
 
-    def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
-        return self._call(ServerUtil.send_bulk_by_flag, pairs)
+    def send_bulk_by_flag(
+        self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None
+    ) -> None:
+        return self._call(ServerUtil.send_bulk_by_flag, pairs, idempotency_key=idempotency_key)
 
     @overload
     def join_group(

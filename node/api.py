@@ -4,7 +4,8 @@ On when ``FANOUT_API_KEY`` is set (404 otherwise). A request is ``POST /api/<cal
 ``Authorization: Bearer <key>`` and a JSON object of the call's arguments (``data`` as JSON; ``data_b64``
 instead for binary data), answered ``{"result": ...}`` (``get_history``'s binary entries: ``data_b64``).
 ``POST /api/batch`` takes a list of ``{"call": ..., "args": {...}}`` and answers ``{"result": [...]}``,
-one entry per call in order, each ``{"result": ...}`` or ``{"error": {...}, "status": n}``. Statuses:
+one entry per call in order, each ``{"result": ...}`` or ``{"error": {...}, "status": n}``. A send's
+``idempotency_key`` may come as the ``Idempotency-Key`` header instead (both, differing: 400). Statuses:
 401 wrong or missing key, 400 bad arguments, 404 unknown call, 413 body over ``FANOUT_API_MAX_BODY``,
 504 ``QueryTimeout``, 503 ``BackendUnavailable`` / ``NoLiveNodes``, 502 another ``BackendError``, 500
 anything else. The OpenAPI description is ``GET /api/openapi.json``.
@@ -116,8 +117,10 @@ class Api:
             return False
         return hmac.compare_digest(authorization[7:].strip().encode(), self.key.encode())
 
-    async def handle(self, path: str, authorization: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
-        """``(status, JSON answer)`` for ``POST path``."""
+    async def handle(
+        self, path: str, authorization: str | None, body: bytes, idempotency_key: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """``(status, JSON answer)`` for ``POST path`` (``idempotency_key``: its Idempotency-Key header)."""
         try:
             if self.key is None or not path.startswith("/api/"):
                 raise ApiError(404, "NotFound", "no such endpoint (is FANOUT_API_KEY set?)")
@@ -130,6 +133,8 @@ class Api:
                 args = orjson.loads(body) if body.strip() else {}
             except orjson.JSONDecodeError as exc:
                 raise ApiError(400, "BadRequest", f"the body is not JSON: {exc}") from None
+            if idempotency_key is not None:
+                args = _with_key(name, args, idempotency_key)
             if name == "batch":
                 return 200, {"result": await self._batch(args)}
             return 200, {"result": await self.call(name, args)}
@@ -170,6 +175,18 @@ class Api:
         except (TypeError, ValueError) as exc:  # an argument of the wrong type
             raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
         return history_api.as_json(result) if name == "get_history" else result
+
+
+def _with_key(call: str, args: Any, key: str) -> Any:
+    """The call's arguments with the ``Idempotency-Key`` header's key as its ``idempotency_key``."""
+    if call == "batch" or not isinstance(args, dict):
+        raise ApiError(
+            400, "BadRequest", "the Idempotency-Key header is for one call's JSON object of arguments"
+        )
+    if args.get("idempotency_key", key) != key:
+        message = f"the Idempotency-Key header ({key!r:.140}) and the body's idempotency_key differ"
+        raise ApiError(400, "BadRequest", message)
+    return {**args, "idempotency_key": key}
 
 
 def _check_fields(call: str, args: dict[str, Any], signature: inspect.Signature) -> None:

@@ -209,11 +209,12 @@ class HttpConnection(asyncio.Protocol):
             return  # more to come
         self._post = _ANSWERING
         self._finish()  # the answer may take a query's time: no handshake timeout for it
-        self._task = asyncio.ensure_future(self._answer_api(path, headers.get("authorization"), body))
+        key = headers.get("idempotency-key")
+        self._task = asyncio.ensure_future(self._answer_api(path, headers.get("authorization"), body, key))
 
-    async def _answer_api(self, path: str, authorization: str | None, body: bytes) -> None:
+    async def _answer_api(self, path: str, authorization: str | None, body: bytes, key: str | None) -> None:
         try:
-            status, answer = await self.node.api.handle(path, authorization, body)
+            status, answer = await self.node.api.handle(path, authorization, body, key)
             answer_body = orjson.dumps(answer)
         except Exception:
             log.exception("HTTP API request failed")

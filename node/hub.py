@@ -43,10 +43,9 @@ from fanout.commands import (
     TargetKind,
     Unbind,
 )
-from fanout.commands import (
-    Request as BusRequest,
-)
+from fanout.commands import Request as BusRequest
 from fanout.exceptions import FanoutError
+from fanout.idempotency import KeyWindow
 from fanout.table import Change, ConnectionTable
 
 from . import replies
@@ -123,6 +122,8 @@ class Hub(Generic[C]):
         self._last_batch_at = -1e9  #: loop time the last batch of bus commands was applied
         #: history streams, fanout.v1 and resume (node/continuity.py), set by the node
         self.continuity: Continuity | None = None
+        #: the idempotency keys applied within FANOUT_IDEMPOTENCY_WINDOW (fanout/idempotency.py)
+        self.keys = KeyWindow(settings.idempotency_window)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         """Run ``coroutine`` in the background, supervised: failures are logged, never silent."""
@@ -216,20 +217,19 @@ class Hub(Generic[C]):
 
     def _apply(self, command: Command) -> None:
         match command:
-            case Send():
-                self.metrics.commands["send"] += 1
-                if command.positions is not None and self.continuity is not None:
-                    reached = self.continuity.offer(command)  # in each stream's order (fanout/positioning.py)
-                else:
-                    reached = self.deliver(command)
+            case Send() | SendBulk() if command.idempotency_key is not None:  # once a key, in the window
+                key, now = command.idempotency_key, time.monotonic()
+                if (reached := self.keys.seen(key, now)) is None:  # (a repeat: counted in keys.repeats)
+                    self.keys.applied(key, reached := self._send(command), now)
                 self._reply(command.request, reached)
+            case Send():
+                self._reply(command.request, self._send(command))
             case Close():
                 self.metrics.commands["close"] += 1
                 conns = self.table.resolve(command.target, command.exclude)
                 self._close_all(conns, command.code, command.reason, command.last, command.binary)
                 self._reply(command.request, len(conns))
             case SendBulk():
-                self.metrics.commands["bulk"] += 1
                 self._reply(command.request, self._deliver_bulk(command))
             case CloseGuests():
                 self.metrics.commands["close_guests"] += 1
@@ -270,8 +270,17 @@ class Hub(Generic[C]):
                 self.metrics.count_frames(1, len(frame))
             conn.start_close(code, reason)
 
+    def _send(self, command: Send | SendBulk) -> int:
+        if isinstance(command, SendBulk):
+            return self._deliver_bulk(command)
+        self.metrics.commands["send"] += 1
+        if command.positions is not None and self.continuity is not None:
+            return self.continuity.offer(command)  # in each stream's order (fanout/positioning.py)
+        return self.deliver(command)
+
     def _deliver_bulk(self, command: SendBulk) -> int:
         """Each item's payload to the connections it names (a client id, or every holder of a flag)."""
+        self.metrics.commands["bulk"] += 1
         table, batch, reached = self.table, self._batch, 0
         clients = command.kind is TargetKind.CLIENTS
         for name, payload, binary in command.items:
@@ -427,17 +436,9 @@ class Hub(Generic[C]):
         if request is None:
             return
         parts = replies.pages(result) if error is None else [result]
+        encode, instance, limit = self._encode, self.instance, self.settings.max_message
         messages = [
-            replies.encode_reply(
-                self._encode,
-                self.instance,
-                self.settings.max_message,
-                request,
-                part,
-                error,
-                index,
-                len(parts),
-            )
+            replies.encode_reply(encode, instance, limit, request, part, error, index, len(parts))
             for index, part in enumerate(parts)
         ]
         try:

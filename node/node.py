@@ -225,6 +225,8 @@ class Node:
                 "healthy": self.backend.healthy,
                 # what a publisher's history settings must match (fanout.history_api)
                 "history": self._history,
+                # a keyed send is applied once within it; a publisher's must match (serverutil)
+                "idempotency_window": self.settings.idempotency_window,
                 # the workers compare their FANOUT_EVENT_SHARDS with it
                 **({"event_shards": self.events.shards} if self.events is not None else {}),
             },
@@ -300,6 +302,12 @@ class Node:
         )
         m.gauge("fanout_backend_reconnects_total", "Successful backend reconnections.", lambda: b.reconnects)
         m.gauge("fanout_backend_outages_total", "Backend link losses.", lambda: b.outages)
+        keys = self.hub.keys
+        m.gauge(
+            "fanout_idempotency_keys", "Idempotency keys remembered (in their window).", lambda: len(keys)
+        )
+        m.gauge("fanout_idempotent_repeats_total", "Keyed sends not applied again.", lambda: keys.repeats)
+        m.gauge("fanout_idempotency_evicted_total", "Keys forgotten early (the bound).", lambda: keys.evicted)
         if self.events is not None:
             ev = self.events
             m.gauge(

@@ -757,6 +757,14 @@ VECTOR_COMMANDS: dict[str, tuple[Command, str | None]] = {
         Send(Target.groups("lobby"), b'{"text":"hi"}', json=True, sid="5f1c0a9e3b7d2c41"),
         "s3cret",
     ),
+    "keyed-send-to-flag-with-request": (
+        Send(Target.flags("user-42"), b"order 1001 shipped", request=RID, idempotency_key="outbox:1001"),
+        None,
+    ),
+    "keyed-bulk-to-clients": (
+        SendBulk(TargetKind.CLIENTS, ((CID, b"a", False),), None, "orders-7#0"),
+        None,
+    ),
 }
 #: the vectors that carry an envelope (every signed one must)
 VECTOR_ENVELOPES = {
@@ -824,6 +832,10 @@ VECTOR_DESCRIPTIONS = {
     "carries the same line and mid)",
     "signed-stored-send-to-group": "a stored send to group lobby, stamped like stamped-send-to-group and "
     "signed with s3cret for namespace fanout; its positions line (offset 41) is outside the signature",
+    "keyed-send-to-flag-with-request": "send to flag user-42 with idempotency key outbox:1001: a node "
+    "applies the key once within FANOUT_IDEMPOTENCY_WINDOW and answers a repeat with the first's count",
+    "keyed-bulk-to-clients": "the first command (#0) of a bulk call with idempotency key orders-7: each "
+    "command of the call carries a key of its own",
 }
 
 

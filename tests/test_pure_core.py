@@ -27,6 +27,7 @@ PURE = [
     "arguments",
     "history",
     "positioning",
+    "idempotency",
     "v1",
 ]
 

@@ -30,6 +30,13 @@ The store:
   flag)`` takes the record if it exists and was saved with that flag (``None`` = guest), leaving a
   tombstone in the same step (single use), else None; ``drop_resume(token)`` leaves a tombstone too. A
   tombstone lasts ``resume_ttl`` + :data:`TOMBSTONE_SLACK` (longer than its old connection may write).
+* idempotency keys (docs/continuity.md, "Idempotent sends"; :mod:`fanout.idempotency`): a
+  :class:`StoredSend` with a ``key`` is appended only if the key is new, in the same step (else
+  :class:`~fanout.idempotency.Repeated` is raised with the first's outcome and nothing is appended);
+  ``publish_once(key, publish)`` publishes only if the key is new, in the same step (only where
+  :attr:`atomic_keys`); ``check_key(key)`` answers what is kept for a key; ``record_key(key, outcome)``
+  keeps the first's result (for the rest of the window when the key is there, else for a whole window).
+  A key lives ``idempotency_window`` seconds from its claim.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_epoch
+from ..idempotency import APPENDED, PUBLISHED, Outcome, Repeated, encode_outcome, parse_outcome
 from ..naming import Address
 
 
@@ -54,6 +62,8 @@ class StoredSend:
     binary: bool = False
     json: bool = False
     exclude: tuple[str, ...] = ()
+    #: the send's idempotency key: appended only if it is new (see the module docstring)
+    key: str | None = None
 
 
 class HistoryStore(abc.ABC):
@@ -61,6 +71,8 @@ class HistoryStore(abc.ABC):
 
     #: whether ``append`` publishes the messages it is given itself, atomically with the append
     publishes: bool = False
+    #: whether ``publish_once`` checks a key and publishes in one step
+    atomic_keys: bool = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -108,6 +120,19 @@ class HistoryStore(abc.ABC):
     @abc.abstractmethod
     async def drop_resume(self, token: str) -> None: ...
 
+    async def publish_once(self, key: str, publish: Sequence[tuple[Address, bytes]]) -> list[int | None]:
+        """Publish ``publish`` if ``key`` is new, claiming it in the same step (state ``p``); else raise
+        :class:`~fanout.idempotency.Repeated`. Only where :attr:`atomic_keys`."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def check_key(self, key: str, streams: Sequence[str] = ()) -> Outcome | None:
+        """What is kept for ``key`` (a history send's: in the slot of its first stream), or None."""
+
+    @abc.abstractmethod
+    async def record_key(self, key: str, outcome: Outcome, streams: Sequence[str] = ()) -> None:
+        """Keep ``outcome`` for ``key``: for the rest of its window if it is there, else a whole window."""
+
 
 # --------------------------------------------------------------------------- in the process
 
@@ -138,6 +163,7 @@ class _Memory:
         self.streams: dict[str, _Stream] = {}
         self.resume: dict[str, tuple[str | None, bytes, float]] = {}  #: token -> (flag, record, expires)
         self.tombstones: dict[str, float] = {}  #: claimed or dropped token -> expires
+        self.keys: dict[str, tuple[bytes, float]] = {}  #: idempotency key -> (outcome, expires)
 
     @classmethod
     def named(cls, key: str) -> _Memory:
@@ -152,6 +178,7 @@ class MemoryStore(HistoryStore):
     """The memory backend's store: in this process, shared by every endpoint on the same memory URL."""
 
     publishes = True
+    atomic_keys = True
 
     def __init__(self, settings: Settings, hub: object | None = None) -> None:
         super().__init__(settings)
@@ -183,6 +210,8 @@ class MemoryStore(HistoryStore):
         now = time.monotonic()
         size = self.settings.history_size
         with self._memory.lock:
+            if send.key is not None:
+                self._claim(send.key, now)
             found = [(name, self._stream(name, now)) for name in streams]
             offsets = {}
             for name, stream in found:
@@ -200,7 +229,46 @@ class MemoryStore(HistoryStore):
                 self._hub.publish(address, attach_positions(message, positions))  # type: ignore[attr-defined]
                 for address, message in publish
             ]
+            if send.key is not None:
+                state = PUBLISHED if publish else APPENDED
+                self._keep(send.key, Outcome(state, None, send.sid, positions), now)
         return positions, counts
+
+    def _claim(self, key: str, now: float) -> None:
+        """Raise Repeated if ``key`` is kept (and not expired). Under the lock."""
+        found = self._memory.keys.get(key)
+        if found is not None and found[1] > now:
+            raise Repeated(parse_outcome(found[0]))
+
+    def _keep(self, key: str, outcome: Outcome, now: float, whole: bool = True) -> None:
+        keys = self._memory.keys
+        found = keys.get(key)
+        expires = now + self.settings.idempotency_window
+        if not whole and found is not None and found[1] > now:
+            expires = found[1]
+        keys[key] = (encode_outcome(outcome), expires)
+        if len(keys) % 1024 == 0:  # expired keys go now and then
+            for name, (_, until) in list(keys.items()):
+                if until <= now:
+                    del keys[name]
+
+    async def publish_once(self, key: str, publish: Sequence[tuple[Address, bytes]]) -> list[int | None]:
+        now = time.monotonic()
+        with self._memory.lock:
+            self._claim(key, now)
+            self._keep(key, Outcome(PUBLISHED), now)
+            return [self._hub.publish(address, message) for address, message in publish]  # type: ignore[attr-defined]
+
+    async def check_key(self, key: str, streams: Sequence[str] = ()) -> Outcome | None:
+        with self._memory.lock:
+            found = self._memory.keys.get(key)
+            if found is None or found[1] <= time.monotonic():
+                return None
+            return parse_outcome(found[0])
+
+    async def record_key(self, key: str, outcome: Outcome, streams: Sequence[str] = ()) -> None:
+        with self._memory.lock:
+            self._keep(key, outcome, time.monotonic(), whole=False)
 
     async def positions(self, streams: Iterable[str]) -> Positions:
         now = time.monotonic()

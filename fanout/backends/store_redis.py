@@ -65,6 +65,7 @@ from ..commands import TargetKind
 from ..config import Mode, Settings, redact, redact_url
 from ..exceptions import BackendError, BackendUnavailable, FanoutError, NotConnected
 from ..history import META_TTL, Entry, Page, Positions, attach_positions, new_epoch, parse_stream
+from ..idempotency import APPENDED, PUBLISHED, Outcome, Repeated, encode_outcome, parse_outcome
 from ..naming import ALL, Address, flag, group, safe_segment
 from .redis import _REFUSALS, _TRANSLATION, _no_retry, _parse_target
 from .redis_publisher import PublishConnection, pack
@@ -74,12 +75,19 @@ _T = TypeVar("_T")
 
 # --------------------------------------------------------------------------- the scripts
 
-#: one send: KEYS hm1, hl1, hm2, hl2, ...; ARGV epoch candidate, size, ttl ms, meta ttl ms, n, m, sid,
-#: payload, the meta's '"b":..,"j":..' part, the exclusions as JSON, the publish command, n stream names,
-#: m (channel, message) pairs. Answers '<positions JSON>\n<count> <count> ...'.
+#: one send: KEYS hm1, hl1, hm2, hl2, ... [, its idempotency key]; ARGV epoch candidate, size, ttl ms,
+#: meta ttl ms, n, m, sid, payload, the meta's '"b":..,"j":..' part, the exclusions as JSON, the publish
+#: command, n stream names, m (channel, message) pairs [, the key's window ms [, its state: 'a' when other
+#: messages are published after the script]]. Answers '<positions JSON>\n<count> <count> ...', or 'r<what
+#: the key holds>' when the key is there (nothing done).
 _SEND = """
 local candidate, size, ttl, mttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n, m = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ik = KEYS[2 * n + 1]
+if ik then
+  local prior = redis.call('GET', ik)
+  if prior then return 'r' .. prior end
+end
 local line, offs, offsets = {}, {}, {}
 for i = 1, n do
   local hm, hl = KEYS[2 * i - 1], KEYS[2 * i]
@@ -102,6 +110,14 @@ local meta = '{"sid":' .. cjson.encode(ARGV[7]) .. ',' .. ARGV[9] .. ',"x":' .. 
 for i = 1, n do
   redis.call('XADD', KEYS[2 * i], 'MAXLEN', size, offsets[i] .. '-1', 'd', ARGV[8], 'm', meta)
   redis.call('PEXPIRE', KEYS[2 * i], ttl)
+end
+if ik then
+  local state = ARGV[13 + n + 2 * m]
+  if not state then
+    state = 'a'
+    if m > 0 then state = 'p' end
+  end
+  redis.call('SET', ik, state .. '\\n' .. ARGV[7] .. '\\n' .. positions, 'PX', ARGV[12 + n + 2 * m])
 end
 local counts = {}
 if m > 0 then
@@ -229,7 +245,30 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+#: a plain send with an idempotency key: KEYS the key; ARGV its window ms, the publish command, then
+#: (channel, message) pairs. Answers '<count> <count> ...', or 'r<what the key holds>' (nothing published).
+_ONCE = """
+local prior = redis.call('GET', KEYS[1])
+if prior then return 'r' .. prior end
+redis.call('SET', KEYS[1], 'p', 'PX', ARGV[1])
+local counts = {}
+for k = 1, (#ARGV - 2) / 2 do
+  counts[k] = redis.call(ARGV[2], ARGV[1 + 2 * k], ARGV[2 + 2 * k])
+end
+return table.concat(counts, ' ')
+"""
+
+#: keep a key's outcome: KEYS the key; ARGV the outcome, the window ms (when the key is gone)
+_RECORD = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'XX', 'KEEPTTL') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
 _SCRIPTS = {
+    "once": _ONCE,
+    "record": _RECORD,
     "send": _SEND,
     "positions": _POSITIONS,
     "append": _APPEND,
@@ -279,8 +318,15 @@ def _counts(text: bytes) -> list[int | None]:
     return [int(count) for count in text.split()]
 
 
+def _repeated(reply: bytes) -> None:
+    """Raise Repeated if a script answered that its idempotency key was there (``r<outcome>``)."""
+    if reply[:1] == b"r":
+        raise Repeated(parse_outcome(reply[1:]))
+
+
 def _parse_send(reply: Any) -> tuple[Positions, list[int | None]]:
-    """The send script's answer: ``<positions JSON>\n<count> <count> ...``."""
+    """The send script's answer: ``<positions JSON>\n<count> <count> ...`` (or ``r<outcome>``)."""
+    _repeated(bytes(reply))
     line, _, counts = bytes(reply).partition(b"\n")
     raw: dict[str, list[Any]] = orjson.loads(line)
     return {stream: (str(value[1]), int(value[0])) for stream, value in raw.items()}, _counts(counts)
@@ -303,6 +349,9 @@ class RedisStore(HistoryStore):
         # fanout mode on a cluster: the backend publishes on one primary, to keep a publisher's order
         self.publishes = publishes and (self._sharded or not self._target.cluster)
         self._command = b"SPUBLISH" if self._sharded else b"PUBLISH"
+        #: a plain send's key checked in the script that publishes it: one server that is the bus
+        self.atomic_keys = self.publishes and not self._target.cluster
+        self._window = str(_ms(settings.idempotency_window)).encode()
         self._connect_timeout = min(5.0, settings.publish_timeout)
         self._size = str(settings.history_size).encode()
         self._ttl = str(_ms(settings.history_ttl)).encode()
@@ -568,23 +617,29 @@ class RedisStore(HistoryStore):
             (slot,) = slots
             mine = [i for i, s in enumerate(item_slots) if s == slot]
             here = [(channels[i], items[i][1]) for i in mine]
-            positions, found = await self._send_script(streams, send, here)
+            positions, found = await self._send_script(streams, send, here, len(here) == len(items))
             for i, count in zip(mine, found, strict=True):
                 counts[i] = count
-        else:
+        else:  # the key checked before, kept after (see docs/continuity.md, "Idempotent sends")
+            if send.key is not None and (prior := await self.check_key(send.key, streams)) is not None:
+                raise Repeated(prior)
             positions = await self._reserve(slots)
             done = await self._append_slots(slots, send, positions, channels, items, item_slots)
             for i, count in done.items():
                 counts[i] = count
-        for i, (_, message) in enumerate(items):  # messages outside every stream's slot
-            if counts[i] is None:
-                assert self._cluster is not None
-                reply = await self._pooled(
-                    self._cluster.execute_command(
-                        self._command.decode(), channels[i], attach_positions(message, positions)
-                    )
+            if send.key is not None:  # published once what is outside the slots is (below)
+                await self.record_key(send.key, Outcome(APPENDED, None, send.sid, positions), streams)
+        outside = [i for i, count in enumerate(counts) if count is None]
+        for i in outside:  # messages outside every stream's slot
+            assert self._cluster is not None
+            reply = await self._pooled(
+                self._cluster.execute_command(
+                    self._command.decode(), channels[i], attach_positions(items[i][1], positions)
                 )
-                counts[i] = int(reply)
+            )
+            counts[i] = int(reply)
+        if send.key is not None and (outside or len(slots) > 1) and items:
+            await self.record_key(send.key, Outcome(PUBLISHED, None, send.sid, positions), streams)
         return positions, counts
 
     def _kind(self, send: StoredSend) -> bytes:
@@ -608,11 +663,13 @@ class RedisStore(HistoryStore):
         """The send script's EVALSHA as RESP, for the sends' own connection."""
         variable = self._variable(streams, send, items)
         known = [self._packed(stream) for stream in streams]
+        keyed = send.key is not None
         parts = [
-            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items)),
+            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed),
             self._evalsha_send,
-            _bulk(b"%d" % (2 * len(streams))),
+            _bulk(b"%d" % (2 * len(streams) + keyed)),
             *[keys for keys, _ in known],
+            *([_bulk(self.key_name(send.key, streams).encode())] if send.key is not None else []),
             _bulk(new_epoch().encode()),
             self._constants,
             *[_bulk(part) for part in variable],
@@ -620,12 +677,15 @@ class RedisStore(HistoryStore):
         ]
         for channel, message in items:
             parts += (_bulk(channel), _bulk(message))
+        if keyed:
+            parts.append(_bulk(self._window))
         return b"".join(parts)
 
     async def _send_script(
-        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
     ) -> tuple[Positions, list[int | None]]:
-        """The send script through redis-py (a cluster's single-slot send, a TLS server)."""
+        """The send script through redis-py (a cluster's single-slot send, a TLS server); ``complete``:
+        ``items`` are all the send's messages (else its key is kept as appended: the rest follow)."""
         keys: list[bytes] = []
         for stream in streams:
             keys.extend(key.encode() for key in self.keys(stream))
@@ -638,6 +698,11 @@ class RedisStore(HistoryStore):
             *(stream.encode() for stream in streams),
             *(part for channel, message in items for part in (channel, message)),
         ]
+        if send.key is not None:
+            keys.append(self.key_name(send.key, streams).encode())
+            args.append(self._window)
+            if not complete:
+                args.append(APPENDED.encode())
         return _parse_send(await self._eval("send", keys, args))
 
     def _packed(self, stream: str) -> tuple[bytes, bytes]:
@@ -720,6 +785,41 @@ class RedisStore(HistoryStore):
 
         await self._per_slot([one(slot, mine) for slot, mine in slots.items()])
         return done
+
+    # ------------------------------------------------------------------ idempotency keys
+
+    def key_name(self, key: str, streams: Sequence[str] = ()) -> str:
+        """Where ``key`` lives: ``<ns>:ik:<key>``; on a cluster, a history send's in the slot of its first
+        stream (``{<channel>}:ik:<key>``), so that the send script claims it with the append."""
+        if self._target.cluster and streams:
+            return "{" + self.channel(streams[0]) + "}:ik:" + key
+        return f"{self.settings.namespace}:ik:{key}"
+
+    async def publish_once(self, key: str, publish: Sequence[tuple[Address, bytes]]) -> list[int | None]:
+        await self._ready()
+        namespace = self.settings.namespace
+        args = [self._window, self._command]
+        for address, message in publish:
+            args += [address.channel(namespace).encode(), message]
+        name = self.key_name(key).encode()
+        if self._fast:  # on the sends' own connection, in order with the history sends
+            command = pack(b"EVALSHA", self._scripts["once"].sha.encode(), b"1", name, *args)
+            reply = bytes(await self._bounded("a keyed send", self._fast_eval("once", command)))
+        else:
+            reply = bytes(await self._bounded("a keyed send", self._eval("once", [name], args)))
+        _repeated(reply)
+        return _counts(reply)
+
+    async def check_key(self, key: str, streams: Sequence[str] = ()) -> Outcome | None:
+        await self._ready()
+        call = self._redis().get(self.key_name(key, streams))
+        found: Any = await self._bounded("an idempotency key", self._pooled(call))
+        return None if found is None else parse_outcome(bytes(found))
+
+    async def record_key(self, key: str, outcome: Outcome, streams: Sequence[str] = ()) -> None:
+        await self._ready()
+        args = [encode_outcome(outcome), self._window]
+        await self._bounded("an idempotency key", self._eval("record", [self.key_name(key, streams)], args))
 
     async def positions(self, streams: Iterable[str]) -> Positions:
         wanted = list(dict.fromkeys(streams))
