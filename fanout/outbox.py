@@ -232,9 +232,12 @@ class Outbox:
     Every call checks its arguments as ServerUtil does (a bad payload raises :class:`PayloadError` at the
     call) and returns ``None``: nothing is published until the transaction commits and a relay publishes
     the row. ``ack=True`` is refused (nobody can count deliveries inside a transaction); ``partial`` is
-    meaningless without it. Membership, session and close calls take ``wait`` and ``timeout`` as ServerUtil
-    does; the relay always makes them with ``wait=True`` (so that a later row's send already sees the
-    membership) and with the ``timeout`` given here, and what they would have returned is not kept.
+    meaningless without it. The relay publishes every send with an idempotency key: the row's own
+    (database, table, row id), or the ``idempotency_key`` given here, which makes rows of several
+    transactions with the same key (a request retried after its commit) one send. Membership, session
+    and close calls take ``wait`` and ``timeout`` as ServerUtil does; the relay always makes them with
+    ``wait=True`` (so that a later row's send already sees the membership) and with the ``timeout`` given
+    here, and what they would have returned is not kept.
     """
 
     def __init__(
@@ -271,9 +274,19 @@ class Outbox:
                 "after the transaction commits (leave ack out; history and resume make it reach every tab)"
             )
 
-    def _send(self, call: str, kind: str, targets: tuple[str, ...], data: object, exclude: Names) -> None:
+    def _send(
+        self,
+        call: str,
+        kind: str,
+        targets: tuple[str, ...],
+        data: object,
+        exclude: Names,
+        idempotency_key: str | None,
+    ) -> None:
         kept = encode_data(data, self.json_default, self.limit)  # (None too: a send of JSON null)
         args: dict[str, Any] = {"data": kept, "exclude": list(names(exclude, "exclude"))}
+        if idempotency_key is not None:
+            args["idempotency_key"] = idempotency_key
         if kind != "all":
             args[kind] = list(targets)
         where = ["all"] if kind == "all" else [f"{_PREFIX[kind]}:{t}" for t in targets]
@@ -293,10 +306,11 @@ class Outbox:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> None:
         """A row: send ``data`` to these connections (ServerUtil.send)."""
         self._no_ack("send", ack)
-        self._send("send", "client_ids", names(client_ids, "client_ids"), data, exclude)
+        self._send("send", "client_ids", names(client_ids, "client_ids"), data, exclude, idempotency_key)
 
     @checked_blocking
     def send_by_flag(
@@ -308,10 +322,11 @@ class Outbox:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> None:
         """A row: send ``data`` to every connection bound to these flags (ServerUtil.send_by_flag)."""
         self._no_ack("send_by_flag", ack)
-        self._send("send_by_flag", "flags", names(flags, "flags"), data, exclude)
+        self._send("send_by_flag", "flags", names(flags, "flags"), data, exclude, idempotency_key)
 
     @checked_blocking
     def send_to_group(
@@ -323,10 +338,11 @@ class Outbox:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> None:
         """A row: send ``data`` to every member of these groups (ServerUtil.send_to_group)."""
         self._no_ack("send_to_group", ack)
-        self._send("send_to_group", "groups", names(groups, "groups"), data, exclude)
+        self._send("send_to_group", "groups", names(groups, "groups"), data, exclude, idempotency_key)
 
     @checked_blocking
     def send_to_all(
@@ -337,25 +353,33 @@ class Outbox:
         ack: bool = False,
         timeout: float | None = None,
         partial: bool = False,
+        idempotency_key: str | None = None,
     ) -> None:
         """A row: send ``data`` to every connection (ServerUtil.send_to_all)."""
         self._no_ack("send_to_all", ack)
-        self._send("send_to_all", "all", (), data, exclude)
+        self._send("send_to_all", "all", (), data, exclude, idempotency_key)
 
     @checked_blocking
-    def send_bulk(self, pairs: Iterable[tuple[str, object]]) -> None:
+    def send_bulk(self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None) -> None:
         """A row: a payload per connection, ``(client id, data)`` pairs (ServerUtil.send_bulk)."""
-        self._bulk("send_bulk", "client", pairs)
+        self._bulk("send_bulk", "client", pairs, idempotency_key)
 
     @checked_blocking
-    def send_bulk_by_flag(self, pairs: Iterable[tuple[str, object]]) -> None:
+    def send_bulk_by_flag(
+        self, pairs: Iterable[tuple[str, object]], *, idempotency_key: str | None = None
+    ) -> None:
         """A row: a payload per flag, ``(flag, data)`` pairs (ServerUtil.send_bulk_by_flag)."""
-        self._bulk("send_bulk_by_flag", "flag", pairs)
+        self._bulk("send_bulk_by_flag", "flag", pairs, idempotency_key)
 
-    def _bulk(self, call: str, kind: str, pairs: Iterable[tuple[str, object]]) -> None:
+    def _bulk(
+        self, call: str, kind: str, pairs: Iterable[tuple[str, object]], idempotency_key: str | None
+    ) -> None:
         kept = [(name, encode_data(data, self.json_default, self.limit)) for name, data in pairs]
         if kept:
-            self._add(call, [f"{kind}:{name}" for name, _ in kept], {"pairs": kept})
+            args: dict[str, Any] = {"pairs": kept}
+            if idempotency_key is not None:
+                args["idempotency_key"] = idempotency_key
+            self._add(call, [f"{kind}:{name}" for name, _ in kept], args)
 
     # ------------------------------------------------------------------ closes
 

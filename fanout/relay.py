@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import random
@@ -64,11 +63,6 @@ _SENDS = frozenset({"send", "send_by_flag", "send_to_group", "send_to_all", "sen
 #: how often the share of shards is checked (and shards taken over or given back)
 _BALANCE_EVERY = 0.5
 _BACKOFF = (0.1, 5.0)
-
-
-def takes_idempotency_key(util: type[ServerUtil] = ServerUtil) -> bool:
-    """Whether this fanout's sends take ``idempotency_key=`` (then the relay passes one per row)."""
-    return "idempotency_key" in inspect.signature(util.send).parameters
 
 
 @dataclass
@@ -111,7 +105,6 @@ class Relay:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._util: ServerUtil | None = None
-        self._idempotent = takes_idempotency_key()
         self._key_prefix = ""
         self._db_up = False
         self._broker_error: str | None = None
@@ -361,8 +354,8 @@ class Relay:
         kwargs = decode_args(call, args if isinstance(args, dict) else orjson.loads(args))
         if call in _WAITING:
             kwargs["wait"] = True
-        if call in _SENDS and self._idempotent:
-            kwargs["idempotency_key"] = f"{self._key_prefix}{row_id}"
+        if call in _SENDS:  # the caller's key if it gave one, else the row's
+            kwargs.setdefault("idempotency_key", f"{self._key_prefix}{row_id}")
         # NoLiveNodes: the broker took it and no node listens in the namespace (history sends are kept)
         with contextlib.suppress(NoLiveNodes):
             await getattr(util, call)(**kwargs)

@@ -327,7 +327,9 @@ async def test_the_publishing_guide_runs_as_printed(tmp_path: Path) -> None:
     await bob.ws.close()
 
 
-async def test_a_row_published_again_reaches_no_client_twice(tmp_path: Path, table: str) -> None:
+async def test_a_row_published_again_reaches_no_client_twice_nor_a_key_given_twice(
+    tmp_path: Path, table: str
+) -> None:
     """What a relay killed between its publish and its delete leaves: the row, published again by the next
     relay with the same idempotency key (database, table, row id). Here the row is put back by hand."""
     env = node_env(REDIS)
@@ -347,6 +349,12 @@ async def test_a_row_published_again_reaches_no_client_twice(tmp_path: Path, tab
             Outbox(db, table=table).send_to_group("h-room", {"n": 2})
             db.commit()
         assert await messages(client, 1) == [{"n": 2}]  # not {"n": 1} a second time
+        # a key of the caller's own: two transactions (a request retried after its commit), one send
+        for _ in range(2):
+            with psycopg.connect(DSN) as db:
+                Outbox(db, table=table).send_to_group("h-room", {"n": 3}, idempotency_key="order-7")
+                db.commit()
+        assert await messages(client, 1) == [{"n": 3}]
         await client.nothing_more(0.3)
         assert pending(table) == 0
         assert relay.terminate() == 0, relay.log()

@@ -56,6 +56,8 @@ BAD: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("send_bulk", ([("a",)],), {}),
     ("send_bulk_by_flag", ([("a", float("nan"))],), {}),
     ("leave_group", ("c", "g"), {"timeout": -1}),
+    ("send_to_group", ("g", "x"), {"idempotency_key": ""}),
+    ("send_bulk", ([("c", "x")],), {"idempotency_key": "k" * 129}),
 ]
 
 
