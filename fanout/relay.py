@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -183,7 +184,7 @@ class Relay:
             await db.execute("SELECT pg_advisory_lock(%s, pg_backend_pid())", (n.relays_key,))
             cur = await db.execute("SELECT current_database()")
             row = await cur.fetchone()
-            self._key_prefix = f"outbox:{row[0] if row else ''}.{n.table}:"
+            self._key_prefix = key_prefix(str(row[0]) if row else "", n.table)
             self._db_up = True
             self._last_balance = 0.0
             try:  # the broker and the nodes' heartbeats now, not with the first row
@@ -419,6 +420,15 @@ class Relay:
             pass
         finally:
             writer.close()
+
+
+def key_prefix(database: str, table: str) -> str:
+    """What a row's idempotency key starts with (then its id): ``outbox:<database>.<table>:``, or a digest
+    of the two when that would not leave room for an id within a key's 128 characters."""
+    prefix = f"outbox:{database}.{table}:"
+    if len(prefix) > 100:
+        prefix = f"outbox:{hashlib.blake2b(prefix.encode(), digest_size=12).hexdigest()}:"
+    return prefix
 
 
 def chains(rows: Sequence[tuple[int, str, Any, list[int]]]) -> list[list[tuple[int, str, Any, list[int]]]]:

@@ -17,6 +17,7 @@ import pytest
 
 from fanout import Outbox, PayloadError, ServerUtil, protocol
 from fanout.outbox import CALLS, SHARDS, decode_args, shard_of
+from fanout.relay import key_prefix
 from tests.support.nodes import run_module
 from tests.support.outbox import DSN, outbox_schema
 
@@ -148,3 +149,9 @@ def test_fanout_outbox_init_is_idempotent_and_sql_prints_it(table: str) -> None:
     assert missing.returncode == 2 and "--dsn" in missing.stderr
     bad = run_module("fanout", "outbox", "init", "--dsn", DSN, "--table", "Robert'); DROP")
     assert bad.returncode == 2 and "is not a table name" in bad.stderr
+
+
+def test_a_rows_key_fits_whatever_the_names() -> None:
+    assert key_prefix("test", "fanout_outbox") == "outbox:test.fanout_outbox:"
+    long = key_prefix("d" * 63, "s" * 63 + "." + "t" * 50)
+    assert len(long + str(2**63)) <= 128 and long != key_prefix("d" * 63, "s" * 63 + "." + "u" * 50)
