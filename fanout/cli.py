@@ -34,7 +34,7 @@ import orjson
 from . import history_api
 from .arguments import ARGUMENTS, Refused
 from .config import Mode, Settings, backend_for_url, validate_name
-from .exceptions import ConfigError, FanoutError, PayloadError
+from .exceptions import BackendError, ConfigError, FanoutError, PayloadError
 from .serverutil import ServerUtil
 
 Action = Callable[[ServerUtil, argparse.Namespace], Awaitable[Any]]
@@ -416,13 +416,16 @@ def _outbox(settings: Settings, environ: dict[str, str], args: argparse.Namespac
             "FANOUT_OUTBOX_DSN", "name the database with --dsn (a libpq URI or key=value string)"
         )
     try:
-        import psycopg  # noqa: F401
+        import psycopg
     except ImportError:
         raise ConfigError("--dsn", "the outbox needs psycopg 3: pip install 'fanout[outbox]'") from None
     from .relay import RelayOptions, init_outbox, serve
 
     if args.command == "outbox":
-        asyncio.run(init_outbox(dsn, table))
+        try:
+            asyncio.run(init_outbox(dsn, table))
+        except psycopg.Error as exc:  # unreachable, refused, no permission: one line, exit status 1
+            raise BackendError(f"outbox init on {table}: {' '.join(str(exc).split())}") from None
         return {"table": table, "created": True}
     http = args.http or environ.get("FANOUT_RELAY_HTTP") or None
     where: tuple[str, int] | None = None

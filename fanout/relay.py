@@ -142,7 +142,9 @@ class Relay:
                     self._db_up = False
                     self.metrics.failures += 1
                     self.metrics.owned.clear()
-                    log.warning("database session lost (%s): again in %.1fs", str(exc).strip(), delay)
+                    log.warning(
+                        "database session lost (%s): again in %.1fs", " ".join(str(exc).split()), delay
+                    )
                     await self._pause(delay)
                     delay = min(delay * 2, _BACKOFF[1])
         finally:

@@ -145,6 +145,8 @@ def test_fanout_outbox_init_is_idempotent_and_sql_prints_it(table: str) -> None:
     assert rows(other) == []
     printed = run_module("fanout", "outbox", "sql", "--table", other)
     assert printed.returncode == 0 and f"CREATE TABLE IF NOT EXISTS {other} (" in printed.stdout
+    away = run_module("fanout", "outbox", "init", "--dsn", "postgresql://postgres@127.0.0.1:1/test")
+    assert away.returncode == 1 and away.stderr.count("\n") == 1, away.stderr
     missing = run_module("fanout", "relay")
     assert missing.returncode == 2 and "--dsn" in missing.stderr
     bad = run_module("fanout", "outbox", "init", "--dsn", DSN, "--table", "Robert'); DROP")
