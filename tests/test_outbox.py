@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from fanout import Outbox
+from fanout.outbox import SqlNames
 from tests.support import free_port, scaled
 from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, until
 from tests.support.nodes import ROOT, http_get, start_node
@@ -240,7 +241,9 @@ async def test_5000_rows_two_relays_one_killed_twice_every_client_gets_each_once
         await close(readers)
 
 
-async def test_a_broker_outage_delays_rows_and_loses_none(tmp_path: Path, table: str) -> None:
+async def test_a_broker_outage_or_a_lost_database_session_delays_rows_and_loses_none(
+    tmp_path: Path, table: str
+) -> None:
     env = node_env(REDIS, FANOUT_HISTORY="group:*")
     node = start_node(tmp_path, env, app=STREAMS)
     targets = ["a", "b", "c"]
@@ -258,16 +261,30 @@ async def test_a_broker_outage_delays_rows_and_loses_none(tmp_path: Path, table:
         await writing  # committed while the broker was away
         assert pending(table) > 0
         proxy.restore()
-        counts = writers.final_counts()
         try:
+            counts = writers.final_counts()
             await until(lambda: pending(table) == 0, 30, "every row published")
             await until(lambda: reader.complete(counts), 20, "every row delivered")
+            assert metric(relay.port, "fanout_relay_failures_total") > 0
+            assert http_get(relay.port, "/healthz")[0] == 200
+            # then the database: the relay's session is ended under it while rows keep coming
+            with psycopg.connect(DSN, autocommit=True) as db:
+                ended = db.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND objsubid = 2 AND classid = %s",
+                    (SqlNames(table).relays_key,),
+                ).fetchall()
+            assert ended == [(True,)]
+            writers.total += 100
+            await writers.run()
+            counts = writers.final_counts()
+            await until(lambda: pending(table) == 0, 30, "every later row published")
+            await until(lambda: reader.complete(counts), 20, "every later row delivered")
             await asyncio.sleep(0.3)
             each_once_in_commit_order([reader], counts)
         finally:
             await close([reader])
-        assert metric(relay.port, "fanout_relay_failures_total") > 0
-        assert http_get(relay.port, "/healthz")[0] == 200
+        assert "database session lost" in relay.log()
         assert relay.terminate() == 0, relay.log()
 
 
