@@ -1,10 +1,12 @@
 """Transactional publishing (SPEC "Continuity", outbox), on real PostgreSQL, Redis, node and relay processes
 and fanout.v1 websocket clients: a rolled-back transaction publishes nothing, a committed one once; commit
 order (not insert order) is the order per target; 5,000 rows from concurrent transactions through two relays,
-one of them SIGKILLed twice, reach every client once each, in commit order per target; a broker outage
-delays rows, never loses them.
+one of them SIGKILLed twice, reach every client once each, in commit order per target; a broker outage or a
+lost database session delays rows, never loses or repeats them; a row published twice (a relay killed between
+its publish and its delete) reaches nobody twice; docs/publishing.md runs as printed.
 
-(Fanout.Outbox's argument checks and the schema alone: tests/test_outbox_calls.py.)
+(fanout.Outbox's argument checks and the schema alone: tests/test_outbox_calls.py; the Django example through
+everything that can fail: tests/test_outbox_end_to_end.py.)
 """
 
 from __future__ import annotations
