@@ -42,7 +42,7 @@ DEFAULT_TABLE = "fanout_outbox"
 SHARDS = 64
 #: room left in a command for its envelope, signature and target names (a payload must fit the rest)
 _HEADER_ROOM = 4096
-_TABLE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,50}")
+_TABLE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}")
 
 #: the calls an outbox row may hold (ServerUtil's method names)
 CALLS = frozenset(
@@ -73,7 +73,7 @@ def check_table(table: str) -> str:
         raise ConfigError(
             "table",
             f"{table!r} is not a table name fanout accepts: lower-case letters, digits and _, optionally "
-            "schema-qualified (schema.name), at most 50 characters",
+            "schema-qualified (schema.name), the name at most 48 characters (its indexes add 15)",
         )
     return table
 
@@ -99,7 +99,8 @@ class SqlNames:
         self.sequence = f"{prefix}{base}_seq"
         self.function = f"{prefix}{base}_commit"
         self.trigger = f"{base}_commit"
-        self.channel = table  #: NOTIFY channel (LISTEN "<table>")
+        #: the NOTIFY channel (LISTEN "<channel>"): the table's name, or a digest of a long one (63 at most)
+        self.channel = table if len(table) <= 63 else f"fanout_outbox_{lock_key(table):08x}"
         self.key = lock_key(f"fanout-outbox:{table}")  #: the shards' and the commit's first lock key
         self.relays_key = lock_key(f"fanout-outbox-relays:{table}")  #: each live relay holds one
         self.commit_lock = SHARDS + 1  #: (key, commit_lock): taken at COMMIT to number rows

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from fanout import Outbox, PayloadError, ServerUtil, protocol
-from fanout.outbox import CALLS, SHARDS, decode_args, shard_of
+from fanout.outbox import CALLS, SHARDS, SqlNames, decode_args, shard_of
 from fanout.relay import key_prefix
 from tests.support.nodes import run_module
 from tests.support.outbox import DSN, outbox_schema
@@ -153,7 +153,9 @@ def test_fanout_outbox_init_is_idempotent_and_sql_prints_it(table: str) -> None:
     assert bad.returncode == 2 and "is not a table name" in bad.stderr
 
 
-def test_a_rows_key_fits_whatever_the_names() -> None:
+def test_a_rows_key_and_the_channel_fit_whatever_the_names() -> None:
+    assert SqlNames("fanout_outbox").channel == "fanout_outbox"
+    assert len(SqlNames("s" * 63 + "." + "t" * 48).channel) <= 63  # PostgreSQL's limit for a channel
     assert key_prefix("test", "fanout_outbox") == "outbox:test.fanout_outbox:"
-    long = key_prefix("d" * 63, "s" * 63 + "." + "t" * 50)
-    assert len(long + str(2**63)) <= 128 and long != key_prefix("d" * 63, "s" * 63 + "." + "u" * 50)
+    long = key_prefix("d" * 63, "s" * 63 + "." + "t" * 48)
+    assert len(long + str(2**63)) <= 128 and long != key_prefix("d" * 63, "s" * 63 + "." + "u" * 48)
