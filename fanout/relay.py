@@ -128,6 +128,7 @@ class Relay:
 
     async def run(self) -> None:
         import psycopg
+        import psycopg.errors
 
         if self.options.http is not None:
             host, port = self.options.http
@@ -142,9 +143,10 @@ class Relay:
                     self._db_up = False
                     self.metrics.failures += 1
                     self.metrics.owned.clear()
-                    log.warning(
-                        "database session lost (%s): again in %.1fs", " ".join(str(exc).split()), delay
-                    )
+                    why = " ".join(str(exc).split())
+                    if isinstance(exc, psycopg.errors.UndefinedTable):
+                        why += f" (create it: fanout outbox init --table {self.names.table})"
+                    log.warning("database session lost (%s): again in %.1fs", why, delay)
                     await self._pause(delay)
                     delay = min(delay * 2, _BACKOFF[1])
         finally:
