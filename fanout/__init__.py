@@ -31,6 +31,7 @@ from .exceptions import (
     QueryTimeout,
     UnsupportedVersion,
 )
+from .outbox import Outbox
 from .serverutil import ServerUtil
 from .sync import SyncServerUtil
 from .worker import Worker, WorkerOptions
@@ -55,6 +56,7 @@ __all__ = [
     "NoLiveNodes",
     "NodeRecord",
     "NotConnected",
+    "Outbox",
     "PayloadError",
     "ProtocolError",
     "QueryTimeout",

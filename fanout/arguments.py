@@ -258,23 +258,47 @@ def accepts(call: str, name: str) -> Accepts:
     return BY_CALL.get((call, name)) or ARGUMENTS[name]
 
 
-def checked(
-    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]],
-) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]]:
-    """Wrap a ServerUtil call so that each argument is checked against the table (and taken as
-    :attr:`Accepts.take` returns it) before the call runs. Unknown keyword arguments are left to the call."""
+def _checker(method: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], tuple[Any, ...]]:
+    """What :func:`checked` and :func:`checked_blocking` run before the call: each argument checked against
+    the table and taken as :attr:`Accepts.take` returns it (``kwargs`` updated in place), the positional
+    ones returned. Fails at import for a parameter the table lacks."""
     call = method.__name__
     parameters = list(inspect.signature(method).parameters)[1:]  # without self
     positional = [(name, accepts(call, name)) for name in parameters]
     by_name = dict(positional)
 
-    @functools.wraps(method)
-    async def checking(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         taken = [rule.check(call, name, value) for (name, rule), value in zip(positional, args, strict=False)]
         for name, value in kwargs.items():
             rule = by_name.get(name)
             if rule is not None:
                 kwargs[name] = rule.check(call, name, value)
-        return await method(self, *taken, *args[len(taken) :], **kwargs)  # type: ignore[arg-type]
+        return (*taken, *args[len(taken) :])
+
+    return check
+
+
+def checked(
+    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]]:
+    """Wrap a ServerUtil call so that each argument is checked against the table (and taken as
+    :attr:`Accepts.take` returns it) before the call runs. Unknown keyword arguments are left to the call."""
+    check = _checker(method)
+
+    @functools.wraps(method)
+    async def checking(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await method(self, *check(args, kwargs), **kwargs)
+
+    return checking
+
+
+def checked_blocking(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """:func:`checked` for a plain (blocking) method of the same name and parameters as a ServerUtil call
+    (:class:`fanout.outbox.Outbox`'s): the same table, the same errors."""
+    check = _checker(method)
+
+    @functools.wraps(method)
+    def checking(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return method(self, *check(args, kwargs), **kwargs)
 
     return checking

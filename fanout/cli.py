@@ -34,7 +34,7 @@ import orjson
 from . import history_api
 from .arguments import ARGUMENTS, Refused
 from .config import Mode, Settings, backend_for_url, validate_name
-from .exceptions import ConfigError, FanoutError, PayloadError
+from .exceptions import BackendError, ConfigError, FanoutError, PayloadError
 from .serverutil import ServerUtil
 
 Action = Callable[[ServerUtil, argparse.Namespace], Awaitable[Any]]
@@ -95,6 +95,8 @@ environment (an option given on the command line wins):
   FANOUT_LOG_LEVEL           log level (default: WARNING for commands, INFO for worker)
   FANOUT_WORKER_APP, FANOUT_WORKER_CONCURRENCY, FANOUT_WORKER_RETRIES, FANOUT_WORKER_PORT,
   FANOUT_WORKER_HOST, FANOUT_EVENT_SHARDS   fanout worker, fanout workers (see docs/workers.md)
+  FANOUT_OUTBOX_DSN, FANOUT_OUTBOX_TABLE, FANOUT_RELAY_HTTP
+                             fanout outbox init, fanout relay (see docs/publishing.md)
 
 exit status: 0 done, 1 the cluster or broker failed, 2 bad usage or configuration
 """
@@ -361,7 +363,82 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Action]]:
         ),
         parents=[common],
     )
+    _outbox_commands(sub, common)
     return parser, actions
+
+
+def _outbox_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``fanout outbox init|sql`` and ``fanout relay`` (transactional publishing, docs/publishing.md)."""
+    dsn_help = "the PostgreSQL database: a libpq URI or key=value string (FANOUT_OUTBOX_DSN)"
+    table_help = "the outbox table, optionally schema.name (FANOUT_OUTBOX_TABLE; default fanout_outbox)"
+    p = sub.add_parser(
+        "outbox",
+        help="create the outbox table in a PostgreSQL database (init), or print its SQL (sql)",
+        description=(
+            "'fanout outbox init --dsn DSN' creates the outbox table, its sequence, its commit trigger and "
+            "its indexes (idempotent: run it again after an upgrade). 'fanout outbox sql' prints the same "
+            "SQL, for a migration tool."
+        ),
+        parents=[common],
+    )
+    p.add_argument("what", choices=["init", "sql"])
+    p.add_argument("--dsn", help=dsn_help)
+    p.add_argument("--table", help=table_help)
+    p = sub.add_parser(
+        "relay",
+        help="publish the committed rows of an outbox table (fanout relay --dsn DSN)",
+        description=(
+            "Publish the rows fanout.Outbox wrote, once their transaction committed, in commit order per "
+            "target, then delete them. Run as many as you like, on any host: they share the rows by "
+            "shard. SIGTERM finishes the batch in hand and exits 0. The FANOUT_* settings say where the "
+            "nodes are, as for any publisher."
+        ),
+        parents=[common],
+    )
+    p.add_argument("--dsn", help=dsn_help)
+    p.add_argument("--table", help=table_help)
+    p.add_argument("--http", metavar="HOST:PORT", help="serve /healthz and /metrics here (FANOUT_RELAY_HTTP)")
+    p.add_argument("--batch", type=int, default=500, help="rows published before they are deleted (500)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks without NOTIFY (1)")
+
+
+def _outbox(settings: Settings, environ: dict[str, str], args: argparse.Namespace) -> Any:
+    """``fanout outbox init|sql`` and ``fanout relay`` (until SIGTERM/SIGINT: exit 0)."""
+    from .outbox import DEFAULT_TABLE, check_table, schema_sql
+
+    table = check_table(args.table or environ.get("FANOUT_OUTBOX_TABLE") or DEFAULT_TABLE)
+    if args.command == "outbox" and args.what == "sql":
+        sys.stdout.write(schema_sql(table))
+        return None
+    dsn = args.dsn or environ.get("FANOUT_OUTBOX_DSN", "")
+    if not dsn:
+        raise ConfigError(
+            "FANOUT_OUTBOX_DSN", "name the database with --dsn (a libpq URI or key=value string)"
+        )
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError("--dsn", "the outbox needs psycopg 3: pip install 'fanout[outbox]'") from None
+    from .relay import RelayOptions, init_outbox, serve
+
+    if args.command == "outbox":
+        try:
+            asyncio.run(init_outbox(dsn, table))
+        except psycopg.Error as exc:  # unreachable, refused, no permission: one line, exit status 1
+            raise BackendError(f"outbox init on {table}: {' '.join(str(exc).split())}") from None
+        return {"table": table, "created": True}
+    http = args.http or environ.get("FANOUT_RELAY_HTTP") or None
+    where: tuple[str, int] | None = None
+    if http:
+        host, _, port = http.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError("--http", f"{http!r} is not HOST:PORT")
+        where = (host or "127.0.0.1", int(port))
+    if args.batch < 1 or not args.poll > 0:
+        raise ConfigError("--batch", "--batch must be at least 1 and --poll above 0")
+    options = RelayOptions(dsn, table, batch=args.batch, poll=args.poll, http=where)
+    asyncio.run(serve(options, settings))
+    return None
 
 
 def _closer(method: str) -> Action:
@@ -525,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "url", None) is not None:
         environ.pop("FANOUT_BACKEND", None)  # the URL's scheme names the backend
     try:
-        _configure_logging(environ, args.command == "worker")
+        _configure_logging(environ, args.command in ("worker", "relay"))
         settings = Settings.from_env(environ)
         if args.command in ("send-bulk", "send-bulk-by-flag"):
             args.pairs = _pairs(args.command.replace("-", "_"), args.pairs)
@@ -535,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command in ("worker", "workers"):
             result = _worker(settings, environ, args)
+        elif args.command in ("outbox", "relay"):
+            result = _outbox(settings, environ, args)
         else:
             result = asyncio.run(_run(settings, actions[args.command], args))
     except FanoutError as exc:

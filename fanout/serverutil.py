@@ -130,6 +130,17 @@ def encode_payload(data: object, json_default: protocol.JsonDefault | None = Non
     return protocol.dump_json(data, json_default), False
 
 
+def session_json(
+    what: str, data: dict[str, Json], json_default: protocol.JsonDefault | None = None
+) -> dict[str, Json]:
+    """A session dict as it travels (in the command's JSON header): plain JSON, ``json_default`` applied.
+    Raises PayloadError when it cannot be encoded or is nested too deep."""
+    plain: dict[str, Json] = orjson.loads(protocol.dump_json(data, json_default, f"{what}: session data"))
+    if protocol.too_deep(plain):
+        raise PayloadError(f"{what}: session data is nested deeper than {protocol.MAX_DEPTH} levels")
+    return plain
+
+
 @dataclass(slots=True)
 class _Gather:
     """Answers to one request, as they arrive."""
@@ -1306,10 +1317,7 @@ class ServerUtil:
         wait: bool,
         timeout: float | None,
     ) -> bool | None:
-        # the session travels in the command's JSON header: as plain JSON, json_default applied
-        data = orjson.loads(protocol.dump_json(data, self.json_default, f"{what}: session data"))
-        if protocol.too_deep(data):
-            raise PayloadError(f"{what}: session data is nested deeper than {protocol.MAX_DEPTH} levels")
+        data = session_json(what, data, self.json_default)
         found = await self._on_owner(
             what, client_id, lambda r: SetSession(client_id, data, merge, r), wait, timeout
         )

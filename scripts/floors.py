@@ -10,8 +10,14 @@ from pathlib import Path
 
 project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
 optional = project["optional-dependencies"]
-runtime = [*project["dependencies"], *optional["redis"], *optional["amqp"], *optional["node"]]
+runtime = [
+    *project["dependencies"],
+    *optional["redis"],
+    *optional["amqp"],
+    *optional["node"],
+    *optional["outbox"],
+]
 for requirement in runtime:
-    found = re.match(r"^([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", requirement)
+    found = re.match(r"^([A-Za-z0-9_.-]+(?:\[[^\]]*\])?)\s*>=\s*([^,;\s]+)", requirement)
     if found:
         print(f"{found[1]}=={found[2]}")

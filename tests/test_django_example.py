@@ -9,107 +9,30 @@ The websocket clients do what the example page does in a browser: log in, get a 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
 
 import orjson
+import psycopg
 import pytest
 import redis
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from fanout import tokens
 from tests.support import free_port, scaled
+from tests.support.django_site import EXAMPLE, Browser, Process, spawn
 from tests.support.nodes import ROOT, NodeProcess, nothing_more, recv, start_node, unique_namespace
+from tests.support.outbox import DSN
 
-EXAMPLE = ROOT / "examples" / "django"
 FANOUT_URL = "redis://127.0.0.1:6379/0"
 CELERY_DB = 9  # Celery's broker keys, all under a prefix of this run, deleted at the end
-
-
-@dataclass
-class Process:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return f"--- {self.name} ---\n" + self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(scaled(10))
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(scaled(10))
-
-
-def spawn(name: str, args: list[str], env: Mapping[str, str], tmp_path: Path) -> Process:
-    """Run ``args`` in examples/django/ as the guide does, with the settings from ``env`` only."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "CELERY_", "PUSH_"))}
-    full_env.update({"PYTHONUNBUFFERED": "1", **env})
-    log_path = tmp_path / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(args, env=full_env, cwd=EXAMPLE, stdout=log_file, stderr=subprocess.STDOUT)
-    return Process(name, proc, log_path)
-
-
-class Browser:
-    """What the example page does over HTTP: a cookie jar (session, CSRF cookie) and form POSTs."""
-
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.jar = CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
-
-    def csrf(self) -> str:
-        return next((cookie.value or "" for cookie in self.jar if cookie.name == "csrftoken"), "")
-
-    def request(self, method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = urlencode(form or {}).encode() if method == "POST" else None
-        headers = {"X-CSRFToken": self.csrf()} if method == "POST" else {}
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
-        try:
-            with self.opener.open(request, timeout=scaled(10)) as answer:
-                status, body, kind = answer.status, answer.read(), answer.headers.get_content_type()
-        except urllib.error.HTTPError as exc:
-            status, body, kind = exc.code, exc.read(), exc.headers.get_content_type()
-        return status, orjson.loads(body) if kind == "application/json" else body.decode()
-
-    async def get(self, path: str) -> tuple[int, Any]:
-        return await asyncio.to_thread(self.request, "GET", path)
-
-    async def post(self, path: str, form: dict[str, str] | None = None) -> tuple[int, Any]:
-        return await asyncio.to_thread(self.request, "POST", path, form)
-
-    async def login(self, user: str) -> None:
-        status, page = await self.get("/")  # the page sets the CSRF cookie
-        assert status == 200 and "log in" in page
-        assert await self.post("/login", {"user": user}) == (200, {"user": user})
-
-    async def connect(self) -> tuple[ClientConnection, str]:
-        """The page's script: a token from /token, then the websocket to the node it names."""
-        status, issued = await self.get("/token")
-        assert status == 200, issued
-        ws = await connect(issued["url"] + "?token=" + issued["token"])
-        welcome = orjson.loads(await recv(ws))
-        assert welcome["type"] == "welcome", welcome
-        return ws, welcome["client_id"]
 
 
 @dataclass
@@ -117,12 +40,14 @@ class Stack:
     node: NodeProcess
     django: Process
     worker: Process
+    relay: Process
     key: str
     port: int
     env: dict[str, str]
 
     def logs(self) -> str:
-        return "\n".join([f"--- node ---\n{self.node.log()}", self.django.log(), self.worker.log()])
+        logs = [self.django.log(), self.worker.log(), self.relay.log()]
+        return "\n".join([f"--- node ---\n{self.node.log()}", *logs])
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +76,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "CELERY_QUEUE": f"{namespace}-push",
         "CELERY_KEY_PREFIX": prefix,
     }
+    schema = f"dj_{namespace}"
+    env.update({"PUSH_DB_NAME": "test", "PUSH_DB_SCHEMA": schema})  # PostgreSQL for the outbox
+    with psycopg.connect(DSN, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
     port = free_port()
     started: list[Process] = []
     try:
+        migrate = spawn("migrate", [sys.executable, "manage.py", "migrate", "--no-input"], env, tmp_path)
+        assert migrate.proc.wait(scaled(60)) == 0, migrate.log()
+        relay = spawn("relay", [sys.executable, "manage.py", "fanout_relay"], env, tmp_path)
+        started.append(relay)
         django = spawn(
             "django",
             [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
@@ -172,11 +105,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             tmp_path,
         )
         started.append(worker)
-        stack = Stack(node, django, worker, key, port, env)
+        stack = Stack(node, django, worker, relay, key, port, env)
         node.wait_healthy()
         deadline = time.monotonic() + scaled(20)
         while True:
-            assert django.proc.poll() is None and worker.proc.poll() is None, stack.logs()
+            assert all(p.proc.poll() is None for p in (django, worker, relay)), stack.logs()
             try:
                 if Browser(port).request("GET", "/")[0] == 200:
                     break
@@ -194,6 +127,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             except subprocess.TimeoutExpired:
                 node.kill()
         finally:
+            with psycopg.connect(DSN, autocommit=True) as db:
+                db.execute(f"DROP SCHEMA {schema} CASCADE")
             broker = redis.Redis(host="127.0.0.1", port=6379, db=CELERY_DB)
             try:
                 left = list(broker.scan_iter(match=prefix + "*"))  # the queue, its binding, unacked...
@@ -211,16 +146,16 @@ async def test_a_django_view_pushes_to_the_users_websocket(stack: Stack) -> None
     bob_ws, _ = await bob.connect()
     try:
         status, answer = await bob.post("/notify/ann", {"text": "lunch?"})
-        assert (status, answer) == (200, {"reached": 1}), stack.logs()
+        assert (status, answer) == (202, {"queued": True}), stack.logs()  # through the outbox
         assert orjson.loads(await recv(ann_ws)) == {"type": "notification", "from": "bob", "text": "lunch?"}
         assert await nothing_more(bob_ws)
         # a second tab of ann's gets her notifications too
         ann_tab, _ = await ann.connect()
-        assert await ann.post("/notify/ann", {"text": "two tabs"}) == (200, {"reached": 2})
+        assert await ann.post("/notify/ann", {"text": "two tabs"}) == (202, {"queued": True})
         for ws in (ann_ws, ann_tab):
             assert orjson.loads(await recv(ws)) == {"type": "notification", "from": "ann", "text": "two tabs"}
         await ann_tab.close()
-        assert await bob.post("/notify/nobody", {"text": "?"}) == (200, {"reached": 0})
+        assert await bob.post("/notify/nobody", {"text": "?"}) == (202, {"queued": True})
     finally:
         await ann_ws.close()
         await bob_ws.close()
@@ -336,7 +271,7 @@ async def test_the_example_page_in_a_browser(stack: Stack, tmp_path: Path) -> No
         )
         await page.wait_text("log", '{"type":"notification","from":"carol","text":"from the browser"}')
         log = await page.wait_text("log", "POST /notify → ")
-        assert re.search(r'POST /notify → \{"reached": ?1\}', log), log  # the view's answer: one tab reached
+        assert re.search(r'POST /notify → \{"queued": ?true\}', log), log  # the view's answer
         await page.evaluate(
             "document.querySelector('#announce input[name=text]').value = 'via celery';"
             "document.getElementById('announce').requestSubmit()"

@@ -28,6 +28,7 @@ def test_fanout_exports() -> None:
         "NoLiveNodes",
         "NodeRecord",
         "NotConnected",
+        "Outbox",
         "PayloadError",
         "ProtocolError",
         "QueryTimeout",

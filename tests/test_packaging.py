@@ -35,6 +35,8 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
         "fanout_node/py.typed",
         "fanout_node/static/index.html",
         "fanout_node/static/fanout.js",
+        "fanout/django/migrations/0001_outbox.py",  # fanout.django: an app, its migration and command
+        "fanout/django/management/commands/fanout_relay.py",
     ):
         assert expected in names, expected
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
@@ -49,7 +51,7 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
     _run(python, "-m", "pip", "install", "-q", f"{wheel}[redis]", cwd=tmp_path)
     installed = _run(python, "-m", "pip", "list", "--format=freeze", cwd=tmp_path).lower()
     assert "redis==" in installed and "orjson==" in installed
-    for absent in ("websockets", "aio-pika", "aiormq", "prometheus-client", "uvloop"):
+    for absent in ("websockets", "aio-pika", "aiormq", "prometheus-client", "uvloop", "psycopg"):
         assert absent not in installed, f"{absent} installed for a redis publisher"
     assert (venv / "bin" / "fanout").exists() and (venv / "bin" / "fanout-node").exists()
     # a backend whose client is not installed: an error that names the extra
@@ -62,6 +64,14 @@ def test_the_wheel_installs_with_only_what_a_redis_publisher_needs(tmp_path: Pat
     )
     out = _run(python, "-c", script, cwd=tmp_path)  # (not from the checkout: cwd is elsewhere)
     assert out.startswith("ConfigError") and "pip install 'fanout[amqp]'" in out, out
+    # the outbox's commands without psycopg: one line naming the extra (fanout.Outbox itself needs none)
+    done = subprocess.run(
+        [venv / "bin" / "fanout", "relay", "--dsn", "postgresql://127.0.0.1/x"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "pip install 'fanout[outbox]'" in done.stderr, done.stderr
+    _run(python, "-c", "import fanout; fanout.Outbox", cwd=tmp_path)
     # the same for the worker tier: its event log names the extra too
     script = (
         "import fanout\n"

@@ -8,7 +8,7 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-development-key-chang
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
-INSTALLED_APPS = ["push"]
+INSTALLED_APPS = ["fanout.django", "push"]  # fanout.django: the outbox table and manage.py fanout_relay
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -17,7 +17,21 @@ MIDDLEWARE = [
 ROOT_URLCONF = "pushsite.urls"
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 WSGI_APPLICATION = "pushsite.wsgi.application"
-DATABASES: dict[str, dict[str, str]] = {}  # no database: the stub login keeps the user in a signed cookie
+# PostgreSQL, for the outbox (the stub login keeps the user in a signed cookie: no other table). Defaults:
+# database "push" as user "postgres" on 127.0.0.1:5432; PUSH_DB_SCHEMA puts every table in that schema.
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("PUSH_DB_NAME", "push"),
+        "USER": os.environ.get("PUSH_DB_USER", "postgres"),
+        "PASSWORD": os.environ.get("PUSH_DB_PASSWORD", ""),
+        "HOST": os.environ.get("PUSH_DB_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("PUSH_DB_PORT", "5432"),
+        "OPTIONS": {"options": f"-c search_path={os.environ['PUSH_DB_SCHEMA']}"}
+        if os.environ.get("PUSH_DB_SCHEMA")
+        else {},
+    }
+}
 SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
 USE_TZ = True
 
