@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -279,6 +279,10 @@ _SCRIPTS = {
 
 #: the script errors that mean "Redis does not know it (any more)": load it and run it again
 _NOSCRIPT = "NOSCRIPT"
+#: a cluster's error replies for a command that did not run there (redis-py's path follows them)
+_REDIRECTED = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
+#: the scripts a cluster's sends' links load when they open
+_LINK_SCRIPTS = ("send",)
 
 
 def _ms(seconds: float) -> int:
@@ -364,6 +368,17 @@ class RedisStore(HistoryStore):
         self._fast = not self._target.cluster and not self._target.tls
         self._raw: PublishConnection | None = None
         self._raw_lock = asyncio.Lock()
+        #: plain redis+cluster://: a sends' connection per master (see "Sends on a cluster" above)
+        self._cluster_fast = self._target.cluster and not self._target.tls
+        self._links: dict[str, PublishConnection] = {}  #: by the master's name (host:port)
+        self._slot_links: dict[int, PublishConnection] = {}  #: the link of a slot, as last looked up
+        self._links_lock = asyncio.Lock()  #: held while a link is looked up and opened
+        self._refresh_map = False  #: a link was lost: refresh the slot map before the next lookup
+        #: slots with calls on redis-py's path (after a redirection): the slot's later calls follow them
+        self._slow: dict[int, int] = {}
+        self._slow_locks: dict[int, asyncio.Lock] = {}
+        #: calls of ours that went to redis-py after the fast path was refused (MOVED, ASK, no link)
+        self.redirected = 0
         #: the send script's EVALSHA and sha, and its constant arguments (size, ttl, meta ttl), packed
         self._evalsha_send = b""
         self._constants = b"".join(map(_bulk, (self._size, self._ttl, self._meta_ttl)))
@@ -468,6 +483,7 @@ class RedisStore(HistoryStore):
                     raise
                 raise self._error(ConnectionError(str(exc)), "the cluster's slot map") from exc
             self._scripts = {name: cluster.register_script(text) for name, text in _SCRIPTS.items()}
+            self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
             return
         client = aioredis.Redis.from_url(self.url, **options)
         self._client = client
@@ -485,6 +501,9 @@ class RedisStore(HistoryStore):
         if self._raw is not None:
             raw, self._raw = self._raw, None
             raw.close()
+        links, self._links, self._slot_links = self._links, {}, {}
+        for link in links.values():
+            link.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -563,6 +582,119 @@ class RedisStore(HistoryStore):
         finally:
             self._pool_calls.release()
 
+    # ------------------------------------------------------------------ a cluster's sends' links
+
+    async def _slot_call(
+        self, slot: int, name: str | None, command: bytes, slow: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """``command`` (packed; script ``name``'s EVALSHA, or None) on the link to ``slot``'s master,
+        written with the others of this turn of the event loop, in call order; through ``slow()`` (redis-py,
+        which follows redirections and learns the new slot map) when Redis redirects it (MOVED, ASK,
+        TRYAGAIN, CLUSTERDOWN: the command did not run), when no link can be opened, or while calls of this
+        slot before it are still on that path (so that they keep their order). A link lost with commands on
+        it fails them (they may have run: never sent again) and the slot map is refreshed."""
+        link = None
+        if not self._slow.get(slot):
+            link = None if self._links_lock.locked() else self._slot_links.get(slot)
+            if link is None or not link.alive:
+                link = await self._open_link(slot)
+        if link is not None and not self._slow.get(slot):
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            try:
+                reply = await link.send_soon(command)
+            except asyncio.CancelledError:  # timed out (a hung master): fail what waits on it, reopen
+                if loop.time() - sent >= 0.9 * self.settings.publish_timeout:
+                    self._drop_link(link)
+                raise
+            except RedisError:
+                self._drop_link(link)
+                raise
+            if not isinstance(reply, Exception):
+                return reply
+            code = str(reply).split(" ", 1)[0]
+            if name is not None and code == _NOSCRIPT:  # its scripts were flushed: load, run again
+                loaded = await link.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
+                if isinstance(loaded, Exception):
+                    raise loaded
+                reply = await link.send([command])[0]
+                code = "" if not isinstance(reply, Exception) else str(reply).split(" ", 1)[0]
+                if not isinstance(reply, Exception):
+                    return reply
+            if code not in _REDIRECTED:
+                raise reply
+            self._slot_links.pop(slot, None)
+        return await self._slowly(slot, slow)
+
+    async def _slowly(self, slot: int, slow: Callable[[], Awaitable[_T]]) -> _T:
+        """``slow()`` after the calls of ``slot`` that took redis-py's path before it (in order)."""
+        self.redirected += 1
+        self._slow[slot] = self._slow.get(slot, 0) + 1
+        lock = self._slow_locks.setdefault(slot, asyncio.Lock())
+        try:
+            async with lock:
+                return await slow()
+        finally:
+            left = self._slow[slot] - 1
+            if left:
+                self._slow[slot] = left
+            else:
+                del self._slow[slot]
+                self._slow_locks.pop(slot, None)
+
+    async def _open_link(self, slot: int) -> PublishConnection | None:
+        """The link to ``slot``'s master as redis-py's slot map has it, opened if needed (with the
+        scripts loaded); None if it cannot be opened (the call goes through redis-py)."""
+        cluster = self._cluster
+        if cluster is None:
+            raise NotConnected("the history store is not connected")
+        async with self._links_lock:
+            link = self._slot_links.get(slot)
+            if link is not None and link.alive:
+                return link
+            try:
+                if self._refresh_map:
+                    self._refresh_map = False
+                    await cluster.nodes_manager.initialize()
+                node = cluster.nodes_manager.get_node_from_slot(slot)
+            except (RedisError, RedisClusterException):
+                return None
+            link = self._links.get(node.name)
+            if link is None or not link.alive:
+                opened: PublishConnection | None = None
+                try:
+                    opened = await PublishConnection.open(
+                        node.host,
+                        int(node.port),
+                        userinfo=self._target.userinfo,
+                        client_name=f"{self.settings.namespace}-history"[:120],
+                        timeout=self._connect_timeout,
+                    )
+                    loads = opened.send(
+                        [pack(b"SCRIPT", b"LOAD", _text(self._scripts[n].script)) for n in _LINK_SCRIPTS]
+                    )
+                    for loaded in await asyncio.gather(*loads):
+                        if isinstance(loaded, Exception):
+                            raise loaded
+                except (RedisError, OSError, TimeoutError):
+                    if opened is not None:
+                        opened.close()
+                    self._refresh_map = True
+                    return None
+                link = self._links[node.name] = opened
+            self._slot_links[slot] = link
+            return link
+
+    def _drop_link(self, link: PublishConnection) -> None:
+        link.close()
+        self._refresh_map = True
+        for name, known in list(self._links.items()):
+            if known is link:
+                del self._links[name]
+        for slot, known in list(self._slot_links.items()):
+            if known is link:
+                del self._slot_links[slot]
+
     # ------------------------------------------------------------------ history
 
     async def append_counted(
@@ -617,7 +749,17 @@ class RedisStore(HistoryStore):
             (slot,) = slots
             mine = [i for i, s in enumerate(item_slots) if s == slot]
             here = [(channels[i], items[i][1]) for i in mine]
-            positions, found = await self._send_script(streams, send, here, len(here) == len(items))
+            complete = len(here) == len(items)
+            if self._cluster_fast:
+                reply = await self._slot_call(
+                    slot,
+                    "send",
+                    self._pack_send(streams, send, here, complete),
+                    lambda: self._eval_send(streams, send, here, complete),
+                )
+                positions, found = _parse_send(reply)
+            else:
+                positions, found = await self._send_script(streams, send, here, complete)
             for i, count in zip(mine, found, strict=True):
                 counts[i] = count
         else:  # the key checked before, kept after (see docs/continuity.md, "Idempotent sends")
@@ -631,16 +773,23 @@ class RedisStore(HistoryStore):
                 await self.record_key(send.key, Outcome(APPENDED, None, send.sid, positions), streams)
         outside = [i for i, count in enumerate(counts) if count is None]
         for i in outside:  # messages outside every stream's slot
-            assert self._cluster is not None
-            reply = await self._pooled(
-                self._cluster.execute_command(
-                    self._command.decode(), channels[i], attach_positions(items[i][1], positions)
-                )
-            )
-            counts[i] = int(reply)
+            message = attach_positions(items[i][1], positions)
+            counts[i] = int(await self._publish_in_slot(channels[i], message))
         if send.key is not None and (outside or len(slots) > 1) and items:
             await self.record_key(send.key, Outcome(PUBLISHED, None, send.sid, positions), streams)
         return positions, counts
+
+    async def _publish_in_slot(self, channel: bytes, message: bytes) -> Any:
+        """One message published on a cluster (after the script that stored it)."""
+        cluster = self._cluster
+        assert cluster is not None
+
+        def slow() -> Awaitable[Any]:
+            return self._pooled(cluster.execute_command(self._command.decode(), channel, message))
+
+        if not self._cluster_fast:
+            return await slow()
+        return await self._slot_call(key_slot(channel), None, pack(self._command, channel, message), slow)
 
     def _kind(self, send: StoredSend) -> bytes:
         return b'"b":%s,"j":%s' % (b"true" if send.binary else b"false", b"true" if send.json else b"false")
@@ -659,13 +808,17 @@ class RedisStore(HistoryStore):
             self._command if items else b"",
         ]
 
-    def _pack_send(self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]) -> bytes:
-        """The send script's EVALSHA as RESP, for the sends' own connection."""
+    def _pack_send(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
+    ) -> bytes:
+        """The send script's EVALSHA as RESP, for the sends' own connection(s); ``complete`` as in
+        :meth:`_send_script`."""
         variable = self._variable(streams, send, items)
         known = [self._packed(stream) for stream in streams]
         keyed = send.key is not None
+        appended = keyed and not complete
         parts = [
-            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed),
+            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed + appended),
             self._evalsha_send,
             _bulk(b"%d" % (2 * len(streams) + keyed)),
             *[keys for keys, _ in known],
@@ -679,13 +832,21 @@ class RedisStore(HistoryStore):
             parts += (_bulk(channel), _bulk(message))
         if keyed:
             parts.append(_bulk(self._window))
+        if appended:
+            parts.append(_bulk(APPENDED.encode()))
         return b"".join(parts)
 
     async def _send_script(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
     ) -> tuple[Positions, list[int | None]]:
-        """The send script through redis-py (a cluster's single-slot send, a TLS server); ``complete``:
-        ``items`` are all the send's messages (else its key is kept as appended: the rest follow)."""
+        """The send script through redis-py (a TLS server or cluster, a plain cluster's redirected send);
+        ``complete``: ``items`` are all the send's messages (else its key is kept as appended: the rest
+        follow)."""
+        return _parse_send(await self._eval_send(streams, send, items, complete))
+
+    async def _eval_send(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool
+    ) -> Any:
         keys: list[bytes] = []
         for stream in streams:
             keys.extend(key.encode() for key in self.keys(stream))
@@ -703,7 +864,7 @@ class RedisStore(HistoryStore):
             args.append(self._window)
             if not complete:
                 args.append(APPENDED.encode())
-        return _parse_send(await self._eval("send", keys, args))
+        return await self._eval("send", keys, args)
 
     def _packed(self, stream: str) -> tuple[bytes, bytes]:
         """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
