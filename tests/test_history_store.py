@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fanout import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     ConfigMismatch,
@@ -41,6 +42,7 @@ from fanout.backends.store import MemoryStore, StoredSend
 from fanout.backends.store_redis import RedisStore
 from fanout.commands import Heartbeat, NodeInfo, Send, Target
 from fanout.history import split_positions
+from fanout.idempotency import Repeated
 from fanout.naming import ALL, flag, group
 from node import Node, NodeOptions
 from tests.apps.control import ControlApp
@@ -388,6 +390,110 @@ async def test_cluster_phase_two_puts_an_overtaken_entry_in_its_place(cluster: R
         ]
         assert (await st.append(["group:g0"], sent("after")))["group:g0"][1] == 5
         assert [e.offset for e in (await st.read("group:g0")).entries] == [1, 2, 3, 4, 5]
+
+
+def _move_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
+    """Reshard ``slot`` from the master on port ``source`` to the one on ``target``, keys and all, as
+    ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE everywhere)."""
+    source_id = cluster.cli(source, "cluster", "myid").strip()
+    target_id = cluster.cli(target, "cluster", "myid").strip()
+    cluster.cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+    cluster.cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+    keys = cluster.cli(source, "cluster", "getkeysinslot", str(slot), "1000").split()
+    if keys:
+        moved = cluster.cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        assert "OK" in moved, moved
+    for port in cluster.ports:
+        cluster.cli(port, "cluster", "setslot", str(slot), "node", target_id)
+
+
+def _owner(cluster: RedisCluster, slot: int) -> int:
+    """The port of ``slot``'s master."""
+    import redis
+
+    probe = redis.Redis(port=cluster.ports[0])
+    try:
+        for start, end, master, *_ in probe.execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+    finally:
+        probe.close()
+    raise AssertionError(f"slot {slot} has no master")
+
+
+async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path: Path, ns: str) -> None:
+    """A plain cluster's history sends go on a connection to their slot's master; when the slot is
+    resharded to another master while sends go on, and when that master restarts (empty), the sends that
+    returned are all in the stream, once, in the order they were awaited, with redis-py taking the calls
+    that Redis redirected (MOVED, ASK, TRYAGAIN) and the links following the new slot map."""
+    cluster = start_cluster(tmp_path)
+    try:
+        url = cluster.url
+        stream, address = "group:moving", group("moving")
+        slot = key_slot(address.channel(ns).encode())
+        async with store(url, ns, history_size=5000) as st:  # the stream holds every send
+            done: list[str] = []
+
+            async def send(sid: str, key: str | None = None) -> None:
+                await st.append_counted([stream], sent(sid, sid.encode(), key=key), [(address, sid.encode())])
+                done.append(sid)
+
+            for i in range(10):
+                await send(f"a{i}", key="first" if i == 0 else None)
+            assert st.redirected == 0  # the links' path
+            source = _owner(cluster, slot)
+            target = next(port for port in cluster.ports if port != source)
+            stop = asyncio.Event()
+
+            async def sender() -> None:
+                i = 0
+                while not stop.is_set() and i < 3000:
+                    await send(f"b{i}")
+                    i += 1
+
+            task = asyncio.create_task(sender())
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(_move_slot, cluster, slot, source, target)
+            await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            # sends issued together while the link still points at the old master: all redirected, in order
+            await asyncio.gather(*(send(f"c{i}") for i in range(20)))
+            assert st.redirected > 0
+            redirected = st.redirected
+            for i in range(10):
+                await send(f"d{i}")
+            assert st.redirected == redirected  # the new master's link
+            with pytest.raises(Repeated):  # the key moved with its stream's slot
+                await send("again", key="first")
+            page = await st.read(stream, since=0, limit=5000)
+            assert [e.sid for e in page.entries] == done
+            assert [e.offset for e in page.entries] == list(range(1, len(done) + 1))
+
+            # the master restarts empty: what was on its link failed; the next sends reach it again
+            next(server for server in cluster.servers if server.port == target).kill()
+            restarted = next(server for server in cluster.servers if server.port == target)
+            await asyncio.to_thread(restarted.restart)
+            deadline = time.monotonic() + scaled(20)
+            after: list[str] = []
+            while len(after) < 10:
+                sid = f"e{len(after)}"
+                try:  # a send that failed may have run: its retry carries its key
+                    await st.append_counted(
+                        [stream], sent(sid, sid.encode(), key=sid), [(address, sid.encode())]
+                    )
+                except Repeated:
+                    pass
+                except (BackendUnavailable, BackendError):
+                    assert time.monotonic() < deadline, "the restarted master was never reached"
+                    await asyncio.sleep(0.1)
+                    continue
+                after.append(sid)
+            page = await st.read(stream, since=0, limit=5000)
+            assert [e.sid for e in page.entries] == after  # a new epoch: the restarted master was empty
+            assert [e.offset for e in page.entries] == list(range(1, 11))
+    finally:
+        cluster.stop()
 
 
 async def test_resume_records_are_single_use_and_bound_to_the_flag(url: str, ns: str) -> None:
