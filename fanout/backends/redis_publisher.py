@@ -5,7 +5,9 @@ a publisher's CPU (about 150 µs of it per awaited publish, 45 µs with many con
 publishing connection only ever needs ``PUBLISH channel message`` and its integer reply, so this one
 encodes the commands itself, writes a batch in one ``transport.write`` and parses the integer replies of
 a whole read at once. It is used for plain ``redis://`` servers; TLS and Redis Cluster keep redis-py
-(their options and slot maps are redis-py's business).
+(their options and slot maps are redis-py's business). The history store also sends its scripts on one
+(:mod:`fanout.backends.store_redis`): on a plain server, and on a plain cluster one per master, routed by
+redis-py's slot map.
 
 Errors are redis-py's classes, so the backend's one translation table applies unchanged: a refused
 ``AUTH`` is ``AuthenticationError``, an ACL refusal ``NoPermissionError``, another error reply

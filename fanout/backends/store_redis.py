@@ -36,8 +36,22 @@ every message on one primary (so one publisher's messages keep their order), aft
 Sends on a plain ``redis://`` server go on a connection of their own
 (:class:`~fanout.backends.redis_publisher.PublishConnection`, the backend's publishing connection):
 each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
-concurrent sends are pipelined and keep their order. Everything else (reads, positions, resume records;
-TLS and cluster sends) goes through redis-py, whose ``register_script`` loads a script when Redis does
+concurrent sends are pipelined and keep their order.
+
+Sends on a cluster: on a plain ``redis+cluster://`` a single-slot send's EVALSHA (and the SPUBLISH of a
+message outside its slot) goes the same way on a connection to the master of its slot (a *link*, one per
+master, opened on demand with the send script loaded; the master as redis-py's slot map has it). Redis
+Cluster checks a command's slot before running it, so a MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply means it
+did not run: that call then goes through redis-py, which follows the redirection and updates its slot map
+(the next calls look the slot up again), and the slot's later calls follow it there until it is answered,
+so that one publisher's concurrent sends to a slot keep their order. A link that cannot be opened sends
+the call through redis-py too. A link lost with commands on it fails them (``BackendUnavailable``: they
+may have run, so they are never sent again; a retry with an idempotency key is safe) and the slot map is
+refreshed before the next link is opened; one whose reply does not come within ``publish_timeout`` is
+closed. Sends over several slots (two phases) take redis-py's path, and so do TLS clusters.
+
+Everything else (reads, positions, resume records; TLS sends) goes through redis-py, whose
+``register_script`` loads a script when Redis does
 not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait their turn:
 redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are in use, 100
 by default in recent releases, and a node resuming hundreds of clients at once makes more calls than
@@ -657,7 +671,7 @@ class RedisStore(HistoryStore):
                     self._refresh_map = False
                     await cluster.nodes_manager.initialize()
                 node = cluster.nodes_manager.get_node_from_slot(slot)
-            except (RedisError, RedisClusterException):
+            except (RedisError, RedisClusterException, OSError):
                 return None
             link = self._links.get(node.name)
             if link is None or not link.alive:
