@@ -199,6 +199,29 @@ async def test_append_read_and_trim(url: str, ns: str) -> None:
         assert (await st.read("group:a", limit=0)).entries == ()
 
 
+async def test_big_pages_and_reads_between_sends(url: str, ns: str) -> None:
+    """Pages far larger than one socket read (on one server they come back on the sends' own connection,
+    parsed as they arrive), read while sends and resume records go by on the same connection."""
+    async with store(url, ns, history_size=400) as st:
+        payloads = [os.urandom(1500) + b"\r\n*3\r\n$-1\r\n" for _ in range(300)]
+        for i, payload in enumerate(payloads):
+            await st.append(["group:big"], sent(f"s{i}", payload, binary=True))
+        pages = await asyncio.gather(
+            *(st.read("group:big", since=0, limit=300) for _ in range(5)),
+            st.append(["group:big"], sent("later", b"later")),
+            st.save_resume("t", None, b"record", 30, create=True),
+            st.claim_resume("t", None),
+            st.read("group:big", since=1000),
+            st.claim_resume("never", "ann"),
+        )
+        for page in pages[:5]:
+            assert [e.payload for e in page.entries] == payloads
+            assert [e.offset for e in page.entries] == list(range(1, 301))
+        assert pages[6:] == [None, b"record", pages[8], None]
+        # one server: in call order (on a cluster the calls take several connections)
+        assert pages[8].entries == () and pages[8].offset in ((301,) if url == REDIS else (300, 301))
+
+
 async def test_entries_keep_what_was_sent_and_every_position(url: str, ns: str) -> None:
     async with store(url, ns) as st:
         streams = ["group:a", "group:b", "flag:ann", "all"]
@@ -403,7 +426,7 @@ def _move_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> No
     if keys:
         moved = cluster.cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
         assert "OK" in moved, moved
-    for port in cluster.ports:
+    for port in [target, source, *(p for p in cluster.ports if p not in (source, target))]:
         cluster.cli(port, "cluster", "setslot", str(slot), "node", target_id)
 
 
@@ -422,10 +445,12 @@ def _owner(cluster: RedisCluster, slot: int) -> int:
 
 
 async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path: Path, ns: str) -> None:
-    """A plain cluster's history sends go on a connection to their slot's master; when the slot is
-    resharded to another master while sends go on, and when that master restarts (empty), the sends that
-    returned are all in the stream, once, in the order they were awaited, with redis-py taking the calls
-    that Redis redirected (MOVED, ASK, TRYAGAIN) and the links following the new slot map."""
+    """A plain cluster's history sends go on a connection to their slot's master. When the slot is
+    resharded to another master while sends go on (each retried with its idempotency key after an error),
+    when it moves back while 20 concurrent sends are written on the link to the old master, and when its
+    master restarts empty, every send is in the stream once, in order (awaited ones: the order awaited;
+    concurrent ones: the call order), redis-py taking the calls that Redis redirected and the links
+    following the new slot map."""
     cluster = start_cluster(tmp_path)
     try:
         url = cluster.url
@@ -438,6 +463,20 @@ async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path
                 await st.append_counted([stream], sent(sid, sid.encode(), key=key), [(address, sid.encode())])
                 done.append(sid)
 
+            async def until_sent(sid: str) -> None:
+                """A keyed send, retried after an error (it may have run: the key says)."""
+                deadline = time.monotonic() + scaled(20)
+                while True:
+                    try:
+                        await send(sid, key=sid)
+                        return
+                    except Repeated:
+                        done.append(sid)
+                        return
+                    except (BackendUnavailable, BackendError):
+                        assert time.monotonic() < deadline, f"{sid} never got through"
+                        await asyncio.sleep(0.1)
+
             for i in range(10):
                 await send(f"a{i}", key="first" if i == 0 else None)
             assert st.redirected == 0  # the links' path
@@ -448,7 +487,7 @@ async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path
             async def sender() -> None:
                 i = 0
                 while not stop.is_set() and i < 3000:
-                    await send(f"b{i}")
+                    await until_sent(f"b{i}")
                     i += 1
 
             task = asyncio.create_task(sender())
@@ -457,9 +496,13 @@ async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path
             await asyncio.sleep(0.05)
             stop.set()
             await task
-            # sends issued together while the link still points at the old master: all redirected, in order
-            await asyncio.gather(*(send(f"c{i}") for i in range(20)))
             assert st.redirected > 0
+            # back again with no send on its way: 20 sends issued together go on the link to the old
+            # master, are all redirected, and keep their call order through redis-py's path
+            await asyncio.to_thread(_move_slot, cluster, slot, target, source)
+            redirected = st.redirected
+            await asyncio.gather(*(send(f"c{i}") for i in range(20)))
+            assert st.redirected >= redirected + 20
             redirected = st.redirected
             for i in range(10):
                 await send(f"d{i}")
@@ -471,26 +514,14 @@ async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path
             assert [e.offset for e in page.entries] == list(range(1, len(done) + 1))
 
             # the master restarts empty: what was on its link failed; the next sends reach it again
-            next(server for server in cluster.servers if server.port == target).kill()
-            restarted = next(server for server in cluster.servers if server.port == target)
+            restarted = next(server for server in cluster.servers if server.port == source)
+            restarted.kill()
             await asyncio.to_thread(restarted.restart)
-            deadline = time.monotonic() + scaled(20)
-            after: list[str] = []
-            while len(after) < 10:
-                sid = f"e{len(after)}"
-                try:  # a send that failed may have run: its retry carries its key
-                    await st.append_counted(
-                        [stream], sent(sid, sid.encode(), key=sid), [(address, sid.encode())]
-                    )
-                except Repeated:
-                    pass
-                except (BackendUnavailable, BackendError):
-                    assert time.monotonic() < deadline, "the restarted master was never reached"
-                    await asyncio.sleep(0.1)
-                    continue
-                after.append(sid)
+            done.clear()
+            for i in range(10):
+                await until_sent(f"e{i}")
             page = await st.read(stream, since=0, limit=5000)
-            assert [e.sid for e in page.entries] == after  # a new epoch: the restarted master was empty
+            assert [e.sid for e in page.entries] == done  # a new epoch: the restarted master was empty
             assert [e.offset for e in page.entries] == list(range(1, 11))
     finally:
         cluster.stop()
