@@ -579,6 +579,21 @@ class RedisStore(HistoryStore):
             raise reply
         return reply
 
+    async def _fast_script(self, name: str, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+        """Script ``name`` on the sends' connection (a plain server), in call order with the sends."""
+        sha = self._scripts[name].sha.encode()
+        return await self._fast_eval(name, pack(b"EVALSHA", sha, b"%d" % len(keys), *keys, *args))
+
+    async def _fast_command(self, *parts: bytes) -> Any:
+        """One command on the sends' connection (a plain server); an error reply is raised."""
+        raw = self._raw
+        if raw is None or not raw.alive or self._raw_lock.locked():
+            raw = await self._raw_connection()
+        reply = await raw.send_soon(pack(*parts))
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     async def _eval(self, name: str, keys: Sequence[bytes | str], args: Sequence[bytes | str]) -> Any:
         """Run a script through redis-py (single server or cluster: routed by its keys' slot)."""
         return await self._pooled(self._scripts[name](keys=list(keys), args=list(args)))
@@ -1017,7 +1032,12 @@ class RedisStore(HistoryStore):
         await self._ready()
         start = "" if since is None else str(max(since, 0) + 1)
         args = [new_epoch(), self._meta_ttl.decode(), start, str(max(limit, 0))]
-        reply = await self._bounded("a history read", self._eval("read", list(self.keys(stream)), args))
+        if self._fast:  # on the sends' connection (a storm of resumes reads a lot)
+            keys = [key.encode() for key in self.keys(stream)]
+            call = self._fast_script("read", keys, [arg.encode() for arg in args])
+        else:
+            call = self._eval("read", list(self.keys(stream)), args)
+        reply = await self._bounded("a history read", call)
         epoch, top, first_id, raw = reply
         top = int(top)
         entries = [self._entry(stream, entry) for entry in raw]
@@ -1061,7 +1081,14 @@ class RedisStore(HistoryStore):
     ) -> None:
         await self._ready()
         key, value, px = self._resume_key(token), _marker(flag) + record, _ms(ttl)
-        if create:
+        if self._fast:  # on the sends' connection: pipelined with every other of this turn
+            name = key.encode()
+            if create:
+                call = self._fast_command(b"SET", name, value, b"PX", b"%d" % px)
+            else:
+                call = self._fast_script("save", [name], [value, b"%d" % px])
+            await self._bounded("a resume record", call)
+        elif create:
             await self._bounded("a resume record", self._pooled(self._redis().set(key, value, px=px)))
         else:  # unless claimed or dropped (a tombstone): one claimed by a resume is never written back
             await self._bounded("a resume record", self._eval("save", [key], [value, str(px).encode()]))
@@ -1071,6 +1098,11 @@ class RedisStore(HistoryStore):
         if not keys:
             return
         await self._ready()
+        if self._fast:
+            px = b"%d" % _ms(ttl)
+            calls = [self._fast_command(b"PEXPIRE", key.encode(), px) for key in keys]
+            await self._bounded("keeping resume records", asyncio.gather(*calls))
+            return
         client = self._redis()
 
         async def run() -> None:
@@ -1083,14 +1115,22 @@ class RedisStore(HistoryStore):
 
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
         await self._ready()
-        reply = await self._bounded(
-            "a resume claim",
-            self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms]),
-        )
+        if self._fast:
+            name = self._resume_key(token).encode()
+            call = self._fast_script("claim", [name], [_marker(flag), self._tombstone_ms])
+        else:
+            call = self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms])
+        reply = await self._bounded("a resume claim", call)
         return None if reply is None else bytes(reply)
 
     async def drop_resume(self, token: str) -> None:
         await self._ready()
+        if self._fast:
+            name = self._resume_key(token).encode()
+            await self._bounded(
+                "dropping a resume record", self._fast_command(b"SET", name, b"-", b"PX", self._tombstone_ms)
+            )
+            return
         call = self._redis().set(self._resume_key(token), b"-", px=int(self._tombstone_ms))
         await self._bounded("dropping a resume record", self._pooled(call))
 
