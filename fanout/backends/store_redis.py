@@ -36,7 +36,9 @@ every message on one primary (so one publisher's messages keep their order), aft
 Sends on a plain ``redis://`` server go on a connection of their own
 (:class:`~fanout.backends.redis_publisher.PublishConnection`, the backend's publishing connection):
 each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
-concurrent sends are pipelined and keep their order.
+concurrent sends are pipelined and keep their order. So are, there, the history reads (their replies'
+nested arrays parsed as they arrive) and the resume records' writes and claims (a reconnect storm makes
+thousands at once): packed commands on the same connection, in call order with the sends.
 
 Sends on a cluster: on a plain ``redis+cluster://`` a single-slot send's EVALSHA (and the SPUBLISH of a
 message outside its slot) goes the same way on a connection to the master of its slot (a *link*, one per
@@ -50,12 +52,12 @@ may have run, so they are never sent again; a retry with an idempotency key is s
 refreshed before the next link is opened; one whose reply does not come within ``publish_timeout`` is
 closed. Sends over several slots (two phases) take redis-py's path, and so do TLS clusters.
 
-Everything else (reads, positions, resume records; TLS sends) goes through redis-py, whose
-``register_script`` loads a script when Redis does
-not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait their turn:
-redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are in use, 100
-by default in recent releases, and a node resuming hundreds of clients at once makes more calls than
-that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
+Everything else (positions, removals, idempotency keys' checks and records; on a cluster or TLS also
+reads and resume records; TLS sends) goes through redis-py, whose ``register_script`` loads a script
+when Redis does not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait
+their turn: redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are
+in use, 100 by default in recent releases, and a node resuming hundreds of clients at once makes more
+calls than that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
 :class:`BackendUnavailable` when Redis does not answer within ``publish_timeout``,
 :class:`BackendError` when it refuses.
 """
