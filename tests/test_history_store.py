@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fanout import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     ConfigMismatch,
@@ -41,6 +42,7 @@ from fanout.backends.store import MemoryStore, StoredSend
 from fanout.backends.store_redis import RedisStore
 from fanout.commands import Heartbeat, NodeInfo, Send, Target
 from fanout.history import split_positions
+from fanout.idempotency import Repeated
 from fanout.naming import ALL, flag, group
 from node import Node, NodeOptions
 from tests.apps.control import ControlApp
@@ -195,6 +197,29 @@ async def test_append_read_and_trim(url: str, ns: str) -> None:
         assert (await st.read("group:a", since=5)).entries == ()
         assert [e.offset for e in (await st.read("group:a", limit=2)).entries] == [4, 5]
         assert (await st.read("group:a", limit=0)).entries == ()
+
+
+async def test_big_pages_and_reads_between_sends(url: str, ns: str) -> None:
+    """Pages far larger than one socket read (on one server they come back on the sends' own connection,
+    parsed as they arrive), read while sends and resume records go by on the same connection."""
+    async with store(url, ns, history_size=400) as st:
+        payloads = [os.urandom(1500) + b"\r\n*3\r\n$-1\r\n" for _ in range(300)]
+        for i, payload in enumerate(payloads):
+            await st.append(["group:big"], sent(f"s{i}", payload, binary=True))
+        pages = await asyncio.gather(
+            *(st.read("group:big", since=0, limit=300) for _ in range(5)),
+            st.append(["group:big"], sent("later", b"later")),
+            st.save_resume("t", None, b"record", 30, create=True),
+            st.claim_resume("t", None),
+            st.read("group:big", since=1000),
+            st.claim_resume("never", "ann"),
+        )
+        for page in pages[:5]:
+            assert [e.payload for e in page.entries] == payloads
+            assert [e.offset for e in page.entries] == list(range(1, 301))
+        assert pages[6:] == [None, b"record", pages[8], None]
+        # one server: in call order (on a cluster the calls take several connections)
+        assert pages[8].entries == () and pages[8].offset in ((301,) if url == REDIS else (300, 301))
 
 
 async def test_entries_keep_what_was_sent_and_every_position(url: str, ns: str) -> None:
@@ -388,6 +413,118 @@ async def test_cluster_phase_two_puts_an_overtaken_entry_in_its_place(cluster: R
         ]
         assert (await st.append(["group:g0"], sent("after")))["group:g0"][1] == 5
         assert [e.offset for e in (await st.read("group:g0")).entries] == [1, 2, 3, 4, 5]
+
+
+def _move_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
+    """Reshard ``slot`` from the master on port ``source`` to the one on ``target``, keys and all, as
+    ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE everywhere)."""
+    source_id = cluster.cli(source, "cluster", "myid").strip()
+    target_id = cluster.cli(target, "cluster", "myid").strip()
+    cluster.cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+    cluster.cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+    keys = cluster.cli(source, "cluster", "getkeysinslot", str(slot), "1000").split()
+    if keys:
+        moved = cluster.cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        assert "OK" in moved, moved
+    for port in [target, source, *(p for p in cluster.ports if p not in (source, target))]:
+        cluster.cli(port, "cluster", "setslot", str(slot), "node", target_id)
+
+
+def _owner(cluster: RedisCluster, slot: int) -> int:
+    """The port of ``slot``'s master."""
+    import redis
+
+    probe = redis.Redis(port=cluster.ports[0])
+    try:
+        for start, end, master, *_ in probe.execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+    finally:
+        probe.close()
+    raise AssertionError(f"slot {slot} has no master")
+
+
+async def test_cluster_sends_follow_a_moved_slot_and_a_restarted_master(tmp_path: Path, ns: str) -> None:
+    """A plain cluster's history sends go on a connection to their slot's master. When the slot is
+    resharded to another master while sends go on (each retried with its idempotency key after an error),
+    when it moves back while 20 concurrent sends are written on the link to the old master, and when its
+    master restarts empty, every send is in the stream once, in order (awaited ones: the order awaited;
+    concurrent ones: the call order), redis-py taking the calls that Redis redirected and the links
+    following the new slot map."""
+    cluster = start_cluster(tmp_path)
+    try:
+        url = cluster.url
+        stream, address = "group:moving", group("moving")
+        slot = key_slot(address.channel(ns).encode())
+        async with store(url, ns, history_size=5000) as st:  # the stream holds every send
+            done: list[str] = []
+
+            async def send(sid: str, key: str | None = None) -> None:
+                await st.append_counted([stream], sent(sid, sid.encode(), key=key), [(address, sid.encode())])
+                done.append(sid)
+
+            async def until_sent(sid: str) -> None:
+                """A keyed send, retried after an error (it may have run: the key says)."""
+                deadline = time.monotonic() + scaled(20)
+                while True:
+                    try:
+                        await send(sid, key=sid)
+                        return
+                    except Repeated:
+                        done.append(sid)
+                        return
+                    except (BackendUnavailable, BackendError):
+                        assert time.monotonic() < deadline, f"{sid} never got through"
+                        await asyncio.sleep(0.1)
+
+            for i in range(10):
+                await send(f"a{i}", key="first" if i == 0 else None)
+            assert st.redirected == 0  # the links' path
+            source = _owner(cluster, slot)
+            target = next(port for port in cluster.ports if port != source)
+            stop = asyncio.Event()
+
+            async def sender() -> None:
+                i = 0
+                while not stop.is_set() and i < 3000:
+                    await until_sent(f"b{i}")
+                    i += 1
+
+            task = asyncio.create_task(sender())
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(_move_slot, cluster, slot, source, target)
+            await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            assert st.redirected > 0
+            # back again with no send on its way: 20 sends issued together go on the link to the old
+            # master, are all redirected, and keep their call order through redis-py's path
+            await asyncio.to_thread(_move_slot, cluster, slot, target, source)
+            redirected = st.redirected
+            await asyncio.gather(*(send(f"c{i}") for i in range(20)))
+            assert st.redirected >= redirected + 20
+            redirected = st.redirected
+            for i in range(10):
+                await send(f"d{i}")
+            assert st.redirected == redirected  # the new master's link
+            with pytest.raises(Repeated):  # the key moved with its stream's slot
+                await send("again", key="first")
+            page = await st.read(stream, since=0, limit=5000)
+            assert [e.sid for e in page.entries] == done
+            assert [e.offset for e in page.entries] == list(range(1, len(done) + 1))
+
+            # the master restarts empty: what was on its link failed; the next sends reach it again
+            restarted = next(server for server in cluster.servers if server.port == source)
+            restarted.kill()
+            await asyncio.to_thread(restarted.restart)
+            done.clear()
+            for i in range(10):
+                await until_sent(f"e{i}")
+            page = await st.read(stream, since=0, limit=5000)
+            assert [e.sid for e in page.entries] == done  # a new epoch: the restarted master was empty
+            assert [e.offset for e in page.entries] == list(range(1, 11))
+    finally:
+        cluster.stop()
 
 
 async def test_resume_records_are_single_use_and_bound_to_the_flag(url: str, ns: str) -> None:

@@ -5,7 +5,9 @@ a publisher's CPU (about 150 µs of it per awaited publish, 45 µs with many con
 publishing connection only ever needs ``PUBLISH channel message`` and its integer reply, so this one
 encodes the commands itself, writes a batch in one ``transport.write`` and parses the integer replies of
 a whole read at once. It is used for plain ``redis://`` servers; TLS and Redis Cluster keep redis-py
-(their options and slot maps are redis-py's business).
+(their options and slot maps are redis-py's business). The history store also sends its scripts on one
+(:mod:`fanout.backends.store_redis`): on a plain server, and on a plain cluster one per master, routed by
+redis-py's slot map.
 
 Errors are redis-py's classes, so the backend's one translation table applies unchanged: a refused
 ``AUTH`` is ``AuthenticationError``, an ACL refusal ``NoPermissionError``, another error reply
@@ -48,10 +50,49 @@ def _error_reply(text: str) -> Exception:
     return ResponseError(text)
 
 
+def _parse(buffer: bytes, start: int, end: int) -> tuple[object, int] | None:
+    """The reply at ``start`` and where the next one starts, or None when it has not fully arrived. An
+    error (nested in an array too) is a value. Raises ValueError on what is not RESP2."""
+    line_end = buffer.find(b"\r\n", start)
+    if line_end < 0:
+        return None
+    kind = buffer[start]
+    if kind == 0x24:  # '$' bulk string
+        size = int(buffer[start + 1 : line_end])
+        if size < 0:
+            return None, line_end + 2
+        stop = line_end + 2 + size
+        if stop + 2 > end:
+            return None
+        return buffer[line_end + 2 : stop], stop + 2
+    if kind == 0x3A:  # ':' integer
+        return int(buffer[start + 1 : line_end]), line_end + 2
+    if kind == 0x2B:  # '+' simple string
+        return buffer[start + 1 : line_end], line_end + 2
+    if kind == 0x2D:  # '-' error
+        return _error_reply(buffer[start + 1 : line_end].decode(errors="replace")), line_end + 2
+    if kind == 0x2A:  # '*' array
+        count = int(buffer[start + 1 : line_end])
+        if count < 0:
+            return None, line_end + 2
+        items: list[object] = []
+        position = line_end + 2
+        for _ in range(count):
+            if position >= end:
+                return None
+            parsed = _parse(buffer, position, end)
+            if parsed is None:
+                return None
+            item, position = parsed
+            items.append(item)
+        return items, position
+    raise ValueError(f"unexpected reply from Redis: {buffer[start:line_end]!r}")
+
+
 class PublishConnection(asyncio.Protocol):
     """One connection to one Redis server that sends commands and hands back their replies, in order.
 
-    Only the replies a publisher gets are understood: integers, simple strings, errors and bulk strings.
+    Replies are RESP2's: integers, simple strings, errors, bulk strings and (nested) arrays, as lists.
     """
 
     def __init__(self) -> None:
@@ -131,6 +172,15 @@ class PublishConnection(asyncio.Protocol):
                 else:
                     reply = buffer[line_end + 2 : line_end + 2 + size]
                     start = line_end + 2 + size + 2
+            elif kind == 0x2A:  # '*' array (a script's table, a read): its elements may come later
+                try:
+                    parsed = _parse(buffer, start, end)
+                except ValueError as exc:
+                    self._fail(RedisConnectionError(str(exc)))
+                    return
+                if parsed is None:
+                    break
+                reply, start = parsed
             else:
                 self._fail(RedisConnectionError(f"unexpected reply from Redis: {buffer[start:line_end]!r}"))
                 return

@@ -36,12 +36,28 @@ every message on one primary (so one publisher's messages keep their order), aft
 Sends on a plain ``redis://`` server go on a connection of their own
 (:class:`~fanout.backends.redis_publisher.PublishConnection`, the backend's publishing connection):
 each EVALSHA is written at once, in call order, and its one bulk-string reply read back in order, so
-concurrent sends are pipelined and keep their order. Everything else (reads, positions, resume records;
-TLS and cluster sends) goes through redis-py, whose ``register_script`` loads a script when Redis does
-not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait their turn:
-redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are in use, 100
-by default in recent releases, and a node resuming hundreds of clients at once makes more calls than
-that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
+concurrent sends are pipelined and keep their order. So are, there, the history reads (their replies'
+nested arrays parsed as they arrive) and the resume records' writes and claims (a reconnect storm makes
+thousands at once): packed commands on the same connection, in call order with the sends.
+
+Sends on a cluster: on a plain ``redis+cluster://`` a single-slot send's EVALSHA (and the SPUBLISH of a
+message outside its slot) goes the same way on a connection to the master of its slot (a *link*, one per
+master, opened on demand with the send script loaded; the master as redis-py's slot map has it). Redis
+Cluster checks a command's slot before running it, so a MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply means it
+did not run: that call then goes through redis-py, which follows the redirection and updates its slot map
+(the next calls look the slot up again), and the slot's later calls follow it there until it is answered,
+so that one publisher's concurrent sends to a slot keep their order. A link that cannot be opened sends
+the call through redis-py too. A link lost with commands on it fails them (``BackendUnavailable``: they
+may have run, so they are never sent again; a retry with an idempotency key is safe) and the slot map is
+refreshed before the next link is opened; one whose reply does not come within ``publish_timeout`` is
+closed. Sends over several slots (two phases) take redis-py's path, and so do TLS clusters.
+
+Everything else (positions, removals, idempotency keys' checks and records; on a cluster or TLS also
+reads and resume records; TLS sends) goes through redis-py, whose ``register_script`` loads a script
+when Redis does not know it (NOSCRIPT); at most :data:`POOL_CALLS` of those at once (the others wait
+their turn: redis-py's pool raises ``MaxConnectionsError`` rather than wait once ``max_connections`` are
+in use, 100 by default in recent releases, and a node resuming hundreds of clients at once makes more
+calls than that). Errors become :mod:`fanout.exceptions` through the Redis backend's table:
 :class:`BackendUnavailable` when Redis does not answer within ``publish_timeout``,
 :class:`BackendError` when it refuses.
 """
@@ -50,7 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -279,6 +295,10 @@ _SCRIPTS = {
 
 #: the script errors that mean "Redis does not know it (any more)": load it and run it again
 _NOSCRIPT = "NOSCRIPT"
+#: a cluster's error replies for a command that did not run there (redis-py's path follows them)
+_REDIRECTED = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
+#: the scripts a cluster's sends' links load when they open
+_LINK_SCRIPTS = ("send",)
 
 
 def _ms(seconds: float) -> int:
@@ -364,6 +384,17 @@ class RedisStore(HistoryStore):
         self._fast = not self._target.cluster and not self._target.tls
         self._raw: PublishConnection | None = None
         self._raw_lock = asyncio.Lock()
+        #: plain redis+cluster://: a sends' connection per master (see "Sends on a cluster" above)
+        self._cluster_fast = self._target.cluster and not self._target.tls
+        self._links: dict[str, PublishConnection] = {}  #: by the master's name (host:port)
+        self._slot_links: dict[int, PublishConnection] = {}  #: the link of a slot, as last looked up
+        self._links_lock = asyncio.Lock()  #: held while a link is looked up and opened
+        self._refresh_map = False  #: a link was lost: refresh the slot map before the next lookup
+        #: slots with calls on redis-py's path (after a redirection): the slot's later calls follow them
+        self._slow: dict[int, int] = {}
+        self._slow_locks: dict[int, asyncio.Lock] = {}
+        #: calls of ours that went to redis-py after the fast path was refused (MOVED, ASK, no link)
+        self.redirected = 0
         #: the send script's EVALSHA and sha, and its constant arguments (size, ttl, meta ttl), packed
         self._evalsha_send = b""
         self._constants = b"".join(map(_bulk, (self._size, self._ttl, self._meta_ttl)))
@@ -468,6 +499,7 @@ class RedisStore(HistoryStore):
                     raise
                 raise self._error(ConnectionError(str(exc)), "the cluster's slot map") from exc
             self._scripts = {name: cluster.register_script(text) for name, text in _SCRIPTS.items()}
+            self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
             return
         client = aioredis.Redis.from_url(self.url, **options)
         self._client = client
@@ -485,6 +517,9 @@ class RedisStore(HistoryStore):
         if self._raw is not None:
             raw, self._raw = self._raw, None
             raw.close()
+        links, self._links, self._slot_links = self._links, {}, {}
+        for link in links.values():
+            link.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -546,6 +581,21 @@ class RedisStore(HistoryStore):
             raise reply
         return reply
 
+    async def _fast_script(self, name: str, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+        """Script ``name`` on the sends' connection (a plain server), in call order with the sends."""
+        sha = self._scripts[name].sha.encode()
+        return await self._fast_eval(name, pack(b"EVALSHA", sha, b"%d" % len(keys), *keys, *args))
+
+    async def _fast_command(self, *parts: bytes) -> Any:
+        """One command on the sends' connection (a plain server); an error reply is raised."""
+        raw = self._raw
+        if raw is None or not raw.alive or self._raw_lock.locked():
+            raw = await self._raw_connection()
+        reply = await raw.send_soon(pack(*parts))
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     async def _eval(self, name: str, keys: Sequence[bytes | str], args: Sequence[bytes | str]) -> Any:
         """Run a script through redis-py (single server or cluster: routed by its keys' slot)."""
         return await self._pooled(self._scripts[name](keys=list(keys), args=list(args)))
@@ -562,6 +612,119 @@ class RedisStore(HistoryStore):
             return await call
         finally:
             self._pool_calls.release()
+
+    # ------------------------------------------------------------------ a cluster's sends' links
+
+    async def _slot_call(
+        self, slot: int, name: str | None, command: bytes, slow: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """``command`` (packed; script ``name``'s EVALSHA, or None) on the link to ``slot``'s master,
+        written with the others of this turn of the event loop, in call order; through ``slow()`` (redis-py,
+        which follows redirections and learns the new slot map) when Redis redirects it (MOVED, ASK,
+        TRYAGAIN, CLUSTERDOWN: the command did not run), when no link can be opened, or while calls of this
+        slot before it are still on that path (so that they keep their order). A link lost with commands on
+        it fails them (they may have run: never sent again) and the slot map is refreshed."""
+        link = None
+        if not self._slow.get(slot):
+            link = None if self._links_lock.locked() else self._slot_links.get(slot)
+            if link is None or not link.alive:
+                link = await self._open_link(slot)
+        if link is not None and not self._slow.get(slot):
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            try:
+                reply = await link.send_soon(command)
+            except asyncio.CancelledError:  # timed out (a hung master): fail what waits on it, reopen
+                if loop.time() - sent >= 0.9 * self.settings.publish_timeout:
+                    self._drop_link(link)
+                raise
+            except RedisError:
+                self._drop_link(link)
+                raise
+            if not isinstance(reply, Exception):
+                return reply
+            code = str(reply).split(" ", 1)[0]
+            if name is not None and code == _NOSCRIPT:  # its scripts were flushed: load, run again
+                loaded = await link.send([pack(b"SCRIPT", b"LOAD", _text(self._scripts[name].script))])[0]
+                if isinstance(loaded, Exception):
+                    raise loaded
+                reply = await link.send([command])[0]
+                code = "" if not isinstance(reply, Exception) else str(reply).split(" ", 1)[0]
+                if not isinstance(reply, Exception):
+                    return reply
+            if code not in _REDIRECTED:
+                raise reply
+            self._slot_links.pop(slot, None)
+        return await self._slowly(slot, slow)
+
+    async def _slowly(self, slot: int, slow: Callable[[], Awaitable[_T]]) -> _T:
+        """``slow()`` after the calls of ``slot`` that took redis-py's path before it (in order)."""
+        self.redirected += 1
+        self._slow[slot] = self._slow.get(slot, 0) + 1
+        lock = self._slow_locks.setdefault(slot, asyncio.Lock())
+        try:
+            async with lock:
+                return await slow()
+        finally:
+            left = self._slow[slot] - 1
+            if left:
+                self._slow[slot] = left
+            else:
+                del self._slow[slot]
+                self._slow_locks.pop(slot, None)
+
+    async def _open_link(self, slot: int) -> PublishConnection | None:
+        """The link to ``slot``'s master as redis-py's slot map has it, opened if needed (with the
+        scripts loaded); None if it cannot be opened (the call goes through redis-py)."""
+        cluster = self._cluster
+        if cluster is None:
+            raise NotConnected("the history store is not connected")
+        async with self._links_lock:
+            link = self._slot_links.get(slot)
+            if link is not None and link.alive:
+                return link
+            try:
+                if self._refresh_map:
+                    self._refresh_map = False
+                    await cluster.nodes_manager.initialize()
+                node = cluster.nodes_manager.get_node_from_slot(slot)
+            except (RedisError, RedisClusterException, OSError):
+                return None
+            link = self._links.get(node.name)
+            if link is None or not link.alive:
+                opened: PublishConnection | None = None
+                try:
+                    opened = await PublishConnection.open(
+                        node.host,
+                        int(node.port),
+                        userinfo=self._target.userinfo,
+                        client_name=f"{self.settings.namespace}-history"[:120],
+                        timeout=self._connect_timeout,
+                    )
+                    loads = opened.send(
+                        [pack(b"SCRIPT", b"LOAD", _text(self._scripts[n].script)) for n in _LINK_SCRIPTS]
+                    )
+                    for loaded in await asyncio.gather(*loads):
+                        if isinstance(loaded, Exception):
+                            raise loaded
+                except (RedisError, OSError, TimeoutError):
+                    if opened is not None:
+                        opened.close()
+                    self._refresh_map = True
+                    return None
+                link = self._links[node.name] = opened
+            self._slot_links[slot] = link
+            return link
+
+    def _drop_link(self, link: PublishConnection) -> None:
+        link.close()
+        self._refresh_map = True
+        for name, known in list(self._links.items()):
+            if known is link:
+                del self._links[name]
+        for slot, known in list(self._slot_links.items()):
+            if known is link:
+                del self._slot_links[slot]
 
     # ------------------------------------------------------------------ history
 
@@ -617,7 +780,17 @@ class RedisStore(HistoryStore):
             (slot,) = slots
             mine = [i for i, s in enumerate(item_slots) if s == slot]
             here = [(channels[i], items[i][1]) for i in mine]
-            positions, found = await self._send_script(streams, send, here, len(here) == len(items))
+            complete = len(here) == len(items)
+            if self._cluster_fast:
+                reply = await self._slot_call(
+                    slot,
+                    "send",
+                    self._pack_send(streams, send, here, complete),
+                    lambda: self._eval_send(streams, send, here, complete),
+                )
+                positions, found = _parse_send(reply)
+            else:
+                positions, found = await self._send_script(streams, send, here, complete)
             for i, count in zip(mine, found, strict=True):
                 counts[i] = count
         else:  # the key checked before, kept after (see docs/continuity.md, "Idempotent sends")
@@ -631,16 +804,23 @@ class RedisStore(HistoryStore):
                 await self.record_key(send.key, Outcome(APPENDED, None, send.sid, positions), streams)
         outside = [i for i, count in enumerate(counts) if count is None]
         for i in outside:  # messages outside every stream's slot
-            assert self._cluster is not None
-            reply = await self._pooled(
-                self._cluster.execute_command(
-                    self._command.decode(), channels[i], attach_positions(items[i][1], positions)
-                )
-            )
-            counts[i] = int(reply)
+            message = attach_positions(items[i][1], positions)
+            counts[i] = int(await self._publish_in_slot(channels[i], message))
         if send.key is not None and (outside or len(slots) > 1) and items:
             await self.record_key(send.key, Outcome(PUBLISHED, None, send.sid, positions), streams)
         return positions, counts
+
+    async def _publish_in_slot(self, channel: bytes, message: bytes) -> Any:
+        """One message published on a cluster (after the script that stored it)."""
+        cluster = self._cluster
+        assert cluster is not None
+
+        def slow() -> Awaitable[Any]:
+            return self._pooled(cluster.execute_command(self._command.decode(), channel, message))
+
+        if not self._cluster_fast:
+            return await slow()
+        return await self._slot_call(key_slot(channel), None, pack(self._command, channel, message), slow)
 
     def _kind(self, send: StoredSend) -> bytes:
         return b'"b":%s,"j":%s' % (b"true" if send.binary else b"false", b"true" if send.json else b"false")
@@ -659,13 +839,17 @@ class RedisStore(HistoryStore):
             self._command if items else b"",
         ]
 
-    def _pack_send(self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]) -> bytes:
-        """The send script's EVALSHA as RESP, for the sends' own connection."""
+    def _pack_send(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
+    ) -> bytes:
+        """The send script's EVALSHA as RESP, for the sends' own connection(s); ``complete`` as in
+        :meth:`_send_script`."""
         variable = self._variable(streams, send, items)
         known = [self._packed(stream) for stream in streams]
         keyed = send.key is not None
+        appended = keyed and not complete
         parts = [
-            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed),
+            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed + appended),
             self._evalsha_send,
             _bulk(b"%d" % (2 * len(streams) + keyed)),
             *[keys for keys, _ in known],
@@ -679,13 +863,21 @@ class RedisStore(HistoryStore):
             parts += (_bulk(channel), _bulk(message))
         if keyed:
             parts.append(_bulk(self._window))
+        if appended:
+            parts.append(_bulk(APPENDED.encode()))
         return b"".join(parts)
 
     async def _send_script(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
     ) -> tuple[Positions, list[int | None]]:
-        """The send script through redis-py (a cluster's single-slot send, a TLS server); ``complete``:
-        ``items`` are all the send's messages (else its key is kept as appended: the rest follow)."""
+        """The send script through redis-py (a TLS server or cluster, a plain cluster's redirected send);
+        ``complete``: ``items`` are all the send's messages (else its key is kept as appended: the rest
+        follow)."""
+        return _parse_send(await self._eval_send(streams, send, items, complete))
+
+    async def _eval_send(
+        self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool
+    ) -> Any:
         keys: list[bytes] = []
         for stream in streams:
             keys.extend(key.encode() for key in self.keys(stream))
@@ -703,7 +895,7 @@ class RedisStore(HistoryStore):
             args.append(self._window)
             if not complete:
                 args.append(APPENDED.encode())
-        return _parse_send(await self._eval("send", keys, args))
+        return await self._eval("send", keys, args)
 
     def _packed(self, stream: str) -> tuple[bytes, bytes]:
         """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
@@ -842,7 +1034,12 @@ class RedisStore(HistoryStore):
         await self._ready()
         start = "" if since is None else str(max(since, 0) + 1)
         args = [new_epoch(), self._meta_ttl.decode(), start, str(max(limit, 0))]
-        reply = await self._bounded("a history read", self._eval("read", list(self.keys(stream)), args))
+        if self._fast:  # on the sends' connection (a storm of resumes reads a lot)
+            keys = [key.encode() for key in self.keys(stream)]
+            call = self._fast_script("read", keys, [arg.encode() for arg in args])
+        else:
+            call = self._eval("read", list(self.keys(stream)), args)
+        reply = await self._bounded("a history read", call)
         epoch, top, first_id, raw = reply
         top = int(top)
         entries = [self._entry(stream, entry) for entry in raw]
@@ -886,7 +1083,14 @@ class RedisStore(HistoryStore):
     ) -> None:
         await self._ready()
         key, value, px = self._resume_key(token), _marker(flag) + record, _ms(ttl)
-        if create:
+        if self._fast:  # on the sends' connection: pipelined with every other of this turn
+            name = key.encode()
+            if create:
+                call = self._fast_command(b"SET", name, value, b"PX", b"%d" % px)
+            else:
+                call = self._fast_script("save", [name], [value, b"%d" % px])
+            await self._bounded("a resume record", call)
+        elif create:
             await self._bounded("a resume record", self._pooled(self._redis().set(key, value, px=px)))
         else:  # unless claimed or dropped (a tombstone): one claimed by a resume is never written back
             await self._bounded("a resume record", self._eval("save", [key], [value, str(px).encode()]))
@@ -896,6 +1100,11 @@ class RedisStore(HistoryStore):
         if not keys:
             return
         await self._ready()
+        if self._fast:
+            px = b"%d" % _ms(ttl)
+            calls = [self._fast_command(b"PEXPIRE", key.encode(), px) for key in keys]
+            await self._bounded("keeping resume records", asyncio.gather(*calls))
+            return
         client = self._redis()
 
         async def run() -> None:
@@ -908,14 +1117,22 @@ class RedisStore(HistoryStore):
 
     async def claim_resume(self, token: str, flag: str | None) -> bytes | None:
         await self._ready()
-        reply = await self._bounded(
-            "a resume claim",
-            self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms]),
-        )
+        if self._fast:
+            name = self._resume_key(token).encode()
+            call = self._fast_script("claim", [name], [_marker(flag), self._tombstone_ms])
+        else:
+            call = self._eval("claim", [self._resume_key(token)], [_marker(flag), self._tombstone_ms])
+        reply = await self._bounded("a resume claim", call)
         return None if reply is None else bytes(reply)
 
     async def drop_resume(self, token: str) -> None:
         await self._ready()
+        if self._fast:
+            name = self._resume_key(token).encode()
+            await self._bounded(
+                "dropping a resume record", self._fast_command(b"SET", name, b"-", b"PX", self._tombstone_ms)
+            )
+            return
         call = self._redis().set(self._resume_key(token), b"-", px=int(self._tombstone_ms))
         await self._bounded("dropping a resume record", self._pooled(call))
 
