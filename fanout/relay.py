@@ -39,6 +39,7 @@ import orjson
 from .config import Settings
 from .exceptions import FanoutError, MessageTooLarge, NoLiveNodes, NotConnected, PayloadError
 from .outbox import DEFAULT_TABLE, SHARDS, SqlNames, decode_args
+from .probes import serve_probes
 from .serverutil import ServerUtil
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class Relay:
 
         if self.options.http is not None:
             host, port = self.options.http
-            self._http = await asyncio.start_server(self._serve_http, host, port)
+            self._http = await serve_probes(host, port, self._unhealthy, self.render_metrics)
         delay = _BACKOFF[0]
         try:
             while not self._stopping.is_set():
@@ -392,38 +393,13 @@ class Relay:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            path = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "/"
-            if path.startswith("/healthz"):
-                ok = self.healthy
-                reason = (
-                    "ok"
-                    if ok
-                    else "stopping"
-                    if self._stopping.is_set()
-                    else "database unreachable"
-                    if not self._db_up
-                    else f"broker: {self._broker_error}"
-                )
-                status, body, kind = (200 if ok else 503), f"{reason}\n".encode(), "text/plain"
-            elif path.startswith("/metrics"):
-                status, body, kind = 200, self.render_metrics().encode(), "text/plain; version=0.0.4"
-            else:
-                status, body, kind = 404, b"not found\n", "text/plain"
-            writer.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                % (status, b"OK" if status == 200 else b"Error", kind.encode(), len(body))
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
+    def _unhealthy(self) -> str | None:
+        """None while healthy, else why not (``/healthz``)."""
+        if self.healthy:
+            return None
+        if self._stopping.is_set():
+            return "stopping"
+        return "database unreachable" if not self._db_up else f"broker: {self._broker_error}"
 
 
 def key_prefix(database: str, table: str) -> str:

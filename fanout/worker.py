@@ -53,6 +53,7 @@ from .directory import NodeDirectory
 from .events import Event, EventKind
 from .exceptions import FanoutError, ProtocolError
 from .ids import new_boot_token
+from .probes import serve_probes
 from .receive import LAG_BUCKETS, LagHistogram, Receiver
 from .serverutil import ServerUtil
 from .sync import SyncServerUtil
@@ -187,7 +188,9 @@ class Worker:
         self._spawn(self._balance(), "balance")
         self._spawn(self._watch_nodes(), "node-lost watcher")
         if self.options.port:
-            self._http = await asyncio.start_server(self._serve_http, self.options.host, self.options.port)
+            self._http = await serve_probes(
+                self.options.host, self.options.port, self._unhealthy, self.render_metrics
+            )
         self.started = True
         log.info(
             "worker %s started (%d shards, concurrency %d)",
@@ -584,29 +587,9 @@ class Worker:
     def healthy(self) -> bool:
         return self.started and not self._stopping.is_set() and self._coordination.healthy
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            path = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "/"
-            if path.startswith("/healthz"):
-                ok = self.healthy
-                status, body, kind = (200 if ok else 503), (b"ok\n" if ok else b"not ready\n"), "text/plain"
-            elif path.startswith("/metrics"):
-                status, body, kind = 200, self.render_metrics().encode(), "text/plain; version=0.0.4"
-            else:
-                status, body, kind = 404, b"not found\n", "text/plain"
-            writer.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                % (status, b"OK" if status == 200 else b"Error", kind.encode(), len(body))
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
+    def _unhealthy(self) -> str | None:
+        """None while healthy, else why not (``/healthz``)."""
+        return None if self.healthy else "not ready"
 
     def render_metrics(self) -> str:
         from prometheus_client import CollectorRegistry, generate_latest
