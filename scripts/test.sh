@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: makes .venv from requirements/test.lock (exact versions,
 # hash-checked; rebuilt when the lock changes), installs the system tools the tests use, starts Redis
-# (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) if they are not running, then runs ruff, mypy --strict and
-# pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k redis).
+# (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and PostgreSQL (127.0.0.1:5432, database test; unless
+# FANOUT_TEST_DSN names another) if they are not running, then runs ruff, mypy --strict and pytest. Extra
+# arguments go to pytest (e.g. scripts/test.sh -k redis).
 #   scripts/test.sh --latest [pytest args]   the same in a fresh .venv-latest with the newest releases that
 #                                            pyproject.toml admits instead of the lock (finds drift early)
 #   scripts/test.sh --lowest [pytest args]   the same in a fresh .venv-lowest with the oldest release of each
@@ -50,6 +51,10 @@ if ! port_open 6379; then
 fi
 if ! port_open 5672; then
   as_root rabbitmq-server -detached
+fi
+if [ -z "${FANOUT_TEST_DSN:-}" ] && ! port_open 5432; then
+  . scripts/postgres.sh  # the outbox tests' PostgreSQL: a throw-away cluster on 127.0.0.1:5432
+  start_postgres 5432
 fi
 wait_port 6379
 wait_port 5672
