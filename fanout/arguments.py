@@ -180,6 +180,27 @@ STRING = Accepts("a string", {"type": "string"}, _string)
 STRINGS = Accepts("strings", _NAMES_SCHEMA, _strings)
 BOOL = Accepts("a bool (true or false)", {"type": "boolean"}, _bool)
 
+#: ServerUtil's command calls (sends, closes, membership, sessions): what the outbox takes as rows and the
+#: HTTP API serves besides the queries
+COMMAND_CALLS = (
+    "send",
+    "send_by_flag",
+    "send_to_group",
+    "send_to_all",
+    "send_bulk",
+    "send_bulk_by_flag",
+    "close",
+    "close_by_flag",
+    "close_guests",
+    "join_group",
+    "leave_group",
+    "dissolve_group",
+    "bind",
+    "unbind",
+    "set_session",
+    "update_session",
+)
+
 #: what each argument of the ServerUtil calls accepts, by its name
 ARGUMENTS: dict[str, Accepts] = {
     "client_id": STRING,

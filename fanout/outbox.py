@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from . import protocol
-from .arguments import checked_blocking
+from .arguments import COMMAND_CALLS, checked_blocking
 from .commands import Json
 from .exceptions import ConfigError, MessageTooLarge, PayloadError
 from .serverutil import Names, encode_payload, names, session_json
@@ -45,26 +45,7 @@ _HEADER_ROOM = 4096
 _TABLE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}")
 
 #: the calls an outbox row may hold (ServerUtil's method names)
-CALLS = frozenset(
-    {
-        "send",
-        "send_by_flag",
-        "send_to_group",
-        "send_to_all",
-        "send_bulk",
-        "send_bulk_by_flag",
-        "close",
-        "close_by_flag",
-        "close_guests",
-        "join_group",
-        "leave_group",
-        "dissolve_group",
-        "bind",
-        "unbind",
-        "set_session",
-        "update_session",
-    }
-)
+CALLS = frozenset(COMMAND_CALLS)
 
 
 def check_table(table: str) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fanout import history_api
-from fanout.arguments import accepts
+from fanout.arguments import COMMAND_CALLS, accepts
 from fanout.exceptions import (
     BackendError,
     BackendUnavailable,
@@ -46,22 +46,7 @@ DATA_B64 = {"type": "string", "description": "instead of data: base64 of a binar
 
 #: the calls the API serves: every public ServerUtil operation
 CALLS = (
-    "send",
-    "send_by_flag",
-    "send_to_group",
-    "send_to_all",
-    "send_bulk",
-    "send_bulk_by_flag",
-    "close",
-    "close_by_flag",
-    "close_guests",
-    "join_group",
-    "leave_group",
-    "dissolve_group",
-    "bind",
-    "unbind",
-    "set_session",
-    "update_session",
+    *COMMAND_CALLS,
     "get_session",
     "exists",
     "flag_exists",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 
 def scaled(seconds: float) -> float:
@@ -16,3 +17,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def kill_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` (if it still runs) and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(scaled(10))
+
+
+def terminate_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM ``proc`` and its exit status; one that does not exit in time is killed (and that raises)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(scaled(timeout))
+    except subprocess.TimeoutExpired:
+        kill_process(proc)
+        raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.support import free_port, scaled
+from tests.support import free_port, kill_process, scaled, terminate_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,19 +129,11 @@ class NodeProcess:
         raise AssertionError(f"no {field}")
 
     def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM, and its exit status; a node that does not exit in time is killed (and that raises)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(scaled(timeout))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        """SIGTERM, and its exit status; one that does not exit in time is killed (and that raises)."""
+        return terminate_process(self.proc, timeout)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(scaled(10))
+        kill_process(self.proc)
 
 
 def start_node(

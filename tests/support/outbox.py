@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 from fanout.outbox import schema_sql
-from tests.support import free_port, scaled
+from tests.support import free_port, kill_process, scaled, terminate_process
 from tests.support.nodes import ROOT, http_get
 
 DSN = os.environ.get("FANOUT_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -57,19 +56,12 @@ class RelayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(scaled(10))
-
     def terminate(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(scaled(timeout))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        """SIGTERM, and its exit status; one that does not exit in time is killed (and that raises)."""
+        return terminate_process(self.proc, timeout)
+
+    def kill(self) -> None:
+        kill_process(self.proc)
 
     def wait_healthy(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + scaled(timeout)
