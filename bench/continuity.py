@@ -14,7 +14,10 @@ from ``/proc/<pid>/task/*/schedstat`` (nanoseconds, user + system, every thread 
 with its own Redis and ``--nodes`` nodes: one with ``FANOUT_HISTORY=group:*``, one with it empty; each has
 ``--clients`` raw clients in ``--groups`` groups (every group has members on every node). Per round and per
 phase, the same sends go to one cluster, then the other (the order alternates from round to round):
-``flat`` (``--messages`` sends awaited one by one, as fast as the publisher can), ``concurrent`` (the same
+``flat`` (``--messages`` sends awaited one by one, as fast as the publisher can), ``matched`` (the same
+sends paced, every cluster at one rate: 0.95 of what the slower reached flat out in that round - node
+CPU per delivery falls steeply with the send rate, so flat out the clusters' nodes are compared at
+different rates, and here at the rate the slower publisher reaches flat out), ``concurrent`` (the same
 from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per second for ``--seconds``).
 Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery, Redis
 CPU per publish (the cluster's redis-server) and, paced, latency; then history / plain.
@@ -262,10 +265,12 @@ class ClientSet:
 
 @dataclass
 class Phase:
-    kind: str  #: flat, concurrent, paced
+    kind: str  #: flat, matched, concurrent, paced
     messages: int
     concurrency: int = 1
     rate: float = 0.0
+    #: paced at the rate the slowest set reached flat out in the same round (set by :func:`rounds`)
+    matched: bool = False
 
 
 async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int) -> dict[str, float]:
@@ -321,6 +326,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
     latencies = [x for a in answers for x in a["latencies"]]
     deliveries = sum(n * cs.members[g] for g, n in counts.items())
     return {
+        "rate": phase.rate,
         "sends_per_s": sent / published,
         "publisher_us": publisher_cpu * 1e6 / sent,
         "deliveries_per_s": deliveries / elapsed,
@@ -367,9 +373,15 @@ def phases_text(args: argparse.Namespace) -> str:
     )
 
 
+#: the matched phase's rate, as a share of the slowest set's flat-out rate in the same round (a little
+#: under it: paced sends that cannot keep up would be flat out again)
+MATCHED = 0.95
+
+
 def phases_of(args: argparse.Namespace) -> list[Phase]:
     return [
         Phase("flat", args.messages),
+        Phase("matched", args.messages, matched=True),
         Phase("concurrent", args.messages, concurrency=args.concurrency),
         Phase("paced", int(args.rate * args.seconds), rate=args.rate),
     ]
@@ -387,6 +399,8 @@ async def rounds(
     for r in range(args.repeat):
         order = sets if r % 2 == 0 else sets[::-1]
         for phase in phases_of(args):
+            if phase.matched:  # every set at the same rate: what the slowest reached flat out, a bit less
+                phase.rate = MATCHED * min(results[("flat", cs.name)][-1]["sends_per_s"] for cs in sets)
             for cs in order:
                 results.setdefault((phase.kind, cs.name), []).append(
                     await run_phase(phase, cs, gens, args.size)
@@ -416,7 +430,9 @@ def print_table(
                 f"{median_of(m, 'node_us'):.2f} us/delivery, "
                 f"Redis CPU {median_of(m, 'redis_us'):.1f} us/publish"
             )
-            if phase.rate:
+            if phase.matched:
+                line += f" at {statistics.median(x['rate'] for x in m):,.0f}/s"
+            if phase.rate or phase.matched:
                 line += f", latency p50 {median_of(m, 'p50_ms'):.1f} / p99 {median_of(m, 'p99_ms'):.1f} ms"
             line += (
                 f"; {median_of(m, 'frames_per_write'):.2f} frames per write, "

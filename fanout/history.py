@@ -38,6 +38,8 @@ META_TTL = 2 * 24 * 3600
 POSITIONS_PREFIX = b"h1 "
 #: most streams one send's positions may name on the bus
 MAX_POSITIONS = 1000
+#: most stream names a Policy remembers its answer for (then it starts over)
+KNOWN_STREAMS = 10_000
 
 Positions = dict[str, tuple[str, int]]  #: stream -> (epoch, offset)
 
@@ -109,6 +111,8 @@ class Policy:
     _cache: tuple[re.Pattern[str] | None, re.Pattern[str] | None, bool] = field(
         init=False, repr=False, compare=False
     )
+    #: stream -> whether it keeps its sends, for the streams asked about lately (every send asks)
+    _known: dict[str, bool] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_history", _compile(self.history, "FANOUT_HISTORY"))
@@ -132,7 +136,13 @@ class Policy:
 
     def is_history(self, stream: str) -> bool:
         """Whether ``stream`` keeps its sends (history or cache target)."""
-        return self._match(self._history, stream) or self._match(self._cache, stream)
+        known = self._known.get(stream)
+        if known is None:
+            known = self._match(self._history, stream) or self._match(self._cache, stream)
+            if len(self._known) >= KNOWN_STREAMS:
+                self._known.clear()
+            self._known[stream] = known
+        return known
 
     def is_cache(self, stream: str) -> bool:
         return self._match(self._cache, stream)
@@ -142,12 +152,16 @@ class Policy:
         if target.kind is TargetKind.ALL:
             return (ALL_STREAM,) if self.is_history(ALL_STREAM) else ()
         if target.kind is TargetKind.GROUPS:
-            make = group_stream
+            prefix = GROUP_PREFIX
         elif target.kind is TargetKind.FLAGS:
-            make = flag_stream
+            prefix = FLAG_PREFIX
         else:
             return ()
-        return tuple(s for s in dict.fromkeys(make(n) for n in target.names) if self.is_history(s))
+        names = target.names
+        if len(names) == 1:  # (most sends)
+            stream = prefix + names[0]
+            return (stream,) if self.is_history(stream) else ()
+        return tuple(s for s in dict.fromkeys(prefix + n for n in names) if self.is_history(s))
 
     def streams_of_member(self, groups: Iterable[str], flag: str | None) -> set[str]:
         """The history streams a connection with these groups and this flag is in (``all`` included)."""

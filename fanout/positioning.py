@@ -152,10 +152,26 @@ class Positioning:
 
     def offer(self, send: Send) -> Out:
         """A send from the bus. Without positions in a tracked stream it is released at once."""
-        out = Out()
         positions = send.positions or {}
         if send.sid is not None and send.sid in self._recent:
-            return out  # delivered already (read back from the store before this live copy came)
+            return Out()  # delivered already (read back from the store before this live copy came)
+        # the common case, in one pass: in every tracked stream it is in, the next send, nothing waiting
+        # (so nothing else can be released by it either)
+        streams, nexts = self._streams, []
+        for stream, (epoch, offset) in positions.items():
+            st = streams.get(stream)
+            if st is None:
+                continue
+            if st.queue or offset != st.last + 1 or epoch != st.epoch:
+                break
+            nexts.append(st)
+        else:
+            for st in nexts:
+                st.last += 1
+                st.hole_reads = 0
+            self._remember(send.sid)
+            return Out([Delivery(send, None)])
+        out = Out()
         offsets: dict[str, int] = {}
         for stream, (epoch, offset) in positions.items():
             st = self._streams.get(stream)

@@ -55,7 +55,7 @@ from .commands import (
     Unbind,
 )
 from .exceptions import BadSignature, MessageTooLarge, PayloadError, ProtocolError, UnsupportedVersion
-from .history import POSITIONS_PREFIX, split_positions
+from .history import POSITIONS_PREFIX, Positions, split_positions
 
 VERSION = 2
 _PREFIX = b"v2;"
@@ -404,13 +404,8 @@ def open_message(
     if max_size is not None and len(data) > max_size:
         raise MessageTooLarge(f"message of {len(data)} bytes exceeds the maximum of {max_size}")
     positions, data = split_positions(data)
-    if positions is not None:
-        if data.startswith(POSITIONS_PREFIX):
-            raise ProtocolError("more than one positions line")
-        message = open_message(data, secret, None, namespace)
-        if not isinstance(message.command, Send) or message.command.sid is None:
-            raise ProtocolError("a positions line in front of something other than a stored send")
-        return Message(dataclasses.replace(message.command, positions=positions), message.envelope)
+    if positions is not None and data.startswith(POSITIONS_PREFIX):
+        raise ProtocolError("more than one positions line")
     if not data.startswith(_PREFIX):
         if data[:1] == b"v" and b";" in data[:12]:
             raise UnsupportedVersion(f"unsupported wire version {data[: data.index(b';')]!r}")
@@ -434,9 +429,14 @@ def open_message(
     parser = _PARSERS.get(op) if isinstance(op, str) else None
     if parser is None:
         raise ProtocolError(f"unknown op {op!r}")
+    if positions is not None and (op != "send" or header.get("sid") is None):
+        raise ProtocolError("a positions line in front of something other than a stored send")
     try:
         envelope = _envelope(header)
-        command = parser(header, data[newline + 1 :])
+        if positions is None:
+            command = parser(header, data[newline + 1 :])
+        else:  # a stored send: built with them
+            command = _parse_send(header, data[newline + 1 :], positions)
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {op!r} command: {exc!r}") from None
     if isinstance(command, Heartbeat) and command.node.signed and sig_end == len(_PREFIX):
@@ -489,8 +489,11 @@ def _str(value: Any, what: str) -> str:
 
 
 def _strs(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise TypeError(f"{what} must be a list of strings")
+    for v in value:  # (a loop: most lists hold one name, for which a generator costs more)
+        if not isinstance(v, str):
+            raise TypeError(f"{what} must be a list of strings")
     if len(value) > MAX_NAMES:
         raise ValueError(f"{what} has {len(value)} names, more than {MAX_NAMES}")
     return tuple(value)
@@ -544,17 +547,21 @@ def _json_in(value: Any, what: str) -> Any:
     return value
 
 
-def _parse_send(h: dict[str, Any], payload: bytes) -> Send:
+def _parse_send(h: dict[str, Any], payload: bytes, positions: Positions | None = None) -> Send:
+    get = h.get  # (the commonest command: what is absent costs no check)
+    exclude = get("x")
+    rid, mid, sid, key = get("rid"), get("mid"), get("sid"), get("ik")
     return Send(
-        target=_target(h),
-        payload=payload,
-        binary=_bool(h.get("bin", False), "bin"),
-        exclude=_strs(h.get("x", []), "x"),
-        request=_req(h),
-        dedupe_id=_opt_str(h.get("mid"), "mid"),
-        json=_bool(h.get("j", False), "j"),
-        sid=_opt_str(h.get("sid"), "sid"),
-        idempotency_key=_key_in(h.get("ik")),
+        _target(h),
+        payload,
+        _bool(get("bin", False), "bin"),
+        () if exclude is None else _strs(exclude, "x"),
+        None if rid is None else _req(h),
+        None if mid is None else _str(mid, "mid"),
+        _bool(get("j", False), "j"),
+        None if sid is None else _str(sid, "sid"),
+        positions,
+        None if key is None else _key_in(key),
     )
 
 
