@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fanout.backends.store import HistoryStore
@@ -276,6 +276,23 @@ class Continuity:
                 conn.start_close(CloseCode.INSUFFICIENT_STATE, "insufficient state")
             else:
                 self.metrics.missed_by_raw += 1
+
+    def push_all(
+        self, conns: Sequence[StreamMember], send: Send, batch: list[Any] | None, via: tuple[str, ...] | None
+    ) -> int:
+        """:meth:`push` ``send`` to each of ``conns``; how many took it."""
+        frames: dict[Any, Frame] = {}
+        reached = 0
+        for conn in conns:
+            if conn.held is None and conn.floor is None:  # (most: :meth:`push`'s first case, inlined)
+                frame = frames.get(conn.streams)
+                if frame is None:
+                    frame = frames[conn.streams] = self._envelope(send, frames, self._mine(conn, send, via))
+                if conn.push(frame, batch):
+                    reached += 1
+            elif self.push(conn, send, frames, batch, via):
+                reached += 1
+        return reached
 
     def push(
         self,
