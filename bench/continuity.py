@@ -3,6 +3,7 @@
     python bench/continuity.py history  --nodes 2 --clients 400 --groups 20 --messages 10000 --repeat 7
     python bench/continuity.py envelope --nodes 2 --clients 400 --groups 20 --messages 10000 --repeat 7
     python bench/continuity.py storm    --clients 10000 --processes 4 --groups 100 --rate 100
+    python bench/continuity.py receive  --messages 20000 --groups 20 --streams 10000
 
 Every run starts its own throw-away ``redis-server`` processes (no persistence, free ports; ended by their
 pids), so that their CPU time is this bench's alone, and real node processes (``python -m node``, the
@@ -26,6 +27,9 @@ CPU per publish (the cluster's redis-server) and, paced, latency; then history /
 (``FANOUT_HISTORY=group:h-*``) with four sets of ``--clients`` clients, each in its own ``--groups``
 groups: raw and v1 clients in plain groups, raw and v1 clients in history groups (``h-...``: their v1
 envelopes carry ``streams``). The phases as above, raw then v1 (alternating); node CPU per delivery, v1 / raw.
+
+``receive``: the node's receive side alone, in the bench's process: a bus message decoded (and, stored,
+positioned), plain vs stored; and tracking ``--streams`` streams (begun, positioned, ended).
 
 ``storm``: ``--clients`` clients (:class:`fanout.client.Client`, spread over ``--processes``
 load-generator processes), each in one of ``--groups`` groups, on node A of three (A, B, C; each client's
@@ -799,6 +803,63 @@ async def bench_storm(args: argparse.Namespace) -> None:
             )
 
 
+# ---------------------------------------------------------------------------------- receive side
+
+
+def bench_receive(args: argparse.Namespace) -> None:
+    """The node's receive side alone, in this process (no I/O): what a bus message costs to decode and
+    position, plain vs stored (``--messages`` pre-encoded sends to ``--groups`` groups in turn, taken in
+    batches of ``--batch``), and what tracking ``--streams`` streams costs (each begun and positioned,
+    then ended)."""
+    from fanout import protocol
+    from fanout.commands import Send, Target, TargetKind
+    from fanout.history import attach_positions, new_send_id
+    from fanout.positioning import Positioning
+    from fanout.receive import Receiver
+
+    now, n, groups = time.time(), args.messages, args.groups
+    encoder = protocol.Encoder("u-bench", "bench", None)
+    payload = orjson.dumps("x" * max(0, args.size - 2))
+    plain, stored = [], []
+    for i in range(n):
+        target = Target(TargetKind.GROUPS, (f"g{i % groups}",))
+        plain.append(encoder.encode(Send(target, payload, json=True), now))
+        send = Send(target, payload, json=True, sid=new_send_id())
+        positions = {f"group:g{i % groups}": ("e", i // groups + 1)}
+        stored.append(attach_positions(encoder.encode(send, now), positions))
+
+    def run(messages: list[bytes], position: bool) -> float:
+        receiver = Receiver(secret=None, namespace="bench", max_message=1 << 20)
+        positioning = Positioning()
+        for g in range(groups):
+            positioning.begin(f"group:g{g}")
+            positioning.ready(f"group:g{g}", "e", 0)
+        start = time.perf_counter()
+        for k in range(0, n, args.batch):
+            for command in receiver.take(messages[k : k + args.batch], now):
+                if position:
+                    assert isinstance(command, Send)
+                    positioning.offer(command)
+        return (time.perf_counter() - start) / n * 1e6
+
+    for r in range(args.repeat):
+        print(
+            f"round {r + 1}: per message, plain decoded {run(plain, False):.2f} us; stored decoded "
+            f"{run(stored, False):.2f} us, decoded and positioned {run(stored, True):.2f} us"
+        )
+    positioning = Positioning()
+    start = time.perf_counter()
+    for i in range(args.streams):
+        positioning.begin(f"flag:u{i}")
+        positioning.ready(f"flag:u{i}", "e", 0)
+    began = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(args.streams):
+        positioning.end(f"flag:u{i}")
+    ended = time.perf_counter() - start
+    print(f"{args.streams:,} streams begun and positioned in {began:.3f} s, ended in {ended:.3f} s")
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -837,6 +898,13 @@ def main() -> None:
     s.add_argument("--timeout", type=float, default=180.0)
     s.add_argument("--rounds", type=int, default=1, help="storms with and without recovery, alternating")
     s.add_argument("--profile", help="py-spy record node B during the storm into PROFILE.storm-<kind>-B.txt")
+    r = sub.add_parser("receive", help="the node's receive side alone: decoding and positioning")
+    r.add_argument("--messages", type=int, default=20_000)
+    r.add_argument("--groups", type=int, default=20)
+    r.add_argument("--size", type=int, default=100)
+    r.add_argument("--batch", type=int, default=200)
+    r.add_argument("--streams", type=int, default=10_000)
+    r.add_argument("--repeat", type=int, default=3)
     t = sub.add_parser("top", help="the top frames of --profile files (of two: what grew)")
     t.add_argument("files", nargs="+")
     t.add_argument("--top", type=int, default=25)
@@ -844,6 +912,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "top":
         print_profiles(args.files, args.top, args.lines)
+        return
+    if args.what == "receive":
+        bench_receive(args)
         return
     atexit.register(_end_everything)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -21,7 +21,9 @@ taken by two publishers in crossing orders waits for the other until :meth:`forc
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from .commands import Send, Target
@@ -76,6 +78,7 @@ class _Stream:
     queue: dict[int, Pending] = field(default_factory=dict)  #: offset -> the send waiting with it
     fetching: bool = False
     hole_reads: int = 0
+    order: int = 0  #: when it began to be tracked, against the others (steps look at streams in this order)
 
 
 class Positioning:
@@ -85,6 +88,12 @@ class Positioning:
         self._streams: dict[str, _Stream] = {}
         self._recent: set[str] = set()
         self._recent_order: deque[str] = deque()
+        #: streams whose head may be releasable now (in a heap by ``order``, and as a set), and streams whose
+        #: gap may need a read: each step looks at the streams it changed, not at every tracked one
+        self._dirty: set[str] = set()
+        self._dirty_heap: list[tuple[int, str]] = []
+        self._gappy: set[str] = set()
+        self._began = 0
         self.missed_holes = 0  #: offsets taken as never written (their publisher died between steps)
 
     # ------------------------------------------------------------------ tracking
@@ -100,7 +109,8 @@ class Positioning:
         """Start tracking ``stream`` (its position unknown: sends are held). False if already tracked."""
         if stream in self._streams:
             return False
-        self._streams[stream] = _Stream()
+        self._began += 1
+        self._streams[stream] = _Stream(order=self._began)
         return True
 
     def ready(self, stream: str, epoch: str, offset: int) -> Out:
@@ -110,6 +120,7 @@ class Positioning:
         if st is None or st.epoch is not None:
             return out
         st.epoch, st.last = epoch, offset
+        self._mark((stream,))
         for off, pending in list(st.queue.items()):
             positions = pending.send.positions or {}
             if pending.via is not None and stream not in positions and off > offset:
@@ -122,6 +133,7 @@ class Positioning:
                 pending.offsets.pop(stream, None)  # else it waits in its other streams for this one forever
                 if pending.via is not None:  # (and this stream's members are not its recipients)
                     pending.via = tuple(s for s in pending.via if s != stream)
+                self._mark(pending.offsets)
         self._drain(out)
         return out
 
@@ -140,6 +152,7 @@ class Positioning:
             for offset in sorted(st.queue):
                 pending = st.queue[offset]
                 pending.offsets.pop(stream, None)
+                self._mark(pending.offsets)
                 if pending.via is not None:  # read back: for the members of its other streams only
                     pending.via = tuple(s for s in pending.via if s != stream)
                 if not pending.offsets and pending.via is None:  # a live send waiting in no other stream
@@ -192,6 +205,7 @@ class Positioning:
         pending = Pending(send, offsets)
         for stream, offset in offsets.items():
             self._streams[stream].queue[offset] = pending
+        self._mark(offsets)
         return self._drained(out)
 
     def fetched(self, stream: str, since: int, page: Page) -> Out:
@@ -201,6 +215,7 @@ class Positioning:
         if st is None or st.epoch is None:  # not tracked, or tracked anew since the read (position unknown)
             return out
         st.fetching = False
+        self._mark((stream,))
         if st.epoch != page.epoch:
             self._reset(stream, st, page.epoch, out)
         if not page.complete_after(st.last):
@@ -229,6 +244,7 @@ class Positioning:
                 # after a short wait - not at once, which would read it as fast as it answers, forever
                 st.fetching = True
                 out.retry.append((stream, st.last, min(FETCH_LIMIT, head - st.last - 1)))
+        self._mark((stream,))
         self._drain(out)
         return out
 
@@ -240,6 +256,7 @@ class Positioning:
             ost = self._streams.get(other)
             if ost is not None and (ost.epoch is None or offset > ost.last):  # (position unknown: it waits)
                 offsets[other] = offset
+        self._mark(offsets)
         for other, offset in offsets.items():
             waiting = self._streams[other].queue.get(offset)
             if waiting is not None and waiting.send.sid == entry.sid:
@@ -309,8 +326,10 @@ class Positioning:
     def _reset(self, stream: str, st: _Stream, epoch: str, out: Out) -> None:
         """The stream's entries were lost (a new epoch): what waited with the old epoch goes."""
         out.lost.append(stream)
+        self._mark((stream,))
         for pending in st.queue.values():
             pending.offsets.pop(stream, None)
+            self._mark(pending.offsets)
         st.queue.clear()
         st.epoch, st.last, st.fetching, st.hole_reads = epoch, 0, False, 0
 
@@ -335,7 +354,15 @@ class Positioning:
                 return False
         return True
 
+    def _mark(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            if stream not in self._dirty and (st := self._streams.get(stream)) is not None:
+                self._dirty.add(stream)
+                heapq.heappush(self._dirty_heap, (st.order, stream))
+            self._gappy.add(stream)
+
     def _release(self, pending: Pending, out: Out) -> None:
+        self._mark(pending.offsets)
         for stream, offset in pending.offsets.items():
             st = self._streams.get(stream)
             if st is None or st.queue.get(offset) is not pending:
@@ -351,19 +378,23 @@ class Positioning:
         self._remember(pending.send.sid)
 
     def _drain(self, out: Out, fetch: bool = True) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for st in list(self._streams.values()):
-                if st.epoch is None or not st.queue:
-                    continue
-                head = min(st.queue)
-                if head == st.last + 1 and self._is_next(st.queue[head]):
-                    self._release(st.queue[head], out)
-                    progress = True
+        """Release what is next in the changed streams (a release changes the streams it was in: they are
+        looked at too); then, unless ``fetch`` is False, read the gaps in front of the changed streams'
+        heads."""
+        dirty, heap, streams = self._dirty, self._dirty_heap, self._streams
+        while heap:
+            _, stream = heapq.heappop(heap)
+            dirty.discard(stream)
+            st = streams.get(stream)
+            if st is None or st.epoch is None or not st.queue:
+                continue
+            head = min(st.queue)
+            if head == st.last + 1 and self._is_next(st.queue[head]):
+                self._release(st.queue[head], out)
         if not fetch:
             return
-        for stream, st in self._streams.items():
+        gappy, self._gappy = self._gappy, set()
+        for _, stream, st in sorted((st.order, s, st) for s in gappy if (st := streams.get(s)) is not None):
             if st.epoch is None or st.fetching or not st.queue:
                 continue
             head = min(st.queue)
