@@ -17,7 +17,7 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode as WsOpcode
 
-from node.deflate import MIN_SIZE, inflate, negotiate
+from node.deflate import MIN_SIZE, compress, inflate, negotiate
 from node.frames import COMPRESSED, Opcode, encode_frame, read_frames
 from node.wire import Signal, State, Wire
 from tests.conftest import MakeNode
@@ -89,6 +89,20 @@ def test_a_server_frame_is_compressed_once_and_shared() -> None:
     first, data = unmasked(big.deflated(9))
     assert first == 0x80 | COMPRESSED | Opcode.TEXT
     assert zlib.decompressobj(-9).decompress(data + b"\x00\x00\xff\xff") == PAYLOAD * 1000
+
+
+@pytest.mark.parametrize("size", [MIN_SIZE, 511, 512, 513, 40_000, 300_000])
+@pytest.mark.parametrize("bits", [9, 12, 15])
+def test_a_compressed_message_uses_a_window_no_larger_than_negotiated_and_as_deflate_would(
+    size: int, bits: int
+) -> None:
+    """compress sizes its window to the payload (at most ``bits``): a client with a ``bits``-bit window
+    inflates it, and it is as small as with the whole window."""
+    payload = (PAYLOAD * (size // len(PAYLOAD) + 1))[:size]
+    data = compress(payload, bits)
+    assert zlib.decompressobj(-bits).decompress(data + b"\x00\x00\xff\xff") == payload
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -bits)
+    assert len(data) <= len((compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4])
 
 
 def test_the_wire_inflates_compressed_messages_whole_and_fragmented() -> None:
