@@ -20,8 +20,9 @@ sends paced, every cluster at one rate: 0.95 of what the slower reached flat out
 CPU per delivery falls steeply with the send rate, so flat out the clusters' nodes are compared at
 different rates, and here at the rate the slower publisher reaches flat out), ``concurrent`` (the same
 from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per second for ``--seconds``).
-Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery, Redis
-CPU per publish (the cluster's redis-server) and, paced, latency; then history / plain.
+Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery (and in
+brackets the load generators': the clients' side), Redis CPU per publish (the cluster's redis-server)
+and, paced, latency; then history / plain.
 
 ``envelope``: fanout.v1 clients vs raw clients receiving the same group sends. One cluster
 (``FANOUT_HISTORY=group:h-*``) with four sets of ``--clients`` clients, each in its own ``--groups``
@@ -291,7 +292,8 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
         await util.send_to_group(group, f"{time.monotonic():<20.6f} {pad}")
 
     counters_before = await node_counters(cs.cluster)
-    node_before, redis_before = cpu_of(node_pids), cpu_ns(redis_pid)
+    gen_pids = [g.pid for g in gens]
+    node_before, redis_before, gen_before = cpu_of(node_pids), cpu_ns(redis_pid), cpu_of(gen_pids)
     start, started, publisher_cpu = time.perf_counter(), time.monotonic(), time.process_time()
     if phase.concurrency > 1:
         per = phase.messages // phase.concurrency
@@ -318,6 +320,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
         *(g.call("wait", name=cs.name, expect=cs.expected, timeout=120) for g in gens)
     )
     node_cpu, redis_cpu = cpu_of(node_pids) - node_before, cpu_ns(redis_pid) - redis_before
+    gen_cpu = cpu_of(gen_pids) - gen_before
     window = time.perf_counter() - start
     counters = await node_counters(cs.cluster)
     counted = {k: counters[k] - counters_before[k] for k in counters}
@@ -335,6 +338,7 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
         "publisher_us": publisher_cpu * 1e6 / sent,
         "deliveries_per_s": deliveries / elapsed,
         "node_us": node_cpu / 1e3 / deliveries,
+        "gen_us": gen_cpu / 1e3 / deliveries,
         "redis_us": redis_cpu / 1e3 / sent,
         "p50_ms": pct(latencies, 0.5) * 1e3,
         "p99_ms": pct(latencies, 0.99) * 1e3,
@@ -431,7 +435,7 @@ def print_table(
                 f"{phase.kind:>10} {name:>9}: publisher {median_of(m, 'sends_per_s'):>7,.0f} sends/s "
                 f"({median_of(m, 'publisher_us'):.0f} us CPU/send), "
                 f"{median_of(m, 'deliveries_per_s'):>8,.0f} deliveries/s, node CPU "
-                f"{median_of(m, 'node_us'):.2f} us/delivery, "
+                f"{median_of(m, 'node_us'):.2f} us/delivery (clients' {median_of(m, 'gen_us'):.2f}), "
                 f"Redis CPU {median_of(m, 'redis_us'):.1f} us/publish"
             )
             if phase.matched:
@@ -450,6 +454,7 @@ def print_table(
             parts = []
             for key, what in (
                 ("node_us", "node CPU/delivery"),
+                ("gen_us", "clients' CPU/delivery"),
                 ("sends_per_s", "publisher"),
                 ("publisher_us", "publisher CPU/send"),
                 ("redis_us", "Redis CPU/publish"),
