@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import random
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .arguments import COMMAND_CALLS
 from .config import Settings
 from .exceptions import FanoutError, MessageTooLarge, NoLiveNodes, NotConnected, PayloadError
 from .outbox import DEFAULT_TABLE, SHARDS, SqlNames, decode_args
@@ -47,21 +49,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.relay")
 
+
+def _calls_taking(parameter: str) -> frozenset[str]:
+    """ServerUtil's command calls that have ``parameter`` (read from their signatures: one source)."""
+    return frozenset(
+        call for call in COMMAND_CALLS if parameter in inspect.signature(getattr(ServerUtil, call)).parameters
+    )
+
+
 #: the calls that take ``wait``: the relay makes them with wait=True (a later row sees their effect)
-_WAITING = frozenset(
-    {
-        "close",
-        "close_by_flag",
-        "join_group",
-        "leave_group",
-        "dissolve_group",
-        "bind",
-        "unbind",
-        "set_session",
-        "update_session",
-    }
-)
-_SENDS = frozenset({"send", "send_by_flag", "send_to_group", "send_to_all", "send_bulk", "send_bulk_by_flag"})
+_WAITING = _calls_taking("wait")
+#: the sends: published with an idempotency key (the caller's, else the row's)
+_SENDS = _calls_taking("idempotency_key")
 #: how often the share of shards is checked (and shards taken over or given back)
 _BALANCE_EVERY = 0.5
 _BACKOFF = (0.1, 5.0)
