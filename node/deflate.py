@@ -11,8 +11,10 @@ repeated parameter, a value out of range. The node then takes the client's next 
 extension: plain frames, as without ``FANOUT_COMPRESSION``).
 
 Payloads under ``MIN_SIZE`` bytes go out uncompressed (RSV1 clear, which RFC 7692 allows for any
-message): at that size deflate saves a few bytes at best and costs a compressor's set-up. A payload that
-deflate would not make smaller also goes out as it is.
+message): at that size deflate saves a few bytes at best and costs a compressor's set-up on both sides. A
+``fanout.v1`` message envelope is judged by the size of the application data it carries, not by its own
+(:func:`node.frames.encode_frame`'s ``data_size``): the same message is compressed or not whichever
+protocol its client speaks. A payload that deflate would not make smaller also goes out as it is.
 """
 
 from __future__ import annotations

@@ -71,7 +71,10 @@ class Frame(bytes):
     def deflated(self, bits: int) -> Frame:
         """This frame for a connection whose compressed messages may use a ``bits``-bit window: its
         payload compressed and RSV1 set, or the frame itself when its payload is under
-        ``deflate.MIN_SIZE`` bytes or would not shrink."""
+        ``deflate.MIN_SIZE`` bytes or would not shrink. For a frame that wraps application data (a
+        ``fanout.v1`` envelope, :func:`encode_frame`'s ``data_size``), the data's size is compared with
+        ``MIN_SIZE``, not the whole payload's: a message is compressed or not whichever protocol carries
+        it."""
         variants: dict[int, Frame] | None = self.__dict__.get("variants")
         if variants is None:
             variants = self.__dict__["variants"] = {}
@@ -80,7 +83,7 @@ class Frame(bytes):
         length = self[1]
         head = 2 if length < 126 else 4 if length == 126 else 10
         frame = self
-        if len(self) - head >= deflate.MIN_SIZE:
+        if self.__dict__.get("data_size", len(self) - head) >= deflate.MIN_SIZE:
             data = deflate.compress(self[head:], bits)
             if len(data) < len(self) - head:
                 frame = Frame(_header(self[0] | _RSV1, len(data)) + data)
@@ -88,9 +91,13 @@ class Frame(bytes):
         return frame
 
 
-def encode_frame(payload: bytes, binary: bool = False) -> Frame:
-    """One unfragmented, unmasked data frame carrying ``payload``."""
-    return Frame(_header(_FIN | (_BINARY if binary else _TEXT), len(payload)) + payload)
+def encode_frame(payload: bytes, binary: bool = False, data_size: int | None = None) -> Frame:
+    """One unfragmented, unmasked data frame carrying ``payload``; ``data_size``: the size of the
+    application data in it, when ``payload`` wraps it (what decides whether it is compressed)."""
+    frame = Frame(_header(_FIN | (_BINARY if binary else _TEXT), len(payload)) + payload)
+    if data_size is not None:
+        frame.__dict__["data_size"] = data_size
+    return frame
 
 
 def _header(first: int, length: int) -> bytes:

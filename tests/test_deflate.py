@@ -19,6 +19,7 @@ from websockets.frames import Opcode as WsOpcode
 
 from node.deflate import MIN_SIZE, compress, inflate, negotiate
 from node.frames import COMPRESSED, Opcode, encode_frame, read_frames
+from node.v1 import message_frame
 from node.wire import Signal, State, Wire
 from tests.conftest import MakeNode
 from tests.support import scaled
@@ -89,6 +90,25 @@ def test_a_server_frame_is_compressed_once_and_shared() -> None:
     first, data = unmasked(big.deflated(9))
     assert first == 0x80 | COMPRESSED | Opcode.TEXT
     assert zlib.decompressobj(-9).decompress(data + b"\x00\x00\xff\xff") == PAYLOAD * 1000
+
+
+def test_a_v1_envelope_is_compressed_as_its_data_would_be() -> None:
+    """The threshold applies to the application's data, not to the envelope around it: a 100-byte
+    message in a 150-byte envelope goes out as it is, as it would to a raw client."""
+    data = b"x" * (MIN_SIZE - 28)
+    small = message_frame(data, False, False, {"group:lobby": 123456, "flag:42": 7})
+    assert len(small) - 2 >= MIN_SIZE  # the envelope alone is over the threshold
+    assert small.deflated(15) is small
+    raw = encode_frame(data)
+    assert raw.deflated(15) is raw  # as a raw client's frame
+    at = message_frame(b"x" * MIN_SIZE, False, False, None)
+    first, body = unmasked(at.deflated(15))
+    assert first == 0x80 | COMPRESSED | Opcode.TEXT
+    assert (
+        orjson.loads(zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff"))["data"] == "x" * MIN_SIZE
+    )
+    binary = message_frame(os.urandom(MIN_SIZE - 1), True, False, None)  # base64 is longer: still small
+    assert binary.deflated(15) is binary
 
 
 @pytest.mark.parametrize("size", [MIN_SIZE, 511, 512, 513, 40_000, 300_000])
@@ -203,6 +223,25 @@ async def test_a_broadcast_reaches_deflate_and_plain_clients_each_in_its_form(ma
     assert await read_frame(plain) == (0x81, PAYLOAD)
     for w in (writer, plain_writer):
         w.close()
+
+
+async def test_a_v1_client_gets_small_messages_plain_and_large_ones_compressed(make_node: MakeNode) -> None:
+    node = await make_node()
+    offer = b"Sec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Protocol: fanout.v1\r\n"
+    reader, writer, head = await raw_open(node.port, offer)
+    assert b"Sec-WebSocket-Protocol: fanout.v1" in head and ANSWER.encode() in head
+    first, welcome = await read_frame(reader)
+    assert orjson.loads(welcome)["type"] == "welcome"
+    small = "y" * 100
+    await node.util.send_to_all(small)
+    first, data = await read_frame(reader)
+    assert first == 0x81 and orjson.loads(data) == {"type": "message", "data": small}
+    await node.util.send_to_all(PAYLOAD.decode())
+    first, data = await read_frame(reader)
+    assert first == 0x81 | COMPRESSED
+    envelope = orjson.loads(zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff"))
+    assert envelope == {"type": "message", "data": PAYLOAD.decode()}
+    writer.close()
 
 
 async def test_fanout_compression_off_declines_every_offer(make_node: MakeNode) -> None:
