@@ -1,11 +1,15 @@
-"""Client ids and node instances: unique, never reused, and naming their owner."""
+"""Client ids and node instances: unique, never reused, and naming their owner; history epochs and send
+ids unique across forked processes."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fanout.history import new_epoch, new_send_id
 from fanout.ids import ClientIds, base36, instance_id, new_boot_token, owner_of
 
 
@@ -70,3 +74,18 @@ def test_owner_of_inverts_client_id_issue(node_id: str, boot: str) -> None:
 @given(st.integers(0, 2**80))
 def test_base36(number: int) -> None:
     assert int(base36(number), 36) == number
+
+
+def test_a_forked_process_draws_other_epochs_and_send_ids() -> None:
+    """They come from the random module's generator, which a forked child (a worker process, a node's
+    --processes) must not share with its parent."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, (new_send_id() + new_epoch()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 24).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child) == 24 and child != new_send_id() + new_epoch()
