@@ -19,7 +19,8 @@ phase, the same sends go to one cluster, then the other (the order alternates fr
 sends paced, every cluster at one rate: 0.95 of what the slower reached flat out in that round - node
 CPU per delivery falls steeply with the send rate, so flat out the clusters' nodes are compared at
 different rates, and here at the rate the slower publisher reaches flat out), ``concurrent`` (the same
-from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per second for ``--seconds``).
+from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per second for ``--seconds``);
+``--phases`` runs some of them.
 Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery (and in
 brackets the load generators': the clients' side), Redis CPU per publish (the cluster's redis-server)
 and, paced, latency; then history / plain.
@@ -375,9 +376,9 @@ async def node_counters(cluster: Cluster) -> dict[str, float]:
 def phases_text(args: argparse.Namespace) -> str:
     return (
         f"{args.processes} load generators, {args.size}-byte sends, compression "
-        f"{'on' if args.compression else 'off'}; phases: flat {args.messages} awaited one by one, "
-        f"concurrent {args.messages} from {args.concurrency} callers, paced {args.rate:g}/s for "
-        f"{args.seconds:g}s; median of {args.repeat} rounds"
+        f"{'on' if args.compression else 'off'}; phases ({','.join(args.phases)}): flat {args.messages} "
+        f"awaited one by one, concurrent {args.messages} from {args.concurrency} callers, paced "
+        f"{args.rate:g}/s for {args.seconds:g}s; median of {args.repeat} rounds"
     )
 
 
@@ -386,13 +387,28 @@ def phases_text(args: argparse.Namespace) -> str:
 MATCHED = 0.95
 
 
+PHASES = ("flat", "matched", "concurrent", "paced")
+
+
 def phases_of(args: argparse.Namespace) -> list[Phase]:
-    return [
+    """The phases of ``--phases``, in their order (``matched`` needs ``flat``: its rate comes from there)."""
+    every = [
         Phase("flat", args.messages),
         Phase("matched", args.messages, matched=True),
         Phase("concurrent", args.messages, concurrency=args.concurrency),
         Phase("paced", int(args.rate * args.seconds), rate=args.rate),
     ]
+    return [phase for phase in every if phase.kind in args.phases]
+
+
+def phase_list(text: str) -> list[str]:
+    """``--phases``: a comma-separated list of PHASES."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds or any(kind not in PHASES for kind in kinds):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(PHASES)}")
+    if "matched" in kinds and "flat" not in kinds:
+        raise argparse.ArgumentTypeError("matched needs flat (its rate is 0.95 of the flat phase's)")
+    return kinds
 
 
 async def rounds(
@@ -887,6 +903,12 @@ def main() -> None:
         p.add_argument("--processes", type=int, default=2, help="load-generator processes")
         p.add_argument(
             "--profile", help="py-spy record the first node of each cluster into PROFILE.<cluster>.txt"
+        )
+        p.add_argument(
+            "--phases",
+            type=phase_list,
+            default=list(PHASES),
+            help=f"which phases to run (default: {','.join(PHASES)})",
         )
         p.add_argument(
             "--compression", type=int, choices=[0, 1], default=1, help="the nodes' FANOUT_COMPRESSION"
