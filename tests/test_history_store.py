@@ -38,6 +38,7 @@ from fanout import (
     protocol,
 )
 from fanout.backends import create_store
+from fanout.backends.redis_publisher import pack
 from fanout.backends.store import MemoryStore, StoredSend
 from fanout.backends.store_redis import RedisStore
 from fanout.commands import Heartbeat, NodeInfo, Send, Target
@@ -905,6 +906,46 @@ def test_a_streams_keys_carry_its_channel_as_their_hash_tag(ns: str) -> None:
     assert st.keys("group:lobby") == (f"{{{ns}:g:lobby}}:hm", f"{{{ns}:g:lobby}}:hl")
     assert st.keys("all") == (f"{{{ns}:all}}:hm", f"{{{ns}:all}}:hl")
     assert st.channel("flag:a b") == flag("a b").channel(ns)
+
+
+async def test_a_packed_send_is_the_evalsha_redis_py_would_send(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sends' connection writes the send script's EVALSHA packed by hand, from parts kept per shape
+    (streams, messages, key): byte for byte the command redis-py's path sends for the same send, for
+    every shape, whether its parts were packed just now or kept from an earlier send."""
+    import fanout.backends.store_redis as store_redis
+
+    monkeypatch.setattr(store_redis, "new_epoch", lambda: "e0e0e0e0")
+    st = RedisStore(settings(REDIS, ns), url=REDIS, publishes=True)
+    sha = aioredis.Redis().register_script(store_redis._SEND).sha  # what redis-py's path calls it
+    assert sha == store_redis.SEND_SHA
+    called: list[tuple[list[bytes], list[bytes]]] = []
+
+    async def redis_py(name: str, keys: list[bytes], args: list[bytes]) -> None:
+        assert name == "send"
+        called.append((keys, args))
+
+    monkeypatch.setattr(st, "_eval", redis_py)
+    shapes = 0
+    for streams in (["group:a"], ["group:a", "flag:b c"], ["group:a", "flag:b c", "all"]):
+        for messages in (0, 1, 2):
+            for key in (None, "k1"):
+                for binary, json, exclude in (
+                    (False, False, ()),
+                    (True, False, ("x",)),
+                    (False, True, ("x", "y")),
+                ):
+                    for complete in (True, False):
+                        send = StoredSend("s1", b"pay\r\nload", binary, json, exclude, key)
+                        items = [(b"channel%d" % i, b"message %d" % i) for i in range(messages)]
+                        for _ in range(2):  # packed, then from the kept parts
+                            await st._eval_send(streams, send, items, complete)
+                            keys, args = called.pop()
+                            expected = pack(b"EVALSHA", sha.encode(), b"%d" % len(keys), *keys, *args)
+                            assert st._pack_send(streams, send, items, complete) == expected
+                        shapes += 1
+    assert shapes == 108
 
 
 async def test_a_store_restarted_empty_starts_new_epochs(tmp_path: Path, ns: str) -> None:

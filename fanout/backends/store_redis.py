@@ -65,6 +65,7 @@ calls than that). Errors become :mod:`fanout.exceptions` through the Redis backe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -292,6 +293,8 @@ _SCRIPTS = {
     "claim": _CLAIM,
     "save": _SAVE,
 }
+#: the send script's SHA1, as EVALSHA names it (the sends' connections pack their EVALSHA with it)
+SEND_SHA = hashlib.sha1(_SEND.encode()).hexdigest()
 
 #: the script errors that mean "Redis does not know it (any more)": load it and run it again
 _NOSCRIPT = "NOSCRIPT"
@@ -305,8 +308,8 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-#: streams whose packed keys a store keeps (beyond: forgotten, and packed again as they come)
-_PACKED_STREAMS = 10_000
+#: send shapes (streams, messages) whose packed parts a store keeps (beyond: forgotten, packed again)
+_PACKED_SHAPES = 10_000
 #: redis-py calls of one store at once (below redis-py's default pool size, 100 per server)
 POOL_CALLS = 64
 
@@ -314,6 +317,16 @@ POOL_CALLS = 64
 def _bulk(part: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
+#: the send scripts' ``"b":..,"j":..`` argument (the entry's meta), by (binary, json)
+_KIND = {
+    (binary, json): b'"b":%s,"j":%s' % (str(binary).lower().encode(), str(json).lower().encode())
+    for binary in (False, True)
+    for json in (False, True)
+}
+#: the same as RESP bulk strings
+_KIND_BULKS = {kind: _bulk(text) for kind, text in _KIND.items()}
 
 
 def _text(script: str | bytes | memoryview) -> bytes:
@@ -346,10 +359,11 @@ def _repeated(reply: bytes) -> None:
 
 def _parse_send(reply: Any) -> tuple[Positions, list[int | None]]:
     """The send script's answer: ``<positions JSON>\n<count> <count> ...`` (or ``r<outcome>``)."""
-    _repeated(bytes(reply))
-    line, _, counts = bytes(reply).partition(b"\n")
-    raw: dict[str, list[Any]] = orjson.loads(line)
-    return {stream: (str(value[1]), int(value[0])) for stream, value in raw.items()}, _counts(counts)
+    reply = bytes(reply)
+    _repeated(reply)
+    line, _, counts = reply.partition(b"\n")
+    raw: dict[str, list[Any]] = orjson.loads(line)  # the script wrote each as [<number>, <string>]
+    return {stream: (epoch, offset) for stream, (offset, epoch) in raw.items()}, _counts(counts)
 
 
 def _offset_of(entry_id: bytes | str) -> int:
@@ -395,10 +409,11 @@ class RedisStore(HistoryStore):
         self._slow_locks: dict[int, asyncio.Lock] = {}
         #: calls of ours that went to redis-py after the fast path was refused (MOVED, ASK, no link)
         self.redirected = 0
-        #: the send script's EVALSHA and sha, and its constant arguments (size, ttl, meta ttl), packed
-        self._evalsha_send = b""
+        #: the send script's EVALSHA and sha (the SHA1 of its text), and its constant arguments (size, ttl,
+        #: meta ttl), packed
+        self._evalsha_send = _bulk(b"EVALSHA") + _bulk(SEND_SHA.encode())
         self._constants = b"".join(map(_bulk, (self._size, self._ttl, self._meta_ttl)))
-        self._packed_streams: dict[str, tuple[bytes, bytes]] = {}
+        self._send_shapes: dict[tuple[tuple[str, ...], int, bool, bool], tuple[bytes, bytes, bytes]] = {}
         self._db = 0 if self._target.cluster else int(str(dict(parse_url(url)).get("db") or 0))
         self._connect_lock = asyncio.Lock()
         self._closed = False
@@ -499,13 +514,11 @@ class RedisStore(HistoryStore):
                     raise
                 raise self._error(ConnectionError(str(exc)), "the cluster's slot map") from exc
             self._scripts = {name: cluster.register_script(text) for name, text in _SCRIPTS.items()}
-            self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
             return
         client = aioredis.Redis.from_url(self.url, **options)
         self._client = client
         await client.ping()
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
-        self._evalsha_send = _bulk(b"EVALSHA") + _bulk(self._scripts["send"].sha.encode())
         if self._fast:
             await self._raw_connection()
 
@@ -822,9 +835,6 @@ class RedisStore(HistoryStore):
             return await slow()
         return await self._slot_call(key_slot(channel), None, pack(self._command, channel, message), slow)
 
-    def _kind(self, send: StoredSend) -> bytes:
-        return b'"b":%s,"j":%s' % (b"true" if send.binary else b"false", b"true" if send.json else b"false")
-
     def _variable(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]]
     ) -> list[bytes]:
@@ -834,7 +844,7 @@ class RedisStore(HistoryStore):
             b"%d" % len(items),
             send.sid.encode(),
             send.payload,
-            self._kind(send),
+            _KIND[send.binary, send.json],
             orjson.dumps(list(send.exclude)) if send.exclude else b"[]",
             self._command if items else b"",
         ]
@@ -843,29 +853,61 @@ class RedisStore(HistoryStore):
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
     ) -> bytes:
         """The send script's EVALSHA as RESP, for the sends' own connection(s); ``complete`` as in
-        :meth:`_send_script`."""
-        variable = self._variable(streams, send, items)
-        known = [self._packed(stream) for stream in streams]
+        :meth:`_send_script`. What depends only on the streams and the number of messages is packed once
+        (:meth:`_send_shape`); per send the key, epoch candidate, send and messages go in between."""
         keyed = send.key is not None
         appended = keyed and not complete
+        head, middle, tail = self._send_shape(streams, len(items), keyed, appended)
+        epoch, sid, payload = new_epoch().encode(), send.sid.encode(), send.payload
+        exclude = orjson.dumps(list(send.exclude)) if send.exclude else b"[]"
         parts = [
-            b"*%d\r\n" % (3 + 3 * len(streams) + 4 + len(variable) + 2 * len(items) + 2 * keyed + appended),
-            self._evalsha_send,
-            _bulk(b"%d" % (2 * len(streams) + keyed)),
-            *[keys for keys, _ in known],
-            *([_bulk(self.key_name(send.key, streams).encode())] if send.key is not None else []),
-            _bulk(new_epoch().encode()),
-            self._constants,
-            *[_bulk(part) for part in variable],
-            *[name for _, name in known],
+            head,
+            _bulk(self.key_name(send.key, streams).encode()) if send.key is not None else b"",
+            b"$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s"
+            % (
+                len(epoch),
+                epoch,
+                middle,
+                len(sid),
+                sid,
+                len(payload),
+                payload,
+                _KIND_BULKS[send.binary, send.json],
+                len(exclude),
+                exclude,
+                tail,
+            ),
         ]
         for channel, message in items:
-            parts += (_bulk(channel), _bulk(message))
+            parts.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(channel), channel, len(message), message))
         if keyed:
             parts.append(_bulk(self._window))
         if appended:
             parts.append(_bulk(APPENDED.encode()))
         return b"".join(parts)
+
+    def _send_shape(
+        self, streams: list[str], m: int, keyed: bool, appended: bool
+    ) -> tuple[bytes, bytes, bytes]:
+        """The parts of a send's EVALSHA that depend only on its streams, its number of messages ``m``
+        and whether it has a key (kept: a publisher has few streams): up to the keys (its key excluded),
+        from the constants to the send, and from the publish command to the stream names."""
+        shape = (tuple(streams), m, keyed, appended)
+        found = self._send_shapes.get(shape)
+        if found is None:
+            if len(self._send_shapes) >= _PACKED_SHAPES:
+                self._send_shapes.clear()
+            n = len(streams)
+            count = 3 + 3 * n + 4 + 7 + 2 * m + 2 * keyed + appended  # keyed: its key and window
+            keys = [_bulk(key.encode()) for stream in streams for key in self.keys(stream)]
+            found = self._send_shapes[shape] = (
+                b"".join([b"*%d\r\n" % count, self._evalsha_send, _bulk(b"%d" % (2 * n + keyed)), *keys]),
+                self._constants + _bulk(b"%d" % n) + _bulk(b"%d" % m),
+                b"".join(
+                    [_bulk(self._command if m else b""), *(_bulk(stream.encode()) for stream in streams)]
+                ),
+            )
+        return found
 
     async def _send_script(
         self, streams: list[str], send: StoredSend, items: list[tuple[bytes, bytes]], complete: bool = True
@@ -896,19 +938,6 @@ class RedisStore(HistoryStore):
             if not complete:
                 args.append(APPENDED.encode())
         return await self._eval("send", keys, args)
-
-    def _packed(self, stream: str) -> tuple[bytes, bytes]:
-        """``stream``'s two keys and its name as RESP bulk strings (kept: a publisher has few streams)."""
-        found = self._packed_streams.get(stream)
-        if found is None:
-            if len(self._packed_streams) >= _PACKED_STREAMS:
-                self._packed_streams.clear()
-            hm, hl = self.keys(stream)
-            found = self._packed_streams[stream] = (
-                _bulk(hm.encode()) + _bulk(hl.encode()),
-                _bulk(stream.encode()),
-            )
-        return found
 
     async def _per_slot(self, calls: list[Awaitable[_T]]) -> list[_T]:
         """Run ``calls`` (one per slot) at most a few at a time."""
@@ -945,7 +974,7 @@ class RedisStore(HistoryStore):
         full = orjson.dumps({stream: offset for stream, (_, offset) in positions.items()})
         meta = b'{"sid":%s,%s,"x":%s,"p":%s}' % (
             orjson.dumps(send.sid),
-            self._kind(send),
+            _KIND[send.binary, send.json],
             orjson.dumps(list(send.exclude)),
             full,
         )
