@@ -49,6 +49,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import os
 import re
 import resource
 import signal
@@ -240,6 +241,27 @@ def start_cluster(
         redis.stop()
         raise
     return Cluster(name, redis, started, env)
+
+
+def pin(args: argparse.Namespace, clusters: list[Cluster], gens: list[LoadGen]) -> str:
+    """``--pin``: every thread of the nodes and load generators on the last CPU, of this process (the
+    publisher) and the redis-servers on the first, so that the publisher and the nodes do not take each
+    other's CPU (as on separate hosts). Returns what was done, for the header."""
+    if not args.pin:
+        return "no CPU pinning"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    first, last = cpus[0], cpus[-1]
+    placed = [(os.getpid(), first)]
+    for cluster in clusters:
+        placed += [(pid, last) for pid in cluster.pids]
+        placed.append((cluster.redis.process.pid, first))  # type: ignore[union-attr]
+    placed += [(gen.pid, last) for gen in gens]
+    for pid, cpu in placed:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {cpu})
+    return f"pinned: nodes and load generators on CPU {last}, the publisher and Redis on CPU {first}"
 
 
 # ---------------------------------------------------------------------------------- phases
@@ -499,9 +521,10 @@ async def bench_history(args: argparse.Namespace) -> None:
             for cs in sets:
                 await cs.cluster.open_util()
                 await cs.open(gens, args.clients, v1=False)
+            pinned = pin(args, clusters, gens)
             print(
                 f"history: {args.nodes} nodes per cluster, {args.clients} raw clients in {args.groups} "
-                f"groups per cluster; {phases_text(args)}",
+                f"groups per cluster; {phases_text(args)}; {pinned}",
                 flush=True,
             )
             await asyncio.gather(*(c.measure_idle() for c in clusters))
@@ -543,10 +566,11 @@ async def bench_envelope(args: argparse.Namespace) -> None:
                 cs = ClientSet(name, cluster, [f"{prefix}{i}" for i in range(args.groups)])
                 await cs.open(gens, args.clients, v1=v1)
                 sets.append(cs)
+            pinned = pin(args, [cluster], gens)
             print(
                 f"envelope: {args.nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients "
                 f"in {args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups); "
-                f"{phases_text(args)}",
+                f"{phases_text(args)}; {pinned}",
                 flush=True,
             )
             await cluster.measure_idle()
@@ -912,6 +936,11 @@ def main() -> None:
         )
         p.add_argument(
             "--compression", type=int, choices=[0, 1], default=1, help="the nodes' FANOUT_COMPRESSION"
+        )
+        p.add_argument(
+            "--pin",
+            action="store_true",
+            help="nodes and load generators on one CPU, the publisher and Redis on the other",
         )
     s = sub.add_parser("storm")
     s.add_argument("--clients", type=int, default=10_000)

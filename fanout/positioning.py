@@ -163,27 +163,35 @@ class Positioning:
 
     # ------------------------------------------------------------------ sends
 
-    def offer(self, send: Send) -> Out:
-        """A send from the bus. Without positions in a tracked stream it is released at once."""
-        positions = send.positions or {}
-        if send.sid is not None and send.sid in self._recent:
-            return Out()  # delivered already (read back from the store before this live copy came)
-        # the common case, in one pass: in every tracked stream it is in, the next send, nothing waiting
-        # (so nothing else can be released by it either)
+    def in_order(self, send: Send) -> bool:
+        """The common case of :meth:`offer`, answered yes or no: whether ``send`` is, in every tracked
+        stream it is in, the next send with nothing waiting (so nothing else can be released by it
+        either). If so it is taken as released (the caller delivers it to its target); if not, nothing
+        changed and :meth:`offer` takes it."""
+        sid = send.sid
+        if sid is not None and sid in self._recent:
+            return False  # delivered already (read back from the store before this live copy came)
         streams, nexts = self._streams, []
-        for stream, (epoch, offset) in positions.items():
+        for stream, (epoch, offset) in (send.positions or {}).items():
             st = streams.get(stream)
             if st is None:
                 continue
             if st.queue or offset != st.last + 1 or epoch != st.epoch:
-                break
+                return False
             nexts.append(st)
-        else:
-            for st in nexts:
-                st.last += 1
-                st.hole_reads = 0
-            self._remember(send.sid)
+        for st in nexts:
+            st.last += 1
+            st.hole_reads = 0
+        self._remember(sid)
+        return True
+
+    def offer(self, send: Send) -> Out:
+        """A send from the bus. Without positions in a tracked stream it is released at once."""
+        if self.in_order(send):
             return Out([Delivery(send, None)])
+        positions = send.positions or {}
+        if send.sid is not None and send.sid in self._recent:
+            return Out()  # delivered already (read back from the store before this live copy came)
         out = Out()
         offsets: dict[str, int] = {}
         for stream, (epoch, offset) in positions.items():

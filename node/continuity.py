@@ -220,8 +220,9 @@ class Continuity:
 
     def offer(self, send: Send) -> int:
         """A send with positions from the bus: delivered now, or held until what it follows is in."""
-        out = self.positioning.offer(send)
-        return self._act(out)
+        if self.positioning.in_order(send):  # the common case
+            return self._deliver(send, None, None)
+        return self._act(self.positioning.offer(send))
 
     def _act(self, out: Out) -> int:
         reached = 0

@@ -77,6 +77,23 @@ def test_sends_outside_the_tracked_streams_are_released_at_once() -> None:
     assert p.position(A) == (E, 5)
 
 
+def test_in_order_takes_the_next_send_and_leaves_anything_else_to_offer() -> None:
+    """The node's common case answered yes or no: the next send in every tracked stream it is in (or in
+    none) is taken; a gap, a send at a delivered offset, a repeated send id or another epoch changes
+    nothing, and offer() then treats it as always."""
+    p = tracked(A, B)
+    assert p.in_order(send("s1", a=1, b=1)) and p.in_order(send("s2", a=2))
+    assert p.in_order(Send(Target.groups("x"), b"plain")) and p.in_order(send("o", c=9))
+    assert (p.position(A), p.position(B)) == ((E, 2), (E, 1))
+    for other in (send("gap", a=4), send("s2", a=3), send("old", a=2), send("new", E2, a=3)):
+        assert not p.in_order(other)
+        assert (p.position(A), p.position(B), p.waiting()) == ((E, 2), (E, 1), 0)
+    assert p.offer(send("gap", a=4)).fetch == [(A, 2, 1)]
+    assert not p.in_order(send("s3", a=3))  # the next one, but a send is waiting behind it
+    assert sids(p.offer(send("s3", a=3))) == ["s3", "gap"]
+    assert p.in_order(send("s5", a=5, b=2))
+
+
 def test_duplicates_are_dropped() -> None:
     p = tracked(A)
     assert sids(p.offer(send("s1", a=1))) == ["s1"]
