@@ -23,7 +23,9 @@ from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per s
 ``--phases`` runs some of them.
 Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery (and in
 brackets the load generators': the clients' side), Redis CPU per publish (the cluster's redis-server)
-and, paced, latency; then history / plain.
+and, paced, latency; then history / plain. ``--pin``: every thread of the nodes and load generators on one
+CPU, of this process (the publisher) and the redis-servers on the other, so that the publisher and the
+nodes do not take each other's CPU, as on separate hosts (flat out, the nodes are then saturated).
 
 ``envelope``: fanout.v1 clients vs raw clients receiving the same group sends. One cluster
 (``FANOUT_HISTORY=group:h-*``) with four sets of ``--clients`` clients, each in its own ``--groups``
