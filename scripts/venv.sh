@@ -5,10 +5,11 @@
 # fresh venv each time: flavour=latest takes the newest releases (scripts/test.sh --latest), to find drift before
 # users do; flavour=lowest takes the lock, then the oldest release each runtime dependency admits (its `>=`).
 python=${PYTHON:-python3}
+flavour=${flavour:-locked}  # (scripts/run-node.sh sets none, and runs with `set -u`)
 
 ensure_venv() {
   local stamp log
-  if [ "${flavour:-locked}" != locked ]; then
+  if [ "$flavour" != locked ]; then
     stamp="$flavour $(date +%s)"
   else
     stamp=$(cat requirements/test.lock pyproject.toml | sha256sum | cut -c1-16)
@@ -19,7 +20,7 @@ ensure_venv() {
   "$python" -m venv --clear "$venv"
   log=$venv/install.log
   # pip is chatty (and a machine's own pip settings may add notes): keep its output for when it fails
-  if ! case ${flavour:-locked} in
+  if ! case $flavour in
          latest)
            "$venv/bin/python" -m pip install --upgrade pip &&
              "$venv/bin/python" -m pip install --upgrade --upgrade-strategy eager -e '.[test]' ;;

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from functools import partial
 from pathlib import Path
 
 import orjson
 
+from tests.support import free_port, kill_process, scaled, terminate_process
 from tests.support.nodes import ROOT, client, nothing_more, recv, run_module, start_node, unique_namespace
 from tests.support.redis_servers import start_redis
 
@@ -76,6 +80,46 @@ def test_the_readme_commands_are_what_ci_runs() -> None:
     assert "scripts/test.sh" in (ROOT / ".ci/run").read_text()
     for command in shell:
         assert (ROOT / command).stat().st_mode & 0o111, f"{command} is not executable"
+
+
+def test_the_readme_node_command_builds_its_venv_and_serves_the_demo(tmp_path: Path) -> None:
+    """``scripts/run-node.sh`` in a checkout that has no venv yet (a new user's first command): it builds
+    ``.venv`` from the lock and runs a node on the embedded default that serves the demo page, then stops
+    on SIGTERM with status 0."""
+    checkout = tmp_path / "checkout"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():  # (a file deleted in the working tree and not yet committed: left out)
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, checkout / name)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "VIRTUAL_ENV"))}
+    env["FANOUT_PORT"] = str(port)
+    log = (tmp_path / "run-node.log").open("wb")
+    node = subprocess.Popen(
+        ["scripts/run-node.sh"], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + scaled(600)  # building the venv: about a minute here
+        status = None
+        while status != 200 and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                    status = answer.status
+            except OSError:
+                pass
+        installed = checkout / ".venv" / "install.log"
+        said = (tmp_path / "run-node.log").read_text()[-3000:]
+        assert status == 200, (node.poll(), said, installed.exists() and installed.read_text()[-3000:])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        assert (checkout / ".venv" / "bin" / "fanout-node").exists()
+        assert terminate_process(node, 30) == 0  # (the script execs the node: this is its pid)
+    finally:
+        kill_process(node)
+        log.close()
 
 
 def test_every_environment_variable_is_documented() -> None:
