@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test.sh: a PostgreSQL for the outbox tests when none listens on the tests' port.
 # start_postgres PORT: installs Debian's postgresql when it is missing, then makes a throw-away cluster
 # (initdb with trust auth for local connections, nothing shared with a system cluster) in
@@ -6,7 +7,7 @@
 # after the tests, like the Redis and RabbitMQ that test.sh starts; its pid is in the data folder's
 # postmaster.pid.
 start_postgres() {
-  local port=$1 data bin run
+  local port=$1 data bin
   data=${FANOUT_TEST_PGDATA:-/var/tmp/fanout-postgres-$port}
   bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
   if [ -z "$bin" ]; then

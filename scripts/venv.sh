@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # ($venv: set by the script that sources this file)
 # Sourced by scripts/test.sh and scripts/run-node.sh: makes sure $venv holds exactly what
 # requirements/test.lock pins (hash-checked, nothing resolved at install time) plus fanout itself, editable.
 # The venv is rebuilt when the lock or pyproject.toml changed since it was made, so a machine that ran an
