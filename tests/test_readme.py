@@ -8,15 +8,23 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from functools import partial
 from pathlib import Path
 
 import orjson
 
-from tests.support import free_port, kill_process, scaled, terminate_process
-from tests.support.nodes import ROOT, client, nothing_more, recv, run_module, start_node, unique_namespace
+from tests.support import free_port
+from tests.support.nodes import (
+    ROOT,
+    NodeProcess,
+    client,
+    http_get,
+    nothing_more,
+    recv,
+    run_module,
+    start_node,
+    unique_namespace,
+)
 from tests.support.redis_servers import start_redis
 
 README = (ROOT / "README.md").read_text()
@@ -96,30 +104,20 @@ def test_the_readme_node_command_builds_its_venv_and_serves_the_demo(tmp_path: P
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "VIRTUAL_ENV"))}
     env["FANOUT_PORT"] = str(port)
-    log = (tmp_path / "run-node.log").open("wb")
-    node = subprocess.Popen(
-        ["scripts/run-node.sh"], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    log_path = tmp_path / "run-node.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["scripts/run-node.sh"], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    node = NodeProcess(port, env, proc, log_path)  # (the script execs the node: this is its pid)
     try:
-        deadline = time.monotonic() + scaled(600)  # building the venv: about a minute here
-        status = None
-        while status != 200 and node.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
-                    status = answer.status
-            except OSError:
-                pass
-        installed = checkout / ".venv" / "install.log"
-        said = (tmp_path / "run-node.log").read_text()[-3000:]
-        assert status == 200, (node.poll(), said, installed.exists() and installed.read_text()[-3000:])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-            assert page.status == 200 and b"<html" in page.read().lower()
+        node.wait_healthy(timeout=600)  # building the venv first: about 25 s here
+        status, page = http_get(port, "/")
+        assert status == 200 and "<html" in page.lower()
         assert (checkout / ".venv" / "bin" / "fanout-node").exists()
-        assert terminate_process(node, 30) == 0  # (the script execs the node: this is its pid)
+        assert node.terminate(30) == 0
     finally:
-        kill_process(node)
-        log.close()
+        node.kill()
 
 
 def test_every_environment_variable_is_documented() -> None:
