@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from fanout.client import Client, ClientClosed, Position, Resumed, backoff_delay, should_reconnect, ws_url
-from tests.support import free_port, scaled
+from tests.support import refused_port, scaled
 from tests.support.nodes import ROOT
 from tests.support.v1_server import Scripted, ScriptedServer
 
@@ -211,28 +211,29 @@ async def test_live_copies_that_overtake_the_replay_are_delivered_in_the_replays
 
 
 async def test_a_resume_goes_to_whichever_url_comes_next() -> None:
-    dead = f"ws://127.0.0.1:{free_port()}/"
-    async with ScriptedServer() as a, ScriptedServer() as b:
-        client = Client([dead, a.url, b.url], backoff=(0.01, 0.05))
-        entering = asyncio.create_task(client.connect())
-        conn = await a.accept()  # the dead URL was tried first, then the next one
-        await conn.welcome("a.1.1", "ta", {LOBBY: ("e1", 3)})
-        async with await asyncio.wait_for(entering, scaled(5)):
-            assert client.url == a.url and client.failures == 1
-            await conn.message("m4", {LOBBY: 4})
-            assert await recv(client) == "m4"
-            await conn.close(1001, "going away")  # a node shutting down
-            conn = await b.accept()
-            await conn.welcome("b.1.1", "tb", {})
-            assert await conn.recv_json() == {
-                "type": "resume",
-                "token": "ta",
-                "streams": {LOBBY: {"epoch": "e1", "offset": 4}},
-            }
-            await conn.message("m5", {LOBBY: 5})
-            await conn.resumed({LOBBY: (True, "e1", 5)})
-            assert await recv(client) == "m5"
-            assert client.client_id == "b.1.1" and client.positions == {LOBBY: Position("e1", 5)}
+    with refused_port() as port:
+        dead = f"ws://127.0.0.1:{port}/"
+        async with ScriptedServer() as a, ScriptedServer() as b:
+            client = Client([dead, a.url, b.url], backoff=(0.01, 0.05))
+            entering = asyncio.create_task(client.connect())
+            conn = await a.accept()  # the dead URL was tried first, then the next one
+            await conn.welcome("a.1.1", "ta", {LOBBY: ("e1", 3)})
+            async with await asyncio.wait_for(entering, scaled(5)):
+                assert client.url == a.url and client.failures == 1
+                await conn.message("m4", {LOBBY: 4})
+                assert await recv(client) == "m4"
+                await conn.close(1001, "going away")  # a node shutting down
+                conn = await b.accept()
+                await conn.welcome("b.1.1", "tb", {})
+                assert await conn.recv_json() == {
+                    "type": "resume",
+                    "token": "ta",
+                    "streams": {LOBBY: {"epoch": "e1", "offset": 4}},
+                }
+                await conn.message("m5", {LOBBY: 5})
+                await conn.resumed({LOBBY: (True, "e1", 5)})
+                assert await recv(client) == "m5"
+                assert client.client_id == "b.1.1" and client.positions == {LOBBY: Position("e1", 5)}
 
 
 async def test_3010_reconnects_at_once_and_resumes() -> None:

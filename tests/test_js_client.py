@@ -15,7 +15,7 @@ import orjson
 
 from fanout import ServerUtil
 from node.node import Node
-from tests.support import free_port, scaled
+from tests.support import refused_port, scaled
 from tests.support.nodes import ROOT, demo_client, recv, start_node, unique_namespace
 from tests.test_demo_page import DEMO, Page, open_page
 
@@ -148,20 +148,20 @@ async def test_close_codes_decide_whether_the_client_comes_back(tmp_path: Path) 
 
         # a client of its own: a refused URL first (the next one is tried), a fresh token per attempt,
         # and close() for good
-        dead = free_port()
-        await page.evaluate(
-            f"""import('/fanout.js').then(m => new Promise((resolve) => {{
-              window.tokenCalls = 0;
-              window.own = m.connect(['ws://127.0.0.1:{dead}/', '/'], {{
-                minDelay: 50,
-                getToken: async () => {{
-                  window.tokenCalls += 1;
-                  return (await (await fetch('/demo/token?name=zed')).json()).token;
-                }},
-                onWelcome: () => resolve(true),
-              }});
-            }}))"""
-        )
+        with refused_port() as dead:
+            await page.evaluate(
+                f"""import('/fanout.js').then(m => new Promise((resolve) => {{
+                  window.tokenCalls = 0;
+                  window.own = m.connect(['ws://127.0.0.1:{dead}/', '/'], {{
+                    minDelay: 50,
+                    getToken: async () => {{
+                      window.tokenCalls += 1;
+                      return (await (await fetch('/demo/token?name=zed')).json()).token;
+                    }},
+                    onWelcome: () => resolve(true),
+                  }});
+                }}))"""
+            )
         own: dict[str, Any] = await page.evaluate(
             "({id: own.clientId, node: own.nodeId, url: own.url, tokens: tokenCalls, failures: own.failures})"
         )

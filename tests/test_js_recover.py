@@ -14,20 +14,24 @@ from typing import Any
 
 import orjson
 
-from tests.support import free_port, scaled
+from tests.support import refused_port, scaled
 from tests.support.v1_server import V1, Scripted, ScriptedServer
 from tests.test_demo_page import Page
 from tests.test_js_client import browser_page, wait_for
 
 LOBBY = "group:lobby"
 
-#: what the page's client hands the page, in order: ["m", data] (bytes as {"bytes": [...]}), ["resumed", ...]
+#: what the page's client hands the page, in order: ["m", data] (bytes as {"bytes": [...]}), ["resumed", ...];
+#: and in ``events`` every socket that opened or closed (what a failed assertion on reconnections shows)
 CLIENT = """import('/fanout.js').then((m) => {
   window.log = [];
+  window.events = [];
   window.client = m.connect(%s, Object.assign({
     recover: true, minDelay: 20, maxDelay: 100,
     onMessage: (d) => log.push(["m", d instanceof Uint8Array ? { bytes: Array.from(d) } : d]),
     onResumed: (r) => log.push(["resumed", r]),
+    onOpen: ({ url }) => events.push(["open", url, performance.now()]),
+    onClose: ({ code, url, delay }) => events.push(["close", url, code, delay, performance.now()]),
   }, %s));
   return true;
 })"""
@@ -219,39 +223,43 @@ async def test_3010_reconnects_at_once_and_resumes(tmp_path: Path) -> None:
 
 
 async def test_a_server_without_fanout_v1_gets_a_raw_client(tmp_path: Path) -> None:
-    dead = f"ws://127.0.0.1:{free_port()}/"
-    async with ScriptedServer(v1=False) as server, page_of(tmp_path, server) as page:
-        await start(page, [server.url, dead])
+    with refused_port() as port:
+        dead = f"ws://127.0.0.1:{port}/"
+        async with ScriptedServer(v1=False) as server, page_of(tmp_path, server) as page:
+            await start(page, [server.url, dead])
 
-        async def raw_after_two_refusals() -> Scripted:
-            # the browser fails a handshake whose answer selects no subprotocol: the same URL is probed at
-            # once without it; the probe opens, so it is closed and fanout.v1 asked for once more (the
-            # failure could have been the network's); refused again, the client connects raw
-            refused = await server.accept()
-            probe = await server.accept()
-            await asyncio.wait_for(probe.closed.wait(), scaled(5))
-            again = await server.accept()
-            conn = await server.accept()
-            assert [refused.offered, probe.offered, again.offered, conn.offered] == [V1, None, V1, None]
-            assert probe.ws.close_code == 1000
-            return conn
+            async def raw_after_two_refusals() -> Scripted:
+                # the browser fails a handshake whose answer selects no subprotocol: the same URL is probed at
+                # once without it; the probe opens, so it is closed and fanout.v1 asked for once more (the
+                # failure could have been the network's); refused again, the client connects raw
+                refused = await server.accept()
+                probe = await server.accept()
+                await asyncio.wait_for(probe.closed.wait(), scaled(5))
+                again = await server.accept()
+                conn = await server.accept()
+                assert [refused.offered, probe.offered, again.offered, conn.offered] == [V1, None, V1, None]
+                assert probe.ws.close_code == 1000
+                return conn
 
-        conn = await raw_after_two_refusals()
-        await conn.welcome("old.1.1")
-        await conn.send(orjson.dumps({"text": "json text is decoded"}).decode())
-        await conn.send("plain text")
-        assert await log_of(page, 2) == [["m", {"text": "json text is decoded"}], ["m", "plain text"]]
-        assert await page.evaluate("[client.clientId, client.v1, client.failures]") == ["old.1.1", False, 0]
-        assert await page.evaluate("client.send({a: 1})") is True
-        assert await conn.recv() == '{"a":1}'
-        # the drop and the dead next URL (its two attempts count as one) are two failures; back here: v1
-        # asked, then raw, no resume
-        conn.drop()
-        conn = await raw_after_two_refusals()
-        await conn.welcome("old.1.2")
-        await wait_for(page, "client.clientId === 'old.1.2'")
-        assert await page.evaluate("[client.failures, client.send('first')]") == [2, True]
-        assert await conn.recv() == "first"
+            conn = await raw_after_two_refusals()
+            await conn.welcome("old.1.1")
+            await conn.send(orjson.dumps({"text": "json text is decoded"}).decode())
+            await conn.send("plain text")
+            assert await log_of(page, 2) == [["m", {"text": "json text is decoded"}], ["m", "plain text"]]
+            state = await page.evaluate("[client.clientId, client.v1, client.failures]")
+            assert state == ["old.1.1", False, 0]
+            assert await page.evaluate("client.send({a: 1})") is True
+            assert await conn.recv() == '{"a":1}'
+            # the drop and the dead next URL (its two attempts count as one) are two failures; back here: v1
+            # asked, then raw, no resume
+            conn.drop()
+            conn = await raw_after_two_refusals()
+            await conn.welcome("old.1.2")
+            await wait_for(page, "client.clientId === 'old.1.2'")
+            failures = await page.evaluate("client.failures")
+            assert failures == 2, await page.evaluate("events")
+            assert await page.evaluate("client.send('first')") is True
+            assert await conn.recv() == "first"
 
 
 async def test_a_v1_handshake_that_fails_once_does_not_make_the_client_raw(tmp_path: Path) -> None:

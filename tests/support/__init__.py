@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def scaled(seconds: float) -> float:
@@ -17,6 +19,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A TCP port that refuses connections while the block runs: bound, never listening. A port from
+    ``free_port()`` is free only until the next bind to port 0, which may take it (a server the same test
+    starts); this one stays dead."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def kill_process(proc: subprocess.Popen[bytes]) -> None:
