@@ -129,24 +129,34 @@ class Continuity:
             self.resumes.changed(conn)
             return {}
         conn.streams = now
-        entered = {}
-        for stream in now - before:
-            position = await self._position(stream)
-            if position is not None:
-                entered[stream] = position
-        for stream in before - now:
+        # a v1 connection's sends wait while the positions are read (sends of a stream it entered must
+        # follow its `joined`), then go out past the new positions; an admission or a resume holding
+        # them already releases them itself
+        hold = conn.v1 and conn.held is None
+        if hold:
+            conn.held = []
+        try:
+            entered = {}
+            for stream in now - before:
+                position = await self._position(stream)
+                if position is not None:
+                    entered[stream] = position
+            for stream in before - now:
+                if conn.v1 and announce and conn.open:
+                    conn.push(control_frame({"type": "left", "stream": stream}))
+                self._maybe_end(stream)
             if conn.v1 and announce and conn.open:
-                conn.push(control_frame({"type": "left", "stream": stream}))
-            self._maybe_end(stream)
-        if conn.v1 and announce and conn.open:
-            for stream, (epoch, offset) in entered.items():
-                conn.push(joined_frame(stream, epoch, offset))
-        if conn.v1:
-            floor = conn.floor if conn.floor is not None else {}
-            floor.update({s: off for s, (_, off) in entered.items()})
-            conn.floor = floor or None
-        if cache:
-            await self.send_cached(conn, entered)
+                for stream, (epoch, offset) in entered.items():
+                    conn.push(joined_frame(stream, epoch, offset))
+            if conn.v1:
+                floor = conn.floor if conn.floor is not None else {}
+                floor.update({s: off for s, (_, off) in entered.items()})
+                conn.floor = floor or None
+            if cache:
+                await self.send_cached(conn, entered)
+        finally:
+            if hold:
+                self.release_held(conn)
         self.resumes.changed(conn)
         return entered
 
@@ -198,8 +208,7 @@ class Continuity:
         ready = self._ready.pop(stream, None)
         if ready is not None and not ready.done():
             ready.set_result(None)
-        await asyncio.sleep(0)  # the connections waiting for this position announce it first
-        self._act(out)
+        self._act(out)  # to connections that wait for this position: held until they announced it
 
     async def _send_latest(self, conn: StreamMember, stream: str) -> None:
         assert self.store is not None
@@ -354,11 +363,11 @@ class Continuity:
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
 
-    def welcomed(self, conn: StreamMember) -> None:
-        """``conn``'s welcome is written: the sends held since it was admitted (its groups and flag joined
-        before its welcome's positions were known) go now, those at or below the welcome's positions left
-        out. Without this, a send delivered during the admission would come before the welcome and without
-        its offset, and a resume's replay would bring it a second time."""
+    def release_held(self, conn: StreamMember) -> None:
+        """The sends held for ``conn`` while its positions were read (during its admission, until its
+        welcome is written; during a membership change, until its ``joined`` frames are) go now, those at
+        or below its positions left out. Without this, a send delivered meanwhile would come before the
+        frame that gives its stream's position, and a resume's replay would bring it a second time."""
         held, conn.held = conn.held, None
         for send, via in held or ():
             self.push(conn, send, {}, None, via)

@@ -60,6 +60,16 @@ class Publisher:
         return await self.store.append([f"group:{group}"], stored, pairs)
 
 
+async def frames_until_quiet(ws: ClientConnection, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Every frame that arrives until none has for ``wait`` seconds."""
+    frames = []
+    while True:
+        try:
+            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), wait)))
+        except TimeoutError:
+            return frames
+
+
 async def test_subprotocol_is_selected_only_when_asked(make_node: MakeNode) -> None:
     node = await make_node(app=StreamsApp(), settings=settings())
     ws, welcome = await v1(node, "groups=h-1,plain")
@@ -181,6 +191,54 @@ async def test_joined_and_left_follow_membership_calls(make_node: MakeNode) -> N
         assert await util.leave_group(welcome["client_id"], "h-4") is True
         assert await frame(ws) == {"type": "left", "stream": "group:h-4"}
     await ws.close()
+
+
+async def test_joined_comes_before_every_send_of_its_stream_when_its_position_is_slow(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection enters two streams at once: one this node tracks, one whose position it must read
+    from the store first. Sends to either while that read is on its way come after their ``joined``,
+    never before it (a client that set its position from a ``joined`` behind a message it already has
+    would take that message again from a resume's replay)."""
+    node = await make_node(app=StreamsApp(), settings=settings())
+    pub = Publisher(node)
+    await pub.send("h-b", "b1")  # both streams have history: their positions are not 0
+    other, _ = await v1(node, "groups=h-a")  # h-a is tracked on this node from now on
+    await pub.send("h-a", "a1")
+    assert (await frame(other))["data"] == "a1"
+    gate, reading = asyncio.Event(), asyncio.Event()
+    read_positions = node.store.positions
+
+    async def slow_positions(streams: Any) -> Any:
+        streams = list(streams)
+        answer = await read_positions(streams)  # the store's answer, still on its way back
+        if "group:h-b" in streams:
+            reading.set()
+            await gate.wait()
+        return answer
+
+    monkeypatch.setattr(node.store, "positions", slow_positions)
+    ws, welcome = await v1(node)
+    async with ServerUtil(settings=node.settings) as util:
+        joining = asyncio.create_task(util.join_group(welcome["client_id"], ["h-a", "h-b"]))
+        await asyncio.wait_for(reading.wait(), 5)
+        await pub.send("h-a", "a2")
+        await pub.send("h-b", "b2")
+        assert (await frame(other))["data"] == "a2"  # a2 went through the node
+        gate.set()
+        assert await asyncio.wait_for(joining, 5) is True
+        frames = await frames_until_quiet(ws)
+    for stream, data in (("group:h-a", "a2"), ("group:h-b", "b2")):
+        # announced at 1 (then a2/b2 follows) or at 2 (a2/b2 counts as before it joined), once
+        joined = [(n, f["offset"]) for n, f in enumerate(frames) if f.get("stream") == stream]
+        assert len(joined) == 1 and joined[0][1] in (1, 2), frames
+        at, offset = joined[0]
+        messages = [(n, f["streams"][stream]) for n, f in enumerate(frames) if stream in f.get("streams", ())]
+        assert [n > at for n, _ in messages] == [True] * (2 - offset), frames
+        assert [m for _, m in messages] == [2] * (2 - offset), frames
+        assert [f["data"] for f in frames if stream in f.get("streams", ())] == [data] * (2 - offset)
+    await ws.close()
+    await other.close()
 
 
 async def test_cache_targets_give_a_newcomer_the_latest_message(make_node: MakeNode) -> None:
