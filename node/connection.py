@@ -67,6 +67,7 @@ class Connection(asyncio.Protocol):
         "floor",
         "forwarded",
         "held",
+        "holds",
         "hub",
         "lanes",
         "node",
@@ -113,12 +114,9 @@ class Connection(asyncio.Protocol):
         self._last_session: dict[str, Any] = {}
         self._last_flag: str | None = None
         self._last_groups: frozenset[str] = frozenset()
-        #: events forwarded to the worker tier so far (each event's number among its connection's)
-        self.event_seq = 0
-        #: whether the worker tier was told of this connection (it then gets its close event)
-        self.forwarded = False
-        #: session changes applied from the bus (ServerUtil's set/update_session), for the worker tier
-        self.session_version = 0
+        # for the worker tier: events forwarded so far (each event's number among its connection's), whether
+        # it was told of this connection (it then gets its close event), session changes applied from the bus
+        self.event_seq, self.forwarded, self.session_version = 0, False, 0
         rate = node.options.client_rate
         bucket = TokenBucket(rate, 2 * rate, asyncio.get_running_loop().time()) if rate > 0 else None
         #: its websocket protocol: frames, fragments, the closing handshake, its state
@@ -135,11 +133,12 @@ class Connection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._gone = False  #: the socket is closed
         # continuity (node/continuity.py): fanout.v1?, history streams, per stream the offset it has up to
-        # (after a resume or a join), sends held until its welcome is written and while it resumes, its token
+        # (after a resume or a join), sends held and by how many (Continuity.hold; here: its admission), token
         self.v1, self.streams = v1, frozenset[str]()
         self.token: str | None = None
         self.floor: dict[str, int] | None = None
         self.held: list[tuple[Send, tuple[str, ...] | None]] | None = [] if v1 else None
+        self.holds = 1 if v1 else 0
         self.resumed = False  #: it sent its resume (or a message: a resume is refused from then on)
 
     @property

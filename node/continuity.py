@@ -64,7 +64,7 @@ class Continuity:
         self._deliver = deliver
         self.positioning = Positioning()
         #: resume tokens, records and the resume itself
-        self.resumes = Resumes(settings, store, table, metrics, self.refresh, self.push)
+        self.resumes = Resumes(settings, store, table, metrics, self.refresh, self.hold, self.release)
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._heads: frozenset[tuple[str, int]] = (
@@ -129,12 +129,8 @@ class Continuity:
             self.resumes.changed(conn)
             return {}
         conn.streams = now
-        # a v1 connection's sends wait while the positions are read (sends of a stream it entered must
-        # follow its `joined`), then go out past the new positions; an admission or a resume holding
-        # them already releases them itself
-        hold = conn.v1 and conn.held is None
-        if hold:
-            conn.held = []
+        if conn.v1:  # its sends wait while positions are read: those of a stream it entered follow `joined`
+            self.hold(conn)
         try:
             entered = {}
             for stream in now - before:
@@ -155,8 +151,8 @@ class Continuity:
             if cache:
                 await self.send_cached(conn, entered)
         finally:
-            if hold:
-                self.release_held(conn)
+            if conn.v1:
+                self.release(conn)
         self.resumes.changed(conn)
         return entered
 
@@ -363,11 +359,22 @@ class Continuity:
         welcome["streams"] = positions_json(positions)
         return control_frame(welcome)
 
-    def release_held(self, conn: StreamMember) -> None:
-        """The sends held for ``conn`` while its positions were read (during its admission, until its
-        welcome is written; during a membership change, until its ``joined`` frames are) go now, those at
-        or below its positions left out. Without this, a send delivered meanwhile would come before the
-        frame that gives its stream's position, and a resume's replay would bring it a second time."""
+    @staticmethod
+    def hold(conn: StreamMember) -> None:
+        """``conn``'s sends wait in ``conn.held`` until every holder has let go (:meth:`release`): its
+        admission until its welcome is written, a resume until ``resumed``, a membership change until its
+        ``joined`` frames (the positions they give are read from the store meanwhile)."""
+        if conn.held is None:
+            conn.held = []
+        conn.holds += 1
+
+    def release(self, conn: StreamMember) -> None:
+        """One holder lets go; after the last one, the held sends go, those at or below the connection's
+        positions left out. Without this, a send delivered meanwhile would come before the frame giving
+        its stream's position, and a resume's replay would bring it a second time."""
+        conn.holds -= 1
+        if conn.holds:
+            return
         held, conn.held = conn.held, None
         for send, via in held or ():
             self.push(conn, send, {}, None, via)

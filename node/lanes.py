@@ -163,7 +163,7 @@ class Lanes(Generic[C]):
         if welcome is not None and conn.push(welcome):
             self.metrics.count_frames(1, len(welcome))
         if conn.v1 and continuity is not None:
-            continuity.release_held(conn)  # what came during its admission: after the welcome
+            continuity.release(conn)  # what came during its admission: after the welcome
         if continuity is not None:
             await continuity.send_cached(conn, conn.streams)  # cache targets' latest, after the welcome
         if self.events is not None:

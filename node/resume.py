@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fanout.backends.store import HistoryStore
-from fanout.commands import Send
 from fanout.config import Settings
 from fanout.exceptions import FanoutError
 from fanout.history import Page, cut_replay, merge_replay
 from fanout.positioning import HOLE_READS, RETRY_AFTER
 from fanout.table import ConnectionTable
 
-from .frames import CloseCode, Frame
+from .frames import CloseCode
 from .metrics import Metrics
 from .v1 import Resume, control_frame, joined_frame, message_frame
 
@@ -45,7 +44,7 @@ KEEP_EVERY = 15.0
 RECORD_SLACK = 2 * KEEP_EVERY
 
 Refresh = Callable[..., Coroutine[Any, Any, dict[str, tuple[str, int]]]]
-Push = Callable[[Any, Send, dict[Any, Frame], list[Any] | None, tuple[str, ...] | None], bool]
+Hold = Callable[["StreamMember"], None]
 
 
 class Resumes:
@@ -58,14 +57,16 @@ class Resumes:
         table: ConnectionTable[Any],
         metrics: Metrics,
         refresh: Refresh,
-        push: Push,
+        hold: Hold,
+        release: Hold,
     ) -> None:
         self.settings = settings
         self.store = store
         self.table = table
         self.metrics = metrics
         self._refresh = refresh  #: continuity's: a connection's streams after its state changed
-        self._push = push  #: continuity's: a send to a v1 connection, de-duplicated by its floor
+        #: continuity's: a connection's sends wait / one holder lets go (the last one sends them)
+        self._hold, self._release = hold, release
         self._writes: set[asyncio.Task[None]] = set()  #: records being written
 
     def issue(self, conn: StreamMember) -> str:
@@ -165,48 +166,48 @@ class Resumes:
     ) -> str | None:
         """A v1 client's ``resume``: its old state back (``restore``: groups, flag, session), then what
         it missed in each stream it asked for, then ``resumed``, then what arrived meanwhile."""
-        conn.held = []
-        record = None
-        if self.store is not None:
-            try:
-                record = await self.store.claim_resume(request.token, self.table.flag_of(conn.client_id))
-            except FanoutError as exc:
-                log.warning("resume of %s: record not read: %s", conn.client_id, exc)
-        state = orjson.loads(record) if record is not None else None
-        if state is None:
-            self.metrics.resumes_refused += 1
-        else:
-            self.metrics.resumes += 1
-            await restore(conn, state)
-        conn.resumed = True
-        for stream, (epoch, offset) in (await self._refresh(conn, announce=False)).items():
-            if stream not in request.streams:  # streams it is in now that it did not ask for
-                conn.push(joined_frame(stream, epoch, offset))
-        report: dict[str, Any] = {}
-        streams = {s: p for s, p in request.streams.items() if s in conn.streams}
-        pages, tops = {}, {}
-        for stream, (epoch, since) in streams.items():
-            page, ok, last = await self._read(stream, epoch, since, state is not None)
-            tops[stream] = last if ok else page.offset
-            report[stream] = {"recovered": ok, "epoch": page.epoch, "offset": tops[stream]}
-            if ok:
-                pages[stream] = page
-        pages, tops = cut_replay(pages, tops)  # sends appended between two reads: they come live
-        for stream in pages:
-            report[stream]["offset"] = tops[stream]
-        old = state["c"] if state is not None else None
-        for sent in merge_replay(pages):
-            if old is not None and old in sent.exclude:
-                continue
-            frame = message_frame(sent.payload, sent.binary, sent.json, sent.offsets)
-            if conn.push(frame):
-                self.metrics.count_frames(1, len(frame))
-        recovered = state is not None and all(r["recovered"] for r in report.values())
-        conn.push(control_frame({"type": "resumed", "recovered": recovered, "streams": report}))
-        floor = conn.floor if conn.floor is not None else {}
-        floor.update({s: r["offset"] for s, r in report.items()})
-        conn.floor = floor or None
-        held, conn.held = conn.held, None
-        for send, via in held or ():
-            self._push(conn, send, {}, None, via)
+        self._hold(conn)  # what arrives meanwhile goes after the replay, past its positions
+        try:
+            record = None
+            if self.store is not None:
+                try:
+                    record = await self.store.claim_resume(request.token, self.table.flag_of(conn.client_id))
+                except FanoutError as exc:
+                    log.warning("resume of %s: record not read: %s", conn.client_id, exc)
+            state = orjson.loads(record) if record is not None else None
+            if state is None:
+                self.metrics.resumes_refused += 1
+            else:
+                self.metrics.resumes += 1
+                await restore(conn, state)
+            conn.resumed = True
+            for stream, (epoch, offset) in (await self._refresh(conn, announce=False)).items():
+                if stream not in request.streams:  # streams it is in now that it did not ask for
+                    conn.push(joined_frame(stream, epoch, offset))
+            report: dict[str, Any] = {}
+            streams = {s: p for s, p in request.streams.items() if s in conn.streams}
+            pages, tops = {}, {}
+            for stream, (epoch, since) in streams.items():
+                page, ok, last = await self._read(stream, epoch, since, state is not None)
+                tops[stream] = last if ok else page.offset
+                report[stream] = {"recovered": ok, "epoch": page.epoch, "offset": tops[stream]}
+                if ok:
+                    pages[stream] = page
+            pages, tops = cut_replay(pages, tops)  # sends appended between two reads: they come live
+            for stream in pages:
+                report[stream]["offset"] = tops[stream]
+            old = state["c"] if state is not None else None
+            for sent in merge_replay(pages):
+                if old is not None and old in sent.exclude:
+                    continue
+                frame = message_frame(sent.payload, sent.binary, sent.json, sent.offsets)
+                if conn.push(frame):
+                    self.metrics.count_frames(1, len(frame))
+            recovered = state is not None and all(r["recovered"] for r in report.values())
+            conn.push(control_frame({"type": "resumed", "recovered": recovered, "streams": report}))
+            floor = conn.floor if conn.floor is not None else {}
+            floor.update({s: r["offset"] for s, r in report.items()})
+            conn.floor = floor or None
+        finally:
+            self._release(conn)
         return old if isinstance(old, str) else None

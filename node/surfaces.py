@@ -94,13 +94,15 @@ class PresenceHost(EventsHost, Protocol):
 
 class StreamMember(Protocol):
     """A connection, as continuity (:mod:`node.continuity`) sees it: whether it speaks fanout.v1, its
-    history streams, the offsets it has up to (``floor``), what is held while it resumes, its token."""
+    history streams, the offsets it has up to (``floor``), the sends held for it and by how many holders,
+    its token."""
 
     client_id: str
     v1: bool
     streams: frozenset[str]
     floor: dict[str, int] | None
     held: list[tuple[Send, tuple[str, ...] | None]] | None
+    holds: int
     token: str | None
     resumed: bool
 
@@ -122,7 +124,7 @@ class ContinuitySide(Protocol):
 
     async def welcome(self, conn: Any) -> Frame: ...
 
-    def release_held(self, conn: Any) -> None: ...
+    def release(self, conn: Any) -> None: ...
 
     async def refresh(
         self, conn: Any, *, announce: bool = True, cache: bool = True

@@ -196,47 +196,56 @@ async def test_joined_and_left_follow_membership_calls(make_node: MakeNode) -> N
 async def test_joined_comes_before_every_send_of_its_stream_when_its_position_is_slow(
     make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A connection enters two streams at once: one this node tracks, one whose position it must read
-    from the store first. Sends to either while that read is on its way come after their ``joined``,
-    never before it (a client that set its position from a ``joined`` behind a message it already has
-    would take that message again from a resume's replay)."""
+    """A connection enters two streams at once, one this node tracks and one whose position it must read
+    from the store first, then a third while that read is still on its way. Sends to any of them meanwhile
+    come after their ``joined``, never before it (a client that set its position from a ``joined`` behind
+    a message it already has would take that message again from a resume's replay)."""
     node = await make_node(app=StreamsApp(), settings=settings())
     pub = Publisher(node)
-    await pub.send("h-b", "b1")  # both streams have history: their positions are not 0
+    for group in ("h-b", "h-c"):
+        await pub.send(group, "first")  # positions are not 0
     other, _ = await v1(node, "groups=h-a")  # h-a is tracked on this node from now on
-    await pub.send("h-a", "a1")
-    assert (await frame(other))["data"] == "a1"
-    gate, reading = asyncio.Event(), asyncio.Event()
+    await pub.send("h-a", "first")
+    assert (await frame(other))["data"] == "first"
+    gates = {"group:h-b": asyncio.Event(), "group:h-c": asyncio.Event()}
+    reading = {stream: asyncio.Event() for stream in gates}
     read_positions = node.store.positions
 
     async def slow_positions(streams: Any) -> Any:
         streams = list(streams)
         answer = await read_positions(streams)  # the store's answer, still on its way back
-        if "group:h-b" in streams:
-            reading.set()
-            await gate.wait()
+        for stream in set(streams) & set(gates):
+            reading[stream].set()
+            await gates[stream].wait()
         return answer
 
     monkeypatch.setattr(node.store, "positions", slow_positions)
     ws, welcome = await v1(node)
     async with ServerUtil(settings=node.settings) as util:
-        joining = asyncio.create_task(util.join_group(welcome["client_id"], ["h-a", "h-b"]))
-        await asyncio.wait_for(reading.wait(), 5)
-        await pub.send("h-a", "a2")
-        await pub.send("h-b", "b2")
-        assert (await frame(other))["data"] == "a2"  # a2 went through the node
-        gate.set()
-        assert await asyncio.wait_for(joining, 5) is True
-        frames = await frames_until_quiet(ws)
-    for stream, data in (("group:h-a", "a2"), ("group:h-b", "b2")):
-        # announced at 1 (then a2/b2 follows) or at 2 (a2/b2 counts as before it joined), once
+        first = asyncio.create_task(util.join_group(welcome["client_id"], ["h-a", "h-b"]))
+        await asyncio.wait_for(reading["group:h-b"].wait(), 5)
+        second = asyncio.create_task(util.join_group(welcome["client_id"], "h-c"))
+        await asyncio.wait_for(reading["group:h-c"].wait(), 5)
+        for group in ("h-a", "h-b", "h-c"):
+            await pub.send(group, group)
+        assert (await frame(other))["data"] == "h-a"  # it went through the node
+        gates["group:h-b"].set()
+        assert await asyncio.wait_for(first, 5) is True
+        early = await frames_until_quiet(ws)  # h-c's position is still being read: nothing of h-c yet
+        assert not [f for f in early if "group:h-c" in (f.get("stream"), *f.get("streams", ()))], early
+        gates["group:h-c"].set()
+        assert await asyncio.wait_for(second, 5) is True
+        frames = early + await frames_until_quiet(ws)
+    for stream, data in (("group:h-a", "h-a"), ("group:h-b", "h-b"), ("group:h-c", "h-c")):
+        # announced at 1 (the send to it follows) or at 2 (the send counts as before it joined), once
         joined = [(n, f["offset"]) for n, f in enumerate(frames) if f.get("stream") == stream]
         assert len(joined) == 1 and joined[0][1] in (1, 2), frames
         at, offset = joined[0]
-        messages = [(n, f["streams"][stream]) for n, f in enumerate(frames) if stream in f.get("streams", ())]
-        assert [n > at for n, _ in messages] == [True] * (2 - offset), frames
-        assert [m for _, m in messages] == [2] * (2 - offset), frames
-        assert [f["data"] for f in frames if stream in f.get("streams", ())] == [data] * (2 - offset)
+        messages = [
+            (n, f["data"], f["streams"]) for n, f in enumerate(frames) if stream in f.get("streams", ())
+        ]
+        assert [(d, offsets) for _, d, offsets in messages] == [(data, {stream: 2})] * (2 - offset), frames
+        assert all(n > at for n, _, _ in messages), frames
     await ws.close()
     await other.close()
 
