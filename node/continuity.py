@@ -40,6 +40,9 @@ log = logging.getLogger("fanout.node")
 #: seconds between checks of quiet streams against the store (SPEC: at least every 30 s); the live
 #: connections' resume records are rewritten as often
 QUIET_CHECK = 15.0
+#: sends held for one connection while it waits for the store (its admission, a resume, a membership
+#: change reading positions) beyond which it is closed with 3010 (it reconnects and resumes)
+HELD_MAX = 10_000
 NO_STREAMS: frozenset[str] = frozenset()
 
 
@@ -310,10 +313,19 @@ class Continuity:
     ) -> bool:
         """Write ``send`` to a v1 connection: its envelope with the offsets of the connection's streams,
         built once per distinct set of streams (``frames``: the send's envelopes, by the connections'
-        stream sets and by the offsets they carry); held while the connection resumes."""
-        if conn.held is not None:
-            conn.held.append((send, via))
-            return True
+        stream sets and by the offsets they carry); held while the connection waits for the store
+        (:meth:`hold`), at most ``HELD_MAX``: past that it is closed with 3010."""
+        held = conn.held
+        if held is not None:
+            if len(held) < HELD_MAX and conn.open:
+                held.append((send, via))
+                return True
+            if conn.open:
+                log.warning("%s: over %d sends held for it; closed with 3010", conn.client_id, HELD_MAX)
+                self.metrics.insufficient_state_closes += 1
+                conn.start_close(CloseCode.INSUFFICIENT_STATE, "too many sends held")
+            held.clear()
+            return False
         if conn.floor is None:
             frame = frames.get(conn.streams)
             if frame is None:

@@ -18,6 +18,7 @@ from fanout import ServerUtil, Settings, naming, protocol
 from fanout.backends.store import MemoryStore, StoredSend
 from fanout.commands import Send, Target
 from fanout.history import new_send_id
+from node import continuity
 from node.node import Node
 from tests.apps.streams import StreamsApp
 from tests.conftest import MakeNode
@@ -248,6 +249,41 @@ async def test_joined_comes_before_every_send_of_its_stream_when_its_position_is
         assert all(n > at for n, _, _ in messages), frames
     await ws.close()
     await other.close()
+
+
+async def test_a_connection_waiting_for_the_store_holds_a_bounded_number_of_sends(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a connection's sends wait for the store (here: the position of a stream it entered), at most
+    HELD_MAX are kept; past that it is closed with 3010 (it reconnects and resumes), and nobody else loses
+    anything."""
+    monkeypatch.setattr(continuity, "HELD_MAX", 20)
+    node = await make_node(app=StreamsApp(), settings=settings())
+    gate, reading = asyncio.Event(), asyncio.Event()
+    read_positions = node.store.positions
+
+    async def stuck_positions(streams: Any) -> Any:
+        answer = await read_positions(streams)
+        reading.set()
+        await gate.wait()  # a store that does not answer
+        return answer
+
+    monkeypatch.setattr(node.store, "positions", stuck_positions)
+    ws, welcome = await v1(node, "groups=plain")
+    raw = await connect(f"ws://127.0.0.1:{node.port}/?groups=plain")
+    await recv(raw)  # its welcome
+    async with ServerUtil(settings=node.settings) as util:
+        await util.join_group(welcome["client_id"], "h-b", wait=False)
+        await asyncio.wait_for(reading.wait(), 5)
+        for n in range(21):
+            await util.send_to_group("plain", n)
+        assert [orjson.loads(await recv(raw)) for _ in range(21)] == list(range(21))
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3010
+        assert node.metrics.insufficient_state_closes == 1
+        gate.set()
+    await raw.close()
 
 
 async def test_cache_targets_give_a_newcomer_the_latest_message(make_node: MakeNode) -> None:
