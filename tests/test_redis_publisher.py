@@ -55,11 +55,11 @@ async def test_replies_split_anywhere_are_matched_to_their_commands_in_order() -
 
 
 def test_error_replies_keep_redis_py_classes() -> None:
-    from fanout.backends.redis_publisher import _error_reply
+    from fanout.backends.redis_publisher import error_reply
 
-    assert isinstance(_error_reply("WRONGPASS invalid username-password pair"), AuthenticationError)
-    assert isinstance(_error_reply("NOAUTH Authentication required."), AuthenticationError)
-    assert type(_error_reply("ERR unknown command")) is ResponseError
+    assert isinstance(error_reply("WRONGPASS invalid username-password pair"), AuthenticationError)
+    assert isinstance(error_reply("NOAUTH Authentication required."), AuthenticationError)
+    assert type(error_reply("ERR unknown command")) is ResponseError
 
 
 async def test_a_lost_connection_fails_what_is_in_flight_and_the_next_publish_reconnects(

@@ -12,8 +12,9 @@ Layout of the connections (``<ns>`` is the namespace, channels are :meth:`Addres
   node. We subscribe and publish on one primary (one node, so one publisher's messages keep their
   order); the PUBLISH reply only counts that node's subscribers, so :meth:`publish` returns ``None``.
 
-Why the pub/sub connections are driven by hand (raw RESP2 frames on a redis-py ``Connection``)
-rather than with redis-py's ``PubSub``/``ClusterPubSub``: those re-connect and re-subscribe on their
+Why the pub/sub connections are driven by hand (raw RESP2 frames on a connection of our own,
+:mod:`~fanout.backends.redis_subscriber`, or on a redis-py ``Connection`` with TLS) rather than with
+redis-py's ``PubSub``/``ClusterPubSub``: those re-connect and re-subscribe on their
 own (``on_connect`` callbacks, retry objects) - a second retry layer that would race ours and replay
 the subscriptions they remember instead of the set wanted *now*; their cluster variant polls each
 shard in turn with timeouts; and neither tells *when* a given SUBSCRIBE was confirmed. Here every
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +66,7 @@ from ..exceptions import BackendError, BackendUnavailable, NotConnected
 from ..naming import Address, safe_segment
 from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
 from .redis_publisher import PublishConnection, pack_publish
+from .redis_subscriber import PubSubConnection, RedisPyPubSub, SubscribeConnection
 
 log = logging.getLogger("fanout.backend.redis")
 
@@ -189,7 +190,7 @@ class _Link:
     def __init__(
         self,
         name: str,
-        conn: AbstractConnection,
+        conn: PubSubConnection,
         *,
         sharded: bool,
         deliver: MessageHandler,
@@ -224,7 +225,7 @@ class _Link:
         # socket_connect_timeout only bounds the TCP connect; the handshake (CLIENT SETNAME...)
         # reads without a timeout on this connection, and a hung server accepts but never answers
         async with asyncio.timeout(timeout):
-            await self.conn.connect()  # type: ignore[no-untyped-call]
+            await self.conn.connect()
         self.alive = True
         self._last_frame = asyncio.get_running_loop().time()
 
@@ -233,7 +234,7 @@ class _Link:
         self.alive = False
         self._release_waiters()
         with contextlib.suppress(Exception):
-            await self.conn.disconnect(nowait=True)
+            await self.conn.disconnect()
 
     def _release_waiters(self) -> None:
         # a subscribe()/unsubscribe() waiting on a dead link returns: the wanted set already holds
@@ -255,13 +256,13 @@ class _Link:
             return future
         if not self.alive or not self.conn.is_connected:
             # checked right before the write with no await in between: redis-py would otherwise
-            # silently reconnect a closed Connection inside send_packed_command
+            # silently reconnect a closed Connection inside its send
             raise _LinkLost(f"pub/sub link to {self.name} is down")
         command = self._sub if subscribe else self._unsub
         kind = command.lower()
         self._pending.append(_Pending(kind, Counter(wanted), future))
         try:
-            await self.conn.send_packed_command(self.conn.pack_command(command, *wanted), check_health=False)
+            await self.conn.send(command, *wanted)
         except _LINK_ERRORS as exc:
             self.alive = False
             raise _LinkLost(f"pub/sub link to {self.name} broke: {exc}") from exc
@@ -273,7 +274,7 @@ class _Link:
         try:
             while True:
                 try:
-                    frame = await self.conn.read_response(timeout=math.inf)
+                    frame = await self.conn.read()
                 except ResponseError as exc:
                     self._last_frame = asyncio.get_running_loop().time()
                     self._on_error_reply(exc)
@@ -297,11 +298,11 @@ class _Link:
             idle = loop.time() - self._last_frame
             if idle >= 3 * self._keepalive:
                 log.warning("pub/sub link to %s silent for %.1fs: dropping it", self.name, idle)
-                await self.conn.disconnect(nowait=True)  # the reader then fails and ends the session
+                await self.conn.disconnect()  # the reader then fails and ends the session
                 return
             if idle >= self._keepalive and self.conn.is_connected:
                 try:
-                    await self.conn.send_packed_command(self.conn.pack_command(b"PING"), check_health=False)
+                    await self.conn.send(b"PING")
                 except _LINK_ERRORS:
                     return  # the reader sees the same broken socket
 
@@ -428,8 +429,12 @@ class RedisBackend(Backend):
     def _wanted(self) -> set[bytes]:
         return {self._channel(address) for address in self.subscriptions}
 
-    def _new_conn(self, host: str, port: int) -> AbstractConnection:
-        """An unconnected pub/sub connection to one server: RESP2 frames, no retries, no timeouts."""
+    def _new_conn(self, host: str, port: int) -> PubSubConnection:
+        """An unconnected pub/sub connection to one server: RESP2 frames, no retries, no timeouts (our own
+        on plain TCP, redis-py's with TLS; see redis_subscriber)."""
+        client_name = f"{self.settings.namespace}-sub-{safe_segment(self.inbox)}"[:120]
+        if not self._target.tls:
+            return SubscribeConnection(host, port, userinfo=self._target.userinfo, client_name=client_name)
         kwargs: dict[str, Any] = dict(parse_url(self._target.node_url(host, port)))
         connection_class = kwargs.pop("connection_class", Connection)
         kwargs.update(
@@ -438,9 +443,9 @@ class RedisBackend(Backend):
             socket_timeout=None,  # reads block until a frame comes; liveness is the PING loop's job
             socket_connect_timeout=self._connect_timeout,
             health_check_interval=0,
-            client_name=f"{self.settings.namespace}-sub-{safe_segment(self.inbox)}"[:120],
+            client_name=client_name,
         )
-        return cast(AbstractConnection, connection_class(**kwargs))
+        return RedisPyPubSub(cast(AbstractConnection, connection_class(**kwargs)))
 
     def _client_kwargs(self) -> dict[str, Any]:
         return {

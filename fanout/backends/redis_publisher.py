@@ -41,7 +41,7 @@ def pack_publish(channel: bytes, message: bytes) -> bytes:
     return b"%s%d\r\n%s\r\n$%d\r\n%s\r\n" % (_PUBLISH, len(channel), channel, len(message), message)
 
 
-def _error_reply(text: str) -> Exception:
+def error_reply(text: str) -> Exception:
     code = text.split(" ", 1)[0]
     if code in ("WRONGPASS", "NOAUTH") or text.startswith("ERR invalid password"):
         return AuthenticationError(text)
@@ -50,7 +50,7 @@ def _error_reply(text: str) -> Exception:
     return ResponseError(text)
 
 
-def _parse(buffer: bytes, start: int, end: int) -> tuple[object, int] | None:
+def parse_reply(buffer: bytes, start: int, end: int) -> tuple[object, int] | None:
     """The reply at ``start`` and where the next one starts, or None when it has not fully arrived. An
     error (nested in an array too) is a value. Raises ValueError on what is not RESP2."""
     line_end = buffer.find(b"\r\n", start)
@@ -70,7 +70,7 @@ def _parse(buffer: bytes, start: int, end: int) -> tuple[object, int] | None:
     if kind == 0x2B:  # '+' simple string
         return buffer[start + 1 : line_end], line_end + 2
     if kind == 0x2D:  # '-' error
-        return _error_reply(buffer[start + 1 : line_end].decode(errors="replace")), line_end + 2
+        return error_reply(buffer[start + 1 : line_end].decode(errors="replace")), line_end + 2
     if kind == 0x2A:  # '*' array
         count = int(buffer[start + 1 : line_end])
         if count < 0:
@@ -80,7 +80,7 @@ def _parse(buffer: bytes, start: int, end: int) -> tuple[object, int] | None:
         for _ in range(count):
             if position >= end:
                 return None
-            parsed = _parse(buffer, position, end)
+            parsed = parse_reply(buffer, position, end)
             if parsed is None:
                 return None
             item, position = parsed
@@ -161,7 +161,7 @@ class PublishConnection(asyncio.Protocol):
                 reply = buffer[start + 1 : line_end]
                 start = line_end + 2
             elif kind == 0x2D:  # '-' error
-                reply = _error_reply(buffer[start + 1 : line_end].decode(errors="replace"))
+                reply = error_reply(buffer[start + 1 : line_end].decode(errors="replace"))
                 start = line_end + 2
             elif kind == 0x24:  # '$' bulk string
                 size = int(buffer[start + 1 : line_end])
@@ -174,7 +174,7 @@ class PublishConnection(asyncio.Protocol):
                     start = line_end + 2 + size + 2
             elif kind == 0x2A:  # '*' array (a script's table, a read): its elements may come later
                 try:
-                    parsed = _parse(buffer, start, end)
+                    parsed = parse_reply(buffer, start, end)
                 except ValueError as exc:
                     self._fail(RedisConnectionError(str(exc)))
                     return
