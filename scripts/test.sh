@@ -33,7 +33,8 @@ wait_port() {
 # System tools the tests use, installed from Debian's packages when missing: redis-server/redis-cli
 # (throw-away servers and a local cluster), RabbitMQ, docker-compose (validates docker-compose.yml, no
 # engine needed), chromium (the demo page in a real browser), php-cli with curl (the PHP example of the
-# HTTP API) and podman with runc and debootstrap (tests/test_containers.py builds and runs the images).
+# HTTP API), podman with runc and debootstrap (tests/test_containers.py builds and runs the images) and
+# openssl (a certificate for the Redis TLS test).
 missing=()
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server redis-tools)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
@@ -42,6 +43,7 @@ command -v chromium >/dev/null || missing+=(chromium)
 { command -v php >/dev/null && php -m | grep -qx curl; } || missing+=(php-cli php-curl)
 command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null ||
   missing+=(podman runc debootstrap)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

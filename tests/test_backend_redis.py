@@ -4,6 +4,7 @@ destructive), throw-away servers this file starts and kills, and a local 3-maste
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from fanout.backends.redis import RedisBackend
+from fanout.backends.redis_subscriber import RedisPyPubSub
 from fanout.config import Settings
 from fanout.exceptions import BackendUnavailable
 from fanout.naming import ALL, HEARTBEAT, flag, group, node
@@ -598,5 +600,33 @@ async def test_credentials_in_the_url_and_a_refusal(connect, tmp_path: Path) -> 
         assert await got.wait_for_count(1) == [b"authenticated"]
         await receiver.close()
         await sender.close()
+    finally:
+        server.stop()
+
+
+async def test_tls_pub_sub_goes_through_redis_py(connect, tmp_path: Path) -> None:
+    """``rediss://``: the pub/sub link is redis-py's ``Connection`` (behind the same interface as the plain
+    one), against a redis-server with TLS on and a self-signed certificate."""
+    workdir = tmp_path / "tls"
+    workdir.mkdir()
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x"]
+    openssl += ["-addext", "subjectAltName=IP:127.0.0.1"]  # the certificate verified, for the address used
+    await asyncio.to_thread(
+        subprocess.run, [*openssl, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True
+    )
+    tls_port = free_port()
+    tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    server = start_redis(workdir, *tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    try:
+        settings = Settings.create(
+            f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", namespace=unique_ns(), publish_timeout=2.0
+        )
+        receiver, got = await connect(settings, inbox="rx")
+        sender, _ = await connect(settings, inbox="tx")
+        await receiver.subscribe([group("g")])
+        assert await sender.publish(group("g"), b"over tls") == 1
+        assert await got.wait_for_count(1) == [b"over tls"]
+        assert isinstance(receiver._links["main"].conn, RedisPyPubSub)
     finally:
         server.stop()
