@@ -83,7 +83,11 @@ class SubscribeConnection(asyncio.Protocol):
         self._userinfo = userinfo
         self._client_name = client_name
         self._transport: asyncio.Transport | None = None
-        self._buffer = b""
+        #: bytes received and not parsed yet (a frame's start), their length, and how many must have come
+        #: before parsing again (a long message arrives over many reads: joined once, when it is whole)
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._wanted = 0
         #: frames parsed, not read yet (an error reply as an exception value)
         self._frames: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -152,7 +156,13 @@ class SubscribeConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
+        parts = self._parts
+        parts.append(data)
+        self._have += len(data)
+        if self._have < self._wanted:
+            return
+        buffer = parts[0] if len(parts) == 1 else b"".join(parts)
+        wanted = 0
         frames = self._frames
         start, end = 0, len(buffer)
         while start < end:
@@ -173,6 +183,7 @@ class SubscribeConnection(asyncio.Protocol):
                     self._fail(RedisConnectionError(f"unexpected frame from Redis: {buffer[start:head]!r}"))
                     return
                 if payload_end + 2 > end:
+                    wanted = payload_end + 2 - start
                     break
                 kind = b"smessage" if sharded else b"message"
                 frames.append([kind, buffer[line_end + 2 : channel_end], buffer[size_end + 2 : payload_end]])
@@ -187,7 +198,9 @@ class SubscribeConnection(asyncio.Protocol):
                 break
             frame, start = parsed
             frames.append(frame)
-        self._buffer = buffer[start:] if start < end else b""
+        rest = buffer[start:] if start < end else b""
+        self._parts = [rest] if rest else []
+        self._have, self._wanted = len(rest), wanted
         if frames:
             self._wake()
             if not self._paused and len(frames) >= PAUSE_AT and self._transport is not None:
