@@ -17,8 +17,8 @@ from fanout.naming import Address, Kind
 from tests.support.redis_servers import start_redis
 
 
-class _Sink:
-    """What the parser needs of a transport (it only writes; these tests only read what it parsed)."""
+class Sink:
+    """What a parser needs of a transport (here and in test_redis_subscriber: tests read what it parsed)."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
@@ -43,7 +43,7 @@ def test_packing_is_resp2() -> None:
 
 async def test_replies_split_anywhere_are_matched_to_their_commands_in_order() -> None:
     connection = PublishConnection()
-    connection.connection_made(_Sink())  # type: ignore[arg-type]
+    connection.connection_made(Sink())  # type: ignore[arg-type]
     futures = connection.send([pack_publish(b"c", b"m")] * 5)
     replies = b":3\r\n-NOPERM no permissions to access the 'c' channel\r\n$5\r\nhe\r\nl\r\n$-1\r\n+OK\r\n"
     for i in range(len(replies)):  # one byte at a time: every cut point

@@ -16,6 +16,7 @@ from fanout.backends import redis_subscriber
 from fanout.backends.redis_publisher import pack
 from fanout.backends.redis_subscriber import SubscribeConnection
 from tests.support.redis_servers import start_redis
+from tests.test_redis_publisher import Sink
 
 PAYLOADS = [
     b"",
@@ -70,22 +71,6 @@ async def test_every_frame_a_server_sends_comes_out_whole_and_in_order() -> None
         await conn.send(b"PING")
 
 
-class _Sink:
-    """What the parser needs of a transport, for feeding it bytes cut at every point."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
 async def test_frames_cut_at_every_byte_are_parsed_the_same() -> None:
     frames = [
         [b"subscribe", b"ns:c", 1],
@@ -98,7 +83,7 @@ async def test_frames_cut_at_every_byte_are_parsed_the_same() -> None:
     # the integer of a confirmation is an integer reply, not a bulk string
     stream = stream.replace(b"$1\r\n1\r\n", b":1\r\n", 1) + b"-ERR wrong\r\n"
     conn = SubscribeConnection("127.0.0.1", 0, userinfo="", client_name="t")
-    conn.connection_made(_Sink())  # type: ignore[arg-type]
+    conn.connection_made(Sink())  # type: ignore[arg-type]
     for i in range(len(stream)):
         conn.data_received(stream[i : i + 1])
     assert [await conn.read() for _ in frames] == frames

@@ -41,6 +41,28 @@ def pack_publish(channel: bytes, message: bytes) -> bytes:
     return b"%s%d\r\n%s\r\n$%d\r\n%s\r\n" % (_PUBLISH, len(channel), channel, len(message), message)
 
 
+def setup_commands(userinfo: str, client_name: str) -> list[tuple[bytes, ...]]:
+    """What a connection sends first: ``AUTH`` with the URL's ``user:password@`` (or ``:password@``, or
+    ``password@`` alone), then ``CLIENT SETNAME``."""
+    commands: list[tuple[bytes, ...]] = []
+    user, _, password = userinfo.rstrip("@").partition(":")
+    if password:
+        credentials = (unquote(user).encode(),) if user else ()
+        commands.append((b"AUTH", *credentials, unquote(password).encode()))
+    elif user:  # redis://password@host is how some write a password alone
+        commands.append((b"AUTH", unquote(user).encode()))
+    commands.append((b"CLIENT", b"SETNAME", client_name.encode()))
+    return commands
+
+
+def nodelay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """``transport`` with ``TCP_NODELAY`` on (a small command must not wait for the next one)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return cast(asyncio.Transport, transport)  # (uvloop's are not asyncio subclasses)
+
+
 def error_reply(text: str) -> Exception:
     code = text.split(" ", 1)[0]
     if code in ("WRONGPASS", "NOAUTH") or text.startswith("ERR invalid password"):
@@ -120,14 +142,7 @@ class PublishConnection(asyncio.Protocol):
                 _, connection = await loop.create_connection(cls, host, port)
             except OSError as exc:
                 raise RedisConnectionError(f"Error connecting to {host}:{port}: {exc}") from exc
-            setup = []
-            user, _, password = userinfo.rstrip("@").partition(":")
-            if password:
-                credentials = (unquote(user).encode(),) if user else ()
-                setup.append(pack(b"AUTH", *credentials, unquote(password).encode()))
-            elif user:  # redis://password@host is how some write a password alone
-                setup.append(pack(b"AUTH", unquote(user).encode()))
-            setup.append(pack(b"CLIENT", b"SETNAME", client_name.encode()))
+            setup = [pack(*parts) for parts in setup_commands(userinfo, client_name)]
             try:
                 for reply in await asyncio.gather(*connection.send(setup)):
                     if isinstance(reply, Exception):
@@ -140,10 +155,7 @@ class PublishConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not asyncio subclasses)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._transport = nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 from collections import deque
-from typing import Any, Protocol, cast
-from urllib.parse import unquote
+from typing import Any, Protocol
 
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .redis_publisher import pack, parse_reply
+from .redis_publisher import nodelay, pack, parse_reply, setup_commands
 
 _MESSAGE = b"*3\r\n$7\r\nmessage\r\n$"
 _SMESSAGE = b"*3\r\n$8\r\nsmessage\r\n$"
@@ -106,13 +104,7 @@ class SubscribeConnection(asyncio.Protocol):
             await loop.create_connection(lambda: self, self.host, self.port)
         except OSError as exc:
             raise RedisConnectionError(f"Error connecting to {self.host}:{self.port}: {exc}") from exc
-        user, _, password = self._userinfo.rstrip("@").partition(":")
-        setup = []
-        if password:
-            setup.append((b"AUTH", *((unquote(user).encode(),) if user else ()), unquote(password).encode()))
-        elif user:  # redis://password@host is how some write a password alone
-            setup.append((b"AUTH", unquote(user).encode()))
-        setup.append((b"CLIENT", b"SETNAME", self._client_name.encode()))
+        setup = setup_commands(self._userinfo, self._client_name)
         for parts in setup:
             await self.send(*parts)
         for _ in setup:
@@ -150,10 +142,7 @@ class SubscribeConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not asyncio subclasses)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._transport = nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         parts = self._parts
@@ -162,7 +151,24 @@ class SubscribeConnection(asyncio.Protocol):
         if self._have < self._wanted:
             return
         buffer = parts[0] if len(parts) == 1 else b"".join(parts)
-        wanted = 0
+        try:
+            start, wanted = self._parse(buffer)
+        except ValueError as exc:
+            self._fail(RedisConnectionError(f"unexpected frame from Redis: {exc}"))
+            return
+        rest = buffer[start:] if start < len(buffer) else b""
+        self._parts = [rest] if rest else []
+        self._have, self._wanted = len(rest), wanted
+        frames = self._frames
+        if frames:
+            self._wake()
+            if not self._paused and len(frames) >= PAUSE_AT and self._transport is not None:
+                self._paused = True
+                self._transport.pause_reading()
+
+    def _parse(self, buffer: bytes) -> tuple[int, int]:
+        """Every whole frame of ``buffer`` into ``_frames``; where the rest starts, and how long the
+        frame it starts with is when that is known (else 0). Raises ValueError on what is not RESP2."""
         frames = self._frames
         start, end = 0, len(buffer)
         while start < end:
@@ -170,42 +176,26 @@ class SubscribeConnection(asyncio.Protocol):
                 # [kind, channel, payload]: the frame nearly every read holds, cut out without a parser
                 sharded = buffer[start + 8] == 0x73  # "smessage"
                 head = start + (len(_SMESSAGE) if sharded else len(_MESSAGE))  # the channel's length
-                try:
-                    line_end = buffer.find(b"\r\n", head)
-                    if line_end < 0:
-                        break
-                    channel_end = line_end + 2 + int(buffer[head:line_end])
-                    size_end = buffer.find(b"\r\n", channel_end + 3)  # after the channel's "\r\n$"
-                    if size_end < 0:
-                        break
-                    payload_end = size_end + 2 + int(buffer[channel_end + 3 : size_end])
-                except ValueError:
-                    self._fail(RedisConnectionError(f"unexpected frame from Redis: {buffer[start:head]!r}"))
-                    return
-                if payload_end + 2 > end:
-                    wanted = payload_end + 2 - start
+                line_end = buffer.find(b"\r\n", head)
+                if line_end < 0:
                     break
+                channel_end = line_end + 2 + int(buffer[head:line_end])
+                size_end = buffer.find(b"\r\n", channel_end + 3)  # after the channel's "\r\n$"
+                if size_end < 0:
+                    break
+                payload_end = size_end + 2 + int(buffer[channel_end + 3 : size_end])
+                if payload_end + 2 > end:
+                    return start, payload_end + 2 - start
                 kind = b"smessage" if sharded else b"message"
                 frames.append([kind, buffer[line_end + 2 : channel_end], buffer[size_end + 2 : payload_end]])
                 start = payload_end + 2
                 continue
-            try:
-                parsed = parse_reply(buffer, start, end)
-            except ValueError as exc:
-                self._fail(RedisConnectionError(str(exc)))
-                return
+            parsed = parse_reply(buffer, start, end)
             if parsed is None:
                 break
             frame, start = parsed
             frames.append(frame)
-        rest = buffer[start:] if start < end else b""
-        self._parts = [rest] if rest else []
-        self._have, self._wanted = len(rest), wanted
-        if frames:
-            self._wake()
-            if not self._paused and len(frames) >= PAUSE_AT and self._transport is not None:
-                self._paused = True
-                self._transport.pause_reading()
+        return start, 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"connection to Redis lost{f': {exc}' if exc else ''}"))
