@@ -1,9 +1,10 @@
 """Transactional publishing (SPEC "Continuity", outbox), on real PostgreSQL, Redis, node and relay processes
-and fanout.v1 websocket clients: a rolled-back transaction publishes nothing, a committed one once; commit
-order (not insert order) is the order per target; 5,000 rows from concurrent transactions through two relays,
-one of them SIGKILLed twice, reach every client once each, in commit order per target; a broker outage or a
-lost database session delays rows, never loses or repeats them; a row published twice (a relay killed between
-its publish and its delete) reaches nobody twice; docs/publishing.md runs as printed.
+and fanout.v1 websocket clients (the first test on RabbitMQ with a Redis store too): a rolled-back
+transaction publishes nothing, a committed one once; commit order (not insert order) is the order per
+target; 5,000 rows from concurrent transactions through two relays, one of them SIGKILLed twice, reach every
+client once each, in commit order per target; a broker outage or a lost database session delays rows, never
+loses or repeats them; a row published twice (a relay killed between its publish and its delete) reaches
+nobody twice; docs/publishing.md runs as printed.
 
 (fanout.Outbox's argument checks and the schema alone: tests/test_outbox_calls.py; the Django example through
 everything that can fail: tests/test_outbox_end_to_end.py.)
@@ -30,7 +31,7 @@ import pytest
 from fanout import Outbox
 from fanout.outbox import SqlNames
 from tests.support import free_port, scaled
-from tests.support.continuity import REDIS, STREAMS, V1, forgetting, node_env, until
+from tests.support.continuity import AMQP, REDIS, STREAMS, V1, forgetting, node_env, until
 from tests.support.nodes import ROOT, http_get, start_node
 from tests.support.outbox import DSN, RELAYS, outbox_schema, pending, start_relay, stop_relays
 from tests.support.tcp_proxy import ProxyProcess
@@ -70,10 +71,16 @@ async def messages(client: V1, count: int, timeout: float = 20.0) -> list[Any]:
     return out
 
 
+@pytest.mark.parametrize(
+    "bus",
+    [{"url": REDIS}, {"url": AMQP, "FANOUT_HISTORY_URL": REDIS}],
+    ids=["redis", "rabbitmq with a redis store"],
+)
 async def test_rolled_back_publishes_nothing_committed_once_in_commit_order(
-    tmp_path: Path, table: str
+    tmp_path: Path, table: str, bus: dict[str, str]
 ) -> None:
-    env = node_env(REDIS)
+    url, store = bus["url"], {k: v for k, v in bus.items() if k != "url"}
+    env = node_env(url, **store)
     node = start_node(tmp_path, env, app=STREAMS)
     relay = start_relay(tmp_path, env, table)
     relay.wait_healthy()
