@@ -2,12 +2,12 @@
 
 A node reads every command it applies from one of these, so their cost per frame is a cost per command.
 Through redis-py's ``Connection.read_response`` each frame costs a coroutine chain, a ``readline`` per
-line and a parser object: 15-20 µs per pub/sub message on the benchmark machine, about a quarter of a
-saturated node's CPU. :class:`SubscribeConnection` is an ``asyncio.Protocol`` that parses every frame of a
-read in one pass (the common ``message``/``smessage`` array without building anything but its three
-items) and hands them out in order: about 2 µs per message. It is used for plain ``redis://`` servers and
-cluster shards; TLS keeps redis-py's connection (its certificates and options are redis-py's business),
-behind the same small interface (:class:`RedisPyPubSub`).
+line and a parser object: 11-21 µs per pub/sub message on the benchmark machines (``bench/bus_read.py``),
+about a quarter of a saturated node's CPU. :class:`SubscribeConnection` is an ``asyncio.Protocol`` that
+parses every frame of a read in one pass (the common ``message``/``smessage`` array without building
+anything but its three items) and hands them out in order: 1.3-3 µs per message. It is used for plain
+``redis://`` servers and cluster shards; TLS keeps redis-py's connection (its certificates and options are
+redis-py's business), behind the same small interface (:class:`RedisPyPubSub`).
 
 Both raise what redis-py raises, so the backend's translation applies unchanged: an error reply is a
 ``ResponseError`` (``AuthenticationError`` for a refused ``AUTH``), a lost link a ``ConnectionError``.
