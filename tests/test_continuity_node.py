@@ -22,6 +22,7 @@ from node import continuity
 from node.node import Node
 from tests.apps.streams import StreamsApp
 from tests.conftest import MakeNode
+from tests.support import scaled
 from tests.support.nodes import nothing_more, recv, unique_namespace
 
 
@@ -224,18 +225,18 @@ async def test_joined_comes_before_every_send_of_its_stream_when_its_position_is
     ws, welcome = await v1(node)
     async with ServerUtil(settings=node.settings) as util:
         first = asyncio.create_task(util.join_group(welcome["client_id"], ["h-a", "h-b"]))
-        await asyncio.wait_for(reading["group:h-b"].wait(), 5)
+        await asyncio.wait_for(reading["group:h-b"].wait(), scaled(5))
         second = asyncio.create_task(util.join_group(welcome["client_id"], "h-c"))
-        await asyncio.wait_for(reading["group:h-c"].wait(), 5)
+        await asyncio.wait_for(reading["group:h-c"].wait(), scaled(5))
         for group in ("h-a", "h-b", "h-c"):
             await pub.send(group, group)
         assert (await frame(other))["data"] == "h-a"  # it went through the node
         gates["group:h-b"].set()
-        assert await asyncio.wait_for(first, 5) is True
+        assert await asyncio.wait_for(first, scaled(5)) is True
         early = await frames_until_quiet(ws)  # h-c's position is still being read: nothing of h-c yet
         assert not [f for f in early if "group:h-c" in (f.get("stream"), *f.get("streams", ()))], early
         gates["group:h-c"].set()
-        assert await asyncio.wait_for(second, 5) is True
+        assert await asyncio.wait_for(second, scaled(5)) is True
         frames = early + await frames_until_quiet(ws)
     for stream, data in (("group:h-a", "h-a"), ("group:h-b", "h-b"), ("group:h-c", "h-c")):
         # announced at 1 (the send to it follows) or at 2 (the send counts as before it joined), once
@@ -274,7 +275,7 @@ async def test_a_connection_waiting_for_the_store_holds_a_bounded_number_of_send
     await recv(raw)  # its welcome
     async with ServerUtil(settings=node.settings) as util:
         await util.join_group(welcome["client_id"], "h-b", wait=False)
-        await asyncio.wait_for(reading.wait(), 5)
+        await asyncio.wait_for(reading.wait(), scaled(5))
         for n in range(21):
             await util.send_to_group("plain", n)
         assert [orjson.loads(await recv(raw)) for _ in range(21)] == list(range(21))
