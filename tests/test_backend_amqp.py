@@ -489,14 +489,17 @@ def test_addresses_map_to_readable_keys() -> None:
     assert fanout.binding_for(HEARTBEAT) == ("app.ctl", "hb")
 
 
-async def test_connection_closed_by_the_broker_is_recovered(make: Factory, ns: str) -> None:
+@pytest.mark.parametrize("which", ["", " consumer"], ids=["publishing", "consuming"])
+async def test_connection_closed_by_the_broker_is_recovered(make: Factory, ns: str, which: str) -> None:
+    """A link is two connections (aiormq's, publishing; its own, consuming the queue): either closed by
+    the broker is an outage, and the whole link comes back."""
     a, a_in = await make(name="closed-by-broker")
     pub, _ = await make()
     await a.subscribe([group("g")])
-    wanted = f"fanout {ns} closed-by-broker"
+    wanted = f'{{"connection_name","fanout {ns} closed-by-broker{which}"}}'
     rows = await rabbitmqctl("list_connections", "pid", "client_properties")
     pids = [row[0] for row in rows if wanted in row[1]]
-    assert len(pids) == 1, pids
+    assert len(pids) == 1, (pids, rows)
     await rabbitmqctl("close_connection", pids[0], "test: broker closes the connection")
     await eventually(lambda: a.outages == 1, 5, "outage noticed")
     await eventually(lambda: a.healthy, 8, "healthy again")

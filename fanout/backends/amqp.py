@@ -100,17 +100,18 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from yarl import URL
 
 from ..config import Mode, Settings
 from ..exceptions import BackendError, BackendUnavailable, ConfigError, ConfigMismatch, NotConnected
 from ..naming import Address, Kind, safe_segment
+from .amqp_consumer import ConsumeConnection, Refused
 from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
 
 log = logging.getLogger("fanout.backend.amqp")
@@ -177,7 +178,7 @@ _TRANSLATION: tuple[tuple[tuple[type[BaseException], ...], type[BackendError], s
     ),
     ((aio_pika.exceptions.DeliveryError,), BackendError, "{where}: the broker refused {what}: {exc!r}"),
     (_LINK_ERRORS, BackendUnavailable, "{where}: broker not reachable ({what}): {exc!r}"),
-    ((aiormq.exceptions.AMQPError,), BackendError, "{where}: the broker refused {what}: {exc!r}"),
+    ((aiormq.exceptions.AMQPError, Refused), BackendError, "{where}: the broker refused {what}: {exc!r}"),
     ((Exception,), BackendError, "{where}: {what} failed: {exc!r}"),
 )
 
@@ -205,9 +206,19 @@ def parse_url(url: str, connection_name: str | None = None) -> tuple[URL, bool]:
     return parsed.with_query(query), confirms
 
 
+class _Bindings(Protocol):
+    """Where a link's queue is bound and unbound: its consuming connection (:class:`ConsumeConnection`),
+    or over TLS its aio-pika queue; each returns once the broker confirmed."""
+
+    async def bind(self, exchange: str, routing_key: str) -> Any: ...
+
+    async def unbind(self, exchange: str, routing_key: str) -> Any: ...
+
+
 @dataclass(eq=False)
 class _Link:
-    """One connection's worth of state; replaced wholesale on reconnect."""
+    """One link's worth of state (its connection, and its consuming connection); replaced wholesale on
+    reconnect."""
 
     connection: aio_pika.abc.AbstractConnection
     lost: asyncio.Event = field(default_factory=asyncio.Event)
@@ -215,7 +226,9 @@ class _Link:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     channel: AbstractChannel | None = None
     raw: aiormq.Channel | None = None  # the aiormq channel, for the fast paths
-    queue: AbstractQueue | None = None
+    #: the connection the queue is consumed through (plain ``amqp://``; over TLS, ``connection``'s)
+    consumer: ConsumeConnection | None = None
+    bindings: _Bindings | None = None
     consumer_tag: str | None = None
     #: bindings the broker confirmed on this link's queue
     bound: set[Binding] = field(default_factory=set)
@@ -436,16 +449,16 @@ class AmqpBackend(Backend):
             # the link died under us: we are down now, and the reconnect applies the wanted set
             log.debug("binding change interrupted by link loss: %r", exc)
             self._mark_lost(link)
-        except aiormq.exceptions.AMQPError as exc:
+        except (aiormq.exceptions.AMQPError, Refused) as exc:
             self._mark_lost(link)  # a refused bind closes the channel: rebuild the link
             raise self._error(exc, "a binding change") from exc
 
     async def _reconcile(self, link: _Link) -> None:
-        """Make the broker's bindings of ``link.queue`` equal to the wanted set (caller holds the lock).
+        """Make the broker's bindings of the link's queue equal to the wanted set (caller holds the lock).
 
         Loops until the wanted set stops changing while we await the broker.
         """
-        queue = link.queue
+        queue = link.bindings
         assert queue is not None
         while True:
             wanted = self.wanted_bindings()
@@ -601,13 +614,16 @@ class AmqpBackend(Backend):
                     (self.control_exchange_name, aio_pika.ExchangeType.DIRECT),
                 ):
                     await channel.declare_exchange(name, kind, durable=False, auto_delete=False)
-                link.queue = await channel.declare_queue(
-                    self.queue_name, exclusive=True, auto_delete=True, durable=False
-                )
                 link.consumer_tag = f"{self.queue_name}.consumer"
-                await raw.basic_consume(
-                    self.queue_name, self._on_delivery, no_ack=True, consumer_tag=link.consumer_tag
-                )
+                if self._url.scheme == "amqp":
+                    await self._consume_apart(link)
+                else:  # TLS: consumed through aiormq (its certificate options are the URL's)
+                    link.bindings = await channel.declare_queue(
+                        self.queue_name, exclusive=True, auto_delete=True, durable=False
+                    )
+                    await raw.basic_consume(
+                        self.queue_name, self._on_delivery, no_ack=True, consumer_tag=link.consumer_tag
+                    )
                 async with link.lock:
                     await self._reconcile(link)
                     if link.lost.is_set():
@@ -620,9 +636,19 @@ class AmqpBackend(Backend):
             mismatch = self._mode_mismatch(exc)
             if mismatch is not None:
                 raise mismatch from exc
-            if isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS)):
+            if isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError, Refused, *_LINK_ERRORS)):
                 raise self._error(exc, "the connection", timeout) from exc
             raise
+
+    async def _consume_apart(self, link: _Link) -> None:
+        """Declare and consume the queue through a connection of its own (:class:`ConsumeConnection`):
+        its loss is the link's."""
+        handler = self._handler
+        assert handler is not None and link.consumer_tag is not None
+        name = f"{self._url.query.get('name', 'fanout')} consumer"
+        consumer = ConsumeConnection(self._url, handler, lambda: self._mark_lost(link), name=name)
+        link.consumer = link.bindings = consumer
+        await consumer.open(self.queue_name, link.consumer_tag)
 
     def _mode_mismatch(self, exc: BaseException) -> ConfigMismatch | None:
         """The command exchange exists with the other type: the namespace's nodes use the other mode."""
@@ -653,8 +679,10 @@ class AmqpBackend(Backend):
         connection = link.connection
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
+                if link.consumer is not None and graceful:
+                    await link.consumer.close()  # (the broker deletes the queue)
                 if graceful and link.raw is not None and not link.raw.is_closed:
-                    if link.consumer_tag is not None:
+                    if link.consumer is None and link.consumer_tag is not None:
                         await link.raw.basic_cancel(link.consumer_tag)
                     if link.channel is not None:
                         await link.channel.close()
@@ -664,6 +692,9 @@ class AmqpBackend(Backend):
             # the polite close failed or hung: make sure the socket is gone anyway
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), _CLOSE_TIMEOUT)
+        finally:
+            if link.consumer is not None:
+                link.consumer.abort()
 
     async def _supervise(self) -> None:
         """Background task: wait for the current link to die, then reconnect; until close()."""

@@ -30,7 +30,9 @@ import abc
 import asyncio
 import inspect
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import cast
 
 from ..config import Settings
 from ..naming import Address
@@ -121,4 +123,12 @@ def fire_and_forget_guard(task: asyncio.Task[object]) -> None:
         log.error("background task %s died", task.get_name(), exc_info=task.exception())
 
 
-__all__ = ["BACKOFF_CAP", "Backend", "Hook", "MessageHandler", "backoff_delays"]
+def nodelay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """``transport`` with ``TCP_NODELAY`` on (a small command must not wait for the next one)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return cast(asyncio.Transport, transport)  # (uvloop's are not asyncio subclasses)
+
+
+__all__ = ["BACKOFF_CAP", "Backend", "Hook", "MessageHandler", "backoff_delays", "nodelay"]

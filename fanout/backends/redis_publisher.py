@@ -17,14 +17,14 @@ Errors are redis-py's classes, so the backend's one translation table applies un
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
 from urllib.parse import unquote
 
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .base import nodelay
 
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n$"
 
@@ -53,14 +53,6 @@ def setup_commands(userinfo: str, client_name: str) -> list[tuple[bytes, ...]]:
         commands.append((b"AUTH", unquote(user).encode()))
     commands.append((b"CLIENT", b"SETNAME", client_name.encode()))
     return commands
-
-
-def nodelay(transport: asyncio.BaseTransport) -> asyncio.Transport:
-    """``transport`` with ``TCP_NODELAY`` on (a small command must not wait for the next one)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return cast(asyncio.Transport, transport)  # (uvloop's are not asyncio subclasses)
 
 
 def error_reply(text: str) -> Exception:

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .redis_publisher import nodelay, pack, parse_reply, setup_commands
+from .base import nodelay
+from .redis_publisher import pack, parse_reply, setup_commands
 
 _MESSAGE = b"*3\r\n$7\r\nmessage\r\n$"
 _SMESSAGE = b"*3\r\n$8\r\nsmessage\r\n$"

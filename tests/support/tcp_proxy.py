@@ -52,6 +52,8 @@ class TcpProxy:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.is_cut = False
+        #: while True, what comes in either direction is read and dropped (a silent partition)
+        self.frozen = False
         #: connections accepted so far (including the ones dropped while cut)
         self.accepted = 0
         self._server: asyncio.Server | None = None
@@ -78,6 +80,11 @@ class TcpProxy:
     def restore(self) -> None:
         """Accept and forward connections again."""
         self.is_cut = False
+
+    def freeze(self) -> None:
+        """Keep every connection open but forward nothing more, either way: a peer that went silent
+        (a partition, a host that froze), which only heartbeats can tell from a quiet one."""
+        self.frozen = True
 
     async def close(self) -> None:
         """Stop listening, abort every connection and wait for the forwarding tasks."""
@@ -133,20 +140,22 @@ class TcpProxy:
             for w in (writer, up_writer):
                 w.transport.abort()
 
-    @staticmethod
     async def _pump(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, other: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, other: asyncio.StreamWriter
     ) -> None:
         """Copy one direction; when it ends (EOF, error, abort), end the other direction too."""
         try:
             while data := await reader.read(_CHUNK):
+                if self.frozen:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            writer.transport.abort()
-            other.transport.abort()
+            if not self.frozen:  # (frozen, the other side hears nothing of it either)
+                writer.transport.abort()
+                other.transport.abort()
 
 
 class ProxyProcess:
