@@ -1,4 +1,4 @@
-"""AMQP 0-9-1 backend (RabbitMQ, via aio-pika / aiormq).
+"""AMQP 0-9-1 backend (RabbitMQ, via aio-pika / aiormq, and a consuming connection of its own).
 
 Topology (``ns`` = ``settings.namespace``)
 -------------------------------------------
@@ -12,7 +12,8 @@ Topology (``ns`` = ``settings.namespace``)
   the default exchange (queue name as routing key) because then every subscription, the inbox
   included, is an ordinary binding that ``rabbitmqctl list_bindings`` shows under the namespace,
   and the inbox key does not depend on how the queue happens to be named.
-* One queue per endpoint, ``ns.q.<inbox>``: exclusive, auto-delete, non-durable. It is bound on
+* One queue per endpoint, ``ns.q.<inbox>``: exclusive, auto-delete, non-durable, declared and consumed
+  by the link's consuming connection (below). It is bound on
   :meth:`~AmqpBackend.subscribe` and unbound on :meth:`~AmqpBackend.unsubscribe`, so the broker holds
   exactly the keys the endpoint needs. Exclusive means the broker deletes it - with its bindings -
   the moment the connection dies, so a crashed or killed endpoint leaves nothing behind. In fanout
@@ -36,8 +37,15 @@ simply dropped). The queue has a single consumer with ``no_ack=True``: at-most-o
 path - RabbitMQ pushes without waiting for acknowledgements. ``basic.qos`` (prefetch) is
 deliberately *not* sent: RabbitMQ applies prefetch only to unacknowledged deliveries, so it has no
 effect on a ``no_ack`` consumer and would only cost a round trip; flow control on this path is TCP
-back-pressure. Message bodies are handed to ``on_message`` in broker order (aiormq starts one task
-per delivery, in order, and our callback calls the handler before its first suspension point).
+back-pressure.
+
+A link is two connections: aio-pika's (the exchanges, publishing) and, on plain ``amqp://``, a
+:class:`~fanout.backends.amqp_consumer.ConsumeConnection` that declares the queue, binds it and consumes
+it, cutting each delivery's body out of what a read brought and handing it to ``on_message`` in broker
+order (through aiormq a delivery cost a node 40-60 us of CPU; this way about 2). Either connection lost
+is the link lost. Over TLS (``amqps://``) the queue is declared and consumed on aio-pika's connection
+(aiormq starts one task per delivery, in order, and our callback calls the handler before its first
+suspension point).
 
 Publishing and publisher confirms
 ---------------------------------
@@ -74,8 +82,8 @@ consumers from its *own* records, which does not fit this contract:
   reconnected connection whose consumer was never restored.
 * Two retry layers (its loop plus ours to fix the bindings) would race each other.
 
-So on any loss (connection closed, or our channel closed - which we also treat as a lost link,
-closing the connection so the exclusive queue and its bindings die with it) the supervisor marks
+So on any loss (either connection closed, or a channel closed - which we also treat as a lost link,
+closing the connections so the exclusive queue and its bindings die with them) the supervisor marks
 the backend unhealthy, counts the outage, fires ``on_disconnect``, and then retries with
 :func:`backoff_delays` (0.1 s doubling to 5 s): connect, open the channel, declare both
 exchanges, re-declare the queue under the *same* name (the broker deleted it with the old
