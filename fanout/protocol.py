@@ -469,17 +469,13 @@ def _verify(secret: bytes, signature: bytes, data: bytes, body_start: int) -> No
 
 
 def _envelope(h: dict[str, Any]) -> Envelope:
-    origin = h.get("o")
-    ts = h.get("ts")
-    ns = h.get("ns")
+    origin, seq, ts, ns = h.get("o"), h.get("s", 0), h.get("ts"), h.get("ns")
     if origin is None and ts is None and ns is None and "s" not in h:
         return NO_ENVELOPE
-    return Envelope(
-        origin=_opt_str(origin, "o"),
-        seq=_int(h.get("s", 0), "s"),
-        sent_at=None if ts is None else _int(ts, "ts") / 1000,
-        namespace=_opt_str(ns, "ns"),
-    )
+    if type(origin) is str and type(seq) is int and type(ts) is int and ns is None:  # (every publisher's)
+        return Envelope(origin, seq, ts / 1000)
+    sent_at = None if ts is None else _int(ts, "ts") / 1000
+    return Envelope(_opt_str(origin, "o"), _int(seq, "s"), sent_at, _opt_str(ns, "ns"))
 
 
 def _str(value: Any, what: str) -> str:
@@ -510,11 +506,26 @@ def _req(h: dict[str, Any]) -> Request | None:
     return Request(_str(rid, "rid"), _str(h["rto"], "rto"))
 
 
+#: target kinds by their wire value (a dict: an enum call costs several times a lookup)
+_TARGET_KINDS = {kind.value: kind for kind in TargetKind}
+_ALL = Target.all()
+#: targets decoded lately (frozen, so shared): most sends go to the same groups and flags again
+_TARGETS: dict[tuple[str, tuple[str, ...]], Target] = {}
+_TARGETS_KEPT = 4096
+
+
 def _target(h: dict[str, Any]) -> Target:
-    kind = TargetKind(h["t"])
-    if kind is TargetKind.ALL:
-        return Target.all()
-    return Target(kind, _strs(h["n"], "n"))
+    kind = h["t"]
+    if kind == "all":
+        return _ALL
+    names = _strs(h["n"], "n")
+    target = _TARGETS.get((kind, names))
+    if target is None:
+        target = Target(_TARGET_KINDS[kind], names)  # (an unknown kind: KeyError, a ProtocolError)
+        if len(_TARGETS) >= _TARGETS_KEPT:
+            _TARGETS.clear()
+        _TARGETS[kind, names] = target
+    return target
 
 
 def _int(value: Any, what: str) -> int:

@@ -270,6 +270,23 @@ def test_empty_names_are_allowed() -> None:
         assert protocol.decode(enc(command)) == command
 
 
+def test_decoded_targets_are_shared_and_kept_within_bounds() -> None:
+    """Decoding reuses the Target of a recent same target (frozen: sharing is safe), forgets them all
+    past ``_TARGETS_KEPT``, and a kind it does not know is refused, never kept."""
+    first = protocol.decode(enc(Send(Target.groups("lobby"), b"x")))
+    again = protocol.decode(enc(Send(Target.groups("lobby"), b"y")))
+    assert isinstance(first, Send) and isinstance(again, Send)
+    assert again.target is first.target and again.target == Target.groups("lobby")
+    assert protocol.decode(enc(Close(Target.flags("lobby")))) == Close(Target.flags("lobby"))
+    for n in range(protocol._TARGETS_KEPT + 10):
+        decoded = protocol.decode(enc(Send(Target.clients(f"c{n}"), b"x")))
+        assert isinstance(decoded, Send) and decoded.target == Target.clients(f"c{n}")
+    assert len(protocol._TARGETS) <= protocol._TARGETS_KEPT
+    with pytest.raises(ProtocolError, match="bad 'send' command"):
+        protocol.decode(b'v2;;{"op":"send","t":"q","n":["a"]}\nx')
+    assert ("q", ("a",)) not in protocol._TARGETS
+
+
 # --------------------------------------------------------------------------- bounds
 
 

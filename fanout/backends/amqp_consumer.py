@@ -126,7 +126,7 @@ class ConsumeConnection(asyncio.Protocol):
         """Connect, declare ``queue`` (exclusive, auto-delete) and consume it without acknowledgements.
         Raises ``OSError``/``ConnectionError`` (unreachable, lost), :class:`Refused` (e.g. credentials)."""
         url, loop = self.url, asyncio.get_running_loop()
-        await loop.create_connection(lambda: self, url.host or "127.0.0.1", url.port or 5672)
+        await loop.create_connection(lambda: self, url.host or "localhost", url.port or 5672)
         assert self._transport is not None
         self._transport.write(_PROTOCOL_HEADER)
         start = await self._answer(START)
