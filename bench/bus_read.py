@@ -13,7 +13,8 @@ With ``--amqp``, the same from RabbitMQ (a fanout exchange and queue of a namesp
 with ``no_ack``; the messages published by a separate process while this one's loop is blocked wait in the
 socket and in the queue), up to the handler a node passes (here: one that counts): through aiormq's
 consumer (what a node read the bus through before, and still does over TLS) and through the backend's
-own ``ConsumeConnection``.
+own ``ConsumeConnection``. Keep the publishing shorter than two heartbeats (20 s at the default 10 s): the
+blocked loop sends none, and RabbitMQ closes a connection that missed two.
 """
 
 from __future__ import annotations
