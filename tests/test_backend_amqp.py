@@ -282,6 +282,9 @@ def test_url_options() -> None:
     assert url.query["heartbeat"] == "30"
     with pytest.raises(ConfigError, match="FANOUT_URL"):
         parse_url("amqp://h/?confirms=maybe")
+    for heartbeat in ("ten", "-1", "2.5", "70000"):  # reported, not taken as "no heartbeats"
+        with pytest.raises(ConfigError, match="heartbeat"):
+            parse_url(f"amqp://h/?heartbeat={heartbeat}")
 
 
 async def test_mode_mismatch_on_a_namespace_is_a_clear_error(make: Factory, ns: str) -> None:

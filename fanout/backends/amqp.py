@@ -197,7 +197,7 @@ def parse_url(url: str, connection_name: str | None = None) -> tuple[URL, bool]:
     Returns the URL to hand to aio-pika (without ``confirms``; with a default ``heartbeat`` and,
     if given, a default ``name`` - the connection name operators see in ``rabbitmqctl`` and the
     management UI) and whether publisher confirms are wanted. Raises :class:`ConfigError` for a
-    bad ``confirms`` value.
+    bad ``confirms`` or ``heartbeat`` value.
     """
     parsed = URL(url)
     raw = parsed.query.get("confirms", "0").strip().lower()
@@ -209,6 +209,9 @@ def parse_url(url: str, connection_name: str | None = None) -> tuple[URL, bool]:
         raise ConfigError("FANOUT_URL", f"confirms={raw!r} is not a boolean; accepted: 1/0, true/false")
     query = {key: value for key, value in parsed.query.items() if key != "confirms"}
     query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT))
+    heartbeat = query["heartbeat"].strip()
+    if not heartbeat.isdigit() or int(heartbeat) > 65535:  # (aiormq would take it as 0: no heartbeats)
+        raise ConfigError("FANOUT_URL", f"heartbeat={heartbeat!r} is not a number of seconds 0..65535")
     if connection_name:
         query.setdefault("name", connection_name)
     return parsed.with_query(query), confirms

@@ -143,7 +143,7 @@ class ConsumeConnection(asyncio.Protocol):
         arguments = properties + shortstr("PLAIN") + longstr(response) + shortstr("en_US")
         tune = await self._call(0, START_OK, arguments, TUNE)
         channel_max, frame_max, _ = struct.unpack_from(">HIH", tune)
-        heartbeat = int(url.query.get("heartbeat", "60"))
+        heartbeat = int(url.query.get("heartbeat", "60"))  # (checked by the backend's parse_url)
         tuned = struct.pack(">HIH", min(channel_max or 1, 1), frame_max or 131072, heartbeat)
         self._write(method_frame(0, TUNE_OK, tuned))
         vhost = "/" if url.path in ("", "/") else url.path[1:].replace("%2F", "/")
