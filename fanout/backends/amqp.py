@@ -119,7 +119,7 @@ from yarl import URL
 from ..config import Mode, Settings
 from ..exceptions import BackendError, BackendUnavailable, ConfigError, ConfigMismatch, NotConnected
 from ..naming import Address, Kind, safe_segment
-from .amqp_consumer import ConsumeConnection, Refused
+from .amqp_consumer import FRAME, ConsumeConnection, Refused
 from .base import Backend, MessageHandler, backoff_delays, fire_and_forget_guard
 
 log = logging.getLogger("fanout.backend.amqp")
@@ -282,20 +282,19 @@ def _publish_frames(channel: int, exchange: bytes, key: bytes, body: bytes, max_
     method = b"%s%c%s%c%s\x00" % (_PUBLISH_METHOD, len(exchange), exchange, len(key), key)
     header = _CONTENT_HEADER.pack(60, 0, len(body), 0x1000, 1)
     out = [
-        _FRAME.pack(1, channel, len(method)),
+        FRAME.pack(1, channel, len(method)),
         method,
         b"\xce",
-        _FRAME.pack(2, channel, len(header)),
+        FRAME.pack(2, channel, len(header)),
         header,
     ]
     out.append(b"\xce")
     for start in range(0, len(body), max_body):
         chunk = body[start : start + max_body]
-        out += (_FRAME.pack(3, channel, len(chunk)), chunk, b"\xce")
+        out += (FRAME.pack(3, channel, len(chunk)), chunk, b"\xce")
     return b"".join(out)
 
 
-_FRAME = struct.Struct(">BHI")  #: frame type, channel, payload size
 _PUBLISH_METHOD = struct.pack(">HHH", 60, 40, 0)  #: basic.publish, reserved-1
 _CONTENT_HEADER = struct.Struct(">HHQHB")  #: class, weight, body size, property flags, delivery-mode
 

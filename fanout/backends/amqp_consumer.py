@@ -30,7 +30,7 @@ from .base import nodelay
 log = logging.getLogger("fanout.backend.amqp")
 
 _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-_FRAME = struct.Struct(">BHI")  #: frame type, channel, payload size
+FRAME = struct.Struct(">BHI")  #: an AMQP frame's head: type, channel, payload size (amqp.py's publishes too)
 _METHOD_ID = struct.Struct(">I")  #: class id << 16 | method id
 _BODY_SIZE = struct.Struct(">Q")  #: a content header's body size, after its class id and weight
 _FRAME_END = 0xCE
@@ -88,12 +88,11 @@ def table(entries: dict[str, str | bool | dict[str, bool]]) -> bytes:
 
 def method_frame(channel: int, method: int, arguments: bytes) -> bytes:
     payload = _METHOD_ID.pack(method) + arguments
-    return _FRAME.pack(_METHOD, channel, len(payload)) + payload + b"\xce"
+    return FRAME.pack(_METHOD, channel, len(payload)) + payload + b"\xce"
 
 
-def _read_shortstr(data: bytes, at: int) -> tuple[str, int]:
-    end = at + 1 + data[at]
-    return data[at + 1 : end].decode("utf-8", "replace"), end
+def _read_shortstr(data: bytes, at: int) -> str:
+    return data[at + 1 : at + 1 + data[at]].decode("utf-8", "replace")
 
 
 class ConsumeConnection(asyncio.Protocol):
@@ -227,11 +226,11 @@ class ConsumeConnection(asyncio.Protocol):
         if self._rest:
             data = self._rest + data
             self._rest = b""
-        unpack, size_of, pos, n = _FRAME.unpack_from, len(data) - 1, 0, len(data)
+        unpack, last, pos, n = FRAME.unpack_from, len(data) - 1, 0, len(data)
         while n - pos >= 8:
             kind, _, size = unpack(data, pos)
             start, end = pos + 7, pos + 7 + size
-            if end > size_of:
+            if end > last:  # (its end marker not here yet)
                 break
             if data[end] != _FRAME_END:
                 self._fail(ConnectionError("AMQP frame without its end marker"))
@@ -280,7 +279,7 @@ class ConsumeConnection(asyncio.Protocol):
     def _method(self, method: int, arguments: bytes) -> None:
         if method in (CLOSE, CHANNEL_CLOSE):
             code = struct.unpack_from(">H", arguments)[0]
-            text, _ = _read_shortstr(arguments, 2)
+            text = _read_shortstr(arguments, 2)
             what = "the connection" if method == CLOSE else "the channel"
             if method == CLOSE and self._transport is not None:
                 self._transport.write(method_frame(0, CLOSE_OK, b""))
