@@ -31,6 +31,12 @@ nodes do not take each other's CPU, as on separate hosts (flat out, the nodes ar
 (``FANOUT_HISTORY=group:h-*``) with four sets of ``--clients`` clients, each in its own ``--groups``
 groups: raw and v1 clients in plain groups, raw and v1 clients in history groups (``h-...``: their v1
 envelopes carry ``streams``). The phases as above, raw then v1 (alternating); node CPU per delivery, v1 / raw.
+``--side-by-side`` (2 nodes): the raw and the v1 clients in the same groups, all raw ones on one node and
+all v1 ones on the other, so that both nodes deliver the same sends at the same moments and only the
+protocol differs (the machine's ups and downs hit both alike); in groups ``a`` the raw clients are on node
+0, in groups ``b`` on node 1, and the ratio is the geometric mean of the two sides' (what one node costs
+more than the other cancels out). ``--control``: raw clients in the place of the v1 ones too, so that the
+ratio shows what the method itself adds (1.00x but for noise).
 
 ``receive``: the node's receive side alone, in the bench's process: a bus message decoded (and, stored,
 positioned), plain vs stored; and tracking ``--streams`` streams (begun, positioned, ended).
@@ -276,15 +282,25 @@ class ClientSet:
     name: str
     cluster: Cluster
     groups: list[str]
+    #: every client on this node (index), else spread over the cluster's nodes
+    node: int | None = None
     members: dict[str, int] = field(default_factory=dict)  #: group -> connections in it
     expected: dict[str, int] = field(default_factory=dict)  #: group -> frames each member must have
+
+    @property
+    def node_pids(self) -> list[int]:
+        """The processes whose CPU its deliveries cost: its node, else every live node of the cluster."""
+        return self.cluster.pids if self.node is None else [self.cluster.nodes[self.node].pid]
 
     async def open(self, gens: list[LoadGen], clients: int, v1: bool) -> None:
         nodes = len(self.cluster.nodes)
         conns: list[list[list[str]]] = [[] for _ in gens]
         for j in range(clients):
-            group = self.groups[(j // nodes) % len(self.groups)]
-            url = self.cluster.url(j % nodes, f"groups={group}")
+            if self.node is None:
+                group, node = self.groups[(j // nodes) % len(self.groups)], j % nodes
+            else:
+                group, node = self.groups[j % len(self.groups)], self.node
+            url = self.cluster.url(node, f"groups={group}")
             conns[j % len(gens)].append([url, group])
             self.members[group] = self.members.get(group, 0) + 1
         self.expected = dict.fromkeys(self.groups, 0)
@@ -303,22 +319,27 @@ class Phase:
     matched: bool = False
 
 
-async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int) -> dict[str, float]:
-    """``phase``'s sends to ``cs``'s groups (in turn) and what they cost: publisher sends/s, node CPU per
-    delivery, Redis CPU per publish, latency (all from one publisher, the bench's process)."""
-    util, groups = cs.cluster.util, cs.groups
-    assert util is not None
+async def run_phase(
+    phase: Phase, receivers: list[ClientSet], gens: list[LoadGen], size: int
+) -> list[dict[str, float]]:
+    """``phase``'s sends to the groups of ``receivers`` (sets of one cluster in the same groups, each on
+    its own node when several) and what they cost, per set: publisher sends/s, node CPU per delivery (of
+    the set's node(s)), Redis CPU per publish, latency (all from one publisher, the bench's process)."""
+    cluster, groups = receivers[0].cluster, receivers[0].groups
+    util = cluster.util
+    assert util is not None and all(cs.cluster is cluster and cs.groups == groups for cs in receivers)
     pad = "x" * max(0, size - 21)
-    node_pids, redis_pid = cs.cluster.pids, cs.cluster.redis.process.pid  # type: ignore[union-attr]
+    redis_pid = cluster.redis.process.pid  # type: ignore[union-attr]
     counts = dict.fromkeys(groups, 0)
 
     async def one(i: int) -> None:
         group = groups[i % len(groups)]
         await util.send_to_group(group, f"{time.monotonic():<20.6f} {pad}")
 
-    counters_before = await node_counters(cs.cluster)
+    counters_before = [await node_counters(cs) for cs in receivers]
     gen_pids = [g.pid for g in gens]
-    node_before, redis_before, gen_before = cpu_of(node_pids), cpu_ns(redis_pid), cpu_of(gen_pids)
+    node_before = [cpu_of(cs.node_pids) for cs in receivers]
+    redis_before, gen_before = cpu_ns(redis_pid), cpu_of(gen_pids)
     start, started, publisher_cpu = time.perf_counter(), time.monotonic(), time.process_time()
     if phase.concurrency > 1:
         per = phase.messages // phase.concurrency
@@ -339,40 +360,52 @@ async def run_phase(phase: Phase, cs: ClientSet, gens: list[LoadGen], size: int)
     publisher_cpu = time.process_time() - publisher_cpu
     for i in range(sent):
         counts[groups[i % len(groups)]] += 1
-    for group, n in counts.items():
-        cs.expected[group] += n
-    answers = await asyncio.gather(
-        *(g.call("wait", name=cs.name, expect=cs.expected, timeout=120) for g in gens)
-    )
-    node_cpu, redis_cpu = cpu_of(node_pids) - node_before, cpu_ns(redis_pid) - redis_before
-    gen_cpu = cpu_of(gen_pids) - gen_before
+    answers = []
+    for cs in receivers:
+        for group, n in counts.items():
+            cs.expected[group] += n
+        answers.append(
+            await asyncio.gather(
+                *(g.call("wait", name=cs.name, expect=cs.expected, timeout=120) for g in gens)
+            )
+        )
+    node_cpu = [cpu_of(cs.node_pids) - before for cs, before in zip(receivers, node_before, strict=True)]
+    redis_cpu, gen_cpu = cpu_ns(redis_pid) - redis_before, cpu_of(gen_pids) - gen_before
     window = time.perf_counter() - start
-    counters = await node_counters(cs.cluster)
-    counted = {k: counters[k] - counters_before[k] for k in counters}
-    redis_cpu -= cs.cluster.redis_idle * window  # what it spends idle (heartbeats, its cron)
-    short = sum(a["short"] for a in answers)
-    extra = sum(a["extra"] for a in answers) + sum(a["bad"] for a in answers)
-    if short or extra:
-        raise RuntimeError(f"{cs.name} {phase.kind}: {short} deliveries missing, {extra} extra or malformed")
-    elapsed = max(a["reached_at"] for a in answers) - started  # until the last delivery
-    latencies = [x for a in answers for x in a["latencies"]]
-    deliveries = sum(n * cs.members[g] for g, n in counts.items())
-    return {
-        "rate": phase.rate,
-        "sends_per_s": sent / published,
-        "publisher_us": publisher_cpu * 1e6 / sent,
-        "deliveries_per_s": deliveries / elapsed,
-        "node_us": node_cpu / 1e3 / deliveries,
-        "gen_us": gen_cpu / 1e3 / deliveries,
-        "redis_us": redis_cpu / 1e3 / sent,
-        "p50_ms": pct(latencies, 0.5) * 1e3,
-        "p99_ms": pct(latencies, 0.99) * 1e3,
-        "frames_per_write": counted["fanout_frames_sent_total"]
-        / max(1, counted["fanout_delivery_writes_total"]),
-        "commands_per_batch": counted["fanout_bus_batch_commands_total"]
-        / max(1, counted["fanout_bus_batches_total"]),
-        "history_reads": counted.get("fanout_history_reads_total", 0),
-    }
+    redis_cpu -= cluster.redis_idle * window  # what it spends idle (heartbeats, its cron)
+    results = []
+    for k, cs in enumerate(receivers):
+        counters = await node_counters(cs)
+        counted = {key: counters[key] - counters_before[k][key] for key in counters}
+        short = sum(a["short"] for a in answers[k])
+        extra = sum(a["extra"] for a in answers[k]) + sum(a["bad"] for a in answers[k])
+        if short or extra:
+            raise RuntimeError(
+                f"{cs.name} {phase.kind}: {short} deliveries missing, {extra} extra or malformed"
+            )
+        elapsed = max(a["reached_at"] for a in answers[k]) - started  # until the last delivery
+        latencies = [x for a in answers[k] for x in a["latencies"]]
+        deliveries = sum(n * cs.members[g] for g, n in counts.items())
+        results.append(
+            {
+                "rate": phase.rate,
+                "sends_per_s": sent / published,
+                "publisher_us": publisher_cpu * 1e6 / sent,
+                "deliveries_per_s": deliveries / elapsed,
+                "node_us": node_cpu[k] / 1e3 / deliveries,
+                # the load generators hold every set's clients: their CPU per delivery of all sets
+                "gen_us": gen_cpu / 1e3 / sum(n * c.members[g] for c in receivers for g, n in counts.items()),
+                "redis_us": redis_cpu / 1e3 / sent,
+                "p50_ms": pct(latencies, 0.5) * 1e3,
+                "p99_ms": pct(latencies, 0.99) * 1e3,
+                "frames_per_write": counted["fanout_frames_sent_total"]
+                / max(1, counted["fanout_delivery_writes_total"]),
+                "commands_per_batch": counted["fanout_bus_batch_commands_total"]
+                / max(1, counted["fanout_bus_batches_total"]),
+                "history_reads": counted.get("fanout_history_reads_total", 0),
+            }
+        )
+    return results
 
 
 COUNTERS = (
@@ -384,12 +417,14 @@ COUNTERS = (
 )
 
 
-async def node_counters(cluster: Cluster) -> dict[str, float]:
-    """The sum over the cluster's live nodes of the /metrics counters of :data:`COUNTERS`."""
+async def node_counters(cs: ClientSet) -> dict[str, float]:
+    """The sum over the live nodes of ``cs`` (its node, else its cluster's) of the /metrics counters of
+    :data:`COUNTERS`."""
     from tests.support.nodes import metrics
 
     total = dict.fromkeys(COUNTERS, 0.0)
-    for node in cluster.nodes:
+    nodes = cs.cluster.nodes if cs.node is None else [cs.cluster.nodes[cs.node]]
+    for node in nodes:
         if node.proc.poll() is None:
             samples = await metrics(node.port)
             for key in COUNTERS:
@@ -436,23 +471,24 @@ def phase_list(text: str) -> list[str]:
 
 
 async def rounds(
-    args: argparse.Namespace, sets: list[ClientSet], gens: list[LoadGen]
+    args: argparse.Namespace, targets: list[list[ClientSet]], gens: list[LoadGen]
 ) -> dict[tuple[str, str], list[dict[str, float]]]:
-    """``--repeat`` rounds: each phase to every set in turn, the order of the sets reversed every other
-    round. Returns every measurement, by (phase, set)."""
+    """``--repeat`` rounds: each phase to every target (sets receiving the same sends) in turn, the order
+    of the targets reversed every other round. Returns every measurement, by (phase, set)."""
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     warm = Phase("warm-up", 200)
-    for cs in sets:
-        await run_phase(warm, cs, gens, args.size)
+    for target in targets:
+        await run_phase(warm, target, gens, args.size)
+    names = [cs.name for target in targets for cs in target]
     for r in range(args.repeat):
-        order = sets if r % 2 == 0 else sets[::-1]
+        order = targets if r % 2 == 0 else targets[::-1]
         for phase in phases_of(args):
             if phase.matched:  # every set at the same rate: what the slowest reached flat out, a bit less
-                phase.rate = MATCHED * min(results[("flat", cs.name)][-1]["sends_per_s"] for cs in sets)
-            for cs in order:
-                results.setdefault((phase.kind, cs.name), []).append(
-                    await run_phase(phase, cs, gens, args.size)
-                )
+                phase.rate = MATCHED * min(results[("flat", name)][-1]["sends_per_s"] for name in names)
+            for target in order:
+                measured = await run_phase(phase, target, gens, args.size)
+                for cs, measure in zip(target, measured, strict=True):
+                    results.setdefault((phase.kind, cs.name), []).append(measure)
         print(f"  round {r + 1}/{args.repeat} done", flush=True)
     return results
 
@@ -461,15 +497,27 @@ def median_of(measures: list[dict[str, float]], key: str) -> float:
     return statistics.median(m[key] for m in measures)
 
 
+#: what a ratio line compares: (key, label)
+RATIOS = (
+    ("node_us", "node CPU/delivery"),
+    ("gen_us", "clients' CPU/delivery"),
+    ("sends_per_s", "publisher"),
+    ("publisher_us", "publisher CPU/send"),
+    ("redis_us", "Redis CPU/publish"),
+)
+
+
 def print_table(
     args: argparse.Namespace,
     results: dict[tuple[str, str], list[dict[str, float]]],
-    pairs: list[tuple[str, str, str]],
+    pairs: list[tuple[str, tuple[str, ...], tuple[str, ...]]],
+    ratios: tuple[tuple[str, str], ...] = RATIOS,
 ) -> None:
-    """Medians per (phase, set), and the ratios of ``pairs`` (label, numerator set, denominator set); the
-    per-round ratios in brackets."""
+    """Medians per (phase, set), and the ratios of ``pairs`` (label, numerator sets, denominator sets: of
+    several, the geometric mean of the ratios of the sets in the same places); the per-round ratios in
+    brackets."""
     for phase in phases_of(args):
-        for name in dict.fromkeys(n for _, a, b in pairs for n in (b, a)):
+        for name in dict.fromkeys(n for _, nums, dens in pairs for n in (*dens, *nums)):
             m = results[(phase.kind, name)]
             line = (
                 f"{phase.kind:>10} {name:>9}: publisher {median_of(m, 'sends_per_s'):>7,.0f} sends/s "
@@ -489,18 +537,21 @@ def print_table(
             if any(x["history_reads"] for x in m):
                 line += f", history reads {sum(x['history_reads'] for x in m):.0f}"
             print(line)
-        for label, a, b in pairs:
-            ma, mb = results[(phase.kind, a)], results[(phase.kind, b)]
+        for label, nums, dens in pairs:
             parts = []
-            for key, what in (
-                ("node_us", "node CPU/delivery"),
-                ("gen_us", "clients' CPU/delivery"),
-                ("sends_per_s", "publisher"),
-                ("publisher_us", "publisher CPU/send"),
-                ("redis_us", "Redis CPU/publish"),
-            ):
-                rounds_ = ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(ma, mb, strict=True))
-                parts.append(f"{what} {median_of(ma, key) / median_of(mb, key):.2f}x ({rounds_})")
+            for key, what in ratios:
+                per_set = [
+                    (results[(phase.kind, a)], results[(phase.kind, b)])
+                    for a, b in zip(nums, dens, strict=True)
+                ]
+                per_round = [
+                    statistics.geometric_mean(ma[r][key] / mb[r][key] for ma, mb in per_set)
+                    for r in range(len(per_set[0][0]))
+                ]
+                whole = statistics.geometric_mean(
+                    median_of(ma, key) / median_of(mb, key) for ma, mb in per_set
+                )
+                parts.append(f"{what} {whole:.2f}x ({', '.join(f'{x:.2f}' for x in per_round)})")
             print(f"{phase.kind:>10} {label}: " + "; ".join(parts))
 
 
@@ -536,9 +587,9 @@ async def bench_history(args: argparse.Namespace) -> None:
                 flush=True,
             )
             profiler = start_profile(args, {"plain": plain.pids[0], "history": hist.pids[0]})
-            results = await rounds(args, sets, gens)
+            results = await rounds(args, [[cs] for cs in sets], gens)
             stop_profile(profiler)
-            print_table(args, results, [("history / plain", "history", "plain")])
+            print_table(args, results, [("history / plain", ("history",), ("plain",))])
         finally:
             for gen in gens:
                 await gen.stop()
@@ -555,43 +606,97 @@ async def bench_envelope(args: argparse.Namespace) -> None:
         gens: list[LoadGen] = []
         try:
             compression = {"FANOUT_COMPRESSION": str(args.compression)}
-            cluster = start_cluster(Path(tmp), "env", args.nodes, "group:h-*", **compression)
+            nodes = 2 if args.side_by_side else args.nodes
+            cluster = start_cluster(Path(tmp), "env", nodes, "group:h-*", **compression)
             await cluster.open_util()
             gens = [await LoadGen.start() for _ in range(args.processes)]
-            sets = []
-            for name, prefix, v1 in (
-                ("raw", "p-raw", False),
-                ("v1", "p-v1", True),
-                ("raw+h", "h-raw", False),
-                ("v1+h", "h-v1", True),
-            ):
-                cs = ClientSet(name, cluster, [f"{prefix}{i}" for i in range(args.groups)])
-                await cs.open(gens, args.clients, v1=v1)
-                sets.append(cs)
-            pinned = pin(args, [cluster], gens)
-            print(
-                f"envelope: {args.nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients "
-                f"in {args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups); "
-                f"{phases_text(args)}; {pinned}",
-                flush=True,
+            targets = await (envelope_side_by_side if args.side_by_side else envelope_sets)(
+                args, cluster, gens
             )
+            pinned = pin(args, [cluster], gens)
+            if args.side_by_side:
+                layout = (
+                    f"2 nodes (FANOUT_HISTORY=group:h-*), side by side: {args.clients} raw clients on one "
+                    f"node and {args.clients} v1 clients on the other in the same {args.groups} groups, "
+                    "raw on node 0 in groups a, on node 1 in groups b; plain groups and history groups"
+                )
+            else:
+                layout = (
+                    f"{nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients in "
+                    f"{args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups)"
+                )
+            print(f"envelope: {layout}; {phases_text(args)}; {pinned}", flush=True)
             await cluster.measure_idle()
             print(
                 f"Redis idle CPU (subtracted from its CPU per publish): {cluster.redis_idle / 1e6:.2f} ms/s"
             )
-            profiler = start_profile(args, {"node0": cluster.pids[0]})
-            results = await rounds(args, sets, gens)
+            profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
+            results = await rounds(args, targets, gens)
             stop_profile(profiler)
-            print_table(
-                args,
-                results,
-                [("v1 / raw, no history", "v1", "raw"), ("v1 / raw, history", "v1+h", "raw+h")],
-            )
+            if args.side_by_side:
+                print_table(
+                    args,
+                    results,
+                    [
+                        ("v1 / raw, no history", ("v1-a", "v1-b"), ("raw-a", "raw-b")),
+                        ("v1 / raw, history", ("v1+h-a", "v1+h-b"), ("raw+h-a", "raw+h-b")),
+                    ],
+                    ratios=RATIOS[:1],
+                )
+            else:
+                print_table(
+                    args,
+                    results,
+                    [
+                        ("v1 / raw, no history", ("v1",), ("raw",)),
+                        ("v1 / raw, history", ("v1+h",), ("raw+h",)),
+                    ],
+                )
         finally:
             for gen in gens:
                 await gen.stop()
             if cluster is not None:
                 await cluster.close()
+
+
+async def envelope_sets(
+    args: argparse.Namespace, cluster: Cluster, gens: list[LoadGen]
+) -> list[list[ClientSet]]:
+    """Four sets, each in its own groups and spread over the nodes: each is a phase's target alone."""
+    targets = []
+    for name, prefix, v1 in (
+        ("raw", "p-raw", False),
+        ("v1", "p-v1", True),
+        ("raw+h", "h-raw", False),
+        ("v1+h", "h-v1", True),
+    ):
+        cs = ClientSet(name, cluster, [f"{prefix}{i}" for i in range(args.groups)])
+        await cs.open(gens, args.clients, v1=v1)
+        targets.append([cs])
+    return targets
+
+
+async def envelope_side_by_side(
+    args: argparse.Namespace, cluster: Cluster, gens: list[LoadGen]
+) -> list[list[ClientSet]]:
+    """``--side-by-side``: raw clients on one node and v1 clients on the other, in the same groups, so
+    that the two nodes deliver the same sends at the same moments and only the protocol differs; in
+    groups ``a`` raw clients are on node 0, in groups ``b`` on node 1 (the ratio is the geometric mean of
+    the two: what one node costs more than the other cancels out). Node 0's clients connect first on
+    both sides: the node whose clients joined a group first subscribed first to its channel and gets
+    each publish first, and which node gets it first moved the ratio by some 4 % (``--control``, raw
+    clients on both nodes, read 1.04x when the raw side connected first on both sides); so that cancels
+    out too."""
+    targets = []
+    for history in ("", "+h"):
+        for side, raw_node in (("a", 0), ("b", 1)):
+            groups = [f"{'h' if history else 'p'}-{side}{i}" for i in range(args.groups)]
+            raw = ClientSet(f"raw{history}-{side}", cluster, groups, node=raw_node)
+            v1 = ClientSet(f"v1{history}-{side}", cluster, groups, node=1 - raw_node)
+            for cs in sorted((raw, v1), key=lambda cs: cs.node or 0):
+                await cs.open(gens, args.clients, v1=cs is v1 and not args.control)
+            targets.append([raw, v1])
+    return targets
 
 
 # ---------------------------------------------------------------------------------- profiles
@@ -928,7 +1033,10 @@ def main() -> None:
         p.add_argument("--repeat", type=int, default=7)
         p.add_argument("--processes", type=int, default=2, help="load-generator processes")
         p.add_argument(
-            "--profile", help="py-spy record the first node of each cluster into PROFILE.<cluster>.txt"
+            "--profile",
+            help="py-spy record the first node of each cluster into PROFILE.<cluster>.txt"
+            if name == "history"
+            else "py-spy record every node into PROFILE.node<i>.txt",
         )
         p.add_argument(
             "--phases",
@@ -944,6 +1052,17 @@ def main() -> None:
             action="store_true",
             help="nodes and load generators on one CPU, the publisher and Redis on the other",
         )
+        if name == "envelope":
+            p.add_argument(
+                "--side-by-side",
+                action="store_true",
+                help="2 nodes: raw clients on one, v1 clients on the other, in the same groups",
+            )
+            p.add_argument(
+                "--control",
+                action="store_true",
+                help="with --side-by-side: raw clients on both nodes (the ratio shows the method's own bias)",
+            )
     s = sub.add_parser("storm")
     s.add_argument("--clients", type=int, default=10_000)
     s.add_argument("--processes", type=int, default=4, help="load-generator processes")

@@ -56,6 +56,7 @@ class Receivers:
     total: int = 0
     target: int = 1 << 62
     reached_at: float = 0.0  #: when the total reached the target (CLOCK_MONOTONIC)
+    last_at: float = 0.0  #: when the last frame came
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -80,6 +81,7 @@ class Receivers:
                     continue
                 counts[index] += 1
                 self.total += 1
+                self.last_at = now
                 if self.total >= self.target and not self.reached.is_set():
                     self.reached_at = now
                     self.reached.set()
@@ -131,7 +133,7 @@ class LoadGen:
         """Until every connection has ``expect[its group]`` frames (cumulative), or ``timeout``."""
         rs = self.receivers[name]
         rs.target = sum(expect.get(g, 0) for g in rs.groups)
-        rs.reached_at = time.monotonic()
+        rs.reached_at = rs.last_at  # when it is there already (asked after another set's wait)
         if rs.total < rs.target:
             rs.reached.clear()
             with contextlib.suppress(TimeoutError):
