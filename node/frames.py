@@ -100,6 +100,11 @@ def encode_frame(payload: bytes, binary: bool = False, data_size: int | None = N
     return frame
 
 
+def frame_length(size: int) -> int:
+    """The length of an unfragmented, unmasked data frame carrying ``size`` bytes."""
+    return size + (2 if size < 126 else 4 if size < 65536 else 10)
+
+
 def _header(first: int, length: int) -> bytes:
     if length < 126:
         return bytes((first, length))

@@ -49,7 +49,7 @@ from fanout.idempotency import KeyWindow
 from fanout.table import Change, ConnectionTable
 
 from . import replies
-from .frames import encode_frame
+from .frames import encode_frame, frame_length
 from .surfaces import Flushable, Outlet
 from .v1 import message_frame
 
@@ -309,17 +309,18 @@ class Hub(Generic[C]):
             conns = self.table.resolve(command.target, command.exclude)
         if not conns:
             return 0
-        frame, batch = encode_frame(command.payload, command.binary), self._batch
+        frame, batch = None, self._batch
         reached, v1 = 0, []
         for conn in conns:
             if not conn.v1:
+                frame = frame or encode_frame(command.payload, command.binary)  # (none for v1 clients only)
                 if conn.push(frame, batch):
                     reached += 1
             else:
                 v1.append(conn)
         if v1 and self.continuity is not None:
             reached += self.continuity.push_all(v1, command, batch, via)
-        self.metrics.count_frames(reached, reached * len(frame))
+        self.metrics.count_frames(reached, reached * frame_length(len(command.payload)))
         return reached
 
     def _membership(self, command: JoinGroup | LeaveGroup | Bind | Unbind | SetSession) -> None:

@@ -38,13 +38,15 @@ def _data(payload: bytes, binary: bool, is_json: bool) -> bytes:
     return b'"data":' + orjson.dumps(payload.decode("utf-8", "surrogatepass"))
 
 
-def message_frame(payload: bytes, binary: bool, is_json: bool, streams: Mapping[str, int] | None) -> Frame:
+def message_frame(payload: bytes, binary: bool, is_json: bool, streams: dict[str, int] | None) -> Frame:
     """A ``message`` envelope; ``streams`` (this send's offsets in the connection's streams) when any.
     Compressed (with permessage-deflate) when ``payload`` would be as a raw client's frame."""
-    body = b'{"type":"message",' + _data(payload, binary, is_json)
+    data = _data(payload, binary, is_json)
     if streams:
-        body += b',"streams":' + orjson.dumps(dict(streams))
-    return encode_frame(body + b"}", data_size=len(payload))
+        body = b'{"type":"message",%s,"streams":%s}' % (data, orjson.dumps(streams))
+    else:
+        body = b'{"type":"message",%s}' % data
+    return encode_frame(body, data_size=len(payload))
 
 
 def control_frame(value: dict[str, Any]) -> Frame:
