@@ -313,7 +313,7 @@ class Hub(Generic[C]):
         reached, v1 = 0, []
         for conn in conns:
             if not conn.v1:
-                frame = frame or encode_frame(command.payload, command.binary)  # (none for v1 clients only)
+                frame = frame or encode_frame(command.payload, command.binary)  # at its first raw client
                 if conn.push(frame, batch):
                     reached += 1
             else:

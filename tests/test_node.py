@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from fanout import ServerUtil, Settings, naming, protocol
 from fanout.backends.memory import MemoryBackend
 from fanout.commands import Send, Target
-from node.frames import encode_frame
+from node.frames import encode_frame, frame_length
 from tests.apps.control import ControlApp
 from tests.conftest import MakeNode
 from tests.support.nodes import client, http_get, nothing_more, recv, unique_namespace
@@ -192,3 +192,4 @@ def test_frames_match_websockets_own_encoding() -> None:
             ours = encode_frame(payload, binary)
             theirs = Frame(opcode, payload).serialize(mask=False)
             assert ours == theirs
+            assert frame_length(size) == len(theirs)  # what the bytes-sent metric counts
