@@ -16,9 +16,10 @@ with its own Redis and ``--nodes`` nodes: one with ``FANOUT_HISTORY=group:*``, o
 ``--clients`` raw clients in ``--groups`` groups (every group has members on every node). Per round and per
 phase, the same sends go to one cluster, then the other (the order alternates from round to round):
 ``flat`` (``--messages`` sends awaited one by one, as fast as the publisher can), ``matched`` (the same
-sends paced, every cluster at one rate: 0.95 of what the slower reached flat out in that round - node
-CPU per delivery falls steeply with the send rate, so flat out the clusters' nodes are compared at
-different rates, and here at the rate the slower publisher reaches flat out), ``concurrent`` (the same
+sends paced, every cluster at one rate: ``--matched-share`` (0.95) of what the slower reached flat out
+in that round - node CPU per delivery falls steeply with the send rate, so flat out the clusters' nodes
+are compared at different rates, and here at about the rate the slower publisher reaches flat out; the
+table shows the rate each reached), ``concurrent`` (the same
 from ``--concurrency`` concurrent callers) and ``paced`` (``--rate`` sends per second for ``--seconds``);
 ``--phases`` runs some of them.
 Reported per cluster, medians of ``--repeat`` rounds: publisher sends/s, node CPU per delivery (and in
@@ -442,7 +443,7 @@ def phases_text(args: argparse.Namespace) -> str:
 
 
 #: the matched phase's rate, as a share of the slowest set's flat-out rate in the same round (a little
-#: under it: paced sends that cannot keep up would be flat out again)
+#: under it: paced sends that cannot keep up would be flat out again); ``--matched-share``
 MATCHED = 0.95
 
 
@@ -466,7 +467,7 @@ def phase_list(text: str) -> list[str]:
     if not kinds or any(kind not in PHASES for kind in kinds):
         raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(PHASES)}")
     if "matched" in kinds and "flat" not in kinds:
-        raise argparse.ArgumentTypeError("matched needs flat (its rate is 0.95 of the flat phase's)")
+        raise argparse.ArgumentTypeError("matched needs flat (its rate is a share of the flat phase's)")
     return kinds
 
 
@@ -484,7 +485,7 @@ async def rounds(
         order = targets if r % 2 == 0 else targets[::-1]
         for phase in phases_of(args):
             if phase.matched:  # every set at the same rate: what the slowest reached flat out, a bit less
-                phase.rate = MATCHED * min(results[("flat", name)][-1]["sends_per_s"] for name in names)
+                phase.rate = args.matched_share * min(results[("flat", n)][-1]["sends_per_s"] for n in names)
             for target in order:
                 measured = await run_phase(phase, target, gens, args.size)
                 for cs, measure in zip(target, measured, strict=True):
@@ -1027,6 +1028,12 @@ def main() -> None:
         p.add_argument("--groups", type=int, default=20)
         p.add_argument("--messages", type=int, default=10_000, help="sends of a flat / concurrent phase")
         p.add_argument("--concurrency", type=int, default=50)
+        p.add_argument(
+            "--matched-share",
+            type=float,
+            default=MATCHED,
+            help="the matched phase's rate: this share of what the slower set reached flat out in the round",
+        )
         p.add_argument("--rate", type=float, default=200, help="sends per second of the paced phase")
         p.add_argument("--seconds", type=float, default=5, help="length of the paced phase")
         p.add_argument("--size", type=int, default=100)
