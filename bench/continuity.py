@@ -27,6 +27,10 @@ brackets the load generators': the clients' side), Redis CPU per publish (the cl
 and, paced, latency; then history / plain. ``--pin``: every thread of the nodes and load generators on one
 CPU, of this process (the publisher) and the redis-servers on the other, so that the publisher and the
 nodes do not take each other's CPU, as on separate hosts (flat out, the nodes are then saturated).
+``--side-by-side``: one cluster of 2 nodes (``FANOUT_HISTORY=group:h-*``), the plain groups' clients on one
+node and the history groups' on the other, and each phase's sends alternate between a plain group and a
+history group: both nodes get the same send rate at the same moments, flat out too (plain on node 0 in
+groups ``a``, on node 1 in groups ``b``; the ratio is the geometric mean of the two sides').
 
 ``envelope``: fanout.v1 clients vs raw clients receiving the same group sends. One cluster
 (``FANOUT_HISTORY=group:h-*``) with four sets of ``--clients`` clients, each in its own ``--groups``
@@ -323,12 +327,16 @@ class Phase:
 async def run_phase(
     phase: Phase, receivers: list[ClientSet], gens: list[LoadGen], size: int
 ) -> list[dict[str, float]]:
-    """``phase``'s sends to the groups of ``receivers`` (sets of one cluster in the same groups, each on
-    its own node when several) and what they cost, per set: publisher sends/s, node CPU per delivery (of
-    the set's node(s)), Redis CPU per publish, latency (all from one publisher, the bench's process)."""
-    cluster, groups = receivers[0].cluster, receivers[0].groups
+    """``phase``'s sends to the groups of ``receivers`` (sets of one cluster, each on its own node when
+    several: in the same groups, or each in its own, whose sends then alternate) and what they cost, per
+    set: publisher sends/s, node CPU per delivery (of the set's node(s)), Redis CPU per publish, latency
+    (all from one publisher, the bench's process)."""
+    cluster = receivers[0].cluster
+    groups = list(
+        dict.fromkeys(g for same in zip(*(cs.groups for cs in receivers), strict=True) for g in same)
+    )
     util = cluster.util
-    assert util is not None and all(cs.cluster is cluster and cs.groups == groups for cs in receivers)
+    assert util is not None and all(cs.cluster is cluster for cs in receivers)
     pad = "x" * max(0, size - 21)
     redis_pid = cluster.redis.process.pid  # type: ignore[union-attr]
     counts = dict.fromkeys(groups, 0)
@@ -363,8 +371,8 @@ async def run_phase(
         counts[groups[i % len(groups)]] += 1
     answers = []
     for cs in receivers:
-        for group, n in counts.items():
-            cs.expected[group] += n
+        for group in cs.groups:
+            cs.expected[group] += counts[group]
         answers.append(
             await asyncio.gather(
                 *(g.call("wait", name=cs.name, expect=cs.expected, timeout=120) for g in gens)
@@ -386,7 +394,7 @@ async def run_phase(
             )
         elapsed = max(a["reached_at"] for a in answers[k]) - started  # until the last delivery
         latencies = [x for a in answers[k] for x in a["latencies"]]
-        deliveries = sum(n * cs.members[g] for g, n in counts.items())
+        deliveries = sum(counts[g] * cs.members[g] for g in cs.groups)
         results.append(
             {
                 "rate": phase.rate,
@@ -395,7 +403,7 @@ async def run_phase(
                 "deliveries_per_s": deliveries / elapsed,
                 "node_us": node_cpu[k] / 1e3 / deliveries,
                 # the load generators hold every set's clients: their CPU per delivery of all sets
-                "gen_us": gen_cpu / 1e3 / sum(n * c.members[g] for c in receivers for g, n in counts.items()),
+                "gen_us": gen_cpu / 1e3 / sum(counts[g] * c.members[g] for c in receivers for g in c.groups),
                 "redis_us": redis_cpu / 1e3 / sent,
                 "p50_ms": pct(latencies, 0.5) * 1e3,
                 "p99_ms": pct(latencies, 0.99) * 1e3,
@@ -560,6 +568,9 @@ def print_table(
 
 
 async def bench_history(args: argparse.Namespace) -> None:
+    if args.side_by_side:
+        await history_side_by_side(args)
+        return
     groups = [f"room{i}" for i in range(args.groups)]
     with tempfile.TemporaryDirectory() as tmp:
         clusters: list[Cluster] = []
@@ -595,6 +606,53 @@ async def bench_history(args: argparse.Namespace) -> None:
             for gen in gens:
                 await gen.stop()
             for cluster in clusters:
+                await cluster.close()
+
+
+async def history_side_by_side(args: argparse.Namespace) -> None:
+    """``history --side-by-side``: one cluster of 2 nodes (``FANOUT_HISTORY=group:h-*``); ``--clients``
+    raw clients in plain groups on one node, as many in history groups on the other, and the sends
+    alternate between the two kinds of group: both nodes get the same send rate, flat out too, at the same
+    moments. Plain on node 0 in groups ``a``, on node 1 in groups ``b``; ratio: the geometric mean of the
+    two sides'."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster: Cluster | None = None
+        gens: list[LoadGen] = []
+        try:
+            compression = {"FANOUT_COMPRESSION": str(args.compression)}
+            cluster = start_cluster(Path(tmp), "mixed", 2, "group:h-*", **compression)
+            await cluster.open_util()
+            gens = [await LoadGen.start() for _ in range(args.processes)]
+            targets = []
+            for side, plain_node in (("a", 0), ("b", 1)):
+                plain = ClientSet(
+                    f"plain-{side}", cluster, [f"p-{side}{i}" for i in range(args.groups)], plain_node
+                )
+                hist = ClientSet(
+                    f"history-{side}", cluster, [f"h-{side}{i}" for i in range(args.groups)], 1 - plain_node
+                )
+                for cs in sorted(
+                    (plain, hist), key=lambda cs: cs.node or 0
+                ):  # node 0's first, as in envelope
+                    await cs.open(gens, args.clients, v1=False)
+                targets.append([plain, hist])
+            pinned = pin(args, [cluster], gens)
+            print(
+                f"history side by side: 2 nodes (FANOUT_HISTORY=group:h-*), {args.clients} raw clients in "
+                f"{args.groups} plain groups on one node and {args.clients} in {args.groups} history groups "
+                f"on the other, sends alternating between them; {phases_text(args)}; {pinned}",
+                flush=True,
+            )
+            await cluster.measure_idle()
+            profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
+            results = await rounds(args, targets, gens)
+            stop_profile(profiler)
+            pair = ("history / plain", ("history-a", "history-b"), ("plain-a", "plain-b"))
+            print_table(args, results, [pair], ratios=RATIOS[:1])
+        finally:
+            for gen in gens:
+                await gen.stop()
+            if cluster is not None:
                 await cluster.close()
 
 
@@ -1059,12 +1117,14 @@ def main() -> None:
             action="store_true",
             help="nodes and load generators on one CPU, the publisher and Redis on the other",
         )
+        p.add_argument(
+            "--side-by-side",
+            action="store_true",
+            help="2 nodes: raw clients on one, v1 clients on the other, in the same groups"
+            if name == "envelope"
+            else "1 cluster of 2 nodes: plain groups on one, history groups on the other, sends alternating",
+        )
         if name == "envelope":
-            p.add_argument(
-                "--side-by-side",
-                action="store_true",
-                help="2 nodes: raw clients on one, v1 clients on the other, in the same groups",
-            )
             p.add_argument(
                 "--control",
                 action="store_true",
