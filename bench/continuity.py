@@ -71,7 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -614,108 +614,111 @@ async def history_side_by_side(args: argparse.Namespace) -> None:
     raw clients in plain groups on one node, as many in history groups on the other, and the sends
     alternate between the two kinds of group: both nodes get the same send rate, flat out too, at the same
     moments. Plain on node 0 in groups ``a``, on node 1 in groups ``b``; ratio: the geometric mean of the
-    two sides'."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster: Cluster | None = None
-        gens: list[LoadGen] = []
-        try:
-            compression = {"FANOUT_COMPRESSION": str(args.compression)}
-            cluster = start_cluster(Path(tmp), "mixed", 2, "group:h-*", **compression)
-            await cluster.open_util()
-            gens = [await LoadGen.start() for _ in range(args.processes)]
-            targets = []
-            for side, plain_node in (("a", 0), ("b", 1)):
-                plain = ClientSet(
-                    f"plain-{side}", cluster, [f"p-{side}{i}" for i in range(args.groups)], plain_node
-                )
-                hist = ClientSet(
-                    f"history-{side}", cluster, [f"h-{side}{i}" for i in range(args.groups)], 1 - plain_node
-                )
-                for cs in sorted(
-                    (plain, hist), key=lambda cs: cs.node or 0
-                ):  # node 0's first, as in envelope
-                    await cs.open(gens, args.clients, v1=False)
-                targets.append([plain, hist])
-            pinned = pin(args, [cluster], gens)
-            print(
-                f"history side by side: 2 nodes (FANOUT_HISTORY=group:h-*), {args.clients} raw clients in "
-                f"{args.groups} plain groups on one node and {args.clients} in {args.groups} history groups "
-                f"on the other, sends alternating between them; {phases_text(args)}; {pinned}",
-                flush=True,
+    two sides' (node 0's clients connect first, see :func:`open_side_by_side`)."""
+    async with one_cluster(args, "mixed", 2) as (cluster, gens):
+        targets = []
+        for side, plain_node in (("a", 0), ("b", 1)):
+            plain = ClientSet(
+                f"plain-{side}", cluster, [f"p-{side}{i}" for i in range(args.groups)], plain_node
             )
-            await cluster.measure_idle()
-            profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
-            results = await rounds(args, targets, gens)
-            stop_profile(profiler)
-            pair = ("history / plain", ("history-a", "history-b"), ("plain-a", "plain-b"))
-            print_table(args, results, [pair], ratios=RATIOS[:1])
-        finally:
-            for gen in gens:
-                await gen.stop()
-            if cluster is not None:
-                await cluster.close()
+            hist = ClientSet(
+                f"history-{side}", cluster, [f"h-{side}{i}" for i in range(args.groups)], 1 - plain_node
+            )
+            targets.append(await open_side_by_side(gens, args.clients, [(plain, False), (hist, False)]))
+        pinned = pin(args, [cluster], gens)
+        print(
+            f"history side by side: 2 nodes (FANOUT_HISTORY=group:h-*), {args.clients} raw clients in "
+            f"{args.groups} plain groups on one node and {args.clients} in {args.groups} history groups "
+            f"on the other, sends alternating between them; {phases_text(args)}; {pinned}",
+            flush=True,
+        )
+        await cluster.measure_idle()
+        profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
+        results = await rounds(args, targets, gens)
+        stop_profile(profiler)
+        pair = ("history / plain", ("history-a", "history-b"), ("plain-a", "plain-b"))
+        print_table(args, results, [pair], ratios=RATIOS[:1])
 
 
 # ---------------------------------------------------------------------------------- envelope
 
 
-async def bench_envelope(args: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def one_cluster(
+    args: argparse.Namespace, name: str, nodes: int
+) -> AsyncIterator[tuple[Cluster, list[LoadGen]]]:
+    """A cluster of ``nodes`` nodes whose groups ``h-*`` keep history, its ServerUtil open, and the load
+    generators; all ended afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
         cluster: Cluster | None = None
         gens: list[LoadGen] = []
         try:
             compression = {"FANOUT_COMPRESSION": str(args.compression)}
-            nodes = 2 if args.side_by_side else args.nodes
-            cluster = start_cluster(Path(tmp), "env", nodes, "group:h-*", **compression)
+            cluster = start_cluster(Path(tmp), name, nodes, "group:h-*", **compression)
             await cluster.open_util()
             gens = [await LoadGen.start() for _ in range(args.processes)]
-            targets = await (envelope_side_by_side if args.side_by_side else envelope_sets)(
-                args, cluster, gens
-            )
-            pinned = pin(args, [cluster], gens)
-            if args.side_by_side:
-                layout = (
-                    f"2 nodes (FANOUT_HISTORY=group:h-*), side by side: {args.clients} raw clients on one "
-                    f"node and {args.clients} v1 clients on the other in the same {args.groups} groups, "
-                    "raw on node 0 in groups a, on node 1 in groups b; plain groups and history groups"
-                )
-            else:
-                layout = (
-                    f"{nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients in "
-                    f"{args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups)"
-                )
-            print(f"envelope: {layout}; {phases_text(args)}; {pinned}", flush=True)
-            await cluster.measure_idle()
-            print(
-                f"Redis idle CPU (subtracted from its CPU per publish): {cluster.redis_idle / 1e6:.2f} ms/s"
-            )
-            profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
-            results = await rounds(args, targets, gens)
-            stop_profile(profiler)
-            if args.side_by_side:
-                print_table(
-                    args,
-                    results,
-                    [
-                        ("v1 / raw, no history", ("v1-a", "v1-b"), ("raw-a", "raw-b")),
-                        ("v1 / raw, history", ("v1+h-a", "v1+h-b"), ("raw+h-a", "raw+h-b")),
-                    ],
-                    ratios=RATIOS[:1],
-                )
-            else:
-                print_table(
-                    args,
-                    results,
-                    [
-                        ("v1 / raw, no history", ("v1",), ("raw",)),
-                        ("v1 / raw, history", ("v1+h",), ("raw+h",)),
-                    ],
-                )
+            yield cluster, gens
         finally:
             for gen in gens:
                 await gen.stop()
             if cluster is not None:
                 await cluster.close()
+
+
+async def open_side_by_side(
+    gens: list[LoadGen], clients: int, pair: list[tuple[ClientSet, bool]]
+) -> list[ClientSet]:
+    """Open a side-by-side pair of sets (each on its own node; with it, whether its clients are v1), node
+    0's first: the node whose clients joined a group first subscribed first to its channel and gets each
+    publish first, and which node gets it first moved the ratio by some 4 % (``envelope --control``, raw
+    clients on both nodes, read 1.04x when one side's clients connected first on both sides); with node
+    0's first on both sides of a run, that cancels out as the nodes' own difference does."""
+    for cs, v1 in sorted(pair, key=lambda entry: entry[0].node or 0):
+        await cs.open(gens, clients, v1=v1)
+    return [cs for cs, _ in pair]
+
+
+async def bench_envelope(args: argparse.Namespace) -> None:
+    nodes = 2 if args.side_by_side else args.nodes
+    async with one_cluster(args, "env", nodes) as (cluster, gens):
+        targets = await (envelope_side_by_side if args.side_by_side else envelope_sets)(args, cluster, gens)
+        pinned = pin(args, [cluster], gens)
+        if args.side_by_side:
+            layout = (
+                f"2 nodes (FANOUT_HISTORY=group:h-*), side by side: {args.clients} raw clients on one "
+                f"node and {args.clients} v1 clients on the other in the same {args.groups} groups, "
+                "raw on node 0 in groups a, on node 1 in groups b; plain groups and history groups"
+            )
+        else:
+            layout = (
+                f"{nodes} nodes (FANOUT_HISTORY=group:h-*), 4 sets of {args.clients} clients in "
+                f"{args.groups} groups each (raw, v1 in plain groups; raw+h, v1+h in history groups)"
+            )
+        print(f"envelope: {layout}; {phases_text(args)}; {pinned}", flush=True)
+        await cluster.measure_idle()
+        print(f"Redis idle CPU (subtracted from its CPU per publish): {cluster.redis_idle / 1e6:.2f} ms/s")
+        profiler = start_profile(args, {f"node{i}": pid for i, pid in enumerate(cluster.pids)})
+        results = await rounds(args, targets, gens)
+        stop_profile(profiler)
+        if args.side_by_side:
+            print_table(
+                args,
+                results,
+                [
+                    ("v1 / raw, no history", ("v1-a", "v1-b"), ("raw-a", "raw-b")),
+                    ("v1 / raw, history", ("v1+h-a", "v1+h-b"), ("raw+h-a", "raw+h-b")),
+                ],
+                ratios=RATIOS[:1],
+            )
+        else:
+            print_table(
+                args,
+                results,
+                [
+                    ("v1 / raw, no history", ("v1",), ("raw",)),
+                    ("v1 / raw, history", ("v1+h",), ("raw+h",)),
+                ],
+            )
 
 
 async def envelope_sets(
@@ -741,20 +744,17 @@ async def envelope_side_by_side(
     """``--side-by-side``: raw clients on one node and v1 clients on the other, in the same groups, so
     that the two nodes deliver the same sends at the same moments and only the protocol differs; in
     groups ``a`` raw clients are on node 0, in groups ``b`` on node 1 (the ratio is the geometric mean of
-    the two: what one node costs more than the other cancels out). Node 0's clients connect first on
-    both sides: the node whose clients joined a group first subscribed first to its channel and gets
-    each publish first, and which node gets it first moved the ratio by some 4 % (``--control``, raw
-    clients on both nodes, read 1.04x when the raw side connected first on both sides); so that cancels
-    out too."""
+    the two: what one node costs more than the other cancels out; node 0's clients connect first, see
+    :func:`open_side_by_side`)."""
     targets = []
     for history in ("", "+h"):
         for side, raw_node in (("a", 0), ("b", 1)):
             groups = [f"{'h' if history else 'p'}-{side}{i}" for i in range(args.groups)]
             raw = ClientSet(f"raw{history}-{side}", cluster, groups, node=raw_node)
             v1 = ClientSet(f"v1{history}-{side}", cluster, groups, node=1 - raw_node)
-            for cs in sorted((raw, v1), key=lambda cs: cs.node or 0):
-                await cs.open(gens, args.clients, v1=cs is v1 and not args.control)
-            targets.append([raw, v1])
+            targets.append(
+                await open_side_by_side(gens, args.clients, [(raw, False), (v1, not args.control)])
+            )
     return targets
 
 
