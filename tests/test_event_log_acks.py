@@ -14,20 +14,32 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fanout.backends import create_event_log
+from fanout.backends.amqp_events import AmqpEventLog
 from fanout.backends.eventlog import Appended, Delivery, EventLog
 from fanout.config import Settings
 from tests.support.nodes import unique_namespace
 
-URLS = {"redis": "redis://127.0.0.1:6379/0", "amqp": "amqp://guest:guest@127.0.0.1:5672/"}
+REDIS, AMQP = "redis://127.0.0.1:6379/0", "amqp://guest:guest@127.0.0.1:5672/"
+#: on RabbitMQ a worker reads a shard on a connection of its own, or (amqps://) on a channel of aio-pika's
+BROKERS = {"redis": REDIS, "amqp": AMQP, "amqp-channels": AMQP}
 
 
-@pytest.fixture(params=sorted(URLS))
-async def tier(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventLog, Settings]]:
-    settings = Settings.create(URLS[request.param], namespace=unique_namespace("acks"), publish_timeout=5.0)
+def _worker_log(settings: Settings, broker: str) -> EventLog:
+    log = create_event_log(settings, shards=1, backlog=1000)
+    if broker == "amqp-channels":
+        assert isinstance(log, AmqpEventLog)
+        log.own_connections = False
+    return log
+
+
+@pytest.fixture(params=sorted(BROKERS))
+async def tier(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventLog, Settings, str]]:
+    broker = request.param
+    settings = Settings.create(BROKERS[broker], namespace=unique_namespace("acks"), publish_timeout=5.0)
     node = create_event_log(settings, shards=1, backlog=1000, node="n1")
     await node.connect()
     try:
-        yield node, settings
+        yield node, settings, broker
     finally:
         await node.close()
         cleaner = create_event_log(settings, shards=1, backlog=1000)
@@ -47,11 +59,11 @@ async def _take_all(log: EventLog, count: int) -> list[Delivery]:
 
 
 async def test_out_of_order_acks_keep_exactly_the_unhandled_for_the_next_owner(
-    tier: tuple[EventLog, Settings],
+    tier: tuple[EventLog, Settings, str],
 ) -> None:
-    node, settings = tier
+    node, settings, broker = tier
     await node.append([Appended(0, b"h", str(n).encode(), f"c{n}") for n in range(60)])
-    first = create_event_log(settings, shards=1, backlog=1000)
+    first = _worker_log(settings, broker)
     await first.connect()
     try:
         got = await _take_all(first, 60)
@@ -67,7 +79,7 @@ async def test_out_of_order_acks_keep_exactly_the_unhandled_for_the_next_owner(
     finally:
         await first.close()
 
-    second = create_event_log(settings, shards=1, backlog=1000)
+    second = _worker_log(settings, broker)
     await second.connect()
     try:
         back = await _take_all(second, 3)
@@ -80,3 +92,16 @@ async def test_out_of_order_acks_keep_exactly_the_unhandled_for_the_next_owner(
         assert await node.waiting(0) == 0  # nothing left unacknowledged in the queue
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize("own_connections", [True, False])
+async def test_a_shard_no_node_declared_is_not_taken(own_connections: bool) -> None:
+    worker = AmqpEventLog(Settings.create(AMQP, namespace=unique_namespace("acks")), shards=1, backlog=10)
+    worker.own_connections = own_connections
+    await worker.connect()
+    try:
+        assert await worker.acquire(0, "w") is False
+        assert await worker.renew([0], "w") == set()
+    finally:
+        await worker.close()
+        await worker.remove()

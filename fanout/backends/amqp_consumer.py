@@ -10,6 +10,10 @@ bindings and its ``no_ack`` consumer, heartbeats - and cuts the body of every de
 brought, handing each to the handler in broker order before the next read. Publishing and the exchanges
 stay on the aiormq connection (:mod:`fanout.backends.amqp`), which the link opens first.
 
+A business worker reads its shard queues the same way (:mod:`fanout.backends.amqp_events`), one connection
+per shard it owns: consumed with acknowledgements and a prefetch bound (:meth:`ConsumeConnection.open_shard`),
+each delivery's tag and redelivered flag read with its body, acknowledgements written as raw frames.
+
 What the broker refuses (a connection or channel closed with a reply code: a bind to a missing exchange,
 an exclusive queue still held by a connection the broker has not seen die) raises :class:`Refused` and
 ends the connection - as a closed channel ends an aiormq link; a lost link raises ``ConnectionError`` to
@@ -33,6 +37,7 @@ _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME = struct.Struct(">BHI")  #: an AMQP frame's head: type, channel, payload size (amqp.py's publishes too)
 _METHOD_ID = struct.Struct(">I")  #: class id << 16 | method id
 _BODY_SIZE = struct.Struct(">Q")  #: a content header's body size, after its class id and weight
+_DELIVERY_TAG = struct.Struct(">QB")  #: basic.deliver's tag and redelivered bit (after the consumer tag)
 _FRAME_END = 0xCE
 _METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
 _HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
@@ -47,7 +52,7 @@ START, START_OK, TUNE, TUNE_OK, OPEN, OPEN_OK = (_id(10, m) for m in (10, 11, 30
 CLOSE, CLOSE_OK, BLOCKED, UNBLOCKED = (_id(10, m) for m in (50, 51, 60, 61))
 CHANNEL_OPEN, CHANNEL_OPEN_OK, CHANNEL_CLOSE, CHANNEL_CLOSE_OK = (_id(20, m) for m in (10, 11, 40, 41))
 DECLARE, DECLARE_OK, BIND, BIND_OK, UNBIND, UNBIND_OK = (_id(50, m) for m in (10, 11, 20, 21, 50, 51))
-CONSUME, CONSUME_OK, CANCEL, DELIVER = (_id(60, m) for m in (20, 21, 30, 60))
+QOS, QOS_OK, CONSUME, CONSUME_OK, CANCEL, DELIVER, ACK = (_id(60, m) for m in (10, 11, 20, 21, 30, 60, 80))
 #: grace before a silent broker is taken as gone: aiormq's ((heartbeat + 1) * 3 seconds)
 HEARTBEAT_GRACE = 3
 
@@ -96,7 +101,8 @@ def _read_shortstr(data: bytes, at: int) -> str:
 
 
 class ConsumeConnection(asyncio.Protocol):
-    """One AMQP connection consuming one exclusive queue (see the module docstring)."""
+    """One AMQP connection consuming one queue (see the module docstring): a node's own exclusive queue
+    without acknowledgements (:meth:`open`), or a worker's shard queue with them (:meth:`open_shard`)."""
 
     def __init__(
         self, url: URL, handler: Callable[[bytes], None], on_lost: Callable[[], None], *, name: str
@@ -118,12 +124,46 @@ class ConsumeConnection(asyncio.Protocol):
         self._ticker: asyncio.TimerHandle | None = None
         self._closing = False
         self._error: BaseException | None = None  #: why the connection ended, for later callers
+        self._acknowledged = False  #: consuming with acknowledgements (a shard queue)
+        #: while the handler runs (acknowledged consumers): the delivery's tag and whether it came before
+        self.delivery_tag = 0
+        self.redelivered = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def open(self, queue: str, consumer_tag: str) -> None:
         """Connect, declare ``queue`` (exclusive, auto-delete) and consume it without acknowledgements.
         Raises ``OSError``/``ConnectionError`` (unreachable, lost), :class:`Refused` (e.g. credentials)."""
+        await self._connect()
+        # queue.declare: reserved, queue, passive/durable/exclusive/auto-delete/no-wait (exclusive and
+        # auto-delete), no arguments
+        await self._call(CHANNEL, DECLARE, b"\x00\x00" + shortstr(queue) + b"\x0c" + table({}), DECLARE_OK)
+        self.queue = queue
+        # basic.consume: reserved, queue, tag, no-local/no-ack/exclusive/no-wait (no-ack), no arguments
+        consume = b"\x00\x00" + shortstr(queue) + shortstr(consumer_tag) + b"\x02" + table({})
+        await self._call(CHANNEL, CONSUME, consume, CONSUME_OK)
+
+    async def open_shard(self, queue: str, consumer_tag: str, prefetch: int) -> None:
+        """Connect and consume ``queue``, which must exist, with acknowledgements: at most ``prefetch``
+        deliveries unacknowledged; the handler reads :attr:`delivery_tag` and :attr:`redelivered`, and
+        :meth:`ack` acknowledges. Closing the connection gives the broker back what was not acknowledged.
+        Raises as :meth:`open` does; a missing queue is :class:`Refused` with code 404."""
+        await self._connect()
+        self._acknowledged = True
+        # queue.declare, passive: only whether it exists
+        await self._call(CHANNEL, DECLARE, b"\x00\x00" + shortstr(queue) + b"\x01" + table({}), DECLARE_OK)
+        self.queue = queue
+        # basic.qos: prefetch-size (none), prefetch-count, global (no)
+        await self._call(CHANNEL, QOS, struct.pack(">IHB", 0, prefetch, 0), QOS_OK)
+        consume = b"\x00\x00" + shortstr(queue) + shortstr(consumer_tag) + b"\x00" + table({})
+        await self._call(CHANNEL, CONSUME, consume, CONSUME_OK)
+
+    def ack(self, tags: list[int]) -> None:
+        """Acknowledge these deliveries (one write). Raises ``ConnectionError`` if the connection is gone."""
+        self._write(b"".join(method_frame(CHANNEL, ACK, _DELIVERY_TAG.pack(tag, 0)) for tag in tags))
+
+    async def _connect(self) -> None:
+        """Connect, authenticate, tune and open the channel."""
         url, loop = self.url, asyncio.get_running_loop()
         await loop.create_connection(lambda: self, url.host or "localhost", url.port or 5672)
         assert self._transport is not None
@@ -150,13 +190,6 @@ class ConsumeConnection(asyncio.Protocol):
         if heartbeat > 0:
             self._ticker = loop.call_later(heartbeat / 2, self._tick, heartbeat / 2, heartbeat)
         await self._call(CHANNEL, CHANNEL_OPEN, b"\x00", CHANNEL_OPEN_OK)
-        # queue.declare: reserved, queue, passive/durable/exclusive/auto-delete/no-wait (exclusive and
-        # auto-delete), no arguments
-        await self._call(CHANNEL, DECLARE, b"\x00\x00" + shortstr(queue) + b"\x0c" + table({}), DECLARE_OK)
-        self.queue = queue
-        # basic.consume: reserved, queue, tag, no-local/no-ack/exclusive/no-wait (no-ack), no arguments
-        consume = b"\x00\x00" + shortstr(queue) + shortstr(consumer_tag) + b"\x02" + table({})
-        await self._call(CHANNEL, CONSUME, consume, CONSUME_OK)
 
     async def bind(self, exchange: str, key: str) -> None:
         """Bind the queue to ``exchange`` with ``key``; returns on bind-ok."""
@@ -169,8 +202,9 @@ class ConsumeConnection(asyncio.Protocol):
         await self._call(CHANNEL, UNBIND, arguments + table({}), UNBIND_OK)
 
     async def close(self) -> None:
-        """Say goodbye (the broker deletes the queue) and close; a broker that does not answer within
-        the caller's timeout is cut off. ``on_lost`` is not called."""
+        """Say goodbye and close (the broker deletes a node's queue, and requeues what a shard consumer did
+        not acknowledge); a broker that does not answer within the caller's timeout is cut off. ``on_lost``
+        is not called."""
         self._closing = True
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -251,6 +285,9 @@ class ConsumeConnection(asyncio.Protocol):
                 method = _METHOD_ID.unpack_from(data, start)[0]
                 if method == DELIVER:
                     self._want = 0
+                    if self._acknowledged:  # after the consumer tag: the delivery tag, redelivered
+                        tag, bits = _DELIVERY_TAG.unpack_from(data, start + 5 + data[start + 4])
+                        self.delivery_tag, self.redelivered = tag, bool(bits & 1)
                 else:
                     self._method(method, data[start + 4 : end])
                     if self._transport is None or self._transport.is_closing():

@@ -11,12 +11,13 @@ Topology (``<ns>`` the namespace, ``<k>`` the shard):
   it and the node keeps the event.
 * **Ownership.** Shard queues are *single active consumer* queues: however many workers consume one
   (while shards move, or when a partition made each worker think it is alone), the broker delivers to
-  one of them at a time. The owner consumes on a channel of its own with a bounded prefetch. Giving a
-  shard up: stop starting its events, finish and acknowledge those in hand, then close the shard's
-  channel: the broker requeues what was prefetched and not started and only then makes the next consumer
-  active, handing it the requeued events first. A worker that dies drops its connection and the broker
-  requeues everything it had not acknowledged (``redelivered``). (Exclusive consumers would not do:
-  quorum queues do not enforce them.)
+  one of them at a time. The owner consumes on a connection of its own per shard
+  (:class:`~fanout.backends.amqp_consumer.ConsumeConnection`; over TLS a channel of aio-pika's connection)
+  with a bounded prefetch. Giving a shard up: stop starting its events, finish and acknowledge those in
+  hand, then close the shard's connection (channel): the broker requeues what was prefetched and not
+  started and only then makes the next consumer active, handing it the requeued events first. A worker
+  that dies drops its connections and the broker requeues everything it had not acknowledged
+  (``redelivered``). (Exclusive consumers would not do: quorum queues do not enforce them.)
 * **Dead letters**: queue ``<ns>.ev.dead`` (durable); listing gets every message and requeues them.
 * **Cleanup** (:meth:`AmqpEventLog.remove`): the queues of shards ``0 .. shards-1`` (the shard count it is
   given: RabbitMQ cannot be asked for queues by name pattern over AMQP), the dead letters, the roster
@@ -44,16 +45,18 @@ from typing import Any, TypeVar
 import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from ..config import Settings
 from ..exceptions import BackendError, BackendUnavailable
 from .amqp import parse_url
+from .amqp_consumer import ConsumeConnection, Refused
 from .eventlog import Appended, DeadLetter, Delivery, EventLog
 
 log = logging.getLogger("fanout.backend.amqp.events")
 
 _DEPTH_EVERY = 0.2  #: seconds between depth checks of a shard a node sends to
+_PREFETCH = 256  #: deliveries a shard's consumer may hold unacknowledged
 ROSTER_RETENTION = 600  #: seconds the roster stream keeps its records
 SNAPSHOT_EVERY = 30.0  #: seconds between a node's roster snapshots
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
@@ -70,8 +73,8 @@ _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
 
 def _bounded(what: str) -> Callable[[_Method], _Method]:
-    """Run the operation within the publish timeout; a failure drops the link (the next call
-    reconnects) and is raised as one of ours."""
+    """Run the operation within the publish timeout; a failure is raised as one of ours (the next call
+    reopens a connection that closed)."""
 
     def wrap(method: _Method) -> _Method:
         @functools.wraps(method)
@@ -82,7 +85,6 @@ def _bounded(what: str) -> Callable[[_Method], _Method]:
             except BackendError:
                 raise
             except Exception as exc:  # any library error on a broken link (aio-pika raises several kinds)
-                self._broken = True
                 raise self._error(exc, what) from exc
 
         return bounded  # type: ignore[return-value]
@@ -90,12 +92,37 @@ def _bounded(what: str) -> Callable[[_Method], _Method]:
     return wrap
 
 
+@dataclass(frozen=True, slots=True)
+class _Tag:
+    """A delivery's token when its shard is read through a :class:`ConsumeConnection`."""
+
+    connection: ConsumeConnection
+    tag: int
+
+    def __repr__(self) -> str:
+        return f"delivery {self.tag} on {self.connection.name!r}"
+
+
 @dataclass
 class _Consumer:
-    channel: AbstractChannel
-    queue: AbstractQueue
-    tag: str
-    inbox: asyncio.Queue[AbstractIncomingMessage] = field(default_factory=asyncio.Queue)
+    """A shard's consumer: its own connection (plain ``amqp://``) or a channel of aio-pika's (TLS)."""
+
+    connection: ConsumeConnection | None = None
+    channel: AbstractChannel | None = None
+    inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+
+    @property
+    def alive(self) -> bool:
+        if self.connection is not None:
+            return self.connection.is_open
+        return self.channel is not None and not self.channel.is_closed
+
+    async def close(self) -> None:
+        """Give the shard back: the broker requeues what was not acknowledged."""
+        if self.connection is not None:
+            await self.connection.close()
+        elif self.channel is not None:
+            await self.channel.close()
 
 
 class AmqpEventLog(EventLog):
@@ -116,7 +143,9 @@ class AmqpEventLog(EventLog):
         self._rosters: dict[str, dict[str, str | None]] = {}
         self._roster_reader: tuple[AbstractChannel, str] | None = None
         self._lock = asyncio.Lock()
-        self._broken = False  #: an operation failed: reconnect before the next one
+        #: shard consumers on connections of their own (plain ``amqp://``); else channels of aio-pika's
+        #: connection (``amqps://``: TLS stays aio-pika's business)
+        self.own_connections = self._url.scheme == "amqp"
 
     def queue_name(self, shard: int) -> str:
         return f"{self.settings.namespace}.ev.{shard}"
@@ -179,6 +208,9 @@ class AmqpEventLog(EventLog):
     async def _drop_link(self) -> None:
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
+        for consumer in self._consumers.values():  # (a channel goes with aio-pika's connection)
+            if consumer.connection is not None:
+                consumer.connection.abort()
         self._consumers.clear()
         self._roster_reader = None
         if connection is not None:
@@ -272,36 +304,60 @@ class AmqpEventLog(EventLog):
     async def acquire(self, shard: int, owner: str) -> bool:
         await self._ensure()
         assert self._connection is not None
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=256)
-        try:
-            queue = await channel.declare_queue(self.queue_name(shard), passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False  # no node declared the shards yet
-        consumer = _Consumer(channel, queue, "")
-        consumer.tag = await queue.consume(consumer.inbox.put, consumer_tag=f"{owner}.{shard}")
+        old = self._consumers.pop(shard, None)
+        if old is not None:  # (one left open would stay the active consumer, and nobody would read it)
+            with contextlib.suppress(Exception):
+                await old.close()
+        consumer = _Consumer()
+        queue_name, tag = self.queue_name(shard), f"{owner}.{shard}"
+        if self.own_connections:
+            name = f"{self._url.query.get('name', 'fanout')} shard {shard}"
+            inbox = consumer.inbox
+            connection = ConsumeConnection(
+                self._url, lambda body: _on_body(shard, connection, inbox, body), lambda: None, name=name
+            )
+            consumer.connection = connection
+            try:
+                await connection.open_shard(queue_name, tag, _PREFETCH)
+            except Refused as exc:
+                connection.abort()
+                if exc.code == 404:
+                    return False  # no node declared the shards yet
+                raise
+            except BaseException:
+                connection.abort()
+                raise
+        else:
+            channel = consumer.channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=_PREFETCH)
+            try:
+                queue = await channel.declare_queue(queue_name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False  # no node declared the shards yet
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                consumer.inbox.put_nowait(_delivery(shard, message))
+
+            await queue.consume(on_message, consumer_tag=tag)
         self._consumers[shard] = consumer
         return True
 
     async def renew(self, shards: Iterable[int], owner: str) -> set[int]:
-        return {
-            shard
-            for shard in shards
-            if shard in self._consumers and not self._consumers[shard].channel.is_closed
-        }
+        return {shard for shard in shards if shard in self._consumers and self._consumers[shard].alive}
 
     async def release(self, shard: int, owner: str) -> None:
-        """Close the shard's channel: the broker requeues what we took and did not acknowledge (in
-        order, ahead of the rest) and only then makes the next consumer active. (Cancelling first and
-        requeueing after would let the next consumer start on later events meanwhile.)"""
+        """Close the shard's connection (channel): the broker requeues what we took and did not
+        acknowledge (in order, ahead of the rest) and only then makes the next consumer active.
+        (Cancelling first and requeueing after would let the next consumer start on later events
+        meanwhile.)"""
         consumer = self._consumers.pop(shard, None)
         if consumer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.channel.close(), self.settings.publish_timeout)
+                await asyncio.wait_for(consumer.close(), self.settings.publish_timeout)
 
     async def fetch(self, shard: int, owner: str, count: int, wait: float) -> list[Delivery]:
         consumer = self._consumers.get(shard)
-        if consumer is None or consumer.channel.is_closed:
+        if consumer is None or not consumer.alive:
             self._consumers.pop(shard, None)
             raise BackendUnavailable(
                 f"RabbitMQ at {self.settings.where}: the consumer of shard {shard} is gone"
@@ -309,17 +365,24 @@ class AmqpEventLog(EventLog):
         out: list[Delivery] = []
         try:
             async with asyncio.timeout(wait):
-                out.append(_delivery(shard, await consumer.inbox.get()))
+                out.append(await consumer.inbox.get())
         except TimeoutError:
             return out
         while len(out) < count and not consumer.inbox.empty():
-            out.append(_delivery(shard, consumer.inbox.get_nowait()))
+            out.append(consumer.inbox.get_nowait())
         return out
 
     @_bounded("acknowledge events")
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        tags: dict[ConsumeConnection, list[int]] = {}
         for delivery in deliveries:
-            await delivery.token.ack()
+            token = delivery.token
+            if isinstance(token, _Tag):
+                tags.setdefault(token.connection, []).append(token.tag)
+            else:
+                await token.ack()
+        for connection, some in tags.items():
+            connection.ack(some)
 
     @_bounded("park an event")
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
@@ -477,6 +540,13 @@ def _frame(header: bytes, data: bytes) -> bytes:
 def _unframe(body: bytes) -> tuple[bytes, bytes]:
     header, _, data = body.partition(b"\n")
     return header, data
+
+
+def _on_body(shard: int, connection: ConsumeConnection, inbox: asyncio.Queue[Delivery], body: bytes) -> None:
+    """A shard connection's handler: the delivery, with its tag, into the shard's inbox."""
+    header, data = _unframe(body)
+    token = _Tag(connection, connection.delivery_tag)
+    inbox.put_nowait(Delivery(shard, token, header, data, connection.redelivered))
 
 
 def _delivery(shard: int, message: AbstractIncomingMessage) -> Delivery:
