@@ -1,8 +1,9 @@
-"""The worker tier's event log, acknowledged in the order a worker's lanes finish events, on each broker.
+"""The worker tier's event log, acknowledged in the order a worker's lanes finish events: on Redis, and on
+RabbitMQ through both ways a worker reads a shard (a connection of its own; over TLS a channel of aio-pika's).
 
-An acknowledgement too wide would lose an event that was not handled; on RabbitMQ a double one would close
-the channel (``PRECONDITION_FAILED - unknown delivery tag``): both show as events missing or coming back when
-the shard changes hands.
+An acknowledgement too wide would lose an event that was not handled; on RabbitMQ a double one, or one with
+a tag misread from the delivery, would close the channel (``PRECONDITION_FAILED - unknown delivery tag``):
+each shows as events missing or coming back when the shard changes hands.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ async def test_out_of_order_acks_keep_exactly_the_unhandled_for_the_next_owner(
     try:
         got = await _take_all(first, 60)
         assert [d.data for d in got] == [str(n).encode() for n in range(60)]
+        assert not any(d.redelivered for d in got)
         held = {got[7].data, got[23].data, got[59].data}  # "still in a handler" when the shard moves
         handled = [d for d in got if d.data not in held]
         random.Random(3).shuffle(handled)
