@@ -6,7 +6,8 @@
 ``throughput``: a node forwards ``--events`` message events while no worker runs (they wait in the
 broker), then ``--workers`` worker processes with an async no-op handler drain them; events/s is
 events / drain time (from the workers' start until the last one is acknowledged, read from their
-/metrics), so the node's side does not count. Worker CPU is reported too.
+/metrics), so the node's side does not count. Worker CPU is reported too, and the node's CPU per event
+while it took them from the clients and handed them to the broker (the load generator shares the machine).
 
 ``echo``: clients send messages at a steady total ``--rate``; one worker sends each back to its client
 through ServerUtil; the client measures the round trip (client -> node -> broker -> worker -> broker ->
@@ -82,6 +83,7 @@ async def throughput(url: str, events: int, workers: int, clients: int) -> None:
     try:
         conns = [await client(node.port) for _ in range(clients)]
         per = events // clients
+        node_cpu0, fill_started = cpu_seconds(node.pid), time.monotonic()
         for i in range(per):
             for ws, _ in conns:
                 await ws.send(f"e{i}")
@@ -96,6 +98,12 @@ async def throughput(url: str, events: int, workers: int, clients: int) -> None:
             if forwarded >= per * clients:
                 break
             await asyncio.sleep(0.2)
+        filled = time.monotonic() - fill_started
+        node_cpu = cpu_seconds(node.pid) - node_cpu0
+        print(
+            f"node: {per * clients} events taken and handed to the broker in {filled:.2f}s "
+            f"(to within the 0.2 s poll), node CPU {node_cpu / (per * clients) * 1e6:.1f} us/event"
+        )
         started = time.monotonic()
         tier = [start_worker(tmp, env, app="bench.workers:Noop", wait=False) for _ in range(workers)]
         procs += tier

@@ -276,11 +276,14 @@ def _when_confirmed(queued: _Queued) -> None:
         confirmation.add_done_callback(one)
 
 
-def _publish_frames(channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int) -> bytes:
+def _publish_frames(
+    channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int, delivery_mode: int
+) -> bytes:
     """One message as AMQP 0-9-1 frames: basic.publish (not mandatory, not immediate), a content header
-    with only delivery-mode 1 (transient), and the body in frames of at most ``max_body`` bytes."""
+    with only the delivery mode (1 transient, 2 persistent), and the body in frames of at most
+    ``max_body`` bytes."""
     method = b"%s%c%s%c%s\x00" % (_PUBLISH_METHOD, len(exchange), exchange, len(key), key)
-    header = _CONTENT_HEADER.pack(60, 0, len(body), 0x1000, 1)
+    header = _CONTENT_HEADER.pack(60, 0, len(body), 0x1000, delivery_mode)
     out = [
         FRAME.pack(1, channel, len(method)),
         method,
@@ -297,6 +300,36 @@ def _publish_frames(channel: int, exchange: bytes, key: bytes, body: bytes, max_
 
 _PUBLISH_METHOD = struct.pack(">HHH", 60, 40, 0)  #: basic.publish, reserved-1
 _CONTENT_HEADER = struct.Struct(">HHQHB")  #: class, weight, body size, property flags, delivery-mode
+
+
+async def publish_raw(
+    raw: aiormq.abc.AbstractChannel,
+    messages: Sequence[tuple[bytes, bytes, bytes]],
+    *,
+    persistent: bool = False,
+) -> list[asyncio.Future[Any]]:
+    """Write ``messages`` (exchange, routing key, body) on aiormq channel ``raw`` in one write, as frames
+    built here (not one ``basic_publish`` and one write each). On a channel with publisher confirms, one
+    future per message, resolved by the broker's ack (``DeliveryError`` on a nack, the channel's error if it
+    closes first); else none. Raises what the channel raises when it is closed."""
+    if not isinstance(raw, aiormq.Channel):  # (the fields used here are the concrete channel's)
+        raise BackendError(f"unexpected aiormq channel type {type(raw).__name__}")
+    if not messages:
+        return []
+    confirms = raw.publisher_confirms
+    confirmations: list[asyncio.Future[Any]] = []
+    async with raw.lock:
+        number, max_body, mode = raw.number, raw.max_content_size, 2 if persistent else 1
+        payload = []
+        for exchange, key, body in messages:
+            payload.append(_publish_frames(number, exchange, key, body, max_body, mode))
+            if confirms:
+                raw.delivery_tag += 1
+                confirmation = raw.create_future()
+                raw.confirmations[raw.delivery_tag] = confirmation
+                confirmations.append(confirmation)
+        await raw.write_queue.put(ChannelFrame(payload=b"".join(payload), should_close=False))
+    return confirmations
 
 
 class AmqpBackend(Backend):
@@ -544,18 +577,12 @@ class AmqpBackend(Backend):
     async def _write(self, raw: aiormq.Channel, batch: list[_Queued]) -> None:
         confirms = self.confirms
         try:
-            async with raw.lock:
-                number, max_body = raw.number, raw.max_content_size
-                payload = []
+            confirmations = await publish_raw(raw, [frames for queued in batch for frames in queued.frames])
+            if confirms:
+                at = 0
                 for queued in batch:
-                    for exchange, key, message in queued.frames:
-                        payload.append(_publish_frames(number, exchange, key, message, max_body))
-                        if confirms:
-                            raw.delivery_tag += 1
-                            confirmation = raw.create_future()
-                            raw.confirmations[raw.delivery_tag] = confirmation
-                            queued.confirmations.append(confirmation)
-                await raw.write_queue.put(ChannelFrame(payload=b"".join(payload), should_close=False))
+                    queued.confirmations = confirmations[at : at + len(queued.frames)]
+                    at += len(queued.frames)
         except Exception as exc:  # the channel closed under us, ...: these callers learn it now
             for queued in batch:
                 if not queued.done.done():

@@ -7,8 +7,9 @@ Topology (``<ns>`` the namespace, ``<k>`` the shard):
   counts an event as handed over only once the broker confirmed it.
 * **Backlog.** A node reads each shard's depth (``queue.declare`` passive, ready messages) at most every
   0.2 s while it sends, and stops offering events to a shard whose depth reached ``backlog``. The queue
-  also has ``x-max-length`` = 2 x backlog with ``reject-publish`` as a hard stop: the broker nacks beyond
-  it and the node keeps the event.
+  also has ``x-max-length`` = 2 x backlog with ``reject-publish`` as a hard stop: the broker nacks what
+  comes once the queue is over it and the node keeps the event. (A quorum queue applies the limit as it
+  applies publishes: a batch in flight can overshoot it - 16 for a limit of 10 in the test.)
 * **Ownership.** Shard queues are *single active consumer* queues: however many workers consume one
   (while shards move, or when a partition made each worker think it is alone), the broker delivers to
   one of them at a time. The owner consumes on a connection of its own per shard
@@ -49,7 +50,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from ..config import Settings
 from ..exceptions import BackendError, BackendUnavailable
-from .amqp import parse_url
+from .amqp import parse_url, publish_raw
 from .amqp_consumer import ConsumeConnection, Refused
 from .eventlog import Appended, DeadLetter, Delivery, EventLog
 
@@ -247,11 +248,15 @@ class AmqpEventLog(EventLog):
 
     @_bounded("append events")
     async def append(self, items: Sequence[Appended]) -> list[bool]:
-        _, exchange = await self._ensure()
+        """Publish the events persistent, in one write (frames built by :func:`publish_raw`), and wait for
+        the broker's confirmations; an event the broker nacks (its shard over the hard limit) is not taken."""
+        channel, _ = await self._ensure()
         taken: list[bool] = []
         refused: set[int] = set()
-        confirms = []
+        indexes: list[int] = []
+        messages: list[tuple[bytes, bytes, bytes]] = []
         records = []
+        exchange = self.exchange_name.encode()
         for item in items:
             if item.shard in refused:
                 taken.append(False)
@@ -261,15 +266,16 @@ class AmqpEventLog(EventLog):
                     refused.add(item.shard)  # keep order: nothing more for this shard in this batch
                     taken.append(False)
                     continue
-                message = aio_pika.Message(_frame(item.header, item.data), delivery_mode=_PERSISTENT)
-                confirms.append((len(taken), exchange.publish(message, routing_key=str(item.shard))))
+                indexes.append(len(taken))
+                messages.append((exchange, str(item.shard).encode(), _frame(item.header, item.data)))
                 checked, depth = self._depth.get(item.shard, (0.0, 0))
                 self._depth[item.shard] = (checked, depth + 1)
             if item.roster is not None:
                 records.append({"o": item.roster, "c": item.client_id, "f": item.flag})
             taken.append(True)
-        results = await asyncio.gather(*(c for _, c in confirms), return_exceptions=True)
-        for (index, _), result in zip(confirms, results, strict=True):
+        confirmations = await publish_raw(await channel.get_underlay_channel(), messages, persistent=True)
+        results = await asyncio.gather(*confirmations, return_exceptions=True)
+        for index, result in zip(indexes, results, strict=True):
             if isinstance(result, aio_pika.exceptions.DeliveryError):
                 taken[index] = False  # over the hard limit: the broker said no; the node keeps it
             elif isinstance(result, BaseException):

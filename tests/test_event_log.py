@@ -1,9 +1,12 @@
-"""The worker tier's event log, acknowledged in the order a worker's lanes finish events: on Redis, and on
-RabbitMQ through both ways a worker reads a shard (a connection of its own; over TLS a channel of aio-pika's).
+"""The worker tier's event log on real brokers.
+
+Acknowledged in the order a worker's lanes finish events: on Redis, and on RabbitMQ through both ways a worker
+reads a shard (a connection of its own; over TLS a channel of aio-pika's).
 
 An acknowledgement too wide would lose an event that was not handled; on RabbitMQ a double one, or one with
 a tag misread from the delivery, would close the channel (``PRECONDITION_FAILED - unknown delivery tag``):
-each shows as events missing or coming back when the shard changes hands.
+each shows as events missing or coming back when the shard changes hands. And on RabbitMQ, what the broker
+nacks past a shard's hard limit is not taken.
 """
 
 from __future__ import annotations
@@ -107,3 +110,25 @@ async def test_a_shard_no_node_declared_is_not_taken(own_connections: bool) -> N
     finally:
         await worker.close()
         await worker.remove()
+
+
+async def test_rabbitmq_nacks_past_the_hard_limit_and_those_events_are_not_taken() -> None:
+    # the node declares the shard with x-max-length 2 x backlog (10) and reject-publish; with its own
+    # backlog check out of the way (as when several nodes read the depth at once), it sends batches of 8 until
+    # the broker nacks: what was nacked is not taken (the node keeps it), and the queue holds what was taken
+    settings = Settings.create(AMQP, namespace=unique_namespace("acks"), publish_timeout=5.0)
+    node = AmqpEventLog(settings, shards=1, backlog=5, node="n1")
+    await node.connect()
+    try:
+        node.backlog = 1000
+        taken: list[bool] = []
+        for batch in range(10):
+            events = [Appended(0, b"h", f"{batch}.{i}".encode(), f"c{i}") for i in range(8)]
+            taken += await node.append(events)
+            if not all(taken):
+                break
+        assert False in taken and taken.count(True) >= 10
+        assert await node.waiting(0) == taken.count(True)
+    finally:
+        await node.close()
+        await node.remove()
