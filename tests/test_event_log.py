@@ -22,6 +22,7 @@ from fanout.backends.amqp_events import AmqpEventLog
 from fanout.backends.eventlog import Appended, Delivery, EventLog
 from fanout.config import Settings
 from tests.support.nodes import unique_namespace
+from tests.support.recorder import eventually
 
 REDIS, AMQP = "redis://127.0.0.1:6379/0", "amqp://guest:guest@127.0.0.1:5672/"
 #: on RabbitMQ a worker reads a shard on a connection of its own, or (amqps://) on a channel of aio-pika's
@@ -128,7 +129,12 @@ async def test_rabbitmq_nacks_past_the_hard_limit_and_those_events_are_not_taken
             if not all(taken):
                 break
         assert False in taken and taken.count(True) >= 10
-        assert await node.waiting(0) == taken.count(True)
+        kept = taken.count(True)
+
+        async def holds_the_taken() -> bool:
+            return await node.waiting(0) == kept
+
+        await eventually(holds_the_taken, 5, f"the queue to hold the {kept} events taken")
     finally:
         await node.close()
         await node.remove()
