@@ -218,8 +218,13 @@ async def test_big_pages_and_reads_between_sends(url: str, ns: str) -> None:
         for page in pages[:5]:
             assert [e.payload for e in page.entries] == payloads
             assert [e.offset for e in page.entries] == list(range(1, 301))
-        assert pages[6:] == [None, b"record", pages[8], None]
-        # one server: in call order (on a cluster the calls take several connections)
+        assert pages[6] is None and pages[9] is None
+        # one server: in call order; on a cluster the calls take several connections, so the claim may run
+        # before the save (then the record is still there, for the next claim) and the read before the send
+        if url == REDIS:
+            assert pages[7] == b"record"
+        else:
+            assert pages[7] == b"record" or await st.claim_resume("t", None) == b"record"
         assert pages[8].entries == () and pages[8].offset in ((301,) if url == REDIS else (300, 301))
 
 
